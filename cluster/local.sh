@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Local development stack: SeaweedFS (S3 on 127.0.0.1:8333) and a Ray head (127.0.0.1:6379,
+# dashboard/job API http://127.0.0.1:8265). Usage: cluster/local.sh up|down|status
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=dev.env
+source "$here/dev.env"
+python="${DCGAN_RAY_PYTHON:-$here/../.venv/bin/python}"
+[ -x "$python" ] || python=python3
+exec "$python" -m dcgan_ray.devstack "$@"

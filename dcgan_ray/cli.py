@@ -1,0 +1,137 @@
+"""`dcgan-ray` (also `python -m dcgan_ray`): the user's entry point.
+
+  dcgan-ray data synth OUT.mat --n N          offline digits in SVHN's exact .mat format
+  dcgan-ray data prepare CONFIG [--from SRC]  SVHN into the bucket (idempotent)
+  dcgan-ray train CONFIG [--set k=v ...]      train (or resume) on Ray Train
+  dcgan-ray sample CHECKPOINT_URI --out F     a grid from a checkpoint, without Ray
+
+Every command that takes CONFIG also takes `--set key=value` overrides. Expected failures print
+`error: ...` and exit 2; the message says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dcgan_ray.config import StorageConfig, load_config
+from dcgan_ray.errors import DcganError
+from dcgan_ray.logs import setup_logging
+
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="job YAML, e.g. jobs/svhn.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
+    """Storage settings for a bare URI: --config's, else --endpoint / AWS_ENDPOINT_URL, else the dev stack's."""
+    storage = load_config(args.config).storage if args.config else StorageConfig()
+    endpoint = args.endpoint or (None if args.config else os.environ.get("AWS_ENDPOINT_URL"))
+    if endpoint:
+        storage.endpoint = endpoint
+    return storage
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from dcgan_ray.synth import synth_svhn_mat
+
+    synth_svhn_mat(args.out, args.n, seed=args.seed)
+    print(f"wrote {args.n} SVHN-format images to {args.out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from dcgan_ray.data import prepare_split, split_prefix
+    from dcgan_ray.storage import Store
+
+    cfg = load_config(args.config, args.overrides)
+    splits = args.split or cfg.data.prepare_splits
+    if args.from_ and len(splits) > 1 and not Path(args.from_).is_dir():
+        raise DcganError(f"--from {args.from_} is one file but {len(splits)} splits were asked for; "
+                         "give one --split, or a directory holding SVHN's file names")
+    store = Store(cfg.storage)
+    store.check()
+    for split in splits:
+        manifest = prepare_split(store, cfg, split, from_=args.from_, force=args.force)
+        print(f"{split}: {manifest['count']} images in {store.uri(split_prefix(cfg, split))}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dcgan_ray.trainer import describe, train
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = train(cfg, args.config, address=args.address)
+    print(describe(manifest))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from dcgan_ray.checkpoint import generator_from_checkpoint, read_checkpoint_uri
+    from dcgan_ray.images import grid_image
+    from dcgan_ray.step import to_pixels
+
+    state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
+    netG, cfg = generator_from_checkpoint(state)
+    if args.seed is None and args.n == len(state["fixed_noise"]):
+        z = state["fixed_noise"]  # the very grid the run showed during training
+    else:
+        z = torch.randn(args.n, cfg.model.z_dim, generator=torch.Generator().manual_seed(args.seed or 0))
+    with torch.no_grad():
+        pixels = to_pixels(netG(z))
+    grid_image(pixels, scale=args.scale).save(args.out)
+    print(f"wrote {args.n} samples of {cfg.name} (epoch {state['epoch']}) to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan-ray", description="Distributed DCGAN on SVHN with Ray and S3.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="SVHN data: synthesize offline, prepare into the bucket")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("synth", help="write offline house-number digits in SVHN's exact .mat format")
+    p.add_argument("out", help="output .mat path")
+    p.add_argument("--n", type=int, default=10000, help="number of images (default 10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data_sub.add_parser("prepare", help="fetch SVHN, validate it, store it in the bucket")
+    _add_config(p)
+    p.add_argument("--split", action="append", choices=["train", "test", "extra"],
+                   help="split to prepare (repeatable; default: the config's data.prepare_splits)")
+    p.add_argument("--from", dest="from_", metavar="PATH_OR_URL",
+                   help="take the .mat file from here instead of the official URL (any SVHN-format file)")
+    p.add_argument("--force", action="store_true", help="replace a split that is already in the bucket")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train (or resume) the job on Ray Train")
+    _add_config(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` node, or a new local Ray)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate a grid PNG from a checkpoint (no Ray needed)")
+    p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's fixed noise)")
+    p.add_argument("--scale", type=int, default=2, help="upscaling of the PNG (default 2)")
+    p.add_argument("--config", default=None, help="job YAML whose storage settings to use for s3:// URIs")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except DcganError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

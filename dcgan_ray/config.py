@@ -1,0 +1,291 @@
+"""Typed job configuration.
+
+A job is one YAML file (see `jobs/`). It loads into the nested dataclasses below; every field carries
+its unit and the source of its default. Precedence, lowest to highest: the defaults here, the YAML
+file, then command-line overrides (`--set train.epochs=2`). Unknown keys, wrong types and values out of
+range raise `ConfigError` naming the key, the file and what is allowed. Secrets never live here: S3
+credentials come from the environment only (see `dcgan_ray.storage`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcgan_ray.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    z_dim: int = 100
+    """Length of the noise vector z. Seed: 100."""
+    alpha: float = 0.2
+    """Leaky-ReLU negative slope in G and D. Seed: 0.2."""
+    g_features: int = 128
+    """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Seed: 512 at 4x4."""
+    d_features: int = 64
+    """Channels of D's first conv; the next double it (64 -> 128 -> 256). Seed: 64."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 25
+    """Passes over the training split. Seed: 25."""
+    batch_size: int = 128
+    """Images per worker per step (the seed's 128 is one device's batch). The global batch is
+    batch_size x scaling.num_workers; the job logs both."""
+    lr: float = 2e-4
+    """Adam learning rate of both networks unless lr_g / lr_d set one apart. Seed: 0.0002."""
+    lr_g: float | None = None
+    """Generator learning rate; null means `lr`. Two-time-scale runs (TTUR) set it apart from lr_d."""
+    lr_d: float | None = None
+    """Discriminator learning rate; null means `lr`."""
+    beta1: float = 0.5
+    """Adam beta1 of both optimizers. Seed: 0.5 (Radford et al. found 0.9 unstable)."""
+    beta2: float = 0.999
+    """Adam beta2. Seed: the framework default 0.999."""
+    label_smoothing: float = 0.0
+    """Real-label target is 1 - label_smoothing in D's loss. Seed: 0 (no smoothing)."""
+    seed: int = 0
+    """Seeds the weights, the fixed sample noise and each epoch's permutation."""
+    log_every_steps: int = 50
+    """Steps between progress lines (rank 0)."""
+
+    @property
+    def lr_generator(self) -> float:
+        return self.lr if self.lr_g is None else self.lr_g
+
+    @property
+    def lr_discriminator(self) -> float:
+        return self.lr if self.lr_d is None else self.lr_d
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "svhn"
+    """Name of the dataset folder in the bucket (`<storage.prefix>/data/<dataset>/<split>/`)."""
+    split: str = "train"
+    """Split trained on: train, test or extra."""
+    prepare_splits: list[str] = field(default_factory=lambda: ["train"])
+    """Splits `dcgan-ray data prepare` puts into the bucket (also: test, extra)."""
+    source_url: str = "http://ufldl.stanford.edu/housenumbers/"
+    """Where the official SVHN format-2 files are downloaded from (checked against the official md5)."""
+    shard_images: int = 16384
+    """Images per object in the bucket (16384 x 3 KiB = 48 MiB: large enough for full-speed S3 reads)."""
+    max_images: int | None = None
+    """Train on the first N images only (tests and quick looks); null means the whole split."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Epochs between checkpoints (and the last epoch always)."""
+    keep: int = 3
+    """Most recent checkpoints kept in storage."""
+
+
+@dataclass
+class SampleConfig:
+    grid_size: int = 8
+    """The sample grid is grid_size x grid_size tiles of 32 px (8 -> 256x256 PNG)."""
+    scale: int = 1
+    """Upscaling factor of the PNG grid (nearest neighbour), for easier viewing."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs Ray reserves per worker."""
+    max_failures: int = 2
+    """Restarts from the last checkpoint after a worker or node dies (Ray's FailureConfig)."""
+
+
+@dataclass
+class StorageConfig:
+    endpoint: str | None = "http://127.0.0.1:8333"
+    """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
+    bucket: str = "dcgan-ray"
+    """Bucket holding data, runs and reports."""
+    prefix: str = "dcgan-ray"
+    """Key prefix of everything this project writes: <prefix>/data/..., <prefix>/runs/<name>/..."""
+    region: str = "us-east-1"
+    """Region used for request signing (S3-compatible servers accept any)."""
+    create_bucket: bool = False
+    """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
+
+
+@dataclass
+class JobConfig:
+    name: str = "svhn-dcgan"
+    """Run name: the run lives at <storage.prefix>/runs/<name>/; resubmitting the same name resumes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SPLIT_NAMES = ("train", "test", "extra")
+
+# Range checks: key -> (predicate, what is allowed).
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "name": (lambda v: bool(v) and all(c.isalnum() or c in "-_." for c in v), "letters, digits, '-', '_', '.'"),
+    "model.z_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "model.alpha": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "model.g_features": (lambda v: v >= 1, "an integer >= 1"),
+    "model.d_features": (lambda v: v >= 1, "an integer >= 1"),
+    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"),
+    "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.lr_g": (lambda v: v is None or v > 0, "null or a number > 0"),
+    "train.lr_d": (lambda v: v is None or v > 0, "null or a number > 0"),
+    "train.beta1": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "train.beta2": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "train.label_smoothing": (lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
+    "train.log_every_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "data.split": (lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}"),
+    "data.prepare_splits": (lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"),
+    "data.shard_images": (lambda v: v >= 1, "an integer >= 1"),
+    "data.max_images": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "checkpoint.every_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint.keep": (lambda v: v >= 1, "an integer >= 1"),
+    "sample.grid_size": (lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
+    "sample.scale": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
+    "scaling.num_workers": (lambda v: v >= 1, "an integer >= 1"),
+    "scaling.cpus_per_worker": (lambda v: v > 0, "a number > 0"),
+    "scaling.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"),
+    "storage.endpoint": (lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"),
+    "storage.bucket": (lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"),
+    "storage.prefix": (lambda v: not v.startswith("/") and not v.endswith("/"), "a key prefix without leading or trailing '/'"),
+}
+
+
+def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Check `value` against a field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [a for a in options if a is not type(None)]
+        return _convert(value, inner[0], key, where)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: `{key}` must be a list, got {value!r}")
+        return [_convert(v, item, key, where) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads `2e-4` (no dot) as a string; accept what a person means.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: `{key}` must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: `{prefix or 'the top level'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{where}: unknown key `{key}`; allowed here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{key}.", where)
+        else:
+            kwargs[name] = _convert(value, annotation, key, where)
+    return cls(**kwargs)
+
+
+def _validate(cfg: JobConfig, where: str) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, (ok, allowed) in _RULES.items():
+        if not ok(flat[key]):
+            raise ConfigError(f"{where}: `{key}` = {flat[key]!r} is not allowed; expected {allowed}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=2` -> ("train.epochs", 2); the value is parsed as YAML (so `null`, lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.problem})") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: `{part}` is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config", overrides: list[str] = ()) -> JobConfig:
+    data = apply_overrides(copy.deepcopy(data), list(overrides))
+    where = f"{where} (with --set {' '.join(overrides)})" if overrides else where
+    cfg = _build(JobConfig, data, "", where)
+    _validate(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Load a job YAML, apply `key=value` overrides, check every value."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist (the examples live in jobs/)") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(data, str(path), overrides)

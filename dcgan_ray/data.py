@@ -1,0 +1,354 @@
+"""SVHN in object storage: fetch the official files, validate them, store them compactly, read them fast.
+
+Layout in the bucket, per split (`<storage.prefix>/data/<dataset>/<split>/`):
+  images-<sha256[:16]>.u8   raw uint8 (n, 3, 32, 32) shards, C-contiguous, data.shard_images each
+  labels-<sha256[:16]>.u8   raw uint8 digits 0..9 (SVHN's label 10 is stored as 0)
+  manifest.json             counts, shapes, label histogram, per-object sha256 and size, source
+Objects are named by their content hash, so a new upload never overwrites bytes a manifest points to,
+and the manifest is written last: a failed `prepare` leaves the previous split intact and readable.
+
+Workers read through `load_split`: each object is downloaded once per node into a cache keyed by its
+sha256 (checked after download), then read straight into one preallocated array.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+
+from dcgan_ray.config import JobConfig
+from dcgan_ray.errors import DatasetError, DatasetMissing, ObjectMissing
+from dcgan_ray.storage import Store, sha256_file
+
+log = logging.getLogger(__name__)
+
+IMAGE_SHAPE = (3, 32, 32)
+IMAGE_BYTES = 3 * 32 * 32
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OfficialFile:
+    filename: str
+    size: int
+    md5: str
+    images: int
+
+
+# Stanford's SVHN format 2 (cropped digits), http://ufldl.stanford.edu/housenumbers/
+OFFICIAL = {
+    "train": OfficialFile("train_32x32.mat", 182_040_794, "e26dedcc434d2e4c54c9b2d4a06d8373", 73_257),
+    "test": OfficialFile("test_32x32.mat", 64_275_384, "eb5a983be6a315427106f1b164d9cef3", 26_032),
+    "extra": OfficialFile("extra_32x32.mat", 1_329_278_602, "a93ce644f1a588dc4d68dda5feec44a7", 531_131),
+}
+
+
+def split_prefix(cfg: JobConfig, split: str) -> str:
+    return f"{cfg.storage.prefix}/data/{cfg.data.dataset}/{split}".lstrip("/")
+
+
+def prepare_command(split: str, config_path: str = "jobs/svhn.yaml") -> str:
+    return f"dcgan-ray data prepare {config_path} --split {split}"
+
+
+# --- fetching -----------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """A local copy of one split's .mat file and where it came from."""
+
+    path: Path
+    origin: str  # URL or path it was fetched from
+    official: bool  # fetched from the official URL and md5-checked
+
+
+def _download(url: str, dest: Path, expected_size: int | None) -> None:
+    """Download to `dest` via a `.part` file; only a complete download is renamed into place."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or expected_size or 0
+            done, last = 0, time.monotonic()
+            while block := resp.read(4 * 2**20):
+                out.write(block)
+                done += len(block)
+                if time.monotonic() - last > 2:
+                    last = time.monotonic()
+                    log.info("download %s: %.1f/%.1f MiB", dest.name, done / 2**20, total / 2**20)
+        if total and done != total:
+            raise DatasetError(f"download of {url} is truncated: got {done} of {total} bytes; run the command again")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        if isinstance(e, DatasetError):
+            raise
+        reason = getattr(e, "reason", e)
+        raise DatasetError(
+            f"cannot download {url}: {reason}. Without internet access, fetch the file elsewhere and pass "
+            "it with --from PATH, or use `dcgan-ray data synth` for offline SVHN-format data"
+        ) from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(split: str, workdir: Path, source_url: str, from_: str | None = None) -> Source:
+    """Get the split's .mat file into `workdir`.
+
+    Without `from_`, it is downloaded from `source_url` (the official location) and must match the
+    official md5 and size. With `from_` (a local file, a directory holding SVHN's file names, or a URL)
+    any file in SVHN's format is accepted; `prepare` records its sha256.
+    """
+    official = OFFICIAL[split]
+    if from_ is None:
+        url = source_url.rstrip("/") + "/" + official.filename
+        dest = workdir / official.filename
+        _download(url, dest, official.size)
+        digest, size = _md5(dest), dest.stat().st_size
+        if digest != official.md5 or size != official.size:
+            dest.unlink()
+            raise DatasetError(
+                f"{url} does not match the official SVHN {official.filename}: md5 {digest} and {size} bytes, "
+                f"expected md5 {official.md5} and {official.size} bytes (the file was deleted). The download "
+                "is corrupt or the URL serves something else: run again, or pass a known-good copy with --from"
+            )
+        return Source(dest, url, official=True)
+    if "://" in from_:
+        dest = workdir / official.filename
+        _download(from_, dest, None)
+        return Source(dest, from_, official=False)
+    path = Path(from_).expanduser()
+    if path.is_dir():
+        path = path / official.filename
+    if not path.is_file():
+        raise DatasetError(f"--from {from_}: no such file {path} (expected SVHN's {official.filename} or a path to a .mat file)")
+    return Source(path, str(path.resolve()), official=False)
+
+
+# --- validating ---------------------------------------------------------------------------------
+
+def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an SVHN format-2 .mat file.
+
+    Returns images uint8 (N, 3, 32, 32) C-contiguous and labels uint8 (N,) as digits 0..9.
+    """
+    where = f"{path}"
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+    except Exception as e:  # scipy raises many types for a damaged file
+        raise DatasetError(f"{where} is not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
+                           "SVHN's format-2 files are MATLAB 5 files with variables X and y") from None
+    for var in ("X", "y"):
+        if var not in mat:
+            raise DatasetError(f"{where} has no variable {var!r}; SVHN's format 2 has X (32,32,3,N) and y (N,1)")
+    X, y = mat["X"], mat["y"]
+    if X.dtype != np.uint8 or X.ndim != 4 or X.shape[:3] != (32, 32, 3):
+        raise DatasetError(f"{where}: X is {X.dtype} {X.shape}; SVHN's format 2 needs uint8 (32, 32, 3, N)")
+    n = X.shape[3]
+    if y.shape not in ((n, 1), (n,)):
+        raise DatasetError(f"{where}: y has shape {y.shape} but X holds {n} images; expected ({n}, 1)")
+    y = y.reshape(-1)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{where}: y is {y.dtype}; expected integer labels 1..10")
+    if n == 0:
+        raise DatasetError(f"{where} holds no images")
+    if y.min() < 1 or y.max() > 10:
+        raise DatasetError(f"{where}: labels span {int(y.min())}..{int(y.max())}; SVHN's are 1..10 (10 is digit 0)")
+    images = np.ascontiguousarray(X.transpose(3, 2, 0, 1))  # (32,32,3,N) -> (N,3,32,32)
+    labels = (y % 10).astype(np.uint8)
+    return images, labels
+
+
+# --- storing ------------------------------------------------------------------------------------
+
+def _manifest_key(cfg: JobConfig, split: str) -> str:
+    return f"{split_prefix(cfg, split)}/manifest.json"
+
+
+def read_manifest(store: Store, cfg: JobConfig, split: str, config_path: str = "jobs/svhn.yaml") -> dict[str, Any]:
+    key = _manifest_key(cfg, split)
+    try:
+        manifest = json.loads(store.get_bytes(key))
+    except ObjectMissing:
+        raise DatasetMissing(
+            f"the {split} split of {cfg.data.dataset} is not in {store.uri(split_prefix(cfg, split))} on "
+            f"{store.endpoint}; put it there with: {prepare_command(split, config_path)}"
+        ) from None
+    except json.JSONDecodeError:
+        raise DatasetError(f"{store.uri(key)} is not valid JSON; run `{prepare_command(split, config_path)} --force`") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise DatasetError(f"{store.uri(key)} has manifest version {manifest.get('version')}, this code reads "
+                           f"{MANIFEST_VERSION}; run `{prepare_command(split, config_path)} --force`")
+    return manifest
+
+
+def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path, existing: set[str]) -> dict[str, Any]:
+    path = tmp / stem
+    data.tofile(path)
+    digest = sha256_file(path)
+    key = f"{prefix}/{stem}-{digest[:16]}.u8"
+    if key in existing:
+        log.info("%s already in the bucket", key)
+    else:
+        store.upload_file(path, key, label=f"upload {stem}")
+    path.unlink()
+    return {"key": key, "sha256": digest, "bytes": int(data.nbytes)}
+
+
+def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = None, force: bool = False,
+                  workdir: str | Path | None = None) -> dict[str, Any]:
+    """Put one split into the bucket; returns its manifest. A split already there is left alone."""
+    prefix = split_prefix(cfg, split)
+    if not force:
+        try:
+            manifest = read_manifest(store, cfg, split)
+            missing = [o["key"] for o in manifest["objects"] if not store.exists(o["key"])]
+            if not missing:
+                log.info("%s split already in %s (%d images, source %s): nothing to upload",
+                         split, store.uri(prefix), manifest["count"], manifest["source"]["origin"])
+                return manifest
+            log.warning("%s split manifest lists %d missing objects; preparing it again", split, len(missing))
+        except DatasetError:
+            pass
+    with tempfile.TemporaryDirectory(prefix="dcgan-ray-prepare-", dir=workdir) as tmp_name:
+        tmp = Path(tmp_name)
+        src = fetch(split, tmp, cfg.data.source_url, from_)
+        log.info("validating %s", src.path)
+        images, labels = read_mat(src.path)
+        source = {"origin": src.origin, "file": src.path.name, "official": src.official, "sha256": sha256_file(src.path)}
+        if src.official:
+            source["md5"] = OFFICIAL[split].md5
+        if src.path.parent == tmp:
+            src.path.unlink()  # free the disk before writing shards
+        existing = set(store.list_keys(prefix + "/"))
+        objects = []
+        per = cfg.data.shard_images
+        for i, start in enumerate(range(0, len(images), per)):
+            shard = images[start:start + per]
+            obj = _write_object(store, prefix, f"images-{i:03d}", shard, tmp, existing)
+            obj["count"] = len(shard)
+            objects.append(obj)
+        label_obj = _write_object(store, prefix, "labels", labels, tmp, existing)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "dataset": cfg.data.dataset,
+        "split": split,
+        "count": int(len(images)),
+        "image_shape": list(IMAGE_SHAPE),
+        "dtype": "uint8",
+        "layout": "NCHW",
+        "label_histogram": {str(d): int(c) for d, c in enumerate(np.bincount(labels, minlength=10))},
+        "objects": objects,
+        "labels": label_obj,
+        "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store.put_bytes(_manifest_key(cfg, split), json.dumps(manifest, indent=2).encode(), "application/json")
+    # Only after the new manifest is in place: drop objects no manifest points to any more.
+    keep = {o["key"] for o in objects} | {label_obj["key"], _manifest_key(cfg, split)}
+    stale = [k for k in existing if k not in keep and k.endswith(".u8")]
+    if stale:
+        store.delete(stale)
+    log.info("%s split in %s: %d images, labels %s", split, store.uri(prefix), manifest["count"],
+             manifest["label_histogram"])
+    return manifest
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray")) / "objects"
+
+
+def cached_object(store: Store, obj: dict[str, Any], cache_dir: Path) -> Path:
+    """A local, hash-checked copy of a manifest object; downloaded once per node.
+
+    Workers on one node take a file lock so only one of them downloads; the others wait and reuse it.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / obj["sha256"]
+    if path.exists() and path.stat().st_size == obj["bytes"]:
+        return path
+    with open(cache_dir / f"{obj['sha256']}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists() and path.stat().st_size == obj["bytes"]:
+            return path
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        try:
+            store.download_file(obj["key"], part)
+            digest = sha256_file(part)
+            if digest != obj["sha256"] or part.stat().st_size != obj["bytes"]:
+                raise DatasetError(
+                    f"{store.uri(obj['key'])} is corrupt: sha256 {digest[:16]}... but the manifest says "
+                    f"{obj['sha256'][:16]}...; prepare the split again with --force"
+                )
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+    return path
+
+
+@dataclass
+class SplitData:
+    images: np.ndarray  # uint8 (N, 3, 32, 32)
+    labels: np.ndarray  # uint8 (N,), digits 0..9
+    manifest: dict[str, Any]
+
+
+def load_split(store: Store, cfg: JobConfig, split: str | None = None, rank: int = 0, world_size: int = 1,
+               partition: bool = False, max_images: int | None = None, cache_dir: Path | None = None,
+               config_path: str = "jobs/svhn.yaml") -> SplitData:
+    """The split's images and labels, in memory.
+
+    With `partition`, rank r of `world_size` gets the r-th contiguous 1/world_size of the split and
+    only the shards overlapping it are downloaded; without it every rank gets the whole split (the
+    training loop slices a global per-epoch permutation instead). `max_images` keeps the first N.
+    """
+    split = split or cfg.data.split
+    manifest = read_manifest(store, cfg, split, config_path)
+    count = manifest["count"] if max_images is None else min(max_images, manifest["count"])
+    lo, hi = 0, count
+    if partition:
+        lo, hi = rank * count // world_size, (rank + 1) * count // world_size
+    images = np.empty((hi - lo, *IMAGE_SHAPE), dtype=np.uint8)
+    flat = images.reshape(-1)
+    cache_dir = cache_dir or default_cache_dir()
+    start = 0
+    for obj in manifest["objects"]:
+        end = start + obj["count"]
+        a, b = max(start, lo), min(end, hi)
+        if a < b:
+            path = cached_object(store, obj, cache_dir)
+            with open(path, "rb") as f:
+                f.seek((a - start) * IMAGE_BYTES)
+                f.readinto(memoryview(flat[(a - lo) * IMAGE_BYTES:(b - lo) * IMAGE_BYTES]))
+        start = end
+    label_path = cached_object(store, manifest["labels"], cache_dir)
+    labels = np.fromfile(label_path, dtype=np.uint8)[lo:hi]
+    return SplitData(images, labels, manifest)
+
+
+def clear_cache(cache_dir: Path | None = None) -> None:
+    shutil.rmtree(cache_dir or default_cache_dir(), ignore_errors=True)

@@ -1,0 +1,50 @@
+"""Errors a user can act on.
+
+Every expected failure raises a subclass of `DcganError` whose message says what failed, which key,
+file or URI it concerns, and what to do. The CLI prints these without a traceback; anything else is a
+bug and keeps its traceback.
+"""
+
+
+class DcganError(Exception):
+    """Base class of the errors the CLI reports as `error: <message>`."""
+
+
+class ConfigError(DcganError):
+    """A job YAML or a --set override is invalid."""
+
+
+class StorageError(DcganError):
+    """The S3-compatible store failed; subclasses say how."""
+
+
+class StorageUnreachable(StorageError):
+    """No connection to the endpoint after the bounded retries."""
+
+
+class StorageAuthError(StorageError):
+    """Credentials missing or rejected. The message never contains the secret."""
+
+
+class BucketMissing(StorageError):
+    """The configured bucket does not exist."""
+
+
+class ObjectMissing(StorageError):
+    """A key is not in the bucket."""
+
+
+class DatasetError(DcganError):
+    """A dataset file is missing, corrupt or not in SVHN's format."""
+
+
+class DatasetMissing(DatasetError):
+    """The split is not in the bucket; the message names the `prepare` command."""
+
+
+class CheckpointError(DcganError):
+    """A checkpoint cannot be read (truncated, corrupt, wrong format)."""
+
+
+class ClusterError(DcganError):
+    """The Ray cluster cannot run the job as configured (resources, GPUs, address)."""

@@ -1,0 +1,184 @@
+"""The GAN training step and one epoch of it, in plain PyTorch.
+
+Nothing here imports Ray: the step is tested and benchmarked on its own, also on a GPU machine
+without Ray. `dcgan_ray.loop` wraps it for Ray Train workers.
+
+The step reads like the seed and pytorch/examples' DCGAN:
+  D phase: D on a real batch and on a detached fake batch, BCE on logits, one Adam step.
+  G phase: the same fake batch through the updated D, BCE against "real", one Adam step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (N, 3, 32, 32) in [0, 255] -> float in [-1, 1], the range of G's tanh."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """G's output in [-1, 1] -> uint8 pixels, on the CPU."""
+    return images.detach().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
+
+
+def make_optimizers(
+    netG: nn.Module, netD: nn.Module, lr_g: float, lr_d: float, beta1: float, beta2: float
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    optG = torch.optim.Adam(netG.parameters(), lr=lr_g, betas=(beta1, beta2))
+    optD = torch.optim.Adam(netD.parameters(), lr=lr_d, betas=(beta1, beta2))
+    return optG, optD
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(net, "module", net)
+
+
+@dataclass
+class StepStats:
+    """Per-step numbers, kept as 0-d tensors so the hot loop never waits on the device."""
+
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+    d_real: torch.Tensor  # mean D(x), probability
+    d_fake: torch.Tensor  # mean D(G(z)) in the D phase, probability
+
+
+def train_step(
+    netG: nn.Module,
+    netD: nn.Module,
+    optG: torch.optim.Optimizer,
+    optD: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    real_target: float = 1.0,
+) -> StepStats:
+    """One D update and one G update. `real` is float in [-1, 1]; `z` is (batch, z_dim)."""
+    fake = netG(z)
+
+    # D phase: real and detached fake through D (two forwards, so BatchNorm sees the seed's
+    # separate real and fake batches), one backward.
+    optD.zero_grad(set_to_none=True)
+    logits_real = netD(real)
+    logits_fake = netD(fake.detach())
+    loss_d = F.binary_cross_entropy_with_logits(
+        logits_real, torch.full_like(logits_real, real_target)
+    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    loss_d.backward()
+    optD.step()
+
+    # G phase: through the bare D with its weights frozen. D's weight gradients are not needed
+    # here, and bypassing D's DDP wrapper keeps it from all-reducing gradients nobody uses.
+    optG.zero_grad(set_to_none=True)
+    bare_d = unwrap(netD)
+    bare_d.requires_grad_(False)
+    logits_gen = bare_d(fake)
+    loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+    loss_g.backward()
+    bare_d.requires_grad_(True)
+    optG.step()
+
+    return StepStats(
+        loss_d=loss_d.detach(),
+        loss_g=loss_g.detach(),
+        d_real=torch.sigmoid(logits_real.detach()).mean(),
+        d_fake=torch.sigmoid(logits_fake.detach()).mean(),
+    )
+
+
+def epoch_permutation(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    """The same permutation on every rank (same seed and epoch), fresh each epoch."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_images, generator=gen)
+
+
+def rank_batches(num_images: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Index batches of this rank for one epoch: a disjoint slice of the epoch's permutation.
+
+    Every rank gets the same number of full batches (DDP needs equal step counts); the
+    remainder, fewer than world_size * batch_size images, is left out of this epoch.
+    """
+    perm = epoch_permutation(num_images, seed, epoch)
+    steps = num_images // (world_size * batch_size)
+    if steps == 0:
+        raise ValueError(
+            f"{num_images} images cannot fill one batch of {batch_size} on each of {world_size} workers; "
+            "lower train.batch_size or scaling.num_workers, or use more data"
+        )
+    mine = perm[rank::world_size][: steps * batch_size]
+    return mine.view(steps, batch_size)
+
+
+def noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Training noise for (epoch, rank): a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank)
+
+
+@dataclass
+class EpochStats:
+    loss_d: float
+    loss_g: float
+    d_real: float
+    d_fake: float
+    images: int  # images this rank trained on
+    seconds: float
+    steps: int
+
+
+def run_epoch(
+    netG: nn.Module,
+    netD: nn.Module,
+    optG: torch.optim.Optimizer,
+    optD: torch.optim.Optimizer,
+    images: torch.Tensor,
+    batches: torch.Tensor,
+    z_dim: int,
+    noise: torch.Generator,
+    real_target: float = 1.0,
+    log_every: int = 0,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> EpochStats:
+    """Train over `batches` (index rows into the device-resident uint8 `images`).
+
+    Losses stay on the device and are read back only every `log_every` steps and at the end, so the
+    loop never blocks on the GPU between those points.
+    """
+    device = images.device
+    batches = batches.to(device)
+    netG.train()
+    netD.train()
+    totals = torch.zeros(4, device=device)
+    window = torch.zeros(4, device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    start = window_start
+    for i, idx in enumerate(batches):
+        real = to_model_input(images[idx])
+        z = torch.randn(idx.numel(), z_dim, device=device, generator=noise)
+        s = train_step(netG, netD, optG, optD, real, z, real_target)
+        step_vals = torch.stack([s.loss_d, s.loss_g, s.d_real, s.d_fake])
+        totals += step_vals
+        window += step_vals
+        window_steps += 1
+        if on_log is not None and log_every and (i + 1) % log_every == 0:
+            now = time.perf_counter()
+            vals = (window / window_steps).tolist()
+            on_log(i + 1, {
+                "loss_d": vals[0], "loss_g": vals[1], "d_real": vals[2], "d_fake": vals[3],
+                "images_per_s": window_steps * batches.shape[1] / (now - window_start),
+            })
+            window.zero_()
+            window_start, window_steps = now, 0
+    steps = batches.shape[0]
+    vals = (totals / max(steps, 1)).tolist()
+    return EpochStats(
+        loss_d=vals[0], loss_g=vals[1], d_real=vals[2], d_fake=vals[3],
+        images=steps * batches.shape[1], seconds=time.perf_counter() - start, steps=steps,
+    )
