@@ -224,13 +224,21 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
     if not force:
         try:
             manifest = read_manifest(store, cfg, split)
+            local = Path(from_) if from_ and "://" not in from_ else None
+            if local is not None and local.is_dir():
+                local = local / OFFICIAL[split].filename
+            if local is not None and local.is_file() and sha256_file(local) != manifest["source"]["sha256"]:
+                raise DatasetError(
+                    f"the {split} split in {store.uri(prefix)} came from {manifest['source']['origin']}, not from "
+                    f"{local} (their sha256 differ); add --force to replace it"
+                )
             missing = [o["key"] for o in manifest["objects"] if not store.exists(o["key"])]
             if not missing:
                 log.info("%s split already in %s (%d images, source %s): nothing to upload",
                          split, store.uri(prefix), manifest["count"], manifest["source"]["origin"])
                 return manifest
             log.warning("%s split manifest lists %d missing objects; preparing it again", split, len(missing))
-        except DatasetError:
+        except DatasetMissing:
             pass
     with tempfile.TemporaryDirectory(prefix="dcgan-ray-prepare-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)

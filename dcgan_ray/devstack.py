@@ -133,7 +133,7 @@ class SeaweedServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ClusterError(f"SeaweedFS exited with code {self.proc.returncode} at start-up; "
                                    f"last lines of {self.log_path}:\n{tail(self.log_path)}")
-            if s3_answers(self.endpoint) and self._buckets_ready():
+            if http_answers(self.endpoint) and self._buckets_ready():
                 return
             time.sleep(0.3)
         self.stop()
@@ -164,7 +164,61 @@ class SeaweedServer:
                 self.proc.wait()
 
 
-def s3_answers(endpoint: str) -> bool:
+class RayHead:
+    """A `ray start --head --block` process in its own session, so stopping it stops only this cluster
+    (`ray stop` would end every Ray on the machine). Used by the tests."""
+
+    def __init__(self, num_cpus: int, log_path: Path):
+        self.num_cpus, self.log_path = num_cpus, log_path
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        _ray("get-auth-token", "--generate", capture=True)
+        ray = str(Path(sys.executable).parent / "ray")
+        cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+               f"--num-cpus={self.num_cpus}", "--disable-usage-stats"]
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ClusterError(f"ray start exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+            if http_answers(self.dashboard_url):  # any HTTP answer (401 under token auth) means it is up
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise ClusterError(f"the Ray head did not come up in {timeout_s:.0f} s:\n{tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # ray start --block stops its components on SIGTERM
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_answers(endpoint: str) -> bool:
     """True once anything HTTP answers at the endpoint (403 for an anonymous request counts)."""
     try:
         urllib.request.urlopen(endpoint, timeout=2)
@@ -208,8 +262,23 @@ def _ray(*args: str, check: bool = True, capture: bool = False) -> subprocess.Co
                           capture_output=capture)
 
 
-def ray_running() -> bool:
-    return _ray("status", f"--address=127.0.0.1:{RAY_PORT}", check=False, capture=True).returncode == 0
+def start_ray_head(port: int, dashboard_port: int, num_cpus: int | None = None, extra: tuple[str, ...] = ()) -> None:
+    """`ray start --head` on 127.0.0.1 with token auth, in this process's environment (S3 credentials
+    included, which the workers inherit)."""
+    # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
+    _ray("get-auth-token", "--generate", capture=True)
+    args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", *extra]
+    if num_cpus:
+        args.append(f"--num-cpus={num_cpus}")
+    result = _ray(*args, check=False, capture=True)
+    if result.returncode != 0:
+        raise ClusterError(f"`ray start --head` failed (exit {result.returncode}); is port {port} or {dashboard_port} "
+                           f"taken? Its output:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def ray_running(port: int = RAY_PORT) -> bool:
+    return _ray("status", f"--address=127.0.0.1:{port}", check=False, capture=True).returncode == 0
 
 
 def up(num_cpus: int | None) -> None:
@@ -227,16 +296,7 @@ def up(num_cpus: int | None) -> None:
     if ray_running():
         print(f"Ray head already up at 127.0.0.1:{RAY_PORT}")
     else:
-        # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
-        _ray("get-auth-token", "--generate", capture=True)
-        args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
-        if num_cpus:
-            args.append(f"--num-cpus={num_cpus}")
-        result = _ray(*args, check=False, capture=True)
-        if result.returncode != 0:
-            raise ClusterError(f"`ray start --head` failed (exit {result.returncode}); a port of 6379/8265 may be "
-                               f"taken. Its output:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        start_ray_head(RAY_PORT, DASHBOARD_PORT, num_cpus)
         print(f"Ray head up at 127.0.0.1:{RAY_PORT}, dashboard and job API at http://127.0.0.1:{DASHBOARD_PORT}")
     print("clients need: source cluster/dev.env  (AWS_* credentials, AWS_ENDPOINT_URL, RAY_AUTH_MODE=token)")
 
@@ -265,7 +325,7 @@ def status() -> bool:
     ports = _dev_ports()
     endpoint = f"http://127.0.0.1:{ports.s3}"
     pid = _pid_alive(stack_dir() / "seaweedfs.pid")
-    s3_ok = bool(pid) and s3_answers(endpoint)
+    s3_ok = bool(pid) and http_answers(endpoint)
     ray_ok = ray_running()
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
     print(f"Ray head:       {'up at 127.0.0.1:%d, dashboard http://127.0.0.1:%d' % (RAY_PORT, DASHBOARD_PORT) if ray_ok else 'down'}")

@@ -1,0 +1,102 @@
+"""Shared fixtures: one real SeaweedFS S3 server and one real Ray head per test session.
+
+Both run on free loopback ports with test credentials set in this process's environment, which the
+Ray head (and so every worker) inherits. Each test gets its own key prefix in the one bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dcgan_ray.config import JobConfig, config_from_dict
+from dcgan_ray.devstack import RayHead, SeaweedPorts, SeaweedServer
+from dcgan_ray.storage import Store
+from dcgan_ray.synth import synth_svhn_mat
+
+TEST_KEY = "dcgan-test-key"
+TEST_SECRET = "dcgan-test-secret-0123456789"
+BUCKET = "dcgan-test"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_env(tmp_path_factory):
+    """Credentials and caches for the whole session; the real user's settings are put back after."""
+    saved = dict(os.environ)
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_AUTH_MODE": "token",
+        "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    })
+    for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+        os.environ.pop(var, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> SeaweedServer:
+    base = tmp_path_factory.mktemp("seaweedfs")
+    server = SeaweedServer(base / "data", SeaweedPorts.free(), base / "weed.log", buckets=(BUCKET,))
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
+    data = {
+        "name": "test-run",
+        "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 2},
+        "storage": {"endpoint": endpoint, "bucket": BUCKET, "prefix": prefix},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return config_from_dict(data, "test config")
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def cfg(s3_server, prefix) -> JobConfig:
+    return make_config(s3_server.endpoint, prefix)
+
+
+@pytest.fixture
+def store(cfg) -> Store:
+    return Store(cfg.storage)
+
+
+@pytest.fixture(scope="session")
+def svhn_dir(tmp_path_factory) -> Path:
+    """Offline SVHN-format train and test files, as `data prepare --from DIR` expects them."""
+    d = tmp_path_factory.mktemp("svhn")
+    synth_svhn_mat(d / "train_32x32.mat", 1200, seed=1)
+    synth_svhn_mat(d / "test_32x32.mat", 400, seed=2)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, test_env) -> RayHead:
+    head = RayHead(num_cpus=4, log_path=tmp_path_factory.mktemp("ray") / "head.log")
+    head.start()
+    import ray
+
+    ray.init(address=head.address, logging_level="WARNING")
+    yield head
+    ray.shutdown()
+    head.stop()

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from dcgan_ray.config import JobConfig, load_config, parse_override
+from dcgan_ray.errors import ConfigError
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_shipped_jobs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def test_seed_hyperparameters_in_svhn_job():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "svhn.yaml")
+    assert (cfg.model.z_dim, cfg.train.lr, cfg.train.beta1, cfg.train.batch_size, cfg.train.epochs, cfg.model.alpha) == (
+        100, 2e-4, 0.5, 128, 25, 0.2)
+    # The keys docs and tests rely on exist under these names.
+    for key in ("name", "train.epochs", "train.batch_size", "train.lr", "train.beta1", "model.z_dim", "model.alpha",
+                "scaling.num_workers", "scaling.use_gpu", "storage.endpoint", "storage.bucket", "storage.prefix"):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_overrides_win_over_file(tmp_path):
+    p = write(tmp_path, "train:\n  epochs: 5\n")
+    cfg = load_config(p, ["train.epochs=2", "train.lr=1e-3", "storage.endpoint=null"])
+    assert cfg.train.epochs == 2 and cfg.train.lr == 1e-3 and cfg.storage.endpoint is None
+    assert load_config(p).train.epochs == 5
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  epoch: 5\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml.*unknown key `train\.epoch`.*allowed here:.*epochs"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key `trian`"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train\.batch_size` must be int, got 'big'"):
+        load_config(write(tmp_path, "train:\n  batch_size: big\n"))
+    with pytest.raises(ConfigError, match=r"`scaling\.use_gpu` must be bool"):
+        load_config(write(tmp_path, "scaling:\n  use_gpu: 3\n"))
+
+
+def test_out_of_range(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train\.beta1` = 1\.5 is not allowed; expected a number in \[0, 1\)"):
+        load_config(write(tmp_path, "train:\n  beta1: 1.5\n"))
+    with pytest.raises(ConfigError, match=r"`data\.split` = 'valid'.*one of train, test, extra"):
+        load_config(write(tmp_path, "data:\n  split: valid\n"))
+
+
+def test_yaml_style_exponent_accepted(tmp_path):
+    # YAML 1.1 reads 2e-4 as a string; a person means the number.
+    assert load_config(write(tmp_path, "train:\n  lr: 2e-4\n")).train.lr == 2e-4
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        parse_override("train.epochs")
+
+
+def test_override_unknown_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key `train\.epochz`"):
+        load_config(write(tmp_path, "{}\n"), ["train.epochz=3"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/job.yaml")
+
+
+def test_lr_split():
+    cfg = JobConfig()
+    cfg.train.lr_d = 1e-5
+    assert cfg.train.lr_generator == 2e-4 and cfg.train.lr_discriminator == 1e-5

@@ -1,0 +1,156 @@
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from dcgan_ray.data import OFFICIAL, fetch, load_split, prepare_split, read_manifest, read_mat, split_prefix
+from dcgan_ray.errors import DatasetError, DatasetMissing
+
+
+def test_round_trip_prepare_then_read(store, cfg, svhn_dir, tmp_path):
+    store.check()
+    manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    images, labels = read_mat(svhn_dir / "train_32x32.mat")
+    assert manifest["count"] == 1200 == len(images)
+    assert manifest["label_histogram"] == {str(d): int((labels == d).sum()) for d in range(10)}
+    assert manifest["source"]["sha256"] and manifest["source"]["official"] is False
+    data = load_split(store, cfg, "train", cache_dir=tmp_path / "cache")
+    assert data.images.shape == (1200, 3, 32, 32) and data.images.dtype == np.uint8
+    assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
+    # the layout is SVHN's X[:, :, :, i] transposed to CHW
+    raw = scipy.io.loadmat(svhn_dir / "train_32x32.mat")
+    assert np.array_equal(data.images[7], raw["X"][:, :, :, 7].transpose(2, 0, 1))
+    assert raw["y"][7, 0] % 10 == data.labels[7]
+
+
+def test_shards_and_partitioned_read(store, cfg, svhn_dir, tmp_path):
+    cfg.data.shard_images = 500
+    manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    assert [o["count"] for o in manifest["objects"]] == [500, 500, 200]
+    full = load_split(store, cfg, "train", cache_dir=tmp_path / "c1")
+    parts = [load_split(store, cfg, "train", rank=r, world_size=3, partition=True, cache_dir=tmp_path / f"p{r}")
+             for r in range(3)]
+    assert np.array_equal(np.concatenate([p.images for p in parts]), full.images)
+    # rank 0 reads rows 0..399: only the first shard (and labels) reach its cache
+    assert len([p for p in (tmp_path / "p0").iterdir() if not p.name.endswith(".lock")]) == 2
+
+
+def test_prepare_is_idempotent(store, cfg, svhn_dir):
+    prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    before = {k: store.head(k)["LastModified"] for k in store.list_keys(split_prefix(cfg, "train"))}
+    prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    after = {k: store.head(k)["LastModified"] for k in store.list_keys(split_prefix(cfg, "train"))}
+    assert before == after
+
+
+def test_other_data_needs_force_and_force_replaces(store, cfg, svhn_dir, tmp_path):
+    prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    other = svhn_dir / "test_32x32.mat"
+    with pytest.raises(DatasetError, match="add --force to replace it"):
+        prepare_split(store, cfg, "train", from_=str(other))
+    manifest = prepare_split(store, cfg, "train", from_=str(other), force=True)
+    assert manifest["count"] == 400
+    keys = store.list_keys(split_prefix(cfg, "train"))
+    assert len([k for k in keys if "/images-" in k]) == 1  # the old shards are gone, after the swap
+
+
+def test_failed_prepare_keeps_existing_split(store, cfg, svhn_dir, tmp_path):
+    prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    bad = tmp_path / "bad.mat"
+    bad.write_bytes(b"not a mat file at all")
+    with pytest.raises(DatasetError, match="not a readable MATLAB .mat file"):
+        prepare_split(store, cfg, "train", from_=str(bad), force=True)
+    assert load_split(store, cfg, "train", cache_dir=tmp_path / "c").images.shape[0] == 1200
+
+
+def test_dataset_missing_names_prepare_command(store, cfg):
+    with pytest.raises(DatasetMissing, match=r"dcgan-ray data prepare jobs/svhn.yaml --split test"):
+        read_manifest(store, cfg, "test")
+
+
+def test_corrupt_object_in_bucket_is_detected(store, cfg, svhn_dir, tmp_path):
+    manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    key = manifest["objects"][0]["key"]
+    data = bytearray(store.get_bytes(key))
+    data[100] ^= 0xFF
+    store.put_bytes(key, bytes(data))
+    with pytest.raises(DatasetError, match="is corrupt: sha256"):
+        load_split(store, cfg, "train", cache_dir=tmp_path / "c")
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("X, y, message", [
+    (np.zeros((32, 32, 3, 4), np.float32), np.ones((4, 1), np.uint8), r"X is float32 .* needs uint8 \(32, 32, 3, N\)"),
+    (np.zeros((28, 28, 3, 4), np.uint8), np.ones((4, 1), np.uint8), r"X is uint8 \(28, 28, 3, 4\)"),
+    (np.zeros((32, 32, 3, 4), np.uint8), np.ones((5, 1), np.uint8), r"y has shape \(5, 1\) but X holds 4 images"),
+    (np.zeros((32, 32, 3, 4), np.uint8), np.zeros((4, 1), np.uint8), r"labels span 0\.\.0; SVHN's are 1\.\.10"),
+    (np.zeros((32, 32, 3, 4), np.uint8), np.full((4, 1), 11, np.uint8), r"labels span 11\.\.11"),
+])
+def test_misshaped_mat_files(tmp_path, X, y, message):
+    path = tmp_path / "x.mat"
+    scipy.io.savemat(path, {"X": X, "y": y})
+    with pytest.raises(DatasetError, match=message):
+        read_mat(path)
+
+
+def test_mat_without_y(tmp_path):
+    path = tmp_path / "x.mat"
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8)})
+    with pytest.raises(DatasetError, match="has no variable 'y'"):
+        read_mat(path)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body = b""
+    claimed_length = None
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.claimed_length or len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_source():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_official_download_with_wrong_md5_leaves_nothing(http_source, tmp_path, svhn_dir):
+    server, url = http_source
+    _Handler.body, _Handler.claimed_length = (svhn_dir / "test_32x32.mat").read_bytes(), None
+    with pytest.raises(DatasetError, match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
+        fetch("test", tmp_path, url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_download_leaves_nothing(http_source, tmp_path, svhn_dir):
+    server, url = http_source
+    body = (svhn_dir / "test_32x32.mat").read_bytes()
+    _Handler.body, _Handler.claimed_length = body[:1000], len(body)
+    with pytest.raises(DatasetError, match="truncated|cannot download"):
+        fetch("test", tmp_path, url, from_=url + "test_32x32.mat")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_from_url_accepts_svhn_format(http_source, store, cfg, svhn_dir):
+    server, url = http_source
+    _Handler.body, _Handler.claimed_length = (svhn_dir / "test_32x32.mat").read_bytes(), None
+    manifest = prepare_split(store, cfg, "test", from_=url + "test_32x32.mat")
+    assert manifest["count"] == 400 and manifest["source"]["origin"].startswith("http://127.0.0.1")
+
+
+def test_unreachable_official_url_says_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="--from PATH.*dcgan-ray data synth"):
+        fetch("train", tmp_path, "http://127.0.0.1:9/")
