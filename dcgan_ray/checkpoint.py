@@ -56,10 +56,9 @@ def load_checkpoint(source: str | Path | bytes, label: str | None = None) -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {label} does not exist") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
-        raise CheckpointError(
-            f"checkpoint {label} is damaged or truncated and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
-        ) from None
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"checkpoint {label} is damaged or truncated and cannot be read "
+                              f"({type(e).__name__}: {detail})") from None
     except Exception as e:  # torch's weights-only unpickler raises UnpicklingError and others
         raise CheckpointError(f"checkpoint {label} is not a dcgan-ray checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):

@@ -34,8 +34,8 @@ from dcgan_ray.storage import Store
 log = logging.getLogger("dcgan_ray.train")
 
 
-def _restore(store: Store, layout: RunLayout) -> dict[str, Any] | None:
-    """The newest readable checkpoint of the run, or None for a fresh run.
+def _restore(store: Store, layout: RunLayout) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest readable checkpoint of the run and its URI, or (None, None) for a fresh run.
 
     Ray hands over its latest registered checkpoint; if that one is damaged we fall back to older
     ones with a warning. If checkpoints exist but none is readable we stop: starting from scratch
@@ -43,10 +43,10 @@ def _restore(store: Store, layout: RunLayout) -> dict[str, Any] | None:
     """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
+        return None, None
     try:
         with ckpt.as_directory() as d:
-            return load_checkpoint(f"{d}/{CHECKPOINT_FILE}", f"{ckpt.path}/{CHECKPOINT_FILE}")
+            return load_checkpoint(f"{d}/{CHECKPOINT_FILE}", f"s3://{ckpt.path}/{CHECKPOINT_FILE}"), f"s3://{ckpt.path}"
     except CheckpointError as e:
         log.warning("%s; trying the run's older checkpoints", e)
         failed = f"{ckpt.path.rstrip('/')}/{CHECKPOINT_FILE}"
@@ -56,13 +56,30 @@ def _restore(store: Store, layout: RunLayout) -> dict[str, Any] | None:
         try:
             state = load_checkpoint(store.get_bytes(key), store.uri(key))
             log.warning("resuming from the older checkpoint %s (epoch %d)", store.uri(key), state["epoch"])
-            return state
+            return state, store.uri(key.rsplit("/", 1)[0])
         except CheckpointError as e:
             log.warning("%s", e)
     raise CheckpointError(
         f"run {layout.uri} has checkpoints but none can be read; refusing to start over and overwrite it. "
         "Delete the damaged checkpoint folders or choose a new `name`"
     )
+
+
+def _checkpoint_dir_name(store: Store, layout: RunLayout, epoch: int) -> str:
+    """checkpoint_epoch_NNNN, or checkpoint_epoch_NNNN_rK when a run resumed from an older checkpoint
+    finds that name taken (by the damaged one it skipped): Ray deletes old checkpoints by folder, so
+    two registered checkpoints must never share one. Rank 0 decides; every rank reports the same."""
+    name = layout.checkpoint_dir_name(epoch)
+    if ray.train.get_context().get_world_rank() == 0:
+        base, k = name, 0
+        while store.list_keys(f"{layout.prefix}/{name}/"):
+            k += 1
+            name = f"{base}_r{k}"
+    if dist.is_available() and dist.is_initialized():
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return name
 
 
 def _average_bn_buffers(*nets: torch.nn.Module) -> None:
@@ -130,7 +147,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optG, optD = make_optimizers(netG, netD, cfg.train.lr_generator, cfg.train.lr_discriminator,
                                  cfg.train.beta1, cfg.train.beta2)
     start_epoch, step = 0, 0
-    state = _restore(store, layout)
+    state, state_origin = _restore(store, layout)
     if state is not None:
         netG.load_state_dict(state["netG"])
         netD.load_state_dict(state["netD"])
@@ -156,6 +173,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         manifest.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
                         global_batch=cfg.train.batch_size * world)
         manifest["history"] = [h for h in manifest["history"] if h["epoch"] <= start_epoch]
+        if state is not None:
+            manifest["resumed_from"] = {"epoch": start_epoch, "checkpoint": state_origin}
         write_manifest(store, layout, manifest)
         store.put_bytes(layout.config_key, cfg.to_yaml().encode(), "text/yaml")
         log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
@@ -185,6 +204,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
         save_now = done % cfg.checkpoint.every_epochs == 0 or done == cfg.train.epochs
+        dir_name = _checkpoint_dir_name(store, layout, done) if save_now else None
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as tmp:
             checkpoint = None
             if lead:
@@ -204,11 +224,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         "config": cfg.to_dict(),
                     })
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                    manifest["checkpoints"]["latest"] = layout.checkpoint_uri(done)
+                    manifest["checkpoints"]["latest"] = f"{layout.uri}/{dir_name}"
                 write_manifest(store, layout, manifest)
             # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint.
-            ray.train.report(metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=layout.checkpoint_dir_name(done) if save_now else None)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
 
     if lead:
         epochs = [h["epoch"] for h in manifest["history"]]

@@ -58,9 +58,6 @@ class RunLayout:
     def checkpoint_dir_name(epoch: int) -> str:
         return f"checkpoint_epoch_{epoch:04d}"
 
-    def checkpoint_uri(self, epoch: int) -> str:
-        return f"{self.uri}/{self.checkpoint_dir_name(epoch)}"
-
     def checkpoint_keys(self, store: Store) -> list[str]:
         """Keys of the run's checkpoint files, newest epoch first."""
         keys = [k for k in store.list_keys(f"{self.prefix}/checkpoint_epoch_") if k.endswith("/checkpoint.pt")]

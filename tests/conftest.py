@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_ray.config import JobConfig, config_from_dict
-from dcgan_ray.devstack import RayHead, SeaweedPorts, SeaweedServer
-from dcgan_ray.storage import Store
-from dcgan_ray.synth import synth_svhn_mat
+# Ray reads its auth mode once per process, so this must be set before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
+from dcgan_ray.devstack import RayHead, SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.storage import Store  # noqa: E402
+from dcgan_ray.synth import synth_svhn_mat  # noqa: E402
 
 TEST_KEY = "dcgan-test-key"
 TEST_SECRET = "dcgan-test-secret-0123456789"
@@ -31,7 +34,6 @@ def test_env(tmp_path_factory):
         "AWS_ACCESS_KEY_ID": TEST_KEY,
         "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
-        "RAY_AUTH_MODE": "token",
         "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     })
@@ -96,7 +98,9 @@ def ray_head(tmp_path_factory, test_env) -> RayHead:
     head.start()
     import ray
 
-    ray.init(address=head.address, logging_level="WARNING")
-    yield head
-    ray.shutdown()
-    head.stop()
+    try:
+        ray.init(address=head.address, logging_level="WARNING")
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()

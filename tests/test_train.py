@@ -1,0 +1,156 @@
+"""Training on a real local Ray cluster (2 CPU workers, gloo) and the real SeaweedFS server."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_config
+from dcgan_ray.checkpoint import load_checkpoint
+from dcgan_ray.cli import main as cli_main
+from dcgan_ray.data import prepare_split
+from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
+from dcgan_ray.devstack import SeaweedPorts
+from dcgan_ray.runs import RunLayout
+from dcgan_ray.storage import Store
+from dcgan_ray.trainer import train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def data_prefix(s3_server, svhn_dir):
+    prefix = "train-tests"
+    cfg = make_config(s3_server.endpoint, prefix)
+    prepare_split(Store(cfg.storage), cfg, "train", from_=str(svhn_dir))
+    return prefix
+
+
+def run_cfg(endpoint, prefix, name, **train):
+    return make_config(
+        endpoint, prefix, name=name,
+        train={"epochs": 2, "batch_size": 16, "log_every_steps": 4, **train},
+        data={"max_images": 256},
+        checkpoint={"keep": 2},
+        scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
+    )
+
+
+def png(store, key):
+    return Image.open(io.BytesIO(store.get_bytes(key)))
+
+
+def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, tmp_path):
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "resume")
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    manifest = train(cfg, "test")
+    assert manifest["status"] == "finished" and manifest["epochs_completed"] == 2
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    assert manifest["world_size"] == 2 and manifest["global_batch"] == 32
+    for key in (layout.sample_key(1), layout.sample_key(2), layout.latest_sample_key):
+        image = png(store, key)
+        assert image.size == (256, 256)
+        assert np.asarray(image).std() > 1.0  # not a constant picture
+    gif = png(store, layout.gif_key)
+    assert gif.n_frames == 2
+    ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
+    assert ckpt2["epoch"] == 2 and ckpt2["step"] == 2 * 256 // 32
+    assert set(ckpt2) >= {"netG", "netD", "optG", "optD", "rng", "fixed_noise", "config"}
+    assert not any(TEST_SECRET_FRAGMENT in json.dumps(ckpt2["config"]) for TEST_SECRET_FRAGMENT in ("secret",))
+    assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0002")
+
+    # Resubmitting the same name with more epochs continues where it stopped.
+    cfg.train.epochs = 3
+    manifest = train(cfg, "test")
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
+    assert manifest["resumed_from"]["epoch"] == 2
+    ckpt3 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"))
+    assert ckpt3["step"] == 3 * 8
+    assert torch.equal(ckpt3["fixed_noise"], ckpt2["fixed_noise"])
+    assert not store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt")  # checkpoint.keep = 2
+
+    # Same epochs again: nothing to do, nothing overwritten.
+    before = store.head(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt")["LastModified"]
+    train(cfg, "test")
+    assert store.head(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt")["LastModified"] == before
+
+    # `dcgan-ray sample` makes a PNG from the checkpoint without Ray.
+    out = tmp_path / "grid.png"
+    rc = cli_main(["sample", f"{layout.uri}/checkpoint_epoch_0003", "--n", "16", "--seed", "1", "--scale", "1",
+                   "--out", str(out), "--endpoint", s3_server.endpoint])
+    assert rc == 0 and Image.open(out).size == (128, 128)
+    assert np.asarray(Image.open(out)).std() > 1.0
+
+    # A damaged latest checkpoint: resume from the previous one, with a warning, never from scratch.
+    key3 = f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"
+    store.put_bytes(key3, store.get_bytes(key3)[:5000])
+    cfg.train.epochs = 4
+    manifest = train(cfg, "test")
+    assert manifest["resumed_from"]["epoch"] == 2
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
+    # The new epoch-3 checkpoint went to a fresh folder; Ray's retention (keep 2) removed the damaged one.
+    assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0004")
+    kept = layout.checkpoint_keys(store)
+    assert [k.split("/")[-2] for k in kept] == ["checkpoint_epoch_0004", "checkpoint_epoch_0003_r1"]
+    assert load_checkpoint(store.get_bytes(kept[1]))["epoch"] == 3
+
+    # Every checkpoint damaged: a clear error, and the run is left as it was.
+    for key in layout.checkpoint_keys(store):
+        store.put_bytes(key, b"garbage")
+    cfg.train.epochs = 5
+    with pytest.raises(DcganError, match="none can be read; refusing to start over"):
+        train(cfg, "test")
+
+
+def test_dataset_missing_fails_before_workers(ray_head, s3_server, prefix):
+    cfg = run_cfg(s3_server.endpoint, prefix, "nodata")
+    Store(cfg.storage).check()
+    with pytest.raises(DatasetMissing, match="dcgan-ray data prepare"):
+        train(cfg, "jobs/x.yaml")
+    assert not Store(cfg.storage).list_keys(f"{prefix}/runs/")
+
+
+def test_s3_down_at_start(ray_head, data_prefix):
+    cfg = run_cfg(f"http://127.0.0.1:{SeaweedPorts.free().s3}", data_prefix, "down")
+    with pytest.raises(StorageUnreachable, match="cannot reach the S3 endpoint"):
+        train(cfg, "test")
+
+
+def test_more_workers_than_the_cluster_can_place(ray_head, s3_server, data_prefix):
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "huge", epochs=1)
+    cfg.scaling.num_workers, cfg.data.max_images = 64, None
+    with pytest.raises(ClusterError, match=r"needs scaling.num_workers x scaling.cpus_per_worker = 64 x 1 = 64 CPUs"):
+        train(cfg, "test")
+
+
+def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "gpu")
+    cfg.scaling.use_gpu = True
+    with pytest.raises(ClusterError, match="scaling.use_gpu is true.*cluster has 0 GPU"):
+        train(cfg, "test")
+
+
+def test_ray_job_submit_cli(ray_head, s3_server, data_prefix):
+    """The real `ray job submit` against the `ray start` head; credentials come from the nodes' env."""
+    env_sets = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test", f"storage.prefix={data_prefix}",
+                "name=submitted", "data.max_images=64", "train.batch_size=16", "storage.create_bucket=false"]
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
+           "--address", ray_head.dashboard_url, "--working-dir", str(REPO), "--",
+           sys.executable, "-m", "dcgan_ray", "train", "jobs/smoke.yaml"]
+    for s in env_sets:
+        cmd += ["--set", s]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "latest checkpoint: s3://dcgan-test/" in output
+    assert "dcgan-test-secret" not in output
+    cfg = make_config(s3_server.endpoint, data_prefix, name="submitted")
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    assert store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt")
+    assert png(store, layout.latest_sample_key).size == (256, 256)
