@@ -7,4 +7,6 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/dev.env"
 python="${DCGAN_RAY_PYTHON:-$here/../.venv/bin/python}"
 [ -x "$python" ] || python=python3
-exec "$python" -m dcgan_ray.devstack "$@"
+# The Ray head's PATH is its jobs' PATH: `python` in a job entrypoint must be this environment's.
+bindir="$(cd "$(dirname "$(command -v "$python")")" && pwd)"
+PATH="$bindir:$PATH" exec "$python" -m dcgan_ray.devstack "$@"
