@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcgan_ray.errors import ClusterError
+from dcgan_ray.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop both (idempotent; the S3 data stays)")
     sub.add_parser("status", help="say what is running; exit 1 unless both are up")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         if args.command == "up":
             up(args.num_cpus)

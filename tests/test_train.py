@@ -154,3 +154,33 @@ def test_ray_job_submit_cli(ray_head, s3_server, data_prefix):
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     assert store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt")
     assert png(store, layout.latest_sample_key).size == (256, 256)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_prefix):
+    """A worker process killed for real mid-run: Ray restarts the group (scaling.max_failures) and the
+    run resumes from its last checkpoint, without repeating or losing an epoch."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "killed", epochs=4)
+    cfg.scaling.max_failures = 1
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(manifest=train(cfg, "test")))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt"):
+        time.sleep(0.2)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker found"
+    os.kill(workers[-1]["pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    manifest = result["manifest"]
+    assert manifest["status"] == "finished"
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
+    assert manifest["resumed_from"]["epoch"] >= 1
+    assert load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0004/checkpoint.pt"))["step"] == 4 * 8
