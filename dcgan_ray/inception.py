@@ -382,15 +382,16 @@ def fetch_weights(uri: str, cache_dir: Path, sha256: str | None, storage: Storag
 
 
 def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:
+    where = str(path) if uri == str(path) else f"{path} (from {uri})"
     not_fid = f"it is not the 2015 Inception v3 FID weights ({WEIGHTS_FILENAME})"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
         # torch's own message suggests weights_only=False, which is no fix for a file that is not weights.
-        raise WeightsError(f"{path} (from {uri}) cannot be read as PyTorch weights ({type(e).__name__}): "
+        raise WeightsError(f"{where} cannot be read as PyTorch weights ({type(e).__name__}): "
                            f"{not_fid}. {_how_to_provide()}") from None
     if not isinstance(state, Mapping):
-        raise WeightsError(f"{path} (from {uri}) holds a {type(state).__name__}, not a state dict: {not_fid}. "
+        raise WeightsError(f"{where} holds a {type(state).__name__}, not a state dict: {not_fid}. "
                            f"{_how_to_provide()}")
     model = InceptionV3Pool3()
     try:
@@ -398,7 +399,7 @@ def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:
     except RuntimeError as e:
         # PyTorch lists every missing/unexpected key; the start is enough to see what the file is.
         detail = " ".join(str(e).split())[:300]
-        raise WeightsError(f"{path} (from {uri}) does not fit the network: {not_fid} ({detail}...). "
+        raise WeightsError(f"{where} does not fit the network: {not_fid} ({detail}...). "
                            f"{_how_to_provide()}") from None
     return model
 

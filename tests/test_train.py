@@ -175,7 +175,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt"):
         time.sleep(0.2)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(address=ray_head.dashboard_url,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker found"
     os.kill(workers[-1]["pid"], signal.SIGKILL)
     thread.join(timeout=600)
