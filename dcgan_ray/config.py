@@ -100,6 +100,41 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_epochs: int = 1
+    """Epochs between quality evaluations (also one before training, as epoch 0); 0 turns them off."""
+    num_samples: int = 10000
+    """Generated images per evaluation, split over the workers. 10k is the usual quick FID; use 50k
+    to compare with papers (TTUR's DCGAN on SVHN: FID 21.4)."""
+    metric: str = "digit_fd"
+    """The number that picks the best checkpoint (lower is better): digit_fd or fid."""
+    extractors: list[str] = field(default_factory=lambda: ["digit"])
+    """Feature extractors evaluated: digit (our classifier; no outside weights) and/or inception (FID:
+    the 2015 Inception v3, ~5.7 GFLOP per image at 299x299 -- meant for GPUs)."""
+    inception_weights: str = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+    """URI of torch-fidelity's conversion of the TF Inception weights: https, s3:// or a local path.
+    Air-gapped clusters copy the file into their bucket and point this at it."""
+    inception_sha256: str | None = None
+    """Expected sha256 of the weights file; checked when set."""
+    batch_size: int = 500
+    """Images per generator/extractor forward during evaluation."""
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 3
+    """Passes over the train split when training the digit classifier."""
+    batch_size: int = 128
+    lr: float = 1e-3
+    """Adam learning rate of the classifier."""
+    seed: int = 0
+    test_split: str = "test"
+    """Split whose accuracy is reported (must be prepared: data.prepare_splits)."""
+    max_images: int | None = None
+    """Train on the first N images only (tests); null means the whole split."""
+
+
+@dataclass
 class ScalingConfig:
     num_workers: int = 1
     """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
@@ -123,6 +158,8 @@ class StorageConfig:
     """Region used for request signing (S3-compatible servers accept any)."""
     create_bucket: bool = False
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
+    runs_prefix: str | None = None
+    """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
 
 
 @dataclass
@@ -134,6 +171,8 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -170,12 +209,23 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.keep": (lambda v: v >= 1, "an integer >= 1"),
     "sample.grid_size": (lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
     "sample.scale": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
+    "eval.every_epochs": (lambda v: v >= 0, "an integer >= 0 (0 turns evaluation off)"),
+    "eval.num_samples": (lambda v: v >= 2, "an integer >= 2"),
+    "eval.metric": (lambda v: v in ("digit_fd", "fid"), "digit_fd or fid"),
+    "eval.extractors": (lambda v: bool(v) and all(e in ("digit", "inception") for e in v), "a list from digit, inception"),
+    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "classifier.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "classifier.batch_size": (lambda v: v >= 2, "an integer >= 2"),
+    "classifier.lr": (lambda v: v > 0, "a number > 0"),
+    "classifier.test_split": (lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}"),
+    "classifier.max_images": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "scaling.num_workers": (lambda v: v >= 1, "an integer >= 1"),
     "scaling.cpus_per_worker": (lambda v: v > 0, "a number > 0"),
     "scaling.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"),
     "storage.endpoint": (lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"),
     "storage.bucket": (lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"),
     "storage.prefix": (lambda v: not v.startswith("/") and not v.endswith("/"), "a key prefix without leading or trailing '/'"),
+    "storage.runs_prefix": (lambda v: v is None or (v and not v.startswith("/") and not v.endswith("/")), "null or a key prefix without leading or trailing '/'"),
 }
 
 
@@ -231,6 +281,10 @@ def _validate(cfg: JobConfig, where: str) -> None:
     for key, (ok, allowed) in _RULES.items():
         if not ok(flat[key]):
             raise ConfigError(f"{where}: `{key}` = {flat[key]!r} is not allowed; expected {allowed}")
+    if cfg.eval.every_epochs and cfg.eval.metric == "fid" and "inception" not in cfg.eval.extractors:
+        raise ConfigError(f"{where}: `eval.metric` = 'fid' needs 'inception' in `eval.extractors`")
+    if cfg.eval.every_epochs and cfg.eval.metric == "digit_fd" and "digit" not in cfg.eval.extractors:
+        raise ConfigError(f"{where}: `eval.metric` = 'digit_fd' needs 'digit' in `eval.extractors`")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -65,7 +65,7 @@ class RunLayout:
 
 
 def runs_prefix(cfg: JobConfig) -> str:
-    return f"{cfg.storage.prefix}/runs".lstrip("/")
+    return cfg.storage.runs_prefix or f"{cfg.storage.prefix}/runs".lstrip("/")
 
 
 def read_manifest(store: Store, layout: RunLayout) -> dict[str, Any] | None:

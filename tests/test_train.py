@@ -17,7 +17,7 @@ from dcgan_ray.cli import main as cli_main
 from dcgan_ray.data import prepare_split
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
 from dcgan_ray.devstack import SeaweedPorts
-from dcgan_ray.runs import RunLayout
+from dcgan_ray.runs import RunLayout, read_manifest
 from dcgan_ray.storage import Store
 from dcgan_ray.trainer import train
 
@@ -166,14 +166,15 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
 
     from ray.util.state import list_actors
 
-    cfg = run_cfg(s3_server.endpoint, data_prefix, "killed", epochs=4)
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "killed", epochs=5)
     cfg.scaling.max_failures = 1
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(manifest=train(cfg, "test")))
     thread.start()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt"):
+    # Rank 0 records epoch 2 only after epoch 1's report returned, i.e. after Ray registered that checkpoint.
+    while time.monotonic() < deadline and (read_manifest(store, layout) or {}).get("epochs_completed", 0) < 2:
         time.sleep(0.2)
     workers = list_actors(address=ray_head.dashboard_url,
                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -182,6 +183,6 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
     thread.join(timeout=600)
     manifest = result["manifest"]
     assert manifest["status"] == "finished"
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4, 5]
     assert manifest["resumed_from"]["epoch"] >= 1
-    assert load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0004/checkpoint.pt"))["step"] == 4 * 8
+    assert load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0005/checkpoint.pt"))["step"] == 5 * 8
