@@ -7,9 +7,10 @@ the same digits G learns, gives
   - class probabilities for an inception score and a class histogram, where mode collapse shows as
     most samples landing in a few classes.
 
-Network: 3 blocks of 3x3 conv -> BN -> ReLU -> 2x2 max-pool (32 -> 64 -> 128 channels), a dense
-layer of `feature_dim` features (BN, ReLU), then 10 logits. One conv per block keeps three epochs on
-10,000 digits well under two minutes on two CPU cores.
+Network: 3 blocks of 3x3 conv -> 2x2 max-pool -> BN -> ReLU (32 -> 64 -> 128 channels), a dense
+layer of `feature_dim` features (BN, ReLU), then 10 logits. It is built for CPU speed, so that three
+epochs on 10,000 digits take well under two minutes on two cores: one conv per block, pooling before
+BN and ReLU, and channels-last tensors, where PyTorch's CPU convolutions and max-pool are fastest.
 
 Inputs are float in [-1, 1], the range of G's tanh, so samples go in without conversion and real
 uint8 images go through `dcgan_ray.step.to_model_input` exactly as in GAN training.
@@ -37,12 +38,14 @@ NUM_CLASSES = 10
 
 
 def _block(in_ch: int, out_ch: int) -> nn.Sequential:
-    # No conv bias: BatchNorm subtracts the batch mean right after, which cancels it.
+    # Max-pool commutes with ReLU, and with BN wherever BN's scale is positive, so pooling first is
+    # nearly the usual conv-BN-ReLU-pool at a quarter of the BN and ReLU work. No conv bias: BN
+    # subtracts the batch mean, which cancels it.
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+        nn.MaxPool2d(2),
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
     )
 
 
@@ -61,14 +64,15 @@ class DigitClassifier(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(feature_dim, NUM_CLASSES)  # -> 10 logits
+        self.to(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim) of x, float (N, 3, 32, 32) in [-1, 1]."""
-        return self.body(x)
+        return self.body(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, 10) of x, float (N, 3, 32, 32) in [-1, 1]."""
-        return self.head(self.body(x))
+        return self.head(self.features(x))
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

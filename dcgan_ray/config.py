@@ -135,6 +135,34 @@ class ClassifierConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A sensitivity study over this job (`dcgan-ray tune`); training ignores this section."""
+
+    study: str | None = None
+    """Study name; its trials and report live under <prefix>/studies/<study>/. Null means <name>-study."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Config key -> one of {grid: [v, ...]}, {choice: [v, ...]}, {loguniform: [low, high]},
+    {uniform: [low, high]}. Grids multiply; the random forms are drawn num_samples times per grid point."""
+    seeds: int = 1
+    """Each configuration runs with train.seed 0..seeds-1, so the report can tell an effect from seed noise."""
+    num_samples: int = 1
+    """Draws of the random (choice/uniform/loguniform) parts per grid point."""
+    metric: str = "digit_fd"
+    """Reported metric the study ranks by (lower is better for digit_fd and fid)."""
+    max_concurrent_trials: int | None = None
+    """Trials at once; null means as many as the cluster's CPUs/GPUs can place (each trial is a
+    scaling.num_workers-worker DDP run)."""
+    scheduler: str = "none"
+    """none, or asha: stop trials whose metric lags the others' at the same epoch."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: the fraction 1/reduction_factor of trials continues at each rung."""
+    stop_hopeless: bool = True
+    """Stop trials whose losses went non-finite or whose D has won (D(G(z)) ~ 0), and count them."""
+
+
+@dataclass
 class ScalingConfig:
     num_workers: int = 1
     """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
@@ -173,6 +201,7 @@ class JobConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -219,6 +248,13 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "classifier.lr": (lambda v: v > 0, "a number > 0"),
     "classifier.test_split": (lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}"),
     "classifier.max_images": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "tune.seeds": (lambda v: v >= 1, "an integer >= 1"),
+    "tune.num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "tune.metric": (lambda v: v in ("digit_fd", "fid"), "digit_fd or fid"),
+    "tune.max_concurrent_trials": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "tune.scheduler": (lambda v: v in ("none", "asha"), "none or asha"),
+    "tune.grace_period": (lambda v: v >= 1, "an integer >= 1"),
+    "tune.reduction_factor": (lambda v: v >= 2, "an integer >= 2"),
     "scaling.num_workers": (lambda v: v >= 1, "an integer >= 1"),
     "scaling.cpus_per_worker": (lambda v: v > 0, "a number > 0"),
     "scaling.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"),
@@ -238,6 +274,10 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
             return None
         inner = [a for a in options if a is not type(None)]
         return _convert(value, inner[0], key, where)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -283,8 +323,39 @@ def _validate(cfg: JobConfig, where: str) -> None:
             raise ConfigError(f"{where}: `{key}` = {flat[key]!r} is not allowed; expected {allowed}")
     if cfg.eval.every_epochs and cfg.eval.metric == "fid" and "inception" not in cfg.eval.extractors:
         raise ConfigError(f"{where}: `eval.metric` = 'fid' needs 'inception' in `eval.extractors`")
+    _validate_space(cfg, where)
     if cfg.eval.every_epochs and cfg.eval.metric == "digit_fd" and "digit" not in cfg.eval.extractors:
         raise ConfigError(f"{where}: `eval.metric` = 'digit_fd' needs 'digit' in `eval.extractors`")
+
+
+SPACE_FORMS = ("grid", "choice", "loguniform", "uniform")
+
+
+def _validate_space(cfg: JobConfig, where: str) -> None:
+    """Each searched key must be a real config value and each form well made; every listed value is
+    checked by building the config with it, so a study never dies on trial 17 of a typo."""
+    flat = _flatten(cfg.to_dict())
+    for key, spec in cfg.tune.space.items():
+        if key not in flat or key.startswith("tune."):
+            raise ConfigError(f"{where}: `tune.space` searches `{key}`, which is not a job setting "
+                              "(use dotted keys such as train.lr_d or model.alpha)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_FORMS:
+            raise ConfigError(f"{where}: `tune.space.{key}` must be one of " + ", ".join(
+                f"{{{form}: ...}}" for form in SPACE_FORMS) + f", got {spec!r}")
+        form, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: `tune.space.{key}.{form}` must be a non-empty list")
+        if form in ("loguniform", "uniform"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise ConfigError(f"{where}: `tune.space.{key}.{form}` must be [low, high] with low < high")
+            if form == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: `tune.space.{key}.loguniform` needs low > 0")
+        for value in values:
+            data = cfg.to_dict()
+            data["tune"] = {}
+            set_dotted(data, key, value)
+            _validate(_build(JobConfig, data, "", f"{where} (tune.space.{key} = {value!r})"),
+                      f"{where} (tune.space.{key} = {value!r})")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -309,17 +380,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data["train"]["lr"] = value for key "train.lr", creating sections as needed."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"`{key}`: `{part}` is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         key, value = parse_override(text)
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: `{part}` is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return data
 
 

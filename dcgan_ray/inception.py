@@ -12,9 +12,9 @@ and parameter name (the official weights file loads with `strict=True`), the TF1
 to 299x299 and the (x - 128) / 128 input scaling. Dropped: the other feature taps, the float64 option
 and its helper classes.
 
-Weights are never downloaded behind the user's back into an unknown place: `fetch_weights` takes an
-https:// URL, an s3:// URI in the user's bucket, or a local path, checks the sha256 when one is given,
-and caches by content hash, so air-gapped clusters can stage the file themselves.
+Every FID package downloads these weights at first use; offline and air-gapped clusters cannot. So
+`fetch_weights` takes the weights from where the config says: an https:// URL, an s3:// URI in the
+user's own bucket, or a local path; it checks the sha256 when one is given and caches by content hash.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ INCEPTION_URL = (
 )
 INCEPTION_SHA256: str | None = None
 """Unknown here: this project's machines cannot download the file to hash it. The config supplies the
-hash of the file a user stages; with None the file is accepted unchecked and its hash is logged."""
+hash of the file a user stages; with None any file is accepted and a download's hash is logged."""
 
 WEIGHTS_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]
 HTTP_TIMEOUT_S = 60

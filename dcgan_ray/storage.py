@@ -103,6 +103,10 @@ class Store:
             )
         return self._client
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A boto3 client does not pickle; each process builds its own from its own environment.
+        return {**self.__dict__, "_client": None}
+
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 

@@ -1,0 +1,265 @@
+"""Hyperparameter sensitivity studies on Ray Tune: every trial is a multi-worker DDP training run.
+
+`dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneConfig`),
+expands its search space (grids multiply, random forms are drawn `num_samples` times, every
+configuration runs with `seeds` seeds) and runs each trial as the Train V2 pattern prescribes: a
+function trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`.
+
+Everything lives under s3://<bucket>/<prefix>/studies/<study>/:
+  tune/            Tune's experiment state (what makes a resubmitted study skip finished trials)
+  trials/<id>/     each trial's run folder (run.json, samples, checkpoints), as a training job has
+  report/          trials.csv, PNG plots, mosaic.png, best.yaml, index.html (refreshed as trials end)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
+from dcgan_ray.errors import ConfigError, ObjectMissing
+from dcgan_ray.report import Thresholds, TrialRecord, is_hopeless, summary_text, write_report
+from dcgan_ray.runs import RunLayout, read_manifest
+from dcgan_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "tune"
+
+
+def study_name(cfg: JobConfig) -> str:
+    return cfg.tune.study or f"{cfg.name}-study"
+
+
+def study_prefix(cfg: JobConfig) -> str:
+    return f"{cfg.storage.prefix}/studies/{study_name(cfg)}".lstrip("/")
+
+
+def _encode(key: str) -> str:
+    # Tune flattens nested config keys with '/', and dots read badly in its tables: train.lr -> train__lr.
+    return key.replace(".", "__")
+
+
+def _decode(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def param_space(cfg: JobConfig) -> dict[str, Any]:
+    forms = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+    }
+    params = {}
+    for key, spec in cfg.tune.space.items():
+        form, values = next(iter(spec.items()))
+        params[_encode(key)] = forms[form](values)
+    return {"params": params, "seed": tune.grid_search(list(range(cfg.tune.seeds)))}
+
+
+def trial_job(base: dict[str, Any], trial_config: dict[str, Any], trial_id: str) -> JobConfig:
+    """The training job of one trial: the study's job with the trial's values, seed and run folder."""
+    data = copy.deepcopy(base)
+    for key, value in trial_config["params"].items():
+        set_dotted(data, _decode(key), value.item() if hasattr(value, "item") else value)
+    data["train"]["seed"] = int(trial_config["seed"])
+    data["name"] = trial_id
+    data["storage"]["runs_prefix"] = f"{study_prefix(config_from_dict(base))}/trials"
+    return config_from_dict(data, f"trial {trial_id}")
+
+
+def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
+    """Tune's function trainable: fit one trial's TorchTrainer (or report a finished one again)."""
+    from dcgan_ray.logs import setup_logging
+    from dcgan_ray.trainer import make_trainer
+
+    setup_logging()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_job(base, trial_config, trial_id)
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    done = read_manifest(store, layout)
+    if done and done.get("epochs_completed", 0) >= cfg.train.epochs and done["history"]:
+        # A resubmitted study may hand us a trial that finished after Tune last saved its state.
+        tune.report(done["history"][-1])
+        return
+    make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+
+
+class HopelessStopper(tune.Stopper):
+    """Stops a trial whose losses went non-finite or whose discriminator has won."""
+
+    def __init__(self, thresholds: Thresholds):
+        self.thresholds = thresholds
+        self.histories: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        history = self.histories.setdefault(trial_id, [])
+        history.append(result)
+        if is_hopeless(history, self.thresholds):
+            log.warning("stopping trial %s early: hopeless at epoch %s", trial_id, result.get("epoch"))
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class StudyReport(tune.Callback):
+    """Rebuilds the report in S3 whenever a trial ends, and once more at the end."""
+
+    def __init__(self, base: dict[str, Any]):
+        self.base = base
+        self.trials: list[Any] = []
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._refresh(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._refresh(trials)
+
+    def _refresh(self, trials: list) -> None:
+        self.trials = [_TrialView(t.trial_id, t.config, t.status, _first_line(t.error_file) if t.status == "ERROR" else None)
+                       for t in trials]
+        self.publish()
+
+    def publish(self) -> str | None:
+        cfg = config_from_dict(self.base, "study")
+        records = [r for r in (self.record(t) for t in self.trials) if r is not None]
+        if not records:
+            return None
+        store = Store(cfg.storage)
+        prefix = f"{study_prefix(cfg)}/report"
+        with tempfile.TemporaryDirectory(prefix="dcgan-report-") as tmp:
+            paths = write_report(records, Path(tmp), cfg.tune.metric, "min", self.base, study_name(cfg))
+            for path in paths:
+                store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
+        return store.uri(f"{prefix}/index.html")
+
+    def record(self, trial: "_TrialView") -> TrialRecord | None:
+        if trial.status not in ("TERMINATED", "ERROR"):
+            return None
+        job = trial_job(self.base, trial.config, trial.trial_id)
+        store, layout = Store(job.storage), RunLayout.of(job)
+        manifest = read_manifest(store, layout) or {"history": []}
+        try:
+            png = store.get_bytes(layout.latest_sample_key)
+        except ObjectMissing:
+            png = None
+        history = manifest["history"]
+        epochs_done = max((h["epoch"] for h in history), default=0)
+        return TrialRecord(
+            trial_id=trial.trial_id,
+            params={_decode(k): v for k, v in trial.config["params"].items()},
+            seed=int(trial.config["seed"]),
+            history=history,
+            state=trial.status,
+            stopped_early=trial.status == "TERMINATED" and epochs_done < job.train.epochs,
+            sample_png=png,
+            error=trial.error,
+        )
+
+
+def _first_line(path: str | None) -> str | None:
+    try:
+        return Path(path).read_text().strip().splitlines()[-1] if path else None
+    except OSError:
+        return None
+
+
+def _content_type(path: Path) -> str:
+    return {".png": "image/png", ".html": "text/html", ".csv": "text/csv", ".yaml": "text/yaml"}.get(
+        path.suffix, "application/octet-stream")
+
+
+def max_concurrent(cfg: JobConfig) -> int:
+    """Trials that fit side by side: each is a placement group of num_workers workers."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    fits = total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker)
+    if s.use_gpu:
+        fits = min(fits, total.get("GPU", 0) // s.num_workers)
+    return max(1, int(fits))
+
+
+def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the study; returns where its report is and the per-status counts."""
+    from dcgan_ray.trainer import check_resources, connect_ray, preflight, s3_filesystem
+
+    if not cfg.tune.space:
+        raise ConfigError(f"{config_path}: `tune.space` is empty; name at least one setting to vary "
+                          "(see jobs/svhn-tune.yaml)")
+    if not cfg.eval.every_epochs:
+        raise ConfigError(f"{config_path}: a study ranks trials by `tune.metric`; set eval.every_epochs >= 1")
+    if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
+        raise ConfigError(f"{config_path}: ASHA compares trials every epoch; set eval.every_epochs: 1")
+    store = preflight(cfg, config_path)
+    connect_ray(address)
+    check_resources(cfg)
+    base = cfg.to_dict()
+    path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
+    fs = s3_filesystem(cfg)
+    report = StudyReport(base)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0})
+    grid = math.prod(len(v["grid"]) for v in cfg.tune.space.values() if "grid" in v) * cfg.tune.seeds
+    random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
+    log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
+             max_concurrent(cfg), path)
+    if tune.Tuner.can_restore(f"{path}/{EXPERIMENT}", storage_filesystem=fs):
+        log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
+        tuner = tune.Tuner.restore(f"{path}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                                                      grace_period=cfg.tune.grace_period,
+                                                      reduction_factor=cfg.tune.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=random_draws,
+                                        max_concurrent_trials=max_concurrent(cfg), scheduler=scheduler),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
+                stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
+                callbacks=[report], verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    trials = [_TrialView.of(result) for result in results]
+    records = [r for r in (report.record(t) for t in trials) if r is not None]
+    report.trials = trials
+    uri = report.publish()
+    print(summary_text(records, cfg.tune.metric, "min"))
+    return {"report": uri, "records": records}
+
+
+class _TrialView:
+    """What the report needs of a trial, from a live Tune Trial or a finished Result alike."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any], status: str, error: str | None):
+        self.trial_id, self.config, self.status, self.error = trial_id, config, status, error
+
+    @classmethod
+    def of(cls, result: Any) -> "_TrialView":
+        trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)
+        error = str(result.error).strip().splitlines()[-1] if result.error else None
+        return cls(trial_id, result.config, "ERROR" if result.error else "TERMINATED", error)
+
+
+def _trial_id_from_path(path: str) -> str:
+    # Tune names trial folders <trainable>_<trial_id>_<index>_<params>; the id is <hex>_<5 digits>.
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", path)
+    return match.group(1) if match else Path(path).name
