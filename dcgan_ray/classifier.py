@@ -59,7 +59,7 @@ class DigitClassifier(nn.Module):
             _block(64, 128),  # -> 4x4x128
             nn.Flatten(),  # -> 2048
             nn.Linear(4 * 4 * 128, feature_dim, bias=False),  # -> feature_dim
-            # BN keeps the feature units alive and on one scale, so their covariance is well conditioned.
+            # BN puts the feature units on one scale, so no few of them dominate the Fréchet distance.
             nn.BatchNorm1d(feature_dim),
             nn.ReLU(inplace=True),
         )

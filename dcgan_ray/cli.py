@@ -4,6 +4,9 @@
   dcgan-ray data prepare CONFIG [--from SRC]  SVHN into the bucket (idempotent)
   dcgan-ray train CONFIG [--set k=v ...]      train (or resume) on Ray Train
   dcgan-ray sample CHECKPOINT_URI --out F     a grid from a checkpoint, without Ray
+  dcgan-ray eval CHECKPOINT_URI               quality metrics of a checkpoint, without Ray
+  dcgan-ray classifier train CONFIG           the digit classifier behind the digit_fd metric
+  dcgan-ray tune CONFIG                       a hyperparameter sensitivity study on Ray Tune
 
 Every command that takes CONFIG also takes `--set key=value` overrides. Expected failures print
 `error: ...` and exit 2; the message says what to do.
@@ -87,6 +90,79 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples of {cfg.name} (epoch {state['epoch']}) to {args.out}")
 
 
+def cmd_classifier_train(args: argparse.Namespace) -> None:
+    import io
+    import time
+
+    import torch
+
+    from dcgan_ray.classifier import evaluate_accuracy, save_state, train_classifier
+    from dcgan_ray.data import load_split
+    from dcgan_ray.quality import classifier_key
+    from dcgan_ray.storage import Store
+
+    cfg = load_config(args.config, args.overrides)
+    store = Store(cfg.storage)
+    store.check()
+    c = cfg.classifier
+    train = load_split(store, cfg, cfg.data.split, max_images=c.max_images, config_path=args.config)
+    test = load_split(store, cfg, c.test_split, config_path=args.config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    model = train_classifier(torch.from_numpy(train.images), torch.from_numpy(train.labels).long(), epochs=c.epochs,
+                             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device)
+    accuracy = evaluate_accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels).long())
+    meta = {"test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
+            "train_split": cfg.data.split, "test_split": c.test_split, "epochs": c.epochs,
+            "seconds": time.perf_counter() - start,
+            "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]}}
+    buf = io.BytesIO()
+    torch.save({"model": save_state(model.cpu()), "meta": meta}, buf)
+    store.put_bytes(classifier_key(cfg), buf.getvalue())
+    print(f"digit classifier: test accuracy {accuracy:.4f} on {len(test.images)} {c.test_split} images "
+          f"({meta['seconds']:.0f} s); stored at {store.uri(classifier_key(cfg))}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from dcgan_ray.checkpoint import generator_from_checkpoint, read_checkpoint_uri
+    from dcgan_ray.data import load_split
+    from dcgan_ray.quality import generated_batches, image_stats, load_extractors, quality_metrics, reference_stats
+    from dcgan_ray.storage import Store
+
+    state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
+    netG, cfg = generator_from_checkpoint(state)
+    if args.config:
+        cfg.storage = load_config(args.config).storage
+    elif args.endpoint:
+        cfg.storage.endpoint = args.endpoint
+    if args.num_samples:
+        cfg.eval.num_samples = args.num_samples
+    if args.extractors:
+        cfg.eval.extractors = args.extractors
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store = Store(cfg.storage)
+    extractors = load_extractors(store, cfg, device, args.config or "jobs/svhn.yaml")
+    real = load_split(store, cfg, max_images=cfg.data.max_images)
+    reference = reference_stats(store, cfg, extractors, real.images, device)
+    generated = image_stats(extractors, generated_batches(netG.to(device), cfg.eval.num_samples, cfg.model.z_dim,
+                                                          cfg.eval.batch_size, seed=args.seed, device=device))
+    metrics = {"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples,
+               **quality_metrics(generated, reference)}
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from dcgan_ray.study import run_study
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_study(cfg, args.config, address=args.address)
+    print(f"report: {result['report']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan-ray", description="Distributed DCGAN on SVHN with Ray and S3.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="job YAML whose storage settings to use for s3:// URIs")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="quality metrics of a checkpoint's generator (no Ray needed)")
+    p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
+    p.add_argument("--num-samples", type=int, default=None, help="generated images (default: the run's eval.num_samples)")
+    p.add_argument("--extractors", nargs="+", choices=["digit", "inception"], default=None,
+                   help="feature extractors (default: the run's eval.extractors)")
+    p.add_argument("--seed", type=int, default=12345, help="noise seed of the evaluated samples")
+    p.add_argument("--config", default=None, help="job YAML whose storage settings to use (default: the checkpoint's)")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL for s3:// URIs")
+    p.set_defaults(func=cmd_eval)
+
+    classifier = sub.add_parser("classifier", help="the digit classifier behind the digit_fd metric")
+    classifier_sub = classifier.add_subparsers(dest="classifier_command", required=True)
+    p = classifier_sub.add_parser("train", help="train it on the bucket's train split, report test accuracy, store it")
+    _add_config(p)
+    p.set_defaults(func=cmd_classifier_train)
+
+    p = sub.add_parser("tune", help="hyperparameter sensitivity study on Ray Tune (the job's tune: section)")
+    _add_config(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (as for train)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

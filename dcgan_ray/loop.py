@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -20,13 +22,15 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from dcgan_ray.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from dcgan_ray.checkpoint import CHECKPOINT_FILE, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data import load_split
 from dcgan_ray.errors import CheckpointError
 from dcgan_ray.images import gif_bytes, grid_image, png_bytes
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.models import build_models
+from dcgan_ray.quality import (describe_metrics, generated_batches, image_stats, load_extractors, quality_metrics,
+                               reference_stats, stats_from_tensor, stats_to_tensor)
 from dcgan_ray.runs import RunLayout, new_manifest, read_manifest, write_manifest
 from dcgan_ray.step import make_optimizers, noise_generator, rank_batches, run_epoch, to_pixels, unwrap
 from dcgan_ray.storage import Store
@@ -167,6 +171,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     _move_optimizer_state(optD, device)
     fixed_noise = fixed_noise.to(device)
 
+    evaluate = _evaluator(store, cfg, images, rank, world, device) if cfg.eval.every_epochs else None
     manifest = None
     if lead:
         manifest = read_manifest(store, layout) or new_manifest(cfg, layout)
@@ -180,6 +185,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
                  cfg.train.batch_size, cfg.train.batch_size * world,
                  len(images) // (world * cfg.train.batch_size))
+
+    def snapshot(done: int, step: int) -> dict[str, Any]:
+        return {
+            "netG": unwrap(netG).state_dict(), "netD": unwrap(netD).state_dict(),
+            "optG": optG.state_dict(), "optD": optD.state_dict(), "epoch": done, "step": step,
+            "rng": {"torch": torch.get_rng_state()}, "fixed_noise": fixed_noise.cpu(), "config": cfg.to_dict(),
+        }
+
+    if start_epoch == 0:
+        # Epoch 0, the untrained G: the first frame of the animation and the far end of every learning curve.
+        quality = evaluate(netG) if evaluate is not None else {}
+        if lead:
+            manifest["samples"]["epochs"] = [_write_samples(store, layout, cfg, netG, fixed_noise, 0)]
+            manifest["history"] = [{"epoch": 0, **quality}] if quality else []
+            write_manifest(store, layout, manifest)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = rank_batches(len(images), cfg.train.batch_size, rank, world, cfg.train.seed, epoch)
@@ -203,6 +223,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "images_per_s": stats.images * world / seconds, "epoch_seconds": seconds,
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
+        if evaluate is not None and (done % cfg.eval.every_epochs == 0 or done == cfg.train.epochs):
+            metrics.update(evaluate(netG))
         save_now = done % cfg.checkpoint.every_epochs == 0 or done == cfg.train.epochs
         dir_name = _checkpoint_dir_name(store, layout, done) if save_now else None
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as tmp:
@@ -212,17 +234,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; "
                          "samples %s", done, cfg.train.epochs, seconds, loss_d, loss_g, d_real, d_fake,
                          metrics["images_per_s"], sample_uri)
+                _keep_if_best(store, layout, cfg, manifest, metrics, lambda: snapshot(done, step))
                 manifest["history"].append(metrics)
                 manifest["epochs_completed"] = done
                 manifest["samples"]["latest"] = store.uri(layout.latest_sample_key)
                 manifest["samples"]["epochs"] = sorted({*manifest["samples"]["epochs"], sample_uri})
                 if save_now:
-                    save_checkpoint(tmp, {
-                        "netG": unwrap(netG).state_dict(), "netD": unwrap(netD).state_dict(),
-                        "optG": optG.state_dict(), "optD": optD.state_dict(), "epoch": done, "step": step,
-                        "rng": {"torch": torch.get_rng_state()}, "fixed_noise": fixed_noise.cpu(),
-                        "config": cfg.to_dict(),
-                    })
+                    save_checkpoint(tmp, snapshot(done, step))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     manifest["checkpoints"]["latest"] = f"{layout.uri}/{dir_name}"
                 write_manifest(store, layout, manifest)
@@ -230,13 +248,59 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
 
     if lead:
-        epochs = [h["epoch"] for h in manifest["history"]]
-        manifest["samples"]["gif"] = _write_gif(store, layout, epochs)
+        manifest["samples"]["gif"] = _write_gif(store, layout, list(range(cfg.train.epochs + 1)))
         manifest["status"] = "finished"
         write_manifest(store, layout, manifest)
         log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
                  cfg.train.epochs, manifest["samples"]["latest"], manifest["samples"]["gif"],
                  manifest["checkpoints"]["latest"])
+
+
+def _evaluator(store: Store, cfg: JobConfig, images: torch.Tensor, rank: int, world: int, device: torch.device):
+    """A function G -> quality metrics (on rank 0; {} elsewhere) that every rank must call together.
+
+    Each rank generates its share of eval.num_samples from its own fixed noise, so successive
+    evaluations compare the same latent points; the ranks all-reduce sufficient statistics.
+    """
+    extractors = load_extractors(store, cfg, device)
+    names = [e.name for e in extractors]
+    reference = reference_stats(store, cfg, extractors, images, device) if rank == 0 else None
+    share = cfg.eval.num_samples // world + (rank < cfg.eval.num_samples % world)
+
+    def evaluate(netG: torch.nn.Module) -> dict[str, float]:
+        start = time.perf_counter()
+        batches = generated_batches(unwrap(netG), share, cfg.model.z_dim, cfg.eval.batch_size,
+                                    seed=cfg.train.seed * 7919 + 104729 + rank, device=device)
+        total = stats_to_tensor(image_stats(extractors, batches), names).to(device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        if rank != 0:
+            return {}
+        metrics = quality_metrics(stats_from_tensor(total, extractors), reference)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        log.info("quality of %d samples: %s (%.1f s)", cfg.eval.num_samples, describe_metrics(metrics),
+                 metrics["eval_seconds"])
+        return metrics
+
+    return evaluate
+
+
+def _keep_if_best(store: Store, layout: RunLayout, cfg: JobConfig, manifest: dict[str, Any],
+                  metrics: dict[str, Any], snapshot) -> None:
+    """Keep the checkpoint with the best quality metric apart from the last N, at <run>/best/."""
+    value = metrics.get(cfg.eval.metric)
+    if value is None or not math.isfinite(value):
+        return
+    best = manifest["checkpoints"].get("best")
+    if best is not None and best.get("metric") == cfg.eval.metric and best["value"] <= value:
+        return
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **snapshot()}, buf)
+    store.put_bytes(layout.best_key, buf.getvalue())
+    manifest["checkpoints"]["best"] = {"uri": store.uri(layout.best_key.rsplit("/", 1)[0]), "epoch": metrics["epoch"],
+                                       "metric": cfg.eval.metric, "value": value}
+    log.info("new best %s %.3f at epoch %d: %s", cfg.eval.metric, value, metrics["epoch"],
+             manifest["checkpoints"]["best"]["uri"])
 
 
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:

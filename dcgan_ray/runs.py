@@ -7,6 +7,7 @@
     samples/latest.png                the newest of those
     samples/progress.gif              all epochs, animated (written at the end)
     checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`
+    best/checkpoint.pt                the checkpoint with the best `eval.metric`, kept apart from those
     checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
 """
 
@@ -53,6 +54,10 @@ class RunLayout:
     @property
     def gif_key(self) -> str:
         return f"{self.prefix}/samples/progress.gif"
+
+    @property
+    def best_key(self) -> str:
+        return f"{self.prefix}/best/checkpoint.pt"
 
     @staticmethod
     def checkpoint_dir_name(epoch: int) -> str:

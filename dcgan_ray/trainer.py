@@ -20,6 +20,7 @@ from dcgan_ray.config import JobConfig
 from dcgan_ray.data import read_manifest as read_data_manifest
 from dcgan_ray.errors import ClusterError, ConfigError, DcganError
 from dcgan_ray.loop import train_worker
+from dcgan_ray.quality import classifier_key
 from dcgan_ray.runs import RunLayout, read_manifest, runs_prefix, write_manifest
 from dcgan_ray.storage import Store
 
@@ -69,6 +70,11 @@ def preflight(cfg: JobConfig, config_path: str) -> Store:
     store.check()
     manifest = read_data_manifest(store, cfg, cfg.data.split, config_path)
     count = manifest["count"] if cfg.data.max_images is None else min(cfg.data.max_images, manifest["count"])
+    if cfg.eval.every_epochs and "digit" in cfg.eval.extractors and not store.exists(classifier_key(cfg)):
+        raise DcganError(
+            f"evaluation needs the digit classifier at {store.uri(classifier_key(cfg))}: train it once with "
+            f"`dcgan-ray classifier train {config_path}`, or turn evaluation off with --set eval.every_epochs=0"
+        )
     if count < cfg.train.batch_size * cfg.scaling.num_workers:
         raise ConfigError(
             f"{config_path}: {count} images cannot fill one batch of train.batch_size={cfg.train.batch_size} on "
@@ -155,6 +161,7 @@ def describe(manifest: dict) -> str:
         f"latest samples:    {samples.get('latest')}",
         f"animation:         {samples.get('gif')}",
         f"latest checkpoint: {ckpt}",
+        f"best checkpoint:   {(manifest.get('checkpoints', {}).get('best') or {}).get('uri')}",
         f"run manifest:      {manifest.get('run_uri')}/run.json",
         "open them with any S3 client, e.g.:",
         f"  aws s3 cp{ep} {samples.get('latest')} latest.png",

@@ -59,6 +59,8 @@ def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
         "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 2},
         "storage": {"endpoint": endpoint, "bucket": BUCKET, "prefix": prefix},
         "scaling": {"num_workers": 1, "use_gpu": False},
+        "eval": {"every_epochs": 0, "num_samples": 256, "batch_size": 256},
+        "classifier": {"epochs": 2, "batch_size": 64},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

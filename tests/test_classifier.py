@@ -94,11 +94,13 @@ def test_random_shift_moves_whole_images_by_at_most_two_pixels():
     out = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
-    windows = {(dy, dx) for i in range(16) for dy in range(5) for dx in range(5)
-               if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])}
-    assert len({w for w in windows}) > 1  # shifts differ between images
+    shifts = []
     for i in range(16):
-        assert any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32]) for dy in range(5) for dx in range(5))
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert found, f"image {i} is not a window of its padded original"
+        shifts.append(found[0])
+    assert len(set(shifts)) > 1  # each image draws its own shift
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

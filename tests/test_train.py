@@ -25,20 +25,26 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def data_prefix(s3_server, svhn_dir):
+def data_prefix(s3_server, svhn_dir, tmp_path_factory):
+    """Train and test splits in the bucket, and the digit classifier trained on them by the real CLI."""
     prefix = "train-tests"
     cfg = make_config(s3_server.endpoint, prefix)
-    prepare_split(Store(cfg.storage), cfg, "train", from_=str(svhn_dir))
+    for split in ("train", "test"):
+        prepare_split(Store(cfg.storage), cfg, split, from_=str(svhn_dir))
+    job = tmp_path_factory.mktemp("jobs") / "job.yaml"
+    job.write_text(cfg.to_yaml())
+    assert cli_main(["classifier", "train", str(job)]) == 0
     return prefix
 
 
-def run_cfg(endpoint, prefix, name, **train):
+def run_cfg(endpoint, prefix, name, eval_every=0, **train):
     return make_config(
         endpoint, prefix, name=name,
         train={"epochs": 2, "batch_size": 16, "log_every_steps": 4, **train},
         data={"max_images": 256},
         checkpoint={"keep": 2},
         scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
+        eval={"every_epochs": eval_every},
     )
 
 
@@ -47,18 +53,26 @@ def png(store, key):
 
 
 def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, tmp_path):
-    cfg = run_cfg(s3_server.endpoint, data_prefix, "resume")
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "resume", eval_every=1)
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     manifest = train(cfg, "test")
     assert manifest["status"] == "finished" and manifest["epochs_completed"] == 2
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2]
+    # Quality measured across both workers, from epoch 0 (untrained G) on; the best checkpoint is kept apart.
+    fds = [h["digit_fd"] for h in manifest["history"]]
+    assert all(np.isfinite(fds)) and fds[-1] < fds[0]
+    assert all(1.0 <= h["digit_is"] <= 10.0 and 0 <= h["class_hist_tv"] <= 1 for h in manifest["history"])
+    best = manifest["checkpoints"]["best"]
+    assert best["metric"] == "digit_fd" and best["value"] == min(fds[1:])
+    assert load_checkpoint(store.get_bytes(layout.best_key))["epoch"] == best["epoch"]
+    assert store.list_keys("train-tests/data/svhn/train/stats-digit-")  # reference statistics, stored once
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 32
     for key in (layout.sample_key(1), layout.sample_key(2), layout.latest_sample_key):
         image = png(store, key)
         assert image.size == (256, 256)
         assert np.asarray(image).std() > 1.0  # not a constant picture
     gif = png(store, layout.gif_key)
-    assert gif.n_frames == 2
+    assert gif.n_frames == 3  # epochs 0, 1, 2
     ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
     assert ckpt2["epoch"] == 2 and ckpt2["step"] == 2 * 256 // 32
     assert set(ckpt2) >= {"netG", "netD", "optG", "optD", "rng", "fixed_noise", "config"}
@@ -68,7 +82,7 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
     # Resubmitting the same name with more epochs continues where it stopped.
     cfg.train.epochs = 3
     manifest = train(cfg, "test")
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3]
     assert manifest["resumed_from"]["epoch"] == 2
     ckpt3 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"))
     assert ckpt3["step"] == 3 * 8
@@ -93,7 +107,7 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
     cfg.train.epochs = 4
     manifest = train(cfg, "test")
     assert manifest["resumed_from"]["epoch"] == 2
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3, 4]
     # The new epoch-3 checkpoint went to a fresh folder; Ray's retention (keep 2) removed the damaged one.
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0004")
     kept = layout.checkpoint_keys(store)

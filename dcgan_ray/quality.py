@@ -1,0 +1,237 @@
+"""Sample quality: Fréchet distances (digit classifier, Inception) and digit-class statistics.
+
+Used inside training (every `eval.every_epochs`, across workers) and by `dcgan-ray eval`.
+
+- An *extractor* turns images in [-1, 1] into features (and, for the digit classifier, class
+  probabilities). `digit` is our own classifier (`dcgan-ray classifier train`, stored in the bucket);
+  `inception` is the standard 2015 Inception v3 pool3 network of FID.
+- *Reference statistics* of the real split, per (dataset, split, extractor, extractor weights,
+  image count), are computed once and stored next to the data in S3; every run reuses them.
+- Each worker generates its share of `eval.num_samples` images and sums *sufficient statistics*
+  (feature sums and outer products, class-probability sums); ranks all-reduce those, never images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcgan_ray.classifier import DigitClassifier, classify, histogram_distance, load_classifier
+from dcgan_ray.config import JobConfig
+from dcgan_ray.data import split_prefix
+from dcgan_ray.errors import DcganError, ObjectMissing
+from dcgan_ray.fid import FeatureStats, frechet_from_stats
+from dcgan_ray.step import to_model_input, to_pixels
+from dcgan_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+METRIC_NAMES = {"digit": "digit_fd", "inception": "fid"}
+
+
+def classifier_key(cfg: JobConfig) -> str:
+    return f"{cfg.storage.prefix}/models/classifier-{cfg.data.dataset}.pt".lstrip("/")
+
+
+class Extractor:
+    """Features (and class probabilities, or None) of a batch of images in [-1, 1]."""
+
+    name: str
+    ident: str  # identifies the weights: reference statistics are keyed by it
+    feature_dim: int
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class DigitExtractor(Extractor):
+    name = "digit"
+
+    def __init__(self, model: DigitClassifier, ident: str):
+        self.model, self.ident, self.feature_dim = model, ident, model.feature_dim
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return classify(self.model, images)
+
+
+class InceptionExtractor(Extractor):
+    name = "inception"
+
+    def __init__(self, model: torch.nn.Module, ident: str):
+        self.model, self.ident, self.feature_dim = model, ident, model.feature_dim
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with torch.no_grad():
+            # FID's network takes 8-bit pixels: quantise as a saved PNG would be.
+            pixels = images.add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+            return self.model(pixels).double().cpu(), None
+
+
+def load_digit_classifier(store: Store, cfg: JobConfig, config_path: str = "jobs/svhn.yaml") -> tuple[DigitClassifier, dict]:
+    """The classifier from the bucket and its metadata (accuracy, what it was trained on)."""
+    key = classifier_key(cfg)
+    try:
+        blob = store.get_bytes(key)
+    except ObjectMissing:
+        raise DcganError(
+            f"no digit classifier at {store.uri(key)}: train one with `dcgan-ray classifier train {config_path}` "
+            "(minutes on a CPU), or turn evaluation off with --set eval.every_epochs=0"
+        ) from None
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return load_classifier(state["model"]), {**state["meta"], "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def load_extractors(store: Store, cfg: JobConfig, device: torch.device, config_path: str = "jobs/svhn.yaml") -> list[Extractor]:
+    extractors: list[Extractor] = []
+    if "digit" in cfg.eval.extractors:
+        model, meta = load_digit_classifier(store, cfg, config_path)
+        extractors.append(DigitExtractor(model.to(device), meta["sha256"][:16]))
+    if "inception" in cfg.eval.extractors:
+        from dcgan_ray.inception import load_inception
+
+        model = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
+        ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
+        extractors.append(InceptionExtractor(model, ident))
+    return extractors
+
+
+@dataclass
+class SampleStats:
+    """Sufficient statistics of one image set under one extractor."""
+
+    features: FeatureStats
+    prob_sum: np.ndarray  # (10,) sum of p(y|x); zeros without class probabilities
+    neg_entropy_sum: float  # sum over x of sum_y p log p, for the inception-score-style number
+
+    @classmethod
+    def empty(cls, dim: int) -> "SampleStats":
+        return cls(FeatureStats.empty(dim), np.zeros(NUM_CLASSES), 0.0)
+
+    def update(self, features: torch.Tensor, probs: torch.Tensor | None) -> None:
+        self.features.update(features)
+        if probs is not None:
+            p = probs.double().cpu().numpy()
+            self.prob_sum += p.sum(0)
+            self.neg_entropy_sum += float((p * np.log(np.clip(p, 1e-12, None))).sum())
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.cat([self.features.to_tensor(), torch.from_numpy(self.prob_sum),
+                          torch.tensor([self.neg_entropy_sum], dtype=torch.float64)])
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "SampleStats":
+        t = t.cpu()
+        return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].numpy().copy(), float(t[-1]))
+
+    def class_histogram(self) -> np.ndarray:
+        return self.prob_sum / max(self.prob_sum.sum(), 1e-12)
+
+    def inception_score(self) -> float:
+        """exp(E_x KL(p(y|x) || p(y))) from sums: E[sum p log p] - sum p_bar log p_bar."""
+        n = self.features.n
+        p_bar = self.prob_sum / n
+        return float(np.exp(self.neg_entropy_sum / n - (p_bar * np.log(np.clip(p_bar, 1e-12, None))).sum()))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, features=np.frombuffer(self.features.to_bytes(), dtype=np.uint8), prob_sum=self.prob_sum,
+                 neg_entropy_sum=np.array(self.neg_entropy_sum))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SampleStats":
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls(FeatureStats.from_bytes(z["features"].tobytes()), z["prob_sum"], float(z["neg_entropy_sum"]))
+
+
+def image_stats(extractors: list[Extractor], batches) -> dict[str, SampleStats]:
+    """Statistics of an iterable of float image batches in [-1, 1], under every extractor."""
+    stats = {e.name: SampleStats.empty(e.feature_dim) for e in extractors}
+    for images in batches:
+        for e in extractors:
+            stats[e.name].update(*e(images))
+    return stats
+
+
+def generated_batches(netG: torch.nn.Module, count: int, z_dim: int, batch_size: int, seed: int, device: torch.device):
+    """`count` samples of G in eval mode, from noise seeded by `seed` (the same images every evaluation)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = netG.training
+    netG.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                yield netG(torch.randn(n, z_dim, device=device, generator=gen))
+    finally:
+        netG.train(was_training)
+
+
+def real_batches(images_uint8: np.ndarray | torch.Tensor, batch_size: int, device: torch.device):
+    images = torch.as_tensor(images_uint8)
+    for start in range(0, len(images), batch_size):
+        yield to_model_input(images[start:start + batch_size].to(device))
+
+
+def reference_key(cfg: JobConfig, extractor: Extractor, count: int) -> str:
+    return f"{split_prefix(cfg, cfg.data.split)}/stats-{extractor.name}-{extractor.ident}-n{count}.npz"
+
+
+def reference_stats(store: Store, cfg: JobConfig, extractors: list[Extractor], images_uint8: np.ndarray | torch.Tensor,
+                    device: torch.device) -> dict[str, SampleStats]:
+    """The real split's statistics per extractor: from S3 when already computed, else computed and stored."""
+    count = len(images_uint8)
+    out: dict[str, SampleStats] = {}
+    missing = []
+    for e in extractors:
+        try:
+            out[e.name] = SampleStats.from_bytes(store.get_bytes(reference_key(cfg, e, count)))
+        except ObjectMissing:
+            missing.append(e)
+    if missing:
+        log.info("computing reference statistics of %d real images for %s", count, ", ".join(e.name for e in missing))
+        computed = image_stats(missing, real_batches(images_uint8, cfg.eval.batch_size, device))
+        for e in missing:
+            store.put_bytes(reference_key(cfg, e, count), computed[e.name].to_bytes())
+            log.info("reference statistics stored at %s", store.uri(reference_key(cfg, e, count)))
+        out.update(computed)
+    return out
+
+
+def quality_metrics(generated: dict[str, SampleStats], reference: dict[str, SampleStats]) -> dict[str, float]:
+    """digit_fd / fid (lower is better), and from the classifier: digit_is and class_hist_tv."""
+    metrics: dict[str, float] = {}
+    for name, gen in generated.items():
+        try:
+            metrics[METRIC_NAMES[name]] = frechet_from_stats(gen.features, reference[name].features)
+        except ValueError as e:  # a diverged G makes non-finite images: no distance, not a crash
+            log.warning("%s distance undefined: %s", METRIC_NAMES[name], e)
+            metrics[METRIC_NAMES[name]] = float("nan")
+        if name == "digit":
+            metrics["digit_is"] = gen.inception_score()
+            metrics["class_hist_tv"] = histogram_distance(gen.class_histogram(), reference[name].class_histogram())
+    return metrics
+
+
+def stats_to_tensor(stats: dict[str, SampleStats], names: list[str]) -> torch.Tensor:
+    return torch.cat([stats[n].to_tensor() for n in names])
+
+
+def stats_from_tensor(t: torch.Tensor, extractors: list[Extractor]) -> dict[str, SampleStats]:
+    out, offset = {}, 0
+    for e in extractors:
+        size = 1 + e.feature_dim + e.feature_dim**2 + NUM_CLASSES + 1
+        out[e.name] = SampleStats.from_tensor(t[offset:offset + size])
+        offset += size
+    return out
+
+
+def describe_metrics(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
