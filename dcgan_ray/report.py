@@ -83,6 +83,9 @@ class Thresholds:
     """Class-histogram total variation above this at the last evaluated epoch -> mode collapse."""
     patience: int = 2
     """Reports in a row the discriminator must dominate; one bad epoch early in training is normal."""
+    exploded_loss: float = 100.0
+    """A mean BCE loss above this means logits in the hundreds: the weights blew up (diverged), even
+    while the numbers are still finite. Healthy DCGAN losses stay below ~10."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _direction(mode: str) -> str:
     return "lower is better" if mode == "min" else "higher is better"
 
 
-def _non_finite_reason(history: list[dict[str, float]]) -> str | None:
+def _non_finite_reason(history: list[dict[str, float]], exploded_loss: float) -> str | None:
     for entry in history:
         bad = [f"{key} {value}" for key in ("loss_d", "loss_g")
                if (value := _value(entry, key)) is not None and not math.isfinite(value)]
@@ -130,6 +133,10 @@ def _non_finite_reason(history: list[dict[str, float]]) -> str | None:
             return f"non-finite {', '.join(bad)} at epoch {int(entry['epoch'])}"
         if entry.get("finite", 1.0) == 0:
             return f"the trainer reported non-finite values at epoch {int(entry['epoch'])}"
+        huge = [f"{key} {value:.3g}" for key in ("loss_d", "loss_g")
+                if (value := _value(entry, key)) is not None and value > exploded_loss]
+        if huge:
+            return f"exploding {', '.join(huge)} at epoch {int(entry['epoch'])} (above {exploded_loss:g})"
     return None
 
 
@@ -165,7 +172,7 @@ def classify(history: list[dict[str, float]], thresholds: Thresholds = Threshold
     """
     if not history:
         return "no_data", "no metrics were reported"
-    if reason := _non_finite_reason(history):
+    if reason := _non_finite_reason(history, thresholds.exploded_loss):
         return "diverged", reason
     trained = _trained(history)
     if not trained:

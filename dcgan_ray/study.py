@@ -211,7 +211,9 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
     fs = s3_filesystem(cfg)
     report = StudyReport(base)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0})
+    # The trial function only waits on its TorchTrainer, whose workers reserve their own resources;
+    # Ray refuses an empty request, so the trial takes a token share of a CPU.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
     grid = math.prod(len(v["grid"]) for v in cfg.tune.space.values() if "grid" in v) * cfg.tune.seeds
     random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
     log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,

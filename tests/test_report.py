@@ -228,3 +228,10 @@ def test_robust_to_strings_nan_missing_data_and_errors(base_config, tmp_path):
     text = (tmp_path / "best.yaml").read_text()
     assert "base configuration unchanged" in text
     assert config_from_dict(yaml.safe_load(text)).name == "robust-best"
+
+
+def test_exploding_but_finite_losses_count_as_diverged():
+    history = [{"epoch": 1, "loss_d": 15277.7, "loss_g": 52925.7, "d_real": 0.9, "d_fake": 0.09, "finite": 1.0}]
+    status, reason = classify(history)
+    assert status == "diverged" and "exploding" in reason
+    assert classify([{**history[0], "loss_d": 1.2, "loss_g": 3.4}])[0] == "converged"
