@@ -114,7 +114,7 @@ def ray_train(steps: int, threads: int) -> float:
                 "checkpoint": {"every_epochs": 100},
             })
             prepare_split(Store(cfg.storage), cfg, "train", from_=str(tmp / "train_32x32.mat"))
-            ray.init(num_cpus=threads, logging_level="ERROR", include_dashboard=False)
+            ray.init(address="local", num_cpus=threads, logging_level="ERROR", include_dashboard=False)
             manifest = train(cfg, "benchmark")
             return manifest["history"][-1]["images_per_s"]  # epoch 2: start-up and first touches excluded
         finally:

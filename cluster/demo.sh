@@ -14,6 +14,9 @@ mkdir -p "$data"
 [ -f "$data/train_32x32.mat" ] || dcgan-ray data synth "$data/train_32x32.mat" --n 12000 --seed 1
 [ -f "$data/test_32x32.mat" ] || dcgan-ray data synth "$data/test_32x32.mat" --n 4000 --seed 2
 dcgan-ray data prepare jobs/demo.yaml --from "$data"
+# The digit classifier behind the digit_fd quality metric (once; the second run finds it in the bucket).
+in_bucket() { python -c "import boto3,sys; boto3.client('s3').head_object(Bucket='dcgan-ray', Key=sys.argv[1])" "$1" 2>/dev/null; }
+in_bucket dcgan-ray/models/classifier-svhn.pt || dcgan-ray classifier train jobs/demo.yaml
 
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m dcgan_ray train jobs/demo.yaml "$@"
 
@@ -29,6 +32,11 @@ print(f"\ndemo finished: {run['epochs_completed']} epochs; artifacts in {run['ru
 print(f"  samples:    demo-output/latest.png  (from {run['samples']['latest']})")
 print(f"  animation:  demo-output/progress.gif  (from {run['samples']['gif']})")
 print(f"  checkpoint: {run['checkpoints']['latest']}")
+best = run["checkpoints"].get("best")
+if best:
+    print(f"  best:       {best['uri']}  ({best['metric']} {best['value']:.2f} at epoch {best['epoch']})")
+curve = ", ".join(f"{h['epoch']}: {h['digit_fd']:.1f}" for h in run["history"] if "digit_fd" in h)
+print(f"  digit_fd by epoch (lower is better): {curve}")
 print("  a new grid: source cluster/dev.env && .venv/bin/dcgan-ray sample "
       f"{run['checkpoints']['latest']} --out grid.png")
 PY

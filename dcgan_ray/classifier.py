@@ -1,8 +1,8 @@
 """A small digit classifier of our own, the feature network for judging G's samples.
 
-FID's Inception network is trained on ImageNet and needs torchvision and downloaded weights; neither
-is available here, and ImageNet features say little about 32x32 house numbers. This CNN, trained on
-the same digits G learns, gives
+FID's Inception network (`dcgan_ray.inception`) needs weights from outside and ~5.7 GFLOP per image,
+and ImageNet features say little about 32x32 house numbers. This CNN, trained on the same digits G
+learns, needs neither and gives
   - penultimate features for the Fréchet distance (`dcgan_ray.fid`),
   - class probabilities for an inception score and a class histogram, where mode collapse shows as
     most samples landing in a few classes.

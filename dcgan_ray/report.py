@@ -704,5 +704,5 @@ def write_report(records: list[TrialRecord], out_dir: Path, metric: str, mode: s
     index_path = out_dir / "index.html"
     _write_index(index_path, study_name, metric, mode, trials, params, best, figures)
     written.append(index_path)
-    log.info("study %s: report of %d trials written to %s", study_name, len(records), out_dir)
+    log.debug("study %s: report of %d trials written to %s", study_name, len(records), out_dir)
     return written
