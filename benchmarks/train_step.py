@@ -111,7 +111,7 @@ def ray_train(steps: int, threads: int) -> float:
                 "name": "bench", "train": {"epochs": 2, "batch_size": BATCH, "log_every_steps": 10**6},
                 "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
                 "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": threads},
-                "checkpoint": {"every_epochs": 100},
+                "checkpoint": {"every_epochs": 100}, "eval": {"every_epochs": 0},
             })
             prepare_split(Store(cfg.storage), cfg, "train", from_=str(tmp / "train_32x32.mat"))
             ray.init(address="local", num_cpus=threads, logging_level="ERROR", include_dashboard=False)
