@@ -1,0 +1,63 @@
+"""The user's entry points: clear errors without tracebacks, and the dev stack's failure messages."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dcgan_ray.devstack import SeaweedPorts, SeaweedServer
+from dcgan_ray.errors import ClusterError
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dcgan_ray", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_bad_yaml_key_is_one_clear_line(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    result = run_cli("train", str(job))
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "unknown key `train.learning_rate`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_value(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("{}\n")
+    result = run_cli("data", "prepare", str(job), "--set", "scaling.num_workers=zero")
+    assert result.returncode == 2 and "`scaling.num_workers` must be int" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_endpoint_from_the_cli(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"storage:\n  endpoint: http://127.0.0.1:{SeaweedPorts.free().s3}\n")
+    result = run_cli("data", "prepare", str(job), "--from", str(tmp_path))
+    assert result.returncode == 2 and "cannot reach the S3 endpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sample_from_a_truncated_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    result = run_cli("sample", str(bad), "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "damaged or truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_seaweed_port_taken_is_named(tmp_path):
+    ports = SeaweedPorts.free()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.s3))
+        s.listen()
+        with pytest.raises(ClusterError, match=rf"port\(s\) {ports.s3} on 127.0.0.1 are taken"):
+            SeaweedServer(tmp_path / "d", ports, tmp_path / "log").start()
+
+
+def test_seaweed_needs_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ClusterError, match="source cluster/dev.env"):
+        SeaweedServer(tmp_path / "d", SeaweedPorts.free(), tmp_path / "log").start()
