@@ -52,7 +52,7 @@ def png(store, key):
     return Image.open(io.BytesIO(store.get_bytes(key)))
 
 
-def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, tmp_path):
+def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, tmp_path, capsys):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "resume", eval_every=1)
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     manifest = train(cfg, "test")
@@ -100,6 +100,12 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
                    "--out", str(out), "--endpoint", s3_server.endpoint])
     assert rc == 0 and Image.open(out).size == (128, 128)
     assert np.asarray(Image.open(out)).std() > 1.0
+
+    # `dcgan-ray eval` measures the best checkpoint without Ray, against the stored reference statistics.
+    capsys.readouterr()
+    assert cli_main(["eval", f"{layout.uri}/best", "--num-samples", "128", "--endpoint", s3_server.endpoint]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["epoch"] == best["epoch"] and np.isfinite(measured["digit_fd"]) and measured["digit_fd"] > 0
 
     # A damaged latest checkpoint: resume from the previous one, with a warning, never from scratch.
     key3 = f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"
