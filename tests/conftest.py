@@ -37,7 +37,7 @@ def test_env(tmp_path_factory):
         "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     })
-    for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+    for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(var, None)
     yield
     os.environ.clear()
