@@ -13,7 +13,6 @@ sha256 (checked after download), then read straight into one preallocated array.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,8 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +28,8 @@ import numpy as np
 import scipy.io
 
 from dcgan_ray.config import JobConfig
-from dcgan_ray.errors import DatasetError, DatasetMissing, ObjectMissing
-from dcgan_ray.storage import Store, sha256_file
+from dcgan_ray.errors import DatasetError, DatasetMissing, DownloadError, ObjectMissing
+from dcgan_ray.storage import Store, cache_root, download_url, fetch_once, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +77,12 @@ def _download(url: str, dest: Path, expected_size: int | None) -> None:
     """Download to `dest` via a `.part` file; only a complete download is renamed into place."""
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or expected_size or 0
-            done, last = 0, time.monotonic()
-            while block := resp.read(4 * 2**20):
-                out.write(block)
-                done += len(block)
-                if time.monotonic() - last > 2:
-                    last = time.monotonic()
-                    log.info("download %s: %.1f/%.1f MiB", dest.name, done / 2**20, total / 2**20)
-        if total and done != total:
-            raise DatasetError(f"download of {url} is truncated: got {done} of {total} bytes; run the command again")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        if isinstance(e, DatasetError):
-            raise
-        reason = getattr(e, "reason", e)
+        download_url(url, part, expected_size)
+    except DownloadError as e:
         raise DatasetError(
-            f"cannot download {url}: {reason}. Without internet access, fetch the file elsewhere and pass "
-            "it with --from PATH, or use `dcgan-ray data synth` for offline SVHN-format data"
+            f"cannot download {url}: {e}. Run the command again, or, without internet access, fetch the file "
+            "elsewhere and pass it with --from PATH, or use `dcgan-ray data synth` for offline SVHN-format data"
         ) from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     os.replace(part, dest)
 
 
@@ -287,35 +267,23 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
 # --- reading ------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray")) / "objects"
+    return cache_root() / "objects"
 
 
 def cached_object(store: Store, obj: dict[str, Any], cache_dir: Path) -> Path:
-    """A local, hash-checked copy of a manifest object; downloaded once per node.
+    """A local, hash-checked copy of a manifest object, downloaded once per node (`fetch_once`)."""
 
-    Workers on one node take a file lock so only one of them downloads; the others wait and reuse it.
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / obj["sha256"]
-    if path.exists() and path.stat().st_size == obj["bytes"]:
-        return path
-    with open(cache_dir / f"{obj['sha256']}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists() and path.stat().st_size == obj["bytes"]:
-            return path
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")
-        try:
-            store.download_file(obj["key"], part)
-            digest = sha256_file(part)
-            if digest != obj["sha256"] or part.stat().st_size != obj["bytes"]:
-                raise DatasetError(
-                    f"{store.uri(obj['key'])} is corrupt: sha256 {digest[:16]}... but the manifest says "
-                    f"{obj['sha256'][:16]}...; prepare the split again with --force"
-                )
-            os.replace(part, path)
-        finally:
-            part.unlink(missing_ok=True)
-    return path
+    def download(part: Path) -> None:
+        store.download_file(obj["key"], part)
+        digest = sha256_file(part)
+        if digest != obj["sha256"] or part.stat().st_size != obj["bytes"]:
+            raise DatasetError(
+                f"{store.uri(obj['key'])} is corrupt: sha256 {digest[:16]}... but the manifest says "
+                f"{obj['sha256'][:16]}...; prepare the split again with --force"
+            )
+
+    return fetch_once(cache_dir / obj["sha256"], download,
+                      ready=lambda p: p.exists() and p.stat().st_size == obj["bytes"])
 
 
 @dataclass

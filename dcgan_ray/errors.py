@@ -34,6 +34,10 @@ class ObjectMissing(StorageError):
     """A key is not in the bucket."""
 
 
+class DownloadError(DcganError):
+    """An http(s) download failed or came back short; callers add what to do instead."""
+
+
 class DatasetError(DcganError):
     """A dataset file is missing, corrupt or not in SVHN's format."""
 

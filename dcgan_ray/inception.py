@@ -20,14 +20,9 @@ user's own bucket, or a local path; it checks the sha256 when one is given and c
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
-import http.client
 import logging
-import os
 import pickle
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcgan_ray.config import StorageConfig
-from dcgan_ray.errors import BucketMissing, DcganError, ObjectMissing
-from dcgan_ray.storage import Progress, Store, parse_s3_uri, sha256_file
+from dcgan_ray.errors import BucketMissing, DcganError, DownloadError, ObjectMissing
+from dcgan_ray.storage import Store, cache_root, download_url, fetch_once, parse_s3_uri, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +275,7 @@ class InceptionV3Pool3(nn.Module):
 # --- the weights --------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray")) / "weights"
+    return cache_root() / "weights"
 
 
 def _is_remote(uri: str) -> bool:
@@ -304,19 +299,9 @@ def _hash_mismatch(uri: str, expected: str, actual: str, fate: str) -> WeightsEr
 
 def _download_http(uri: str, part: Path) -> None:
     try:
-        with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT_S) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            progress = Progress(f"download {uri.rsplit('/', 1)[-1]}", total) if total else None
-            while block := response.read(2**20):
-                out.write(block)
-                if progress:
-                    progress(len(block))
-    except urllib.error.HTTPError as e:
-        raise WeightsError(f"cannot fetch Inception weights from {uri}: HTTP {e.code} {e.reason}. "
-                           f"{_how_to_provide()}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-        reason = e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
-        raise WeightsError(f"cannot fetch Inception weights from {uri}: {reason}. {_how_to_provide()}") from None
+        download_url(uri, part, timeout_s=HTTP_TIMEOUT_S)
+    except DownloadError as e:
+        raise WeightsError(f"cannot fetch Inception weights from {uri}: {e}. {_how_to_provide()}") from None
 
 
 def _download_s3(uri: str, part: Path, storage: StorageConfig | None) -> None:
@@ -354,31 +339,21 @@ def fetch_weights(uri: str, cache_dir: Path, sha256: str | None, storage: Storag
     if not _is_remote(uri):
         return _local_weights(uri, sha256)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     name = sha256 or f"uri-{hashlib.sha256(uri.encode()).hexdigest()}"
-    path = cache_dir / f"{name}.pth"
-    if path.is_file():
-        return path
-    with open(cache_dir / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return path
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")
-        try:
-            log.info("fetching Inception weights from %s", uri)
-            if uri.startswith("s3://"):
-                _download_s3(uri, part, storage)
-            else:
-                _download_http(uri, part)
-            actual = sha256_file(part)
-            if sha256 is not None and actual != sha256:
-                raise _hash_mismatch(uri, sha256, actual, "the download was deleted")
-            if sha256 is None:
-                log.info("Inception weights from %s have sha256 %s; put it in the config to pin them", uri, actual)
-            os.replace(part, path)
-        finally:
-            part.unlink(missing_ok=True)
-    return path
+
+    def download(part: Path) -> None:
+        log.info("fetching Inception weights from %s", uri)
+        if uri.startswith("s3://"):
+            _download_s3(uri, part, storage)
+        else:
+            _download_http(uri, part)
+        actual = sha256_file(part)
+        if sha256 is not None and actual != sha256:
+            raise _hash_mismatch(uri, sha256, actual, "the download was deleted")
+        if sha256 is None:
+            log.info("Inception weights from %s have sha256 %s; put it in the config to pin them", uri, actual)
+
+    return fetch_once(cache_dir / f"{name}.pth", download)
 
 
 def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:

@@ -12,12 +12,16 @@ endpoint, bucket and key, and say what to do.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import http.client
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray.config import StorageConfig
-from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
+from dcgan_ray.errors import (BucketMissing, DownloadError, ObjectMissing, StorageAuthError, StorageError,
+                              StorageUnreachable)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,63 @@ def sha256_file(path: str | Path, chunk: int = 8 * 2**20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where downloads are cached on this node ($DCGAN_RAY_CACHE, default ~/.cache/dcgan-ray)."""
+    return Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray"))
+
+
+def download_url(url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60) -> None:
+    """Stream an http(s) URL into `part` with a progress line.
+
+    Raises DownloadError with the reason when the request fails or fewer bytes arrive than the server
+    (or `expected_size`) announced; nothing is left at `part` then.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or expected_size or 0
+            progress = Progress(f"download {url.rsplit('/', 1)[-1]}", total) if total else None
+            done = 0
+            while block := resp.read(4 * 2**20):
+                out.write(block)
+                done += len(block)
+                if progress:
+                    progress(len(block))
+        if total and done != total:
+            raise DownloadError(f"the download is truncated: got {done} of {total} bytes")
+    except urllib.error.HTTPError as e:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        part.unlink(missing_ok=True)
+        raise DownloadError(str(e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}")) from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def fetch_once(path: Path, fetch: Callable[[Path], None], ready: Callable[[Path], bool] = Path.is_file) -> Path:
+    """`path`, made at most once per node by `fetch(part)`.
+
+    Processes sharing the node (Ray workers) take a file lock: one fetches, the others wait and reuse
+    the result. `fetch` writes a temporary `part` and raises if it is incomplete or wrong, so only a
+    checked file is ever renamed to `path`.
+    """
+    if ready(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready(path):
+            return path
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        try:
+            fetch(part)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+    return path
 
 
 class Progress:
