@@ -27,7 +27,7 @@ from dcgan_ray.config import JobConfig
 from dcgan_ray.data import split_prefix
 from dcgan_ray.errors import DcganError, ObjectMissing
 from dcgan_ray.fid import FeatureStats, frechet_from_stats
-from dcgan_ray.step import to_model_input, to_pixels
+from dcgan_ray.step import to_model_input
 from dcgan_ray.storage import Store
 
 log = logging.getLogger(__name__)

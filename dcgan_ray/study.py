@@ -132,18 +132,19 @@ class StudyReport(tune.Callback):
                        for t in trials]
         self.publish()
 
-    def publish(self) -> str | None:
+    def publish(self) -> tuple[str | None, list[TrialRecord]]:
+        """Write the report of the ended trials to S3; returns its index.html URI and the records."""
         cfg = config_from_dict(self.base, "study")
         records = [r for r in (self.record(t) for t in self.trials) if r is not None]
         if not records:
-            return None
+            return None, records
         store = Store(cfg.storage)
         prefix = f"{study_prefix(cfg)}/report"
         with tempfile.TemporaryDirectory(prefix="dcgan-report-") as tmp:
             paths = write_report(records, Path(tmp), cfg.tune.metric, "min", self.base, study_name(cfg))
             for path in paths:
                 store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
-        return store.uri(f"{prefix}/index.html")
+        return store.uri(f"{prefix}/index.html"), records
 
     def record(self, trial: "_TrialView") -> TrialRecord | None:
         if trial.status not in ("TERMINATED", "ERROR"):
@@ -204,7 +205,7 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
         raise ConfigError(f"{config_path}: a study ranks trials by `tune.metric`; set eval.every_epochs >= 1")
     if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
         raise ConfigError(f"{config_path}: ASHA compares trials every epoch; set eval.every_epochs: 1")
-    store = preflight(cfg, config_path)
+    preflight(cfg, config_path)
     connect_ray(address)
     check_resources(cfg)
     base = cfg.to_dict()
@@ -214,10 +215,11 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
     # The trial function only waits on its TorchTrainer, whose workers reserve their own resources;
     # Ray refuses an empty request, so the trial takes a token share of a CPU.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
+    concurrent = max_concurrent(cfg)
     grid = math.prod(len(v["grid"]) for v in cfg.tune.space.values() if "grid" in v) * cfg.tune.seeds
     random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
     log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
-             max_concurrent(cfg), path)
+             concurrent, path)
     if tune.Tuner.can_restore(f"{path}/{EXPERIMENT}", storage_filesystem=fs):
         log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
         tuner = tune.Tuner.restore(f"{path}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
@@ -232,7 +234,7 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
             trainable,
             param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=random_draws,
-                                        max_concurrent_trials=max_concurrent(cfg), scheduler=scheduler),
+                                        max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
                 stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
@@ -241,9 +243,8 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
         )
     results = tuner.fit()
     trials = [_TrialView.of(result) for result in results]
-    records = [r for r in (report.record(t) for t in trials) if r is not None]
     report.trials = trials
-    uri = report.publish()
+    uri, records = report.publish()
     print(summary_text(records, cfg.tune.metric, "min"))
     return {"report": uri, "records": records}
 

@@ -1,7 +1,5 @@
 import http.server
-import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
