@@ -7,6 +7,7 @@ the resolved job config. It is read with `weights_only=True`, so loading one nev
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -89,7 +90,7 @@ def read_checkpoint_uri(uri: str, storage: StorageConfig) -> dict[str, Any]:
             path = path / CHECKPOINT_FILE
         return load_checkpoint(path)
     bucket, key = parse_s3_uri(uri)
-    store = Store(StorageConfig(**{**vars(storage), "bucket": bucket}))
+    store = Store(dataclasses.replace(storage, bucket=bucket))
     candidates = [key] if key.endswith(".pt") else [f"{key}/{CHECKPOINT_FILE}"]
     if not key.endswith(".pt"):
         try:
