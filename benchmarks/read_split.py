@@ -1,4 +1,4 @@
-"""Dataset read speed: `dcgan_ray.data.load_split` against plain boto3 `get_object` of the same bytes.
+"""Dataset read speed: `dcgan_ray.data.svhn.load_split` against plain boto3 `get_object` of the same bytes.
 
 Starts a private SeaweedFS on loopback, puts an SVHN-sized train split (73,257 offline digits by
 default) into it, then times, in the same run:
@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcgan_ray.config import config_from_dict  # noqa: E402
-from dcgan_ray.data import load_split, prepare_split  # noqa: E402
-from dcgan_ray.devstack import SeaweedPorts, SeaweedServer  # noqa: E402
-from dcgan_ray.storage import Store  # noqa: E402
-from dcgan_ray.synth import render_digits, write_svhn_mat  # noqa: E402
+from dcgan_ray.data.svhn import load_split, prepare_split  # noqa: E402
+from dcgan_ray.dev.stack import SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.storage.s3 import Store  # noqa: E402
+from dcgan_ray.data.synth import render_digits, write_svhn_mat  # noqa: E402
 
 
 def main() -> None:
@@ -62,11 +62,12 @@ def main() -> None:
             base = time.perf_counter() - start
 
             cache = tmp / "cache"
+            os.environ["DCGAN_RAY_CACHE"] = str(cache)  # an empty node cache of its own
             start = time.perf_counter()
-            cold_data = load_split(store, cfg, "train", cache_dir=cache)
+            cold_data = load_split(store, cfg, "train")
             cold = time.perf_counter() - start
             start = time.perf_counter()
-            warm_data = load_split(store, cfg, "train", cache_dir=cache)
+            warm_data = load_split(store, cfg, "train")
             warm = time.perf_counter() - start
             assert np.array_equal(cold_data.images, base_images) and np.array_equal(warm_data.labels, labels)
             shutil.rmtree(cache)

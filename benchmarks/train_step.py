@@ -2,7 +2,7 @@
 
 Measures images/s, in one run, of
   (a) a plain single-process PyTorch loop of the seed's step, written here (pytorch/examples style),
-  (b) the project's step (`dcgan_ray.step.run_epoch` / `train_step`), same process, same data,
+  (b) the project's step (`dcgan_ray.gan.step.run_epoch` / `train_step`), same process, same data,
   (c) a 1-worker Ray Train run of the project (`--ray`; starts a private SeaweedFS and a local Ray),
 and prints b/a and c/a. (a) and (b) need no Ray, so they also run on a GPU machine without it:
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcgan_ray.models import build_models  # noqa: E402
-from dcgan_ray.step import make_optimizers, noise_generator, run_epoch  # noqa: E402
+from dcgan_ray.gan.models import build_models  # noqa: E402
+from dcgan_ray.gan.step import make_optimizers, noise_generator, run_epoch  # noqa: E402
 
 BATCH, Z = 128, 100
 
@@ -91,11 +91,11 @@ def ray_train(steps: int, threads: int) -> float:
     import ray
 
     from dcgan_ray.config import config_from_dict
-    from dcgan_ray.data import prepare_split
-    from dcgan_ray.devstack import SeaweedPorts, SeaweedServer
-    from dcgan_ray.storage import Store
-    from dcgan_ray.synth import synth_svhn_mat
-    from dcgan_ray.trainer import train
+    from dcgan_ray.data.svhn import prepare_split
+    from dcgan_ray.dev.stack import SeaweedPorts, SeaweedServer
+    from dcgan_ray.storage.s3 import Store
+    from dcgan_ray.data.synth import synth_svhn_mat
+    from dcgan_ray.train.driver import train
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
@@ -115,7 +115,7 @@ def ray_train(steps: int, threads: int) -> float:
             })
             prepare_split(Store(cfg.storage), cfg, "train", from_=str(tmp / "train_32x32.mat"))
             ray.init(address="local", num_cpus=threads, logging_level="ERROR", include_dashboard=False)
-            manifest = train(cfg, "benchmark")
+            manifest = train(cfg)
             return manifest["history"][-1]["images_per_s"]  # epoch 2: start-up and first touches excluded
         finally:
             ray.shutdown()

@@ -14,20 +14,23 @@ mkdir -p "$data"
 [ -f "$data/train_32x32.mat" ] || dcgan-ray data synth "$data/train_32x32.mat" --n 12000 --seed 1
 [ -f "$data/test_32x32.mat" ] || dcgan-ray data synth "$data/test_32x32.mat" --n 4000 --seed 2
 dcgan-ray data prepare jobs/demo.yaml --from "$data"
+# Where things are in the bucket: asked of the CLI, never spelled here.
+uri() { dcgan-ray paths jobs/demo.yaml "$1"; }
+in_bucket() { python -c "import boto3,sys; b,_,k=sys.argv[1][5:].partition('/'); boto3.client('s3').head_object(Bucket=b, Key=k)" "$1" 2>/dev/null; }
 # The digit classifier behind the digit_fd quality metric (once; the second run finds it in the bucket).
-in_bucket() { python -c "import boto3,sys; boto3.client('s3').head_object(Bucket='dcgan-ray', Key=sys.argv[1])" "$1" 2>/dev/null; }
-in_bucket dcgan-ray/models/classifier-svhn.pt || dcgan-ray classifier train jobs/demo.yaml
+in_bucket "$(uri classifier)" || dcgan-ray classifier train jobs/demo.yaml
 
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m dcgan_ray train jobs/demo.yaml "$@"
 
 # Copies to look at right away; the originals stay in the bucket.
 mkdir -p demo-output
-python - <<'PY'
-import json, boto3
+python - "$(uri run_manifest)" "$(uri latest_samples)" "$(uri animation)" <<'PY'
+import json, sys, boto3
 s3 = boto3.client("s3")
-run = json.loads(s3.get_object(Bucket="dcgan-ray", Key="dcgan-ray/runs/demo/run.json")["Body"].read())
-for name in ("latest.png", "progress.gif"):
-    s3.download_file("dcgan-ray", f"dcgan-ray/runs/demo/samples/{name}", f"demo-output/{name}")
+split = lambda uri: uri[len("s3://"):].split("/", 1)
+run = json.loads(s3.get_object(Bucket=split(sys.argv[1])[0], Key=split(sys.argv[1])[1])["Body"].read())
+for uri in sys.argv[2:]:
+    s3.download_file(*split(uri), f"demo-output/{uri.rsplit('/', 1)[-1]}")
 print(f"\ndemo finished: {run['epochs_completed']} epochs; artifacts in {run['run_uri']}")
 print(f"  samples:    demo-output/latest.png  (from {run['samples']['latest']})")
 print(f"  animation:  demo-output/progress.gif  (from {run['samples']['gif']})")

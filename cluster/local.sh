@@ -9,4 +9,4 @@ python="${DCGAN_RAY_PYTHON:-$here/../.venv/bin/python}"
 [ -x "$python" ] || python=python3
 # The Ray head's PATH is its jobs' PATH: `python` in a job entrypoint must be this environment's.
 bindir="$(cd "$(dirname "$(command -v "$python")")" && pwd)"
-PATH="$bindir:$PATH" exec "$python" -m dcgan_ray.devstack "$@"
+PATH="$bindir:$PATH" exec "$python" -m dcgan_ray.dev.stack "$@"

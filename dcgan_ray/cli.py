@@ -7,6 +7,7 @@
   dcgan-ray eval CHECKPOINT_URI               quality metrics of a checkpoint, without Ray
   dcgan-ray classifier train CONFIG           the digit classifier behind the digit_fd metric
   dcgan-ray tune CONFIG                       a hyperparameter sensitivity study on Ray Tune
+  dcgan-ray paths CONFIG [NAME]               where the job's data, run and study live in the bucket
 
 Every command that takes CONFIG also takes `--set key=value` overrides. Expected failures print
 `error: ...` and exit 2; the message says what to do.
@@ -22,7 +23,6 @@ from pathlib import Path
 from dcgan_ray.config import StorageConfig, load_config
 from dcgan_ray.errors import DcganError
 from dcgan_ray.logs import setup_logging
-
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -41,15 +41,16 @@ def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from dcgan_ray.synth import synth_svhn_mat
+    from dcgan_ray.data.synth import synth_svhn_mat
 
     synth_svhn_mat(args.out, args.n, seed=args.seed)
     print(f"wrote {args.n} SVHN-format images to {args.out}")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from dcgan_ray.data import prepare_split, split_prefix
-    from dcgan_ray.storage import Store
+    from dcgan_ray.data.svhn import prepare_split
+    from dcgan_ray.storage.layout import split_prefix
+    from dcgan_ray.storage.s3 import Store
 
     cfg = load_config(args.config, args.overrides)
     splits = args.split or cfg.data.prepare_splits
@@ -64,19 +65,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dcgan_ray.trainer import describe, train
+    from dcgan_ray.train.driver import describe, train
 
     cfg = load_config(args.config, args.overrides)
-    manifest = train(cfg, args.config, address=args.address)
+    manifest = train(cfg, address=args.address)
     print(describe(manifest))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from dcgan_ray.checkpoint import generator_from_checkpoint, read_checkpoint_uri
-    from dcgan_ray.images import grid_image
-    from dcgan_ray.step import to_pixels
+    from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_uri
+    from dcgan_ray.storage.images import grid_image
+    from dcgan_ray.gan.step import to_pixels
 
     state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
     netG, cfg = generator_from_checkpoint(state)
@@ -96,17 +97,17 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dcgan_ray.classifier import evaluate_accuracy, save_state, train_classifier
-    from dcgan_ray.data import load_split
-    from dcgan_ray.quality import classifier_key
-    from dcgan_ray.storage import Store
+    from dcgan_ray.data.svhn import load_split
+    from dcgan_ray.quality.classifier import evaluate_accuracy, save_state, train_classifier
+    from dcgan_ray.storage.layout import classifier_key
+    from dcgan_ray.storage.s3 import Store
 
     cfg = load_config(args.config, args.overrides)
     store = Store(cfg.storage)
     store.check()
     c = cfg.classifier
-    train = load_split(store, cfg, cfg.data.split, max_images=c.max_images, config_path=args.config)
-    test = load_split(store, cfg, c.test_split, config_path=args.config)
+    train = load_split(store, cfg, cfg.data.split, max_images=c.max_images)
+    test = load_split(store, cfg, c.test_split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     model = train_classifier(torch.from_numpy(train.images), torch.from_numpy(train.labels).long(), epochs=c.epochs,
@@ -128,10 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dcgan_ray.checkpoint import generator_from_checkpoint, read_checkpoint_uri
-    from dcgan_ray.data import load_split
-    from dcgan_ray.quality import generated_batches, image_stats, load_extractors, quality_metrics, reference_stats
-    from dcgan_ray.storage import Store
+    from dcgan_ray.data.svhn import load_split
+    from dcgan_ray.quality.metrics import Evaluator
+    from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_uri
+    from dcgan_ray.storage.s3 import Store
 
     state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
     netG, cfg = generator_from_checkpoint(state)
@@ -145,22 +146,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg.eval.extractors = args.extractors
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = Store(cfg.storage)
-    extractors = load_extractors(store, cfg, device, args.config or "jobs/svhn.yaml")
     real = load_split(store, cfg, max_images=cfg.data.max_images)
-    reference = reference_stats(store, cfg, extractors, real.images, device)
-    generated = image_stats(extractors, generated_batches(netG.to(device), cfg.eval.num_samples, cfg.model.z_dim,
-                                                          cfg.eval.batch_size, seed=args.seed, device=device))
-    metrics = {"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples,
-               **quality_metrics(generated, reference)}
-    print(json.dumps(metrics, indent=2))
+    quality = Evaluator(store, cfg, real.images, device)(netG.to(device), seed=args.seed)
+    print(json.dumps({"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples,
+                      **quality}, indent=2))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from dcgan_ray.study import run_study
+    from dcgan_ray.study.tuner import run_study
 
     cfg = load_config(args.config, args.overrides)
-    result = run_study(cfg, args.config, address=args.address)
+    result = run_study(cfg, address=args.address)
     print(f"report: {result['report']}")
+
+
+def cmd_paths(args: argparse.Namespace) -> None:
+    from dcgan_ray.storage.layout import job_paths
+
+    paths = job_paths(load_config(args.config, args.overrides))
+    if args.name:
+        if args.name not in paths:
+            raise DcganError(f"no path named {args.name!r}; known: {', '.join(paths)}")
+        print(paths[args.name])
+        return
+    for name, uri in paths.items():
+        print(f"{name:16} {uri}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--address", default=None, help="Ray cluster address (as for train)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("paths", help="print where the job's data, run and study live in the bucket")
+    _add_config(p)
+    p.add_argument("name", nargs="?", help="print only this one (e.g. latest_samples, animation, run)")
+    p.set_defaults(func=cmd_paths)
     return parser
 
 
@@ -229,6 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DcganError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_job(getattr(args, 'config', None))}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,7 @@ A job is one YAML file (see `jobs/`). It loads into the nested dataclasses below
 its unit and the source of its default. Precedence, lowest to highest: the defaults here, the YAML
 file, then command-line overrides (`--set train.epochs=2`). Unknown keys, wrong types and values out of
 range raise `ConfigError` naming the key, the file and what is allowed. Secrets never live here: S3
-credentials come from the environment only (see `dcgan_ray.storage`).
+credentials come from the environment only (see `dcgan_ray.storage.s3`).
 """
 
 from __future__ import annotations
@@ -21,41 +21,63 @@ import yaml
 
 from dcgan_ray.errors import ConfigError
 
+SPLIT_NAMES = ("train", "test", "extra")
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+"""torch-fidelity's conversion of the 2015 TF Inception weights of FID (the file's sha256 is not known
+here: these machines cannot download it)."""
+METRICS = {"digit_fd": "digit", "fid": "inception"}
+"""Quality metric -> the feature extractor it needs. All are distances: lower is better."""
+
+
+def rule(ok: typing.Callable[[Any], bool], allowed: str) -> dict[str, Any]:
+    """A field's range check, kept beside the field: `ok(value)` must hold; `allowed` says what does."""
+    return {"rule": (ok, allowed)}
+
+
+AT_LEAST_1 = rule(lambda v: v >= 1, "an integer >= 1")
+NULL_OR_AT_LEAST_1 = rule(lambda v: v is None or v >= 1, "null or an integer >= 1")
+POSITIVE = rule(lambda v: v > 0, "a number > 0")
+NULL_OR_POSITIVE = rule(lambda v: v is None or v > 0, "null or a number > 0")
+UNIT_INTERVAL = rule(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+SPLIT = rule(lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}")
+
 
 @dataclass
 class ModelConfig:
-    z_dim: int = 100
+    z_dim: int = field(default=100, metadata=AT_LEAST_1)
     """Length of the noise vector z. Seed: 100."""
-    alpha: float = 0.2
+    alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
     """Leaky-ReLU negative slope in G and D. Seed: 0.2."""
-    g_features: int = 128
+    g_features: int = field(default=128, metadata=AT_LEAST_1)
     """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Seed: 512 at 4x4."""
-    d_features: int = 64
+    d_features: int = field(default=64, metadata=AT_LEAST_1)
     """Channels of D's first conv; the next double it (64 -> 128 -> 256). Seed: 64."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = field(default=25, metadata=AT_LEAST_1)
     """Passes over the training split. Seed: 25."""
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
     """Images per worker per step (the seed's 128 is one device's batch). The global batch is
     batch_size x scaling.num_workers; the job logs both."""
-    lr: float = 2e-4
+    lr: float = field(default=2e-4, metadata=POSITIVE)
     """Adam learning rate of both networks unless lr_g / lr_d set one apart. Seed: 0.0002."""
-    lr_g: float | None = None
+    lr_g: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
     """Generator learning rate; null means `lr`. Two-time-scale runs (TTUR) set it apart from lr_d."""
-    lr_d: float | None = None
+    lr_d: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
     """Discriminator learning rate; null means `lr`."""
-    beta1: float = 0.5
+    beta1: float = field(default=0.5, metadata=UNIT_INTERVAL)
     """Adam beta1 of both optimizers. Seed: 0.5 (Radford et al. found 0.9 unstable)."""
-    beta2: float = 0.999
+    beta2: float = field(default=0.999, metadata=UNIT_INTERVAL)
     """Adam beta2. Seed: the framework default 0.999."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata=rule(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"))
     """Real-label target is 1 - label_smoothing in D's loss. Seed: 0 (no smoothing)."""
     seed: int = 0
     """Seeds the weights, the fixed sample noise and each epoch's permutation."""
-    log_every_steps: int = 50
+    log_every_steps: int = field(default=50, metadata=AT_LEAST_1)
     """Steps between progress lines (rank 0)."""
 
     @property
@@ -71,66 +93,66 @@ class TrainConfig:
 class DataConfig:
     dataset: str = "svhn"
     """Name of the dataset folder in the bucket (`<storage.prefix>/data/<dataset>/<split>/`)."""
-    split: str = "train"
+    split: str = field(default="train", metadata=SPLIT)
     """Split trained on: train, test or extra."""
-    prepare_splits: list[str] = field(default_factory=lambda: ["train"])
+    prepare_splits: list[str] = field(default_factory=lambda: ["train"], metadata=rule(lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"))
     """Splits `dcgan-ray data prepare` puts into the bucket (also: test, extra)."""
     source_url: str = "http://ufldl.stanford.edu/housenumbers/"
     """Where the official SVHN format-2 files are downloaded from (checked against the official md5)."""
-    shard_images: int = 16384
+    shard_images: int = field(default=16384, metadata=AT_LEAST_1)
     """Images per object in the bucket (16384 x 3 KiB = 48 MiB: large enough for full-speed S3 reads)."""
-    max_images: int | None = None
+    max_images: int | None = field(default=None, metadata=NULL_OR_AT_LEAST_1)
     """Train on the first N images only (tests and quick looks); null means the whole split."""
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = 1
+    every_epochs: int = field(default=1, metadata=AT_LEAST_1)
     """Epochs between checkpoints (and the last epoch always)."""
-    keep: int = 3
+    keep: int = field(default=3, metadata=AT_LEAST_1)
     """Most recent checkpoints kept in storage."""
 
 
 @dataclass
 class SampleConfig:
-    grid_size: int = 8
+    grid_size: int = field(default=8, metadata=rule(lambda v: 1 <= v <= 32, "an integer in [1, 32]"))
     """The sample grid is grid_size x grid_size tiles of 32 px (8 -> 256x256 PNG)."""
-    scale: int = 1
+    scale: int = field(default=1, metadata=rule(lambda v: 1 <= v <= 8, "an integer in [1, 8]"))
     """Upscaling factor of the PNG grid (nearest neighbour), for easier viewing."""
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1
+    every_epochs: int = field(default=1, metadata=rule(lambda v: v >= 0, "an integer >= 0 (0 turns evaluation off)"))
     """Epochs between quality evaluations (also one before training, as epoch 0); 0 turns them off."""
-    num_samples: int = 10000
+    num_samples: int = field(default=10000, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
     """Generated images per evaluation, split over the workers. 10k is the usual quick FID; use 50k
     to compare with papers (TTUR's DCGAN on SVHN: FID 21.4)."""
-    metric: str = "digit_fd"
-    """The number that picks the best checkpoint (lower is better): digit_fd or fid."""
-    extractors: list[str] = field(default_factory=lambda: ["digit"])
+    metric: str = field(default="digit_fd", metadata=rule(lambda v: v in METRICS, "digit_fd or fid"))
+    """The number that picks the best checkpoint and ranks a study's trials (lower is better): digit_fd or fid."""
+    extractors: list[str] = field(default_factory=lambda: ["digit"], metadata=rule(lambda v: bool(v) and all(e in METRICS.values() for e in v), "a list from digit, inception"))
     """Feature extractors evaluated: digit (our classifier; no outside weights) and/or inception (FID:
     the 2015 Inception v3, ~5.7 GFLOP per image at 299x299 -- meant for GPUs)."""
-    inception_weights: str = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+    inception_weights: str = INCEPTION_URL
     """URI of torch-fidelity's conversion of the TF Inception weights: https, s3:// or a local path.
     Air-gapped clusters copy the file into their bucket and point this at it."""
     inception_sha256: str | None = None
     """Expected sha256 of the weights file; checked when set."""
-    batch_size: int = 500
+    batch_size: int = field(default=500, metadata=AT_LEAST_1)
     """Images per generator/extractor forward during evaluation."""
 
 
 @dataclass
 class ClassifierConfig:
-    epochs: int = 3
+    epochs: int = field(default=3, metadata=AT_LEAST_1)
     """Passes over the train split when training the digit classifier."""
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
+    lr: float = field(default=1e-3, metadata=POSITIVE)
     """Adam learning rate of the classifier."""
     seed: int = 0
-    test_split: str = "test"
+    test_split: str = field(default="test", metadata=SPLIT)
     """Split whose accuracy is reported (must be prepared: data.prepare_splits)."""
-    max_images: int | None = None
+    max_images: int | None = field(default=None, metadata=NULL_OR_AT_LEAST_1)
     """Train on the first N images only (tests); null means the whole split."""
 
 
@@ -143,20 +165,18 @@ class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Config key -> one of {grid: [v, ...]}, {choice: [v, ...]}, {loguniform: [low, high]},
     {uniform: [low, high]}. Grids multiply; the random forms are drawn num_samples times per grid point."""
-    seeds: int = 1
+    seeds: int = field(default=1, metadata=AT_LEAST_1)
     """Each configuration runs with train.seed 0..seeds-1, so the report can tell an effect from seed noise."""
-    num_samples: int = 1
+    num_samples: int = field(default=1, metadata=AT_LEAST_1)
     """Draws of the random (choice/uniform/loguniform) parts per grid point."""
-    metric: str = "digit_fd"
-    """Reported metric the study ranks by (lower is better for digit_fd and fid)."""
-    max_concurrent_trials: int | None = None
+    max_concurrent_trials: int | None = field(default=None, metadata=NULL_OR_AT_LEAST_1)
     """Trials at once; null means as many as the cluster's CPUs/GPUs can place (each trial is a
     scaling.num_workers-worker DDP run)."""
-    scheduler: str = "none"
+    scheduler: str = field(default="none", metadata=rule(lambda v: v in ("none", "asha"), "none or asha"))
     """none, or asha: stop trials whose metric lags the others' at the same epoch."""
-    grace_period: int = 1
+    grace_period: int = field(default=1, metadata=AT_LEAST_1)
     """ASHA: epochs every trial runs before it can be stopped."""
-    reduction_factor: int = 2
+    reduction_factor: int = field(default=2, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
     """ASHA: the fraction 1/reduction_factor of trials continues at each rung."""
     stop_hopeless: bool = True
     """Stop trials whose losses went non-finite or whose D has won (D(G(z)) ~ 0), and count them."""
@@ -164,35 +184,35 @@ class TuneConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=AT_LEAST_1)
     """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = field(default=1.0, metadata=POSITIVE)
     """Logical CPUs Ray reserves per worker."""
-    max_failures: int = 2
+    max_failures: int = field(default=2, metadata=rule(lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"))
     """Restarts from the last checkpoint after a worker or node dies (Ray's FailureConfig)."""
 
 
 @dataclass
 class StorageConfig:
-    endpoint: str | None = "http://127.0.0.1:8333"
+    endpoint: str | None = field(default="http://127.0.0.1:8333", metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"))
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
-    bucket: str = "dcgan-ray"
+    bucket: str = field(default="dcgan-ray", metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"))
     """Bucket holding data, runs and reports."""
-    prefix: str = "dcgan-ray"
+    prefix: str = field(default="dcgan-ray", metadata=rule(lambda v: not v.startswith("/") and not v.endswith("/"), "a key prefix without leading or trailing '/'"))
     """Key prefix of everything this project writes: <prefix>/data/..., <prefix>/runs/<name>/..."""
     region: str = "us-east-1"
     """Region used for request signing (S3-compatible servers accept any)."""
     create_bucket: bool = False
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
-    runs_prefix: str | None = None
+    runs_prefix: str | None = field(default=None, metadata=rule(lambda v: v is None or (v and not v.startswith("/") and not v.endswith("/")), "null or a key prefix without leading or trailing '/'"))
     """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
 
 
 @dataclass
 class JobConfig:
-    name: str = "svhn-dcgan"
+    name: str = field(default="svhn-dcgan", metadata=rule(lambda v: bool(v) and all(c.isalnum() or c in "-_." for c in v), "letters, digits, '-', '_', '.'"))
     """Run name: the run lives at <storage.prefix>/runs/<name>/; resubmitting the same name resumes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -210,59 +230,6 @@ class JobConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-SPLIT_NAMES = ("train", "test", "extra")
-
-# Range checks: key -> (predicate, what is allowed).
-_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "name": (lambda v: bool(v) and all(c.isalnum() or c in "-_." for c in v), "letters, digits, '-', '_', '.'"),
-    "model.z_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "model.alpha": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "model.g_features": (lambda v: v >= 1, "an integer >= 1"),
-    "model.d_features": (lambda v: v >= 1, "an integer >= 1"),
-    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"),
-    "train.lr": (lambda v: v > 0, "a number > 0"),
-    "train.lr_g": (lambda v: v is None or v > 0, "null or a number > 0"),
-    "train.lr_d": (lambda v: v is None or v > 0, "null or a number > 0"),
-    "train.beta1": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "train.beta2": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "train.label_smoothing": (lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
-    "train.log_every_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "data.split": (lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}"),
-    "data.prepare_splits": (lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"),
-    "data.shard_images": (lambda v: v >= 1, "an integer >= 1"),
-    "data.max_images": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    "checkpoint.every_epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "checkpoint.keep": (lambda v: v >= 1, "an integer >= 1"),
-    "sample.grid_size": (lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
-    "sample.scale": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
-    "eval.every_epochs": (lambda v: v >= 0, "an integer >= 0 (0 turns evaluation off)"),
-    "eval.num_samples": (lambda v: v >= 2, "an integer >= 2"),
-    "eval.metric": (lambda v: v in ("digit_fd", "fid"), "digit_fd or fid"),
-    "eval.extractors": (lambda v: bool(v) and all(e in ("digit", "inception") for e in v), "a list from digit, inception"),
-    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "classifier.epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "classifier.batch_size": (lambda v: v >= 2, "an integer >= 2"),
-    "classifier.lr": (lambda v: v > 0, "a number > 0"),
-    "classifier.test_split": (lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}"),
-    "classifier.max_images": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    "tune.seeds": (lambda v: v >= 1, "an integer >= 1"),
-    "tune.num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "tune.metric": (lambda v: v in ("digit_fd", "fid"), "digit_fd or fid"),
-    "tune.max_concurrent_trials": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    "tune.scheduler": (lambda v: v in ("none", "asha"), "none or asha"),
-    "tune.grace_period": (lambda v: v >= 1, "an integer >= 1"),
-    "tune.reduction_factor": (lambda v: v >= 2, "an integer >= 2"),
-    "scaling.num_workers": (lambda v: v >= 1, "an integer >= 1"),
-    "scaling.cpus_per_worker": (lambda v: v > 0, "a number > 0"),
-    "scaling.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"),
-    "storage.endpoint": (lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"),
-    "storage.bucket": (lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"),
-    "storage.prefix": (lambda v: not v.startswith("/") and not v.endswith("/"), "a key prefix without leading or trailing '/'"),
-    "storage.runs_prefix": (lambda v: v is None or (v and not v.startswith("/") and not v.endswith("/")), "null or a key prefix without leading or trailing '/'"),
-}
 
 
 def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
@@ -304,6 +271,8 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            raise ConfigError(f"{where}: `{key}` is now `{MOVED[key]}`; rename it")
         raise ConfigError(f"{where}: unknown key `{key}`; allowed here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
@@ -316,17 +285,24 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: JobConfig, where: str) -> None:
-    flat = _flatten(cfg.to_dict())
-    for key, (ok, allowed) in _RULES.items():
-        if not ok(flat[key]):
-            raise ConfigError(f"{where}: `{key}` = {flat[key]!r} is not allowed; expected {allowed}")
-    if cfg.eval.every_epochs and cfg.eval.metric == "fid" and "inception" not in cfg.eval.extractors:
-        raise ConfigError(f"{where}: `eval.metric` = 'fid' needs 'inception' in `eval.extractors`")
+def _validate(cfg: Any, where: str, prefix: str = "") -> None:
+    """Check every field against the rule beside it, section by section, then the rules across fields."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, where, f"{prefix}{f.name}.")
+        elif "rule" in f.metadata and not f.metadata["rule"][0](value):
+            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; expected {f.metadata['rule'][1]}")
+    if prefix:
+        return
+    needed = METRICS[cfg.eval.metric]
+    if cfg.eval.every_epochs and needed not in cfg.eval.extractors:
+        raise ConfigError(f"{where}: `eval.metric` = {cfg.eval.metric!r} needs {needed!r} in `eval.extractors`")
     _validate_space(cfg, where)
-    if cfg.eval.every_epochs and cfg.eval.metric == "digit_fd" and "digit" not in cfg.eval.extractors:
-        raise ConfigError(f"{where}: `eval.metric` = 'digit_fd' needs 'digit' in `eval.extractors`")
 
+
+MOVED = {"tune.metric": "eval.metric"}
+"""Keys of earlier versions and where they went (one metric picks the best checkpoint and ranks trials)."""
 
 SPACE_FORMS = ("grid", "choice", "loguniform", "uniform")
 

@@ -7,7 +7,14 @@ bug and keeps its traceback.
 
 
 class DcganError(Exception):
-    """Base class of the errors the CLI reports as `error: <message>`."""
+    """Base class of the errors the CLI reports as `error: <message>`.
+
+    Library code does not know which job file the user gave; where a message suggests a command that
+    takes it, it writes `{config}` and the CLI fills it in (`for_job`).
+    """
+
+    def for_job(self, config_path: str | None) -> str:
+        return str(self).replace("{config}", config_path or "CONFIG")
 
 
 class ConfigError(DcganError):

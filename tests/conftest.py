@@ -16,9 +16,9 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
-from dcgan_ray.devstack import RayHead, SeaweedPorts, SeaweedServer  # noqa: E402
-from dcgan_ray.storage import Store  # noqa: E402
-from dcgan_ray.synth import synth_svhn_mat  # noqa: E402
+from dcgan_ray.dev.stack import RayHead, SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.storage.s3 import Store  # noqa: E402
+from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 
 TEST_KEY = "dcgan-test-key"
 TEST_SECRET = "dcgan-test-secret-0123456789"

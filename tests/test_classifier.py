@@ -10,26 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgan_ray.classifier import (
+from dcgan_ray.quality.classifier import (
     DigitClassifier,
-    class_histogram,
     classify,
     evaluate_accuracy,
     histogram_distance,
-    inception_score,
     load_classifier,
     random_shift,
     save_state,
     train_classifier,
 )
 from dcgan_ray.errors import CheckpointError
-from dcgan_ray.fid import FeatureStats, frechet_from_stats
-from dcgan_ray.step import to_model_input
-from dcgan_ray.synth import render_digits
+from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
+from dcgan_ray.gan.step import to_model_input
+from dcgan_ray.data.synth import render_digits
+from dcgan_ray.quality.metrics import SampleStats
 
 
 def _rendered(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (n, 3, 32, 32) and int64 digits 0..9, as dcgan_ray.data.read_mat lays them out."""
+    """uint8 (n, 3, 32, 32) and int64 digits 0..9, as dcgan_ray.data.svhn.read_mat lays them out."""
     X, y = render_digits(n, seed)
     images = torch.from_numpy(np.ascontiguousarray(X.transpose(3, 2, 0, 1)))
     return images, torch.from_numpy((y.reshape(-1) % 10).astype(np.int64))
@@ -135,25 +134,37 @@ def test_frechet_distance_grows_with_noise_and_blur(model, test_set):
         assert clean < values[0], f"clean halves {clean} vs {name} {values}"
 
 
+def _prob_stats(*parts: np.ndarray) -> SampleStats:
+    """The statistics training and `dcgan-ray eval` build from class probabilities, summed over parts as
+    ranks sum them (features are irrelevant here: zeros)."""
+    total = None
+    for probs in parts:
+        s = SampleStats.empty(2)
+        s.update(torch.zeros(len(probs), 2), torch.from_numpy(probs))
+        total = s.to_tensor() if total is None else total + s.to_tensor()
+    return SampleStats.from_tensor(total)
+
+
 def test_inception_score_bounds():
     confident_uniform = np.tile(np.eye(10), (20, 1))
-    assert inception_score(confident_uniform) == pytest.approx(10.0)
-    assert inception_score(confident_uniform, splits=4) == pytest.approx(10.0)
+    assert _prob_stats(confident_uniform).inception_score() == pytest.approx(10.0)
+    # Summed over two "ranks", the score is that of the whole set.
+    assert _prob_stats(confident_uniform[:70], confident_uniform[70:]).inception_score() == pytest.approx(10.0)
     one_class = np.zeros((200, 10))
     one_class[:, 3] = 1.0
-    assert inception_score(one_class) == pytest.approx(1.0)
-    assert inception_score(np.full((50, 10), 0.1)) == pytest.approx(1.0)  # unsure predictions
-    with pytest.raises(ValueError, match="splits must be 1..5"):
-        inception_score(confident_uniform[:5], splits=6)
+    assert _prob_stats(one_class).inception_score() == pytest.approx(1.0)
+    assert _prob_stats(np.full((50, 10), 0.1)).inception_score() == pytest.approx(1.0)  # unsure predictions
+    half_sure = np.tile(np.eye(10) * 0.5 + 0.05, (20, 1))
+    assert 1.0 < _prob_stats(half_sure).inception_score() < 10.0
 
 
 def test_class_histogram_shows_mode_collapse():
-    uniform = class_histogram(np.tile(np.eye(10), (20, 1)))
+    uniform = _prob_stats(np.tile(np.eye(10), (20, 1))).class_histogram()
     assert np.allclose(uniform, 0.1)
-    collapsed_probs = np.full((100, 10), 0.05)
-    collapsed_probs[:, 3] = 0.55
-    collapsed = class_histogram(collapsed_probs)
-    assert collapsed[3] == 1.0
+    collapsed_probs = np.zeros((100, 10))
+    collapsed_probs[:, 3] = 1.0
+    collapsed = _prob_stats(collapsed_probs[:30], collapsed_probs[30:]).class_histogram()
+    assert collapsed[3] == pytest.approx(1.0)
     assert histogram_distance(collapsed, uniform) > 0.8
     assert histogram_distance(uniform, uniform) == 0.0
     with pytest.raises(ValueError, match="one length"):

@@ -5,18 +5,26 @@ import numpy as np
 import pytest
 import scipy.io
 
-from dcgan_ray.data import OFFICIAL, fetch, load_split, prepare_split, read_manifest, read_mat, split_prefix
+from dcgan_ray.data.svhn import OFFICIAL, fetch, load_split, prepare_split, read_mat, read_split_manifest
+from dcgan_ray.storage.layout import split_prefix
 from dcgan_ray.errors import DatasetError, DatasetMissing
 
 
-def test_round_trip_prepare_then_read(store, cfg, svhn_dir, tmp_path):
+@pytest.fixture
+def node_cache(tmp_path, monkeypatch):
+    """A fresh per-node cache (what DCGAN_RAY_CACHE points a node's workers at)."""
+    monkeypatch.setenv("DCGAN_RAY_CACHE", str(tmp_path / "node-cache"))
+    return tmp_path / "node-cache" / "objects"
+
+
+def test_round_trip_prepare_then_read(store, cfg, svhn_dir, node_cache):
     store.check()
     manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
     images, labels = read_mat(svhn_dir / "train_32x32.mat")
     assert manifest["count"] == 1200 == len(images)
     assert manifest["label_histogram"] == {str(d): int((labels == d).sum()) for d in range(10)}
     assert manifest["source"]["sha256"] and manifest["source"]["official"] is False
-    data = load_split(store, cfg, "train", cache_dir=tmp_path / "cache")
+    data = load_split(store, cfg, "train")
     assert data.images.shape == (1200, 3, 32, 32) and data.images.dtype == np.uint8
     assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
     # the layout is SVHN's X[:, :, :, i] transposed to CHW
@@ -25,16 +33,17 @@ def test_round_trip_prepare_then_read(store, cfg, svhn_dir, tmp_path):
     assert raw["y"][7, 0] % 10 == data.labels[7]
 
 
-def test_shards_and_partitioned_read(store, cfg, svhn_dir, tmp_path):
+def test_shards_and_partial_read(store, cfg, svhn_dir, node_cache):
     cfg.data.shard_images = 500
     manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
     assert [o["count"] for o in manifest["objects"]] == [500, 500, 200]
-    full = load_split(store, cfg, "train", cache_dir=tmp_path / "c1")
-    parts = [load_split(store, cfg, "train", rank=r, world_size=3, partition=True, cache_dir=tmp_path / f"p{r}")
-             for r in range(3)]
-    assert np.array_equal(np.concatenate([p.images for p in parts]), full.images)
-    # rank 0 reads rows 0..399: only the first shard (and labels) reach its cache
-    assert len([p for p in (tmp_path / "p0").iterdir() if not p.name.endswith(".lock")]) == 2
+    first = load_split(store, cfg, "train", max_images=400)
+    # 400 images lie in the first shard: only it (and the labels) reach the node's cache
+    assert len([p for p in node_cache.iterdir() if not p.name.endswith(".lock")]) == 2
+    full = load_split(store, cfg, "train")
+    assert np.array_equal(full.images, read_mat(svhn_dir / "train_32x32.mat")[0])
+    assert np.array_equal(first.images, full.images[:400]) and np.array_equal(first.labels, full.labels[:400])
+    assert len(load_split(store, cfg, "train", max_images=700).images) == 700  # across a shard boundary
 
 
 def test_prepare_is_idempotent(store, cfg, svhn_dir):
@@ -56,29 +65,31 @@ def test_other_data_needs_force_and_force_replaces(store, cfg, svhn_dir, tmp_pat
     assert len([k for k in keys if "/images-" in k]) == 1  # the old shards are gone, after the swap
 
 
-def test_failed_prepare_keeps_existing_split(store, cfg, svhn_dir, tmp_path):
+def test_failed_prepare_keeps_existing_split(store, cfg, svhn_dir, tmp_path, node_cache):
     prepare_split(store, cfg, "train", from_=str(svhn_dir))
     bad = tmp_path / "bad.mat"
     bad.write_bytes(b"not a mat file at all")
     with pytest.raises(DatasetError, match="not a readable MATLAB .mat file"):
         prepare_split(store, cfg, "train", from_=str(bad), force=True)
-    assert load_split(store, cfg, "train", cache_dir=tmp_path / "c").images.shape[0] == 1200
+    assert load_split(store, cfg, "train").images.shape[0] == 1200
 
 
 def test_dataset_missing_names_prepare_command(store, cfg):
-    with pytest.raises(DatasetMissing, match=r"dcgan-ray data prepare jobs/svhn.yaml --split test"):
-        read_manifest(store, cfg, "test")
+    with pytest.raises(DatasetMissing, match=r"dcgan-ray data prepare \{config\} --split test") as e:
+        read_split_manifest(store, cfg, "test")
+    # The CLI names the job file the user gave.
+    assert "dcgan-ray data prepare jobs/mine.yaml --split test" in e.value.for_job("jobs/mine.yaml")
 
 
-def test_corrupt_object_in_bucket_is_detected(store, cfg, svhn_dir, tmp_path):
+def test_corrupt_object_in_bucket_is_detected(store, cfg, svhn_dir, node_cache):
     manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
     key = manifest["objects"][0]["key"]
     data = bytearray(store.get_bytes(key))
     data[100] ^= 0xFF
     store.put_bytes(key, bytes(data))
     with pytest.raises(DatasetError, match="is corrupt: sha256"):
-        load_split(store, cfg, "train", cache_dir=tmp_path / "c")
-    assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".part")]
+        load_split(store, cfg, "train")
+    assert not [p for p in node_cache.iterdir() if p.name.endswith(".part")]
 
 
 @pytest.mark.parametrize("X, y, message", [

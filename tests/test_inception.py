@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcgan_ray.inception import InceptionV3Pool3, WeightsError, fetch_weights, load_inception
-from dcgan_ray.storage import sha256_file
+from dcgan_ray.quality.inception import InceptionV3Pool3, WeightsError, fetch_weights, load_inception
+from dcgan_ray.storage.files import file_hash
 
 # Measured from torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (loaded with these random weights,
 # strict=True): sum(p.numel() for p in model.parameters()) == 23_850_960, fc included; its state dict
@@ -39,7 +39,7 @@ def weights(tmp_path_factory) -> Weights:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "inception.pth"
     torch.save(InceptionV3Pool3().state_dict(), path)
-    return Weights(path, sha256_file(path))
+    return Weights(path, file_hash(path))
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,8 @@ def test_http_download_is_cached_and_reused_without_the_server(weights, tmp_path
         url = f"{base}/{weights.path.name}"
         pinned = fetch_weights(url, cache, weights.sha256)
         unpinned = fetch_weights(url, cache, None)
-    assert pinned == cache / f"{weights.sha256}.pth" and sha256_file(pinned) == weights.sha256
-    assert unpinned.name.startswith("uri-") and sha256_file(unpinned) == weights.sha256
+    assert pinned == cache / f"{weights.sha256}.pth" and file_hash(pinned) == weights.sha256
+    assert unpinned.name.startswith("uri-") and file_hash(unpinned) == weights.sha256
     with pytest.raises(WeightsError, match="cannot fetch"):  # the server is really gone ...
         fetch_weights(f"{base}/other.pth", cache, None)
     assert fetch_weights(url, cache, weights.sha256) == pinned  # ... and the cache answers instead

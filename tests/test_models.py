@@ -1,7 +1,7 @@
 import torch
 
-from dcgan_ray.models import Discriminator, Generator, build_models, count_parameters
-from dcgan_ray.step import make_optimizers, rank_batches, run_epoch, noise_generator, to_model_input, train_step
+from dcgan_ray.gan.models import Discriminator, Generator, build_models, count_parameters
+from dcgan_ray.gan.step import make_optimizers, rank_batches, run_epoch, noise_generator, to_model_input, train_step
 
 
 def test_shapes_and_parameter_counts():

@@ -1,4 +1,4 @@
-"""Tests for the study report (dcgan_ray.report) on synthetic trial records: no Ray, no S3."""
+"""Tests for the study report (dcgan_ray.study.outcomes, .plots, .report) on synthetic trial records: no Ray, no S3."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import yaml
 from PIL import Image
 
 from dcgan_ray.config import JobConfig, config_from_dict
-from dcgan_ray.report import (
-    Thresholds, TrialRecord, best_value, classify, final_value, is_hopeless, summary_text, trials_table, write_report,
+from dcgan_ray.study.outcomes import (
+    Thresholds, TrialRecord, best_value, classify, final_value, is_hopeless, summary_text, trials_table,
 )
+from dcgan_ray.study.report import write_report
 
-METRIC, MODE = "digit_fd", "min"
+METRIC = "digit_fd"
 LR, BETA1 = "train.lr_d", "train.beta1"
 
 
@@ -70,7 +71,8 @@ def records() -> list[TrialRecord]:
 @pytest.fixture
 def base_config() -> dict:
     data = JobConfig(name="study").to_dict()
-    data["tune"] = {"metric": METRIC, "mode": MODE, "num_samples": 2}
+    data["eval"]["metric"] = METRIC
+    data["tune"] = {"num_samples": 2}
     return data
 
 
@@ -110,18 +112,15 @@ def test_is_hopeless():
 
 
 def test_best_and_final_values_skip_epoch_zero_and_nan():
-    assert best_value(healthy((10.0, 30.0, 20.0)), METRIC, "min") == 20.0  # epoch 0's 10 is before training
-    assert best_value(healthy((10.0, 30.0, 20.0)), METRIC, "max") == 30.0
-    assert best_value(DIVERGED, METRIC, "min") == 70.0
+    assert best_value(healthy((10.0, 30.0, 20.0)), METRIC) == 20.0  # epoch 0's 10 is before training
+    assert best_value(DIVERGED, METRIC) == 70.0
     assert math.isnan(final_value(DIVERGED, METRIC))
     assert final_value(D_WON, "d_fake") == 0.001
-    assert best_value([epoch(0, 10.0)], METRIC, "min") is None and final_value([], METRIC) is None
-    with pytest.raises(ValueError, match="'min' or 'max'"):
-        best_value(D_WON, METRIC, "lowest")
+    assert best_value([epoch(0, 10.0)], METRIC) is None and final_value([], METRIC) is None
 
 
 def test_trials_table_rows(records):
-    rows = trials_table(records, METRIC, MODE)
+    rows = trials_table(records, METRIC)
     assert [r["trial_id"] for r in rows] == [f"t00{i}" for i in range(7)]
     assert [r["status"] for r in rows] == ["converged"] * 4 + ["diverged", "d_won", "mode_collapse"]
     t003 = rows[3]
@@ -132,7 +131,7 @@ def test_trials_table_rows(records):
 
 def test_write_report_files(records, base_config, tmp_path):
     out = tmp_path / "report"
-    paths = write_report(records, out, METRIC, MODE, base_config, "lr-study")
+    paths = write_report(records, out, METRIC, base_config, "lr-study")
     names = {p.name for p in paths}
     assert names == {"trials.csv", "metric_vs_train_lr_d.png", "metric_vs_train_beta1.png",
                      "heatmap_train_lr_d_x_train_beta1.png", "learning_curves.png", "mosaic.png", "best.yaml",
@@ -173,7 +172,7 @@ def test_write_report_files(records, base_config, tmp_path):
 
 
 def test_summary_text(records):
-    text = summary_text(records, METRIC, MODE)
+    text = summary_text(records, METRIC)
     for count in ("converged: 4", "diverged: 1", "d_won: 1", "mode_collapse: 1"):
         assert count in text
     header, *lines = text.splitlines()
@@ -186,24 +185,24 @@ def test_single_trial_one_param(base_config, tmp_path):
     # Tune samples numpy scalars; best.yaml must still be plain YAML
     only = TrialRecord("t000", {"train.lr": np.float64(2e-4)}, 3, healthy((80.0, 30.0, 20.0)), "TERMINATED", False,
                        sample_png(0))
-    paths = write_report([only], tmp_path, METRIC, MODE, base_config, "one")
+    paths = write_report([only], tmp_path, METRIC, base_config, "one")
     names = {p.name for p in paths}
     assert names == {"trials.csv", "metric_vs_train_lr.png", "learning_curves.png", "mosaic.png", "best.yaml",
                      "index.html"}
     cfg = config_from_dict(yaml.safe_load((tmp_path / "best.yaml").read_text()))
     assert (cfg.train.lr, cfg.train.seed) == (2e-4, 3)
-    assert "converged: 1" in summary_text([only], METRIC, MODE)
+    assert "converged: 1" in summary_text([only], METRIC)
 
 
 def test_all_trials_diverged(records, base_config, tmp_path):
     broken = [record(f"t00{i}", 1e-2 * (i + 1), 0.5 + 0.1 * i, i, DIVERGED) for i in range(3)]
-    paths = write_report(broken, tmp_path, METRIC, MODE, base_config, "broken")
+    paths = write_report(broken, tmp_path, METRIC, base_config, "broken")
     assert {p.name for p in paths} >= {"heatmap_train_lr_d_x_train_beta1.png", "best.yaml", "index.html"}
     text = (tmp_path / "best.yaml").read_text()
     assert "no trial converged" in text and "t000" in text
     cfg = config_from_dict(yaml.safe_load(text))
     assert (cfg.train.lr_d, cfg.train.seed) == (1e-2, 0)  # all tie at 70: the first
-    assert "diverged: 3" in summary_text(broken, METRIC, MODE)
+    assert "diverged: 3" in summary_text(broken, METRIC)
     assert is_hopeless(broken[0].history)
 
 
@@ -217,11 +216,11 @@ def test_robust_to_strings_nan_missing_data_and_errors(base_config, tmp_path):
         TrialRecord("c", {"data.split": "extra", "train.lr": 2e-4}, 0, [], "ERROR", False, None,
                     error="RuntimeError: worker died\ntraceback ..."),
     ]
-    rows = trials_table(trials, METRIC, MODE)
+    rows = trials_table(trials, METRIC)
     assert [r["status"] for r in rows] == ["converged", "converged", "error"]
     assert [r["best_digit_fd"] for r in rows] == [None, None, None]
     assert "worker died" in rows[2]["reason"]
-    paths = write_report(trials, tmp_path, METRIC, MODE, base_config, "robust")
+    paths = write_report(trials, tmp_path, METRIC, base_config, "robust")
     assert "heatmap_data_split_x_train_lr.png" in {p.name for p in paths}
     with Image.open(tmp_path / "mosaic.png") as mosaic:
         assert mosaic.size[0] > 0  # no readable sample: a placeholder image, not a crash

@@ -4,9 +4,9 @@ import time
 import pytest
 
 from conftest import BUCKET, TEST_SECRET, make_config
-from dcgan_ray.devstack import SeaweedPorts
+from dcgan_ray.dev.stack import SeaweedPorts
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageUnreachable
-from dcgan_ray.storage import Store, parse_s3_uri
+from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
 
 def test_round_trip(store):

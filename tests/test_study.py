@@ -15,10 +15,11 @@ from PIL import Image
 from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import config_from_dict, load_config
-from dcgan_ray.data import prepare_split
+from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import ConfigError
-from dcgan_ray.storage import Store
-from dcgan_ray.study import run_study, study_prefix
+from dcgan_ray.storage.layout import study_report_prefix, study_trials_prefix
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.study.tuner import run_study
 
 pytestmark = pytest.mark.ray
 
@@ -46,14 +47,14 @@ def study_job(s3_server, svhn_dir, tmp_path_factory):
 
 
 def trial_manifests(store, cfg):
-    prefix = f"{study_prefix(cfg)}/trials/"
+    prefix = f"{study_trials_prefix(cfg)}/"
     return {k.split("/")[-2]: store.head(k)["LastModified"] for k in store.list_keys(prefix) if k.endswith("/run.json")}
 
 
 def finished_trials(store, cfg):
     import json
     out = {}
-    for key in store.list_keys(f"{study_prefix(cfg)}/trials/"):
+    for key in store.list_keys(f"{study_trials_prefix(cfg)}/"):
         if key.endswith("/run.json") and json.loads(store.get_bytes(key)).get("status") == "finished":
             out[key.split("/")[-2]] = store.head(key)["LastModified"]
     return out
@@ -74,7 +75,7 @@ def test_interrupted_study_resumes_and_reports(ray_head, study_job):
     first = finished_trials(store, cfg)
     assert len(first) >= 2, proc.stdout.read()[-3000:]
 
-    result = run_study(cfg, str(study_job), address=ray_head.address)
+    result = run_study(cfg, address=ray_head.address)
     # Finished trials were not run again: their run manifests are untouched.
     after = trial_manifests(store, cfg)
     assert all(after[t] == modified for t, modified in first.items())
@@ -84,7 +85,7 @@ def test_interrupted_study_resumes_and_reports(ray_head, study_job):
     # The hopeless configuration is stopped early by the study, counted and reported, not hidden.
     assert sorted(r.stopped_early for r in records) == [False, False, True, True]
     assert all(max(h["epoch"] for h in r.history) < 4 for r in records if r.stopped_early)
-    report = f"{study_prefix(cfg)}/report"
+    report = study_report_prefix(cfg)
     rows = list(csv.DictReader(io.StringIO(store.get_bytes(f"{report}/trials.csv").decode())))
     assert len(rows) == 4 and all(r["final_digit_fd"] for r in rows)
     bad = [r for r in rows if float(r["train.lr"]) == 10.0]

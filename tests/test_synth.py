@@ -1,4 +1,4 @@
-"""Tests for the offline synthetic SVHN generator (dcgan_ray.synth)."""
+"""Tests for the offline synthetic SVHN generator (dcgan_ray.data.synth)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from dcgan_ray import synth
+from dcgan_ray.data import synth
 
 
 @pytest.fixture(scope="module")

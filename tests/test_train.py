@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_config
-from dcgan_ray.checkpoint import load_checkpoint
+from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint
 from dcgan_ray.cli import main as cli_main
-from dcgan_ray.data import prepare_split
+from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
-from dcgan_ray.devstack import SeaweedPorts
-from dcgan_ray.runs import RunLayout, read_manifest
-from dcgan_ray.storage import Store
-from dcgan_ray.trainer import train
+from dcgan_ray.dev.stack import SeaweedPorts
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.driver import train
 
 pytestmark = pytest.mark.ray
 
@@ -52,10 +53,16 @@ def png(store, key):
     return Image.open(io.BytesIO(store.get_bytes(key)))
 
 
-def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def resume_run(ray_head, s3_server, data_prefix):
+    """One 2-epoch run with evaluation that the tests below inspect, resume and damage, in file order."""
     cfg = run_cfg(s3_server.endpoint, data_prefix, "resume", eval_every=1)
-    store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    manifest = train(cfg, "test")
+    manifest = train(cfg)
+    return cfg, Store(cfg.storage), RunLayout.of(cfg), manifest
+
+
+def test_train_writes_artifacts(resume_run):
+    cfg, store, layout, manifest = resume_run
     assert manifest["status"] == "finished" and manifest["epochs_completed"] == 2
     assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2]
     # Quality measured across both workers, from epoch 0 (untrained G) on; the best checkpoint is kept apart.
@@ -75,13 +82,16 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
     assert gif.n_frames == 3  # epochs 0, 1, 2
     ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
     assert ckpt2["epoch"] == 2 and ckpt2["step"] == 2 * 256 // 32
-    assert set(ckpt2) >= {"netG", "netD", "optG", "optD", "rng", "fixed_noise", "config"}
-    assert not any(TEST_SECRET_FRAGMENT in json.dumps(ckpt2["config"]) for TEST_SECRET_FRAGMENT in ("secret",))
+    assert set(ckpt2) >= {"netG", "netD", "optG", "optD", "fixed_noise", "config"}
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0002")
 
+
+def test_resubmission_resumes_then_is_a_no_op(resume_run):
+    cfg, store, layout, _ = resume_run
+    ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
     # Resubmitting the same name with more epochs continues where it stopped.
     cfg.train.epochs = 3
-    manifest = train(cfg, "test")
+    manifest = train(cfg)
     assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3]
     assert manifest["resumed_from"]["epoch"] == 2
     ckpt3 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"))
@@ -91,12 +101,15 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
 
     # Same epochs again: nothing to do, nothing overwritten.
     before = store.head(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt")["LastModified"]
-    train(cfg, "test")
+    train(cfg)
     assert store.head(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt")["LastModified"] == before
 
+
+def test_sample_and_eval_without_ray(resume_run, s3_server, tmp_path, capsys):
+    cfg, store, layout, manifest = resume_run
     # `dcgan-ray sample` makes a PNG from the checkpoint without Ray.
     out = tmp_path / "grid.png"
-    rc = cli_main(["sample", f"{layout.uri}/checkpoint_epoch_0003", "--n", "16", "--seed", "1", "--scale", "1",
+    rc = cli_main(["sample", f"{layout.uri}/checkpoint_epoch_0002", "--n", "16", "--seed", "1", "--scale", "1",
                    "--out", str(out), "--endpoint", s3_server.endpoint])
     assert rc == 0 and Image.open(out).size == (128, 128)
     assert np.asarray(Image.open(out)).std() > 1.0
@@ -105,55 +118,62 @@ def test_train_writes_artifacts_then_resumes(ray_head, s3_server, data_prefix, t
     capsys.readouterr()
     assert cli_main(["eval", f"{layout.uri}/best", "--num-samples", "128", "--endpoint", s3_server.endpoint]) == 0
     measured = json.loads(capsys.readouterr().out)
+    best = read_run_manifest(store, layout)["checkpoints"]["best"]
     assert measured["epoch"] == best["epoch"] and np.isfinite(measured["digit_fd"]) and measured["digit_fd"] > 0
 
+
+def test_damaged_checkpoints_never_start_over(resume_run):
+    cfg, store, layout, _ = resume_run
+    cfg.train.epochs = 3
+    train(cfg)  # (a no-op once the resume test ran; it runs epoch 3 when this test runs alone)
     # A damaged latest checkpoint: resume from the previous one, with a warning, never from scratch.
     key3 = f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"
     store.put_bytes(key3, store.get_bytes(key3)[:5000])
     cfg.train.epochs = 4
-    manifest = train(cfg, "test")
+    manifest = train(cfg)
     assert manifest["resumed_from"]["epoch"] == 2
     assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3, 4]
     # The new epoch-3 checkpoint went to a fresh folder; Ray's retention (keep 2) removed the damaged one.
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0004")
-    kept = layout.checkpoint_keys(store)
+    checkpoints = Checkpointer(store, layout, cfg.eval.metric)
+    kept = checkpoints.keys()
     assert [k.split("/")[-2] for k in kept] == ["checkpoint_epoch_0004", "checkpoint_epoch_0003_r1"]
     assert load_checkpoint(store.get_bytes(kept[1]))["epoch"] == 3
 
     # Every checkpoint damaged: a clear error, and the run is left as it was.
-    for key in layout.checkpoint_keys(store):
+    for key in checkpoints.keys():
         store.put_bytes(key, b"garbage")
     cfg.train.epochs = 5
     with pytest.raises(DcganError, match="none can be read; refusing to start over"):
-        train(cfg, "test")
+        train(cfg)
 
 
 def test_dataset_missing_fails_before_workers(ray_head, s3_server, prefix):
     cfg = run_cfg(s3_server.endpoint, prefix, "nodata")
     Store(cfg.storage).check()
     with pytest.raises(DatasetMissing, match="dcgan-ray data prepare"):
-        train(cfg, "jobs/x.yaml")
+        train(cfg)
     assert not Store(cfg.storage).list_keys(f"{prefix}/runs/")
 
 
 def test_s3_down_at_start(ray_head, data_prefix):
     cfg = run_cfg(f"http://127.0.0.1:{SeaweedPorts.free().s3}", data_prefix, "down")
     with pytest.raises(StorageUnreachable, match="cannot reach the S3 endpoint"):
-        train(cfg, "test")
+        train(cfg)
 
 
 def test_more_workers_than_the_cluster_can_place(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "huge", epochs=1)
     cfg.scaling.num_workers, cfg.data.max_images = 64, None
     with pytest.raises(ClusterError, match=r"needs scaling.num_workers x scaling.cpus_per_worker = 64 x 1 = 64 CPUs"):
-        train(cfg, "test")
+        train(cfg)
 
 
 def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "gpu")
     cfg.scaling.use_gpu = True
     with pytest.raises(ClusterError, match="scaling.use_gpu is true.*cluster has 0 GPU"):
-        train(cfg, "test")
+        train(cfg)
 
 
 def test_ray_job_submit_cli(ray_head, s3_server, data_prefix):
@@ -190,17 +210,25 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
     cfg.scaling.max_failures = 1
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(manifest=train(cfg, "test")))
+
+    def run() -> None:
+        try:
+            result["manifest"] = train(cfg)
+        except BaseException as e:  # shown by the assertion below, not lost in the thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 300
     # Rank 0 records epoch 2 only after epoch 1's report returned, i.e. after Ray registered that checkpoint.
-    while time.monotonic() < deadline and (read_manifest(store, layout) or {}).get("epochs_completed", 0) < 2:
+    while time.monotonic() < deadline and (read_run_manifest(store, layout) or {}).get("epochs_completed", 0) < 2:
         time.sleep(0.2)
     workers = list_actors(address=ray_head.dashboard_url,
                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker found"
     os.kill(workers[-1]["pid"], signal.SIGKILL)
     thread.join(timeout=600)
+    assert "error" not in result, f"train() raised in the driver: {result.get('error')!r}"
     manifest = result["manifest"]
     assert manifest["status"] == "finished"
     assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4, 5]

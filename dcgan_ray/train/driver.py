@@ -17,12 +17,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dcgan_ray.config import JobConfig
-from dcgan_ray.data import read_manifest as read_data_manifest
+from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ClusterError, ConfigError, DcganError
-from dcgan_ray.loop import train_worker
-from dcgan_ray.quality import classifier_key
-from dcgan_ray.runs import RunLayout, read_manifest, runs_prefix, write_manifest
-from dcgan_ray.storage import Store
+from dcgan_ray.storage.layout import RunLayout, classifier_key, runs_prefix
+from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.worker import train_worker
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,20 @@ def check_resources(cfg: JobConfig) -> None:
         )
 
 
-def preflight(cfg: JobConfig, config_path: str) -> Store:
+def preflight(cfg: JobConfig) -> Store:
     """Storage, dataset and batch checks that need no cluster."""
     store = Store(cfg.storage)
     store.check()
-    manifest = read_data_manifest(store, cfg, cfg.data.split, config_path)
+    manifest = read_split_manifest(store, cfg, cfg.data.split)
     count = manifest["count"] if cfg.data.max_images is None else min(cfg.data.max_images, manifest["count"])
     if cfg.eval.every_epochs and "digit" in cfg.eval.extractors and not store.exists(classifier_key(cfg)):
         raise DcganError(
             f"evaluation needs the digit classifier at {store.uri(classifier_key(cfg))}: train it once with "
-            f"`dcgan-ray classifier train {config_path}`, or turn evaluation off with --set eval.every_epochs=0"
+            f"`dcgan-ray classifier train {{config}}`, or turn evaluation off with --set eval.every_epochs=0"
         )
     if count < cfg.train.batch_size * cfg.scaling.num_workers:
         raise ConfigError(
-            f"{config_path}: {count} images cannot fill one batch of train.batch_size={cfg.train.batch_size} on "
+            f"{count} images cannot fill one batch of train.batch_size={cfg.train.batch_size} on "
             f"each of scaling.num_workers={cfg.scaling.num_workers} workers; lower them or use more data"
         )
     return store
@@ -103,11 +103,11 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
     )
 
 
-def train(cfg: JobConfig, config_path: str, address: str | None = None) -> dict:
+def train(cfg: JobConfig, address: str | None = None) -> dict:
     """Run (or resume) the job; returns the final run manifest."""
-    store = preflight(cfg, config_path)
+    store = preflight(cfg)
     layout = RunLayout.of(cfg)
-    previous = read_manifest(store, layout)
+    previous = read_run_manifest(store, layout)
     if previous and previous.get("epochs_completed", 0) >= cfg.train.epochs:
         log.info("run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
                  layout.uri, previous["epochs_completed"], cfg.train.epochs)
@@ -122,22 +122,15 @@ def train(cfg: JobConfig, config_path: str, address: str | None = None) -> dict:
     try:
         result = make_trainer(cfg).fit()
     except ray.train.TrainingFailedError as e:
-        _mark(store, layout, "failed")
+        set_run_status(store, layout, "failed")
         raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
                          f"{_root_cause(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
-    manifest = read_manifest(store, layout) or {}
+    manifest = read_run_manifest(store, layout) or {}
     if result.checkpoint is not None:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"
         manifest["checkpoints"]["kept"] = [f"s3://{c.path}" for c, _ in (result.best_checkpoints or [])]
-        write_manifest(store, layout, manifest)
+        write_run_manifest(store, layout, manifest)
     return manifest
-
-
-def _mark(store: Store, layout: RunLayout, status: str) -> None:
-    manifest = read_manifest(store, layout)
-    if manifest:
-        manifest["status"] = status
-        write_manifest(store, layout, manifest)
 
 
 def _root_cause(error: BaseException) -> str:

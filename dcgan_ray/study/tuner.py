@@ -1,11 +1,14 @@
-"""Hyperparameter sensitivity studies on Ray Tune: every trial is a multi-worker DDP training run.
+"""Running a hyperparameter sensitivity study on Ray Tune: every trial is a multi-worker DDP training run.
 
 `dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneConfig`),
 expands its search space (grids multiply, random forms are drawn `num_samples` times, every
 configuration runs with `seeds` seeds) and runs each trial as the Train V2 pattern prescribes: a
 function trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`.
+This module holds that Ray side: the search space (`param_space`), each trial's job (`trial_job`,
+`run_trial`), the stopper of hopeless trials, the callback that republishes the report as trials end
+(`StudyReport`), and `run_study`. Trials are ranked by `eval.metric`, lower is better.
 
-Everything lives under s3://<bucket>/<prefix>/studies/<study>/:
+Everything lives under s3://<bucket>/<prefix>/studies/<study>/ (named in `dcgan_ray.storage.layout`):
   tune/            Tune's experiment state (what makes a resubmitted study skip finished trials)
   trials/<id>/     each trial's run folder (run.json, samples, checkpoints), as a training job has
   report/          trials.csv, PNG plots, mosaic.png, best.yaml, index.html (refreshed as trials end)
@@ -27,21 +30,17 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
 from dcgan_ray.errors import ConfigError, ObjectMissing
-from dcgan_ray.report import Thresholds, TrialRecord, is_hopeless, summary_text, write_report
-from dcgan_ray.runs import RunLayout, read_manifest
-from dcgan_ray.storage import Store
+from dcgan_ray.logs import setup_logging
+from dcgan_ray.storage.layout import (
+    STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_trials_prefix,
+)
+from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
+from dcgan_ray.study.report import write_report
+from dcgan_ray.train.driver import check_resources, connect_ray, preflight, s3_filesystem, make_trainer
 
 log = logging.getLogger(__name__)
-
-EXPERIMENT = "tune"
-
-
-def study_name(cfg: JobConfig) -> str:
-    return cfg.tune.study or f"{cfg.name}-study"
-
-
-def study_prefix(cfg: JobConfig) -> str:
-    return f"{cfg.storage.prefix}/studies/{study_name(cfg)}".lstrip("/")
 
 
 def _encode(key: str) -> str:
@@ -74,20 +73,17 @@ def trial_job(base: dict[str, Any], trial_config: dict[str, Any], trial_id: str)
         set_dotted(data, _decode(key), value.item() if hasattr(value, "item") else value)
     data["train"]["seed"] = int(trial_config["seed"])
     data["name"] = trial_id
-    data["storage"]["runs_prefix"] = f"{study_prefix(config_from_dict(base))}/trials"
+    data["storage"]["runs_prefix"] = study_trials_prefix(config_from_dict(base))
     return config_from_dict(data, f"trial {trial_id}")
 
 
 def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
     """Tune's function trainable: fit one trial's TorchTrainer (or report a finished one again)."""
-    from dcgan_ray.logs import setup_logging
-    from dcgan_ray.trainer import make_trainer
-
     setup_logging()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_job(base, trial_config, trial_id)
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    done = read_manifest(store, layout)
+    done = read_run_manifest(store, layout)
     if done and done.get("epochs_completed", 0) >= cfg.train.epochs and done["history"]:
         # A resubmitted study may hand us a trial that finished after Tune last saved its state.
         tune.report(done["history"][-1])
@@ -128,8 +124,8 @@ class StudyReport(tune.Callback):
         self._refresh(trials)
 
     def _refresh(self, trials: list) -> None:
-        self.trials = [_TrialView(t.trial_id, t.config, t.status, _first_line(t.error_file) if t.status == "ERROR" else None)
-                       for t in trials]
+        self.trials = [_TrialView(t.trial_id, t.config, t.status,
+                                  _last_line(t.error_file) if t.status == "ERROR" else None) for t in trials]
         self.publish()
 
     def publish(self) -> tuple[str | None, list[TrialRecord]]:
@@ -139,9 +135,9 @@ class StudyReport(tune.Callback):
         if not records:
             return None, records
         store = Store(cfg.storage)
-        prefix = f"{study_prefix(cfg)}/report"
+        prefix = study_report_prefix(cfg)
         with tempfile.TemporaryDirectory(prefix="dcgan-report-") as tmp:
-            paths = write_report(records, Path(tmp), cfg.tune.metric, "min", self.base, study_name(cfg))
+            paths = write_report(records, Path(tmp), cfg.eval.metric, self.base, study_name(cfg))
             for path in paths:
                 store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
         return store.uri(f"{prefix}/index.html"), records
@@ -151,7 +147,7 @@ class StudyReport(tune.Callback):
             return None
         job = trial_job(self.base, trial.config, trial.trial_id)
         store, layout = Store(job.storage), RunLayout.of(job)
-        manifest = read_manifest(store, layout) or {"history": []}
+        manifest = read_run_manifest(store, layout) or {"history": []}
         try:
             png = store.get_bytes(layout.latest_sample_key)
         except ObjectMissing:
@@ -170,11 +166,13 @@ class StudyReport(tune.Callback):
         )
 
 
-def _first_line(path: str | None) -> str | None:
+def _last_line(path: str | None) -> str | None:
+    """The last line of a trial's error file: a traceback ends with the exception and its message."""
     try:
-        return Path(path).read_text().strip().splitlines()[-1] if path else None
+        lines = Path(path).read_text().strip().splitlines() if path else []
     except OSError:
         return None
+    return lines[-1] if lines else None
 
 
 def _content_type(path: Path) -> str:
@@ -194,18 +192,15 @@ def max_concurrent(cfg: JobConfig) -> int:
     return max(1, int(fits))
 
 
-def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> dict[str, Any]:
-    """Run (or continue) the study; returns where its report is and the per-status counts."""
-    from dcgan_ray.trainer import check_resources, connect_ray, preflight, s3_filesystem
-
+def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the study; returns its report's index.html URI and the trial records."""
     if not cfg.tune.space:
-        raise ConfigError(f"{config_path}: `tune.space` is empty; name at least one setting to vary "
-                          "(see jobs/svhn-tune.yaml)")
+        raise ConfigError("`tune.space` is empty; name at least one setting to vary (see jobs/svhn-tune.yaml)")
     if not cfg.eval.every_epochs:
-        raise ConfigError(f"{config_path}: a study ranks trials by `tune.metric`; set eval.every_epochs >= 1")
+        raise ConfigError("a study ranks trials by `eval.metric`; set eval.every_epochs >= 1")
     if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
-        raise ConfigError(f"{config_path}: ASHA compares trials every epoch; set eval.every_epochs: 1")
-    preflight(cfg, config_path)
+        raise ConfigError("ASHA compares trials every epoch; set eval.every_epochs: 1")
+    preflight(cfg)
     connect_ray(address)
     check_resources(cfg)
     base = cfg.to_dict()
@@ -220,9 +215,9 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
     random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
     log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
              concurrent, path)
-    if tune.Tuner.can_restore(f"{path}/{EXPERIMENT}", storage_filesystem=fs):
+    if tune.Tuner.can_restore(f"{path}/{STUDY_EXPERIMENT}", storage_filesystem=fs):
         log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
-        tuner = tune.Tuner.restore(f"{path}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(f"{path}/{STUDY_EXPERIMENT}", trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
         scheduler = None
@@ -233,10 +228,10 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=random_draws,
+            tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", num_samples=random_draws,
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
+                name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=fs,
                 stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
                 callbacks=[report], verbose=1,
             ),
@@ -245,7 +240,7 @@ def run_study(cfg: JobConfig, config_path: str, address: str | None = None) -> d
     trials = [_TrialView.of(result) for result in results]
     report.trials = trials
     uri, records = report.publish()
-    print(summary_text(records, cfg.tune.metric, "min"))
+    print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}
 
 

@@ -72,14 +72,6 @@ class FeatureStats:
         self.total += x.sum(axis=0)
         self.outer += x.T @ x
 
-    def merge(self, other: FeatureStats) -> FeatureStats:
-        """The statistics of both feature sets together (neither input changes)."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge statistics of {self.dim}-d and {other.dim}-d features")
-        return FeatureStats(self.n + other.n, self.total + other.total, self.outer + other.outer)
-
-    __add__ = merge
-
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (d,) and unbiased covariance (d, d), as np.mean and np.cov(rowvar=False) give them."""
         if self.n < 2:

@@ -166,12 +166,18 @@ class SeaweedServer:
 
 
 class RayHead:
-    """A `ray start --head --block` process in its own session, so stopping it stops only this cluster
-    (`ray stop` would end every Ray on the machine). Used by the tests."""
+    """A `ray start --head --block` process in its own session on 127.0.0.1, with token auth.
 
-    def __init__(self, num_cpus: int, log_path: Path):
+    Stopping it signals its process group, so it stops only this cluster (`ray stop` would end every Ray
+    on the machine). The tests start one on free ports; the dev stack on the fixed ports, detached, with
+    its pid in a file. It runs in this process's environment: the S3 credentials reach the workers
+    from the node, never through a job's runtime env.
+    """
+
+    def __init__(self, num_cpus: int | None, log_path: Path, port: int | None = None,
+                 dashboard_port: int | None = None):
         self.num_cpus, self.log_path = num_cpus, log_path
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = port or _free_port(), dashboard_port or _free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -183,12 +189,19 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, timeout_s: float = 120.0) -> None:
+        taken = [p for p in (self.port, self.dashboard_port) if not port_free(p)]
+        if taken:
+            raise ClusterError(f"cannot start the Ray head: port(s) {', '.join(map(str, taken))} on 127.0.0.1 are "
+                               "taken by another process (see `ss -ltnp`)")
+        # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
         _ray("get-auth-token", "--generate", capture=True)
-        ray = str(Path(sys.executable).parent / "ray")
-        cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+        cmd = [_ray_binary(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               f"--num-cpus={self.num_cpus}", "--disable-usage-stats"]
+               "--disable-usage-stats"]
+        if self.num_cpus:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
@@ -203,14 +216,25 @@ class RayHead:
         raise ClusterError(f"the Ray head did not come up in {timeout_s:.0f} s:\n{tail(self.log_path)}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # ray start --block stops its components on SIGTERM
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process_group(self.proc.pid)
             self.proc.wait()
+
+
+def stop_process_group(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group led by `pid` (`ray start --block` stops its components on it), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def _free_port() -> int:
@@ -257,69 +281,46 @@ def _pid_alive(pid_file: Path) -> int | None:
         return None
 
 
+def _ray_binary() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
 def _ray(*args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess:
-    ray = str(Path(sys.executable).parent / "ray")
-    return subprocess.run([ray if os.path.exists(ray) else "ray", *args], check=check, text=True,
-                          capture_output=capture)
-
-
-def start_ray_head(port: int, dashboard_port: int, num_cpus: int | None = None, extra: tuple[str, ...] = ()) -> None:
-    """`ray start --head` on 127.0.0.1 with token auth, in this process's environment (S3 credentials
-    included, which the workers inherit)."""
-    # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
-    _ray("get-auth-token", "--generate", capture=True)
-    args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", *extra]
-    if num_cpus:
-        args.append(f"--num-cpus={num_cpus}")
-    result = _ray(*args, check=False, capture=True)
-    if result.returncode != 0:
-        raise ClusterError(f"`ray start --head` failed (exit {result.returncode}); is port {port} or {dashboard_port} "
-                           f"taken? Its output:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-
-
-def ray_running(port: int = RAY_PORT) -> bool:
-    return _ray("status", f"--address=127.0.0.1:{port}", check=False, capture=True).returncode == 0
+    return subprocess.run([_ray_binary(), *args], check=check, text=True, capture_output=capture)
 
 
 def up(num_cpus: int | None) -> None:
     base = stack_dir()
-    pid_file = base / "seaweedfs.pid"
     ports = _dev_ports()
     endpoint = f"http://127.0.0.1:{ports.s3}"
-    if _pid_alive(pid_file):
+    if _pid_alive(base / "seaweedfs.pid"):
         print(f"S3 (SeaweedFS) already up at {endpoint}")
     else:
         server = SeaweedServer(base / "seaweedfs", ports, base / "seaweedfs.log", buckets=(DEV_BUCKET,))
         server.start(detach=True)
-        pid_file.write_text(str(server.proc.pid))
+        (base / "seaweedfs.pid").write_text(str(server.proc.pid))
         print(f"S3 (SeaweedFS) up at {endpoint}, bucket {DEV_BUCKET!r}, data in {base / 'seaweedfs'}")
-    if ray_running():
+    if _pid_alive(base / "ray.pid"):
         print(f"Ray head already up at 127.0.0.1:{RAY_PORT}")
     else:
-        start_ray_head(RAY_PORT, DASHBOARD_PORT, num_cpus)
+        head = RayHead(num_cpus, base / "ray.log", port=RAY_PORT, dashboard_port=DASHBOARD_PORT)
+        head.start()
+        (base / "ray.pid").write_text(str(head.proc.pid))
         print(f"Ray head up at 127.0.0.1:{RAY_PORT}, dashboard and job API at http://127.0.0.1:{DASHBOARD_PORT}")
     print("clients need: source cluster/dev.env  (AWS_* credentials, AWS_ENDPOINT_URL, RAY_AUTH_MODE=token)")
 
 
 def down() -> None:
-    if ray_running():
-        _ray("stop", capture=True, check=False)
-        print("Ray head stopped")
-    else:
-        print("Ray head was not running")
-    pid_file = stack_dir() / "seaweedfs.pid"
-    pid = _pid_alive(pid_file)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if _pid_alive(pid_file) is None:
-                break
-            time.sleep(0.1)
-        print("S3 (SeaweedFS) stopped")
-    else:
-        print("S3 (SeaweedFS) was not running")
-    pid_file.unlink(missing_ok=True)
+    """Stop what `up` started, by the process groups it recorded; no other Ray or S3 server is touched."""
+    for label, pid_file in (("Ray head", stack_dir() / "ray.pid"), ("S3 (SeaweedFS)", stack_dir() / "seaweedfs.pid")):
+        pid = _pid_alive(pid_file)
+        if pid:
+            stop_process_group(pid)
+            print(f"{label} stopped")
+        else:
+            print(f"{label} was not running")
+        pid_file.unlink(missing_ok=True)
 
 
 def status() -> bool:
@@ -327,9 +328,11 @@ def status() -> bool:
     endpoint = f"http://127.0.0.1:{ports.s3}"
     pid = _pid_alive(stack_dir() / "seaweedfs.pid")
     s3_ok = bool(pid) and http_answers(endpoint)
-    ray_ok = ray_running()
+    ray_pid = _pid_alive(stack_dir() / "ray.pid")
+    ray_ok = bool(ray_pid) and http_answers(f"http://127.0.0.1:{DASHBOARD_PORT}")
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
-    print(f"Ray head:       {'up at 127.0.0.1:%d, dashboard http://127.0.0.1:%d' % (RAY_PORT, DASHBOARD_PORT) if ray_ok else 'down'}")
+    print(f"Ray head:       {'up at 127.0.0.1:%d, dashboard http://127.0.0.1:%d' % (RAY_PORT, DASHBOARD_PORT) if ray_ok else 'down'}"
+          + (f" (pid {ray_pid})" if ray_pid else ""))
     print(f"state:          {stack_dir()}")
     return s3_ok and ray_ok
 

@@ -1,7 +1,7 @@
 """The GAN training step and one epoch of it, in plain PyTorch.
 
 Nothing here imports Ray: the step is tested and benchmarked on its own, also on a GPU machine
-without Ray. `dcgan_ray.loop` wraps it for Ray Train workers.
+without Ray. `dcgan_ray.train.worker` wraps it for Ray Train workers.
 
 The step reads like the seed and pytorch/examples' DCGAN:
   D phase: D on a real batch and on a detached fake batch, BCE on logits, one Adam step.

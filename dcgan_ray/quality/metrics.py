@@ -1,6 +1,7 @@
 """Sample quality: Fréchet distances (digit classifier, Inception) and digit-class statistics.
 
-Used inside training (every `eval.every_epochs`, across workers) and by `dcgan-ray eval`.
+`Evaluator` is the one pipeline: training calls it every `eval.every_epochs` on every rank, and
+`dcgan-ray eval` calls it in a single process.
 
 - An *extractor* turns images in [-1, 1] into features (and, for the digit classifier, class
   probabilities). `digit` is our own classifier (`dcgan-ray classifier train`, stored in the bucket);
@@ -9,6 +10,7 @@ Used inside training (every `eval.every_epochs`, across workers) and by `dcgan-r
   image count), are computed once and stored next to the data in S3; every run reuses them.
 - Each worker generates its share of `eval.num_samples` images and sums *sufficient statistics*
   (feature sums and outer products, class-probability sums); ranks all-reduce those, never images.
+  Reference statistics are sharded the same way: each rank takes every world-th real image.
 """
 
 from __future__ import annotations
@@ -16,29 +18,27 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from dcgan_ray.classifier import DigitClassifier, classify, histogram_distance, load_classifier
+from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
 from dcgan_ray.config import JobConfig
-from dcgan_ray.data import split_prefix
+from dcgan_ray.config import METRICS
 from dcgan_ray.errors import DcganError, ObjectMissing
-from dcgan_ray.fid import FeatureStats, frechet_from_stats
-from dcgan_ray.step import to_model_input
-from dcgan_ray.storage import Store
+from dcgan_ray.gan.step import to_model_input, unwrap
+from dcgan_ray.gan.sync import all_reduce_sum, broadcast_from_rank_zero
+from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
+from dcgan_ray.storage.layout import classifier_key, reference_stats_key
+from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
-METRIC_NAMES = {"digit": "digit_fd", "inception": "fid"}
-
-
-def classifier_key(cfg: JobConfig) -> str:
-    return f"{cfg.storage.prefix}/models/classifier-{cfg.data.dataset}.pt".lstrip("/")
-
+METRIC_NAMES = {extractor: metric for metric, extractor in METRICS.items()}
 
 class Extractor:
     """Features (and class probabilities, or None) of a batch of images in [-1, 1]."""
@@ -74,27 +74,27 @@ class InceptionExtractor(Extractor):
             return self.model(pixels).double().cpu(), None
 
 
-def load_digit_classifier(store: Store, cfg: JobConfig, config_path: str = "jobs/svhn.yaml") -> tuple[DigitClassifier, dict]:
+def load_digit_classifier(store: Store, cfg: JobConfig) -> tuple[DigitClassifier, dict]:
     """The classifier from the bucket and its metadata (accuracy, what it was trained on)."""
     key = classifier_key(cfg)
     try:
         blob = store.get_bytes(key)
     except ObjectMissing:
         raise DcganError(
-            f"no digit classifier at {store.uri(key)}: train one with `dcgan-ray classifier train {config_path}` "
+            f"no digit classifier at {store.uri(key)}: train one with `dcgan-ray classifier train {{config}}` "
             "(minutes on a CPU), or turn evaluation off with --set eval.every_epochs=0"
         ) from None
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     return load_classifier(state["model"]), {**state["meta"], "sha256": hashlib.sha256(blob).hexdigest()}
 
 
-def load_extractors(store: Store, cfg: JobConfig, device: torch.device, config_path: str = "jobs/svhn.yaml") -> list[Extractor]:
+def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[Extractor]:
     extractors: list[Extractor] = []
     if "digit" in cfg.eval.extractors:
-        model, meta = load_digit_classifier(store, cfg, config_path)
+        model, meta = load_digit_classifier(store, cfg)
         extractors.append(DigitExtractor(model.to(device), meta["sha256"][:16]))
     if "inception" in cfg.eval.extractors:
-        from dcgan_ray.inception import load_inception
+        from dcgan_ray.quality.inception import load_inception
 
         model = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
         ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
@@ -180,27 +180,35 @@ def real_batches(images_uint8: np.ndarray | torch.Tensor, batch_size: int, devic
         yield to_model_input(images[start:start + batch_size].to(device))
 
 
-def reference_key(cfg: JobConfig, extractor: Extractor, count: int) -> str:
-    return f"{split_prefix(cfg, cfg.data.split)}/stats-{extractor.name}-{extractor.ident}-n{count}.npz"
-
-
 def reference_stats(store: Store, cfg: JobConfig, extractors: list[Extractor], images_uint8: np.ndarray | torch.Tensor,
-                    device: torch.device) -> dict[str, SampleStats]:
-    """The real split's statistics per extractor: from S3 when already computed, else computed and stored."""
+                    device: torch.device, rank: int = 0, world: int = 1) -> dict[str, SampleStats]:
+    """The real split's statistics per extractor: from S3 when already computed, else computed and stored.
+
+    A collective when world > 1: rank 0 decides what is missing, every rank computes its share (every
+    world-th image), the shares are all-reduced, and rank 0 stores the sum.
+    """
     count = len(images_uint8)
+    keys = {e.name: reference_stats_key(cfg, e.name, e.ident, count) for e in extractors}
     out: dict[str, SampleStats] = {}
-    missing = []
-    for e in extractors:
-        try:
-            out[e.name] = SampleStats.from_bytes(store.get_bytes(reference_key(cfg, e, count)))
-        except ObjectMissing:
-            missing.append(e)
+    if rank == 0:
+        for e in extractors:
+            try:
+                out[e.name] = SampleStats.from_bytes(store.get_bytes(keys[e.name]))
+            except ObjectMissing:
+                pass
+    missing_names = broadcast_from_rank_zero([e.name for e in extractors if e.name not in out])
+    missing = [e for e in extractors if e.name in missing_names]
     if missing:
-        log.info("computing reference statistics of %d real images for %s", count, ", ".join(e.name for e in missing))
-        computed = image_stats(missing, real_batches(images_uint8, cfg.eval.batch_size, device))
-        for e in missing:
-            store.put_bytes(reference_key(cfg, e, count), computed[e.name].to_bytes())
-            log.info("reference statistics stored at %s", store.uri(reference_key(cfg, e, count)))
+        if rank == 0:
+            log.info("computing reference statistics of %d real images for %s on %d rank(s)", count,
+                     ", ".join(e.name for e in missing), world)
+        share = image_stats(missing, real_batches(images_uint8[rank::world], cfg.eval.batch_size, device))
+        total = all_reduce_sum(stats_to_tensor(share, [e.name for e in missing]).to(device))
+        computed = stats_from_tensor(total, missing)
+        if rank == 0:
+            for e in missing:
+                store.put_bytes(keys[e.name], computed[e.name].to_bytes())
+                log.info("reference statistics stored at %s", store.uri(keys[e.name]))
         out.update(computed)
     return out
 
@@ -235,3 +243,34 @@ def stats_from_tensor(t: torch.Tensor, extractors: list[Extractor]) -> dict[str,
 
 def describe_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+class Evaluator:
+    """G -> quality metrics: the one evaluation pipeline, for training and `dcgan-ray eval` alike.
+
+    With world > 1 every rank must call it together: each generates its share of `eval.num_samples`
+    from its own fixed noise (so successive evaluations compare the same latent points), the ranks
+    all-reduce sufficient statistics, and rank 0 gets the metrics ({} on the others).
+    """
+
+    def __init__(self, store: Store, cfg: JobConfig, real_images: np.ndarray | torch.Tensor, device: torch.device,
+                 rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.extractors = load_extractors(store, cfg, device)
+        self.reference = reference_stats(store, cfg, self.extractors, real_images, device, rank, world)
+        self.share = cfg.eval.num_samples // world + (rank < cfg.eval.num_samples % world)
+
+    def __call__(self, netG: torch.nn.Module, seed: int) -> dict[str, float]:
+        start = time.perf_counter()
+        batches = generated_batches(unwrap(netG), self.share, self.cfg.model.z_dim, self.cfg.eval.batch_size,
+                                    seed=seed * 7919 + 104729 + self.rank, device=self.device)
+        names = [e.name for e in self.extractors]
+        # A collective and a CPU-GPU sync point: every rank's statistics, summed.
+        total = all_reduce_sum(stats_to_tensor(image_stats(self.extractors, batches), names).to(self.device))
+        if self.rank != 0:
+            return {}
+        metrics = quality_metrics(stats_from_tensor(total, self.extractors), self.reference)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        log.info("quality of %d samples: %s (%.1f s)", self.cfg.eval.num_samples, describe_metrics(metrics),
+                 metrics["eval_seconds"])
+        return metrics

@@ -30,18 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcgan_ray.config import StorageConfig
+from dcgan_ray.config import INCEPTION_URL, StorageConfig
 from dcgan_ray.errors import BucketMissing, DcganError, DownloadError, ObjectMissing
-from dcgan_ray.storage import Store, cache_root, download_url, fetch_once, parse_s3_uri, sha256_file
+from dcgan_ray.storage.files import cache_dir as node_cache_dir
+from dcgan_ray.storage.files import download_url, fetch_once, file_hash
+from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
 log = logging.getLogger(__name__)
-
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_SHA256: str | None = None
-"""Unknown here: this project's machines cannot download the file to hash it. The config supplies the
-hash of the file a user stages; with None any file is accepted and a download's hash is logged."""
 
 WEIGHTS_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]
 HTTP_TIMEOUT_S = 60
@@ -274,10 +269,6 @@ class InceptionV3Pool3(nn.Module):
 
 # --- the weights --------------------------------------------------------------------------------
 
-def default_cache_dir() -> Path:
-    return cache_root() / "weights"
-
-
 def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "s3://"))
 
@@ -321,7 +312,7 @@ def _local_weights(uri: str, sha256: str | None) -> Path:
     if not path.is_file():
         raise WeightsError(f"Inception weights file {path} does not exist. {_how_to_provide()}")
     if sha256 is not None:
-        actual = sha256_file(path)
+        actual = file_hash(path)
         if actual != sha256:
             raise _hash_mismatch(uri, sha256, actual, "the file was left in place")
     return path
@@ -347,7 +338,7 @@ def fetch_weights(uri: str, cache_dir: Path, sha256: str | None, storage: Storag
             _download_s3(uri, part, storage)
         else:
             _download_http(uri, part)
-        actual = sha256_file(part)
+        actual = file_hash(part)
         if sha256 is not None and actual != sha256:
             raise _hash_mismatch(uri, sha256, actual, "the download was deleted")
         if sha256 is None:
@@ -379,11 +370,12 @@ def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:
     return model
 
 
-def load_inception(uri: str = INCEPTION_URL, sha256: str | None = INCEPTION_SHA256, cache_dir: Path | None = None,
+def load_inception(uri: str, sha256: str | None = None, cache_dir: Path | None = None,
                    storage: StorageConfig | None = None, device: str | torch.device = "cpu") -> InceptionV3Pool3:
     """The FID feature network with the weights at `uri` (see `fetch_weights`), frozen, in eval mode, on
-    `device`."""
-    path = fetch_weights(uri, cache_dir or default_cache_dir(), sha256, storage)
+    `device`. With no `sha256` (eval.inception_sha256 unset) any file is accepted and a download's
+    hash is logged."""
+    path = fetch_weights(uri, cache_dir or node_cache_dir("weights"), sha256, storage)
     try:
         model = _model_from_file(path, uri)
     except WeightsError:

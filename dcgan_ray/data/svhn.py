@@ -13,11 +13,9 @@ sha256 (checked after download), then read straight into one preallocated array.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +27,9 @@ import scipy.io
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.errors import DatasetError, DatasetMissing, DownloadError, ObjectMissing
-from dcgan_ray.storage import Store, cache_root, download_url, fetch_once, sha256_file
+from dcgan_ray.storage.files import cache_dir, download_url, fetch_once, file_hash
+from dcgan_ray.storage.layout import split_manifest_key, split_prefix
+from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,19 @@ class OfficialFile:
     filename: str
     size: int
     md5: str
-    images: int
 
 
 # Stanford's SVHN format 2 (cropped digits), http://ufldl.stanford.edu/housenumbers/
 OFFICIAL = {
-    "train": OfficialFile("train_32x32.mat", 182_040_794, "e26dedcc434d2e4c54c9b2d4a06d8373", 73_257),
-    "test": OfficialFile("test_32x32.mat", 64_275_384, "eb5a983be6a315427106f1b164d9cef3", 26_032),
-    "extra": OfficialFile("extra_32x32.mat", 1_329_278_602, "a93ce644f1a588dc4d68dda5feec44a7", 531_131),
+    "train": OfficialFile("train_32x32.mat", 182_040_794, "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test": OfficialFile("test_32x32.mat", 64_275_384, "eb5a983be6a315427106f1b164d9cef3"),
+    "extra": OfficialFile("extra_32x32.mat", 1_329_278_602, "a93ce644f1a588dc4d68dda5feec44a7"),
 }
 
 
-def split_prefix(cfg: JobConfig, split: str) -> str:
-    return f"{cfg.storage.prefix}/data/{cfg.data.dataset}/{split}".lstrip("/")
-
-
-def prepare_command(split: str, config_path: str = "jobs/svhn.yaml") -> str:
-    return f"dcgan-ray data prepare {config_path} --split {split}"
+def prepare_command(split: str) -> str:
+    """The command that puts a split into the bucket; the CLI fills in the job file (see errors.DcganError)."""
+    return f"dcgan-ray data prepare {{config}} --split {split}"
 
 
 # --- fetching -----------------------------------------------------------------------------------
@@ -86,14 +82,6 @@ def _download(url: str, dest: Path, expected_size: int | None) -> None:
     os.replace(part, dest)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(8 * 2**20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(split: str, workdir: Path, source_url: str, from_: str | None = None) -> Source:
     """Get the split's .mat file into `workdir`.
 
@@ -106,7 +94,7 @@ def fetch(split: str, workdir: Path, source_url: str, from_: str | None = None) 
         url = source_url.rstrip("/") + "/" + official.filename
         dest = workdir / official.filename
         _download(url, dest, official.size)
-        digest, size = _md5(dest), dest.stat().st_size
+        digest, size = file_hash(dest, "md5"), dest.stat().st_size
         if digest != official.md5 or size != official.size:
             dest.unlink()
             raise DatasetError(
@@ -163,31 +151,28 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 # --- storing ------------------------------------------------------------------------------------
 
-def _manifest_key(cfg: JobConfig, split: str) -> str:
-    return f"{split_prefix(cfg, split)}/manifest.json"
-
-
-def read_manifest(store: Store, cfg: JobConfig, split: str, config_path: str = "jobs/svhn.yaml") -> dict[str, Any]:
-    key = _manifest_key(cfg, split)
+def read_split_manifest(store: Store, cfg: JobConfig, split: str) -> dict[str, Any]:
+    """The split's manifest (objects, counts, source); DatasetMissing names the `prepare` command."""
+    key = split_manifest_key(cfg, split)
     try:
         manifest = json.loads(store.get_bytes(key))
     except ObjectMissing:
         raise DatasetMissing(
             f"the {split} split of {cfg.data.dataset} is not in {store.uri(split_prefix(cfg, split))} on "
-            f"{store.endpoint}; put it there with: {prepare_command(split, config_path)}"
+            f"{store.endpoint}; put it there with: {prepare_command(split)}"
         ) from None
     except json.JSONDecodeError:
-        raise DatasetError(f"{store.uri(key)} is not valid JSON; run `{prepare_command(split, config_path)} --force`") from None
+        raise DatasetError(f"{store.uri(key)} is not valid JSON; run `{prepare_command(split)} --force`") from None
     if manifest.get("version") != MANIFEST_VERSION:
         raise DatasetError(f"{store.uri(key)} has manifest version {manifest.get('version')}, this code reads "
-                           f"{MANIFEST_VERSION}; run `{prepare_command(split, config_path)} --force`")
+                           f"{MANIFEST_VERSION}; run `{prepare_command(split)} --force`")
     return manifest
 
 
 def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path, existing: set[str]) -> dict[str, Any]:
     path = tmp / stem
     data.tofile(path)
-    digest = sha256_file(path)
+    digest = file_hash(path)
     key = f"{prefix}/{stem}-{digest[:16]}.u8"
     if key in existing:
         log.info("%s already in the bucket", key)
@@ -203,11 +188,11 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
     prefix = split_prefix(cfg, split)
     if not force:
         try:
-            manifest = read_manifest(store, cfg, split)
+            manifest = read_split_manifest(store, cfg, split)
             local = Path(from_) if from_ and "://" not in from_ else None
             if local is not None and local.is_dir():
                 local = local / OFFICIAL[split].filename
-            if local is not None and local.is_file() and sha256_file(local) != manifest["source"]["sha256"]:
+            if local is not None and local.is_file() and file_hash(local) != manifest["source"]["sha256"]:
                 raise DatasetError(
                     f"the {split} split in {store.uri(prefix)} came from {manifest['source']['origin']}, not from "
                     f"{local} (their sha256 differ); add --force to replace it"
@@ -225,7 +210,7 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
         src = fetch(split, tmp, cfg.data.source_url, from_)
         log.info("validating %s", src.path)
         images, labels = read_mat(src.path)
-        source = {"origin": src.origin, "file": src.path.name, "official": src.official, "sha256": sha256_file(src.path)}
+        source = {"origin": src.origin, "file": src.path.name, "official": src.official, "sha256": file_hash(src.path)}
         if src.official:
             source["md5"] = OFFICIAL[split].md5
         if src.path.parent == tmp:
@@ -253,9 +238,9 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
         "source": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    store.put_bytes(_manifest_key(cfg, split), json.dumps(manifest, indent=2).encode(), "application/json")
+    store.put_bytes(split_manifest_key(cfg, split), json.dumps(manifest, indent=2).encode(), "application/json")
     # Only after the new manifest is in place: drop objects no manifest points to any more.
-    keep = {o["key"] for o in objects} | {label_obj["key"], _manifest_key(cfg, split)}
+    keep = {o["key"] for o in objects} | {label_obj["key"], split_manifest_key(cfg, split)}
     stale = [k for k in existing if k not in keep and k.endswith(".u8")]
     if stale:
         store.delete(stale)
@@ -266,23 +251,19 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def default_cache_dir() -> Path:
-    return cache_root() / "objects"
-
-
-def cached_object(store: Store, obj: dict[str, Any], cache_dir: Path) -> Path:
+def cached_object(store: Store, obj: dict[str, Any]) -> Path:
     """A local, hash-checked copy of a manifest object, downloaded once per node (`fetch_once`)."""
 
     def download(part: Path) -> None:
         store.download_file(obj["key"], part)
-        digest = sha256_file(part)
+        digest = file_hash(part)
         if digest != obj["sha256"] or part.stat().st_size != obj["bytes"]:
             raise DatasetError(
                 f"{store.uri(obj['key'])} is corrupt: sha256 {digest[:16]}... but the manifest says "
                 f"{obj['sha256'][:16]}...; prepare the split again with --force"
             )
 
-    return fetch_once(cache_dir / obj["sha256"], download,
+    return fetch_once(cache_dir("objects") / obj["sha256"], download,
                       ready=lambda p: p.exists() and p.stat().st_size == obj["bytes"])
 
 
@@ -293,38 +274,22 @@ class SplitData:
     manifest: dict[str, Any]
 
 
-def load_split(store: Store, cfg: JobConfig, split: str | None = None, rank: int = 0, world_size: int = 1,
-               partition: bool = False, max_images: int | None = None, cache_dir: Path | None = None,
-               config_path: str = "jobs/svhn.yaml") -> SplitData:
-    """The split's images and labels, in memory.
+def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_images: int | None = None) -> SplitData:
+    """The split's first `max_images` (default: all) images and labels, in memory.
 
-    With `partition`, rank r of `world_size` gets the r-th contiguous 1/world_size of the split and
-    only the shards overlapping it are downloaded; without it every rank gets the whole split (the
-    training loop slices a global per-epoch permutation instead). `max_images` keeps the first N.
+    Every rank holds the whole split; the training loop gives each its slice of a per-epoch permutation.
     """
     split = split or cfg.data.split
-    manifest = read_manifest(store, cfg, split, config_path)
+    manifest = read_split_manifest(store, cfg, split)
     count = manifest["count"] if max_images is None else min(max_images, manifest["count"])
-    lo, hi = 0, count
-    if partition:
-        lo, hi = rank * count // world_size, (rank + 1) * count // world_size
-    images = np.empty((hi - lo, *IMAGE_SHAPE), dtype=np.uint8)
+    images = np.empty((count, *IMAGE_SHAPE), dtype=np.uint8)
     flat = images.reshape(-1)
-    cache_dir = cache_dir or default_cache_dir()
     start = 0
     for obj in manifest["objects"]:
-        end = start + obj["count"]
-        a, b = max(start, lo), min(end, hi)
-        if a < b:
-            path = cached_object(store, obj, cache_dir)
-            with open(path, "rb") as f:
-                f.seek((a - start) * IMAGE_BYTES)
-                f.readinto(memoryview(flat[(a - lo) * IMAGE_BYTES:(b - lo) * IMAGE_BYTES]))
-        start = end
-    label_path = cached_object(store, manifest["labels"], cache_dir)
-    labels = np.fromfile(label_path, dtype=np.uint8)[lo:hi]
+        end = min(start + obj["count"], count)
+        if start < end:
+            with open(cached_object(store, obj), "rb") as f:
+                f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES]))
+        start += obj["count"]
+    labels = np.fromfile(cached_object(store, manifest["labels"]), dtype=np.uint8)[:count]
     return SplitData(images, labels, manifest)
-
-
-def clear_cache(cache_dir: Path | None = None) -> None:
-    shutil.rmtree(cache_dir or default_cache_dir(), ignore_errors=True)

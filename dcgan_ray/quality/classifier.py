@@ -1,9 +1,9 @@
 """A small digit classifier of our own, the feature network for judging G's samples.
 
-FID's Inception network (`dcgan_ray.inception`) needs weights from outside and ~5.7 GFLOP per image,
+FID's Inception network (`dcgan_ray.quality.inception`) needs weights from outside and ~5.7 GFLOP per image,
 and ImageNet features say little about 32x32 house numbers. This CNN, trained on the same digits G
 learns, needs neither and gives
-  - penultimate features for the Fréchet distance (`dcgan_ray.fid`),
+  - penultimate features for the Fréchet distance (`dcgan_ray.quality.fid`),
   - class probabilities for an inception score and a class histogram, where mode collapse shows as
     most samples landing in a few classes.
 
@@ -13,7 +13,7 @@ epochs on 10,000 digits take well under two minutes on two cores: one conv per b
 BN and ReLU, and channels-last tensors, where PyTorch's CPU convolutions and max-pool are fastest.
 
 Inputs are float in [-1, 1], the range of G's tanh, so samples go in without conversion and real
-uint8 images go through `dcgan_ray.step.to_model_input` exactly as in GAN training.
+uint8 images go through `dcgan_ray.gan.step.to_model_input` exactly as in GAN training.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import rel_entr
 from torch import nn
 
 from dcgan_ray.errors import CheckpointError
-from dcgan_ray.step import to_model_input
+from dcgan_ray.gan.step import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -197,36 +196,6 @@ def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torc
         _, probs = classify(model, to_model_input(images[start:start + batch_size]), batch_size)
         correct += int((probs.argmax(dim=1) == labels[start:start + batch_size].cpu().long()).sum())
     return correct / images.shape[0]
-
-
-def _as_probs(probs: np.ndarray | torch.Tensor) -> np.ndarray:
-    p = np.asarray(probs.detach().cpu() if isinstance(probs, torch.Tensor) else probs, dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] == 0:
-        raise ValueError(f"probabilities must be (N, classes) with N >= 1, got shape {p.shape}")
-    return p
-
-
-def inception_score(probs: np.ndarray | torch.Tensor, splits: int = 1) -> float:
-    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` equal parts as in Salimans et al. 2016.
-
-    Near the number of classes when samples are confidently classified and spread over all classes;
-    near 1 when they are ambiguous or all of one class.
-    """
-    p = _as_probs(probs)
-    if not 1 <= splits <= p.shape[0]:
-        raise ValueError(f"splits must be 1..{p.shape[0]} (the number of samples), got {splits}")
-    scores = []
-    for part in np.array_split(p, splits):
-        marginal = part.mean(axis=0, keepdims=True)
-        # rel_entr is 0 where p(y|x) is 0, so confident predictions need no epsilon.
-        scores.append(np.exp(rel_entr(part, marginal).sum(axis=1).mean()))
-    return float(np.mean(scores))
-
-
-def class_histogram(probs: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Fraction of samples (classes,) whose most likely class is each class."""
-    p = _as_probs(probs)
-    return np.bincount(p.argmax(axis=1), minlength=p.shape[1]) / p.shape[0]
 
 
 def histogram_distance(hist: np.ndarray, reference_hist: np.ndarray) -> float:

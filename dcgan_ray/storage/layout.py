@@ -1,0 +1,135 @@
+"""Where everything lives in the bucket: the one module that names keys.
+
+  s3://<bucket>/<prefix>/
+    data/<dataset>/<split>/manifest.json             the split's manifest, written last by `data prepare`
+    data/<dataset>/<split>/images-<sha>.u8 ...       uint8 NCHW shards, named by content hash
+    data/<dataset>/<split>/stats-<extractor>-<weights>-n<count>.npz   reference statistics of the real split
+    models/classifier-<dataset>.pt                   the digit classifier behind digit_fd
+    runs/<name>/                                     one training run (see RunLayout)
+    studies/<study>/tune/                            Ray Tune's experiment state
+    studies/<study>/trials/<trial id>/               each trial's run folder
+    studies/<study>/report/                          trials.csv, plots, mosaic, best.yaml, index.html
+
+`dcgan-ray paths CONFIG` prints these URIs for a job, so scripts never spell a key themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcgan_ray.config import JobConfig
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p)
+
+
+def split_prefix(cfg: JobConfig, split: str | None = None) -> str:
+    return _join(cfg.storage.prefix, "data", cfg.data.dataset, split or cfg.data.split)
+
+
+def split_manifest_key(cfg: JobConfig, split: str | None = None) -> str:
+    return f"{split_prefix(cfg, split)}/manifest.json"
+
+
+def reference_stats_key(cfg: JobConfig, extractor: str, weights_id: str, count: int) -> str:
+    return f"{split_prefix(cfg)}/stats-{extractor}-{weights_id}-n{count}.npz"
+
+
+def classifier_key(cfg: JobConfig) -> str:
+    return _join(cfg.storage.prefix, "models", f"classifier-{cfg.data.dataset}.pt")
+
+
+def runs_prefix(cfg: JobConfig) -> str:
+    return cfg.storage.runs_prefix or _join(cfg.storage.prefix, "runs")
+
+
+def study_name(cfg: JobConfig) -> str:
+    return cfg.tune.study or f"{cfg.name}-study"
+
+
+def study_prefix(cfg: JobConfig) -> str:
+    return _join(cfg.storage.prefix, "studies", study_name(cfg))
+
+
+def study_trials_prefix(cfg: JobConfig) -> str:
+    return f"{study_prefix(cfg)}/trials"
+
+
+def study_report_prefix(cfg: JobConfig) -> str:
+    return f"{study_prefix(cfg)}/report"
+
+
+STUDY_EXPERIMENT = "tune"
+"""Ray Tune's experiment folder under the study prefix."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The keys of one run folder:
+
+      run.json                          the manifest: status, config, per-epoch metrics, artifact URIs
+      config.yaml                       the resolved job config
+      samples/epoch_0001.png ...        G on the fixed noise after each epoch (8x8 grid, 32 px tiles)
+      samples/latest.png                the newest of those
+      samples/progress.gif              all epochs, animated (written at the end)
+      checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`
+      best/checkpoint.pt                the checkpoint with the best `eval.metric`, kept apart from those
+      checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
+    """
+
+    bucket: str
+    prefix: str  # key prefix of the run folder, no trailing '/'
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> RunLayout:
+        return cls(cfg.storage.bucket, f"{runs_prefix(cfg)}/{cfg.name}")
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/run.json"
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.prefix}/config.yaml"
+
+    def sample_key(self, epoch: int) -> str:
+        return f"{self.prefix}/samples/epoch_{epoch:04d}.png"
+
+    @property
+    def latest_sample_key(self) -> str:
+        return f"{self.prefix}/samples/latest.png"
+
+    @property
+    def gif_key(self) -> str:
+        return f"{self.prefix}/samples/progress.gif"
+
+    @property
+    def best_key(self) -> str:
+        return f"{self.prefix}/best/checkpoint.pt"
+
+    CHECKPOINT_DIR_PREFIX = "checkpoint_epoch_"
+
+    def checkpoint_dir_key(self, dir_name: str) -> str:
+        return f"{self.prefix}/{dir_name}"
+
+
+def job_paths(cfg: JobConfig) -> dict[str, str]:
+    """Every URI a person or a script asks for, by name (`dcgan-ray paths`)."""
+    run = RunLayout.of(cfg)
+    uri = lambda key: f"s3://{cfg.storage.bucket}/{key}"  # noqa: E731
+    return {
+        "data": uri(split_prefix(cfg)),
+        "classifier": uri(classifier_key(cfg)),
+        "run": run.uri,
+        "run_manifest": uri(run.manifest_key),
+        "latest_samples": uri(run.latest_sample_key),
+        "animation": uri(run.gif_key),
+        "best_checkpoint": uri(run.best_key),
+        "study": uri(study_prefix(cfg)),
+        "study_report": uri(f"{study_report_prefix(cfg)}/index.html"),
+    }

@@ -1,0 +1,134 @@
+"""Rank 0's side effects of a training run, behind one object: the run manifest, sample grids, the
+animation, the best checkpoint, the checkpoint handed to Ray.
+
+`recorder_for(rank, ...)` gives rank 0 a `RunRecorder` and every other rank a `Silent` one whose
+methods do nothing, so the training loop has no `if rank == 0:` branches. Nothing here is a
+collective: rank 0 may take as long as it needs while the others wait at the next `report`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from dcgan_ray.config import JobConfig
+from dcgan_ray.gan.step import to_pixels, unwrap
+from dcgan_ray.storage.checkpoint import Checkpointer
+from dcgan_ray.storage.images import gif_bytes, grid_image, png_bytes
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import new_run_manifest, read_run_manifest, write_run_manifest
+from dcgan_ray.storage.s3 import Store
+
+log = logging.getLogger(__name__)
+
+State = Callable[[], dict[str, Any]]
+"""Builds the checkpoint state on demand (only rank 0 ever calls it)."""
+
+
+class Silent:
+    """The recorder of ranks other than 0: every method is a no-op."""
+
+    def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
+        pass
+
+    def first_samples(self, netG: torch.nn.Module, quality: dict[str, float]) -> None:
+        pass
+
+    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
+                   save_into: Path | None) -> Path | None:
+        return None
+
+    def finished(self) -> None:
+        pass
+
+
+class RunRecorder(Silent):
+    """Rank 0: keeps run.json current and writes every artifact a person looks at."""
+
+    def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor):
+        self.store, self.cfg, self.checkpointer, self.fixed_noise = store, cfg, checkpointer, fixed_noise
+        self.layout = RunLayout.of(cfg)
+        self.manifest: dict[str, Any] = {}
+
+    def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
+        cfg, layout = self.cfg, self.layout
+        m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
+        m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
+                 global_batch=cfg.train.batch_size * world)
+        m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]
+        if origin is not None:
+            m["resumed_from"] = {"epoch": start_epoch, "checkpoint": origin}
+        self.manifest = m
+        self._save()
+        self.store.put_bytes(layout.config_key, cfg.to_yaml().encode(), "text/yaml")
+        log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
+                 cfg.train.batch_size, cfg.train.batch_size * world, steps_per_epoch)
+        if origin is not None:
+            log.info("resuming %s at epoch %d/%d", layout.uri, start_epoch + 1, cfg.train.epochs)
+
+    def first_samples(self, netG: torch.nn.Module, quality: dict[str, float]) -> None:
+        """Epoch 0, the untrained G: the first frame of the animation and the far end of every curve."""
+        self.manifest["samples"]["epochs"] = [self._write_grid(netG, 0)]
+        self.manifest["history"] = [{"epoch": 0, **quality}] if quality else []
+        self._save()
+
+    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
+                   save_into: Path | None) -> Path | None:
+        """Samples, the best copy, run.json; with `save_into`, the checkpoint in a fresh folder there,
+        whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name)."""
+        m, done = self.manifest, metrics["epoch"]
+        sample_uri = self._write_grid(netG, done)
+        log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
+                 done, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
+                 metrics["d_real"], metrics["d_fake"], metrics["images_per_s"], sample_uri)
+        best = self.checkpointer.keep_if_best(m["checkpoints"].get("best"), done, metrics.get(self.cfg.eval.metric),
+                                              state)
+        if best is not None:
+            m["checkpoints"]["best"] = best
+        m["history"].append(metrics)
+        m["epochs_completed"] = done
+        m["samples"]["latest"] = self.store.uri(self.layout.latest_sample_key)
+        m["samples"]["epochs"] = sorted({*m["samples"]["epochs"], sample_uri})
+        checkpoint_dir = None
+        if save_into is not None:
+            checkpoint_dir = save_into / self.checkpointer.dir_name(done)
+            self.checkpointer.save(checkpoint_dir, state())
+            m["checkpoints"]["latest"] = f"{self.layout.uri}/{checkpoint_dir.name}"
+        self._save()
+        return checkpoint_dir
+
+    def finished(self) -> None:
+        m = self.manifest
+        frames = [Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
+                  for e in range(self.cfg.train.epochs + 1)]
+        self.store.put_bytes(self.layout.gif_key, gif_bytes(frames), "image/gif")
+        m["samples"]["gif"] = self.store.uri(self.layout.gif_key)
+        m["status"] = "finished"
+        self._save()
+        log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
+                 self.cfg.train.epochs, m["samples"]["latest"], m["samples"]["gif"], m["checkpoints"]["latest"])
+
+    def _write_grid(self, netG: torch.nn.Module, epoch: int) -> str:
+        """G in eval mode (BatchNorm running statistics) on the fixed noise, as epoch_NNNN.png and latest.png."""
+        bare = unwrap(netG)
+        bare.eval()
+        with torch.no_grad():
+            pixels = to_pixels(bare(self.fixed_noise))
+        bare.train()
+        png = png_bytes(grid_image(pixels, columns=self.cfg.sample.grid_size, scale=self.cfg.sample.scale))
+        self.store.put_bytes(self.layout.sample_key(epoch), png, "image/png")
+        self.store.put_bytes(self.layout.latest_sample_key, png, "image/png")
+        return self.store.uri(self.layout.sample_key(epoch))
+
+    def _save(self) -> None:
+        write_run_manifest(self.store, self.layout, self.manifest)
+
+
+def recorder_for(rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer,
+                 fixed_noise: torch.Tensor) -> Silent:
+    return RunRecorder(store, cfg, checkpointer, fixed_noise) if rank == 0 else Silent()

@@ -1,0 +1,155 @@
+"""The per-worker training function that Ray Train runs on every DDP rank.
+
+Ray does the distributed set-up (process group, device, DDP wrapping); the GAN math is
+`dcgan_ray.gan.step`. Each rank holds the whole split in memory (on the GPU when there is one) and
+trains on its disjoint slice of a per-epoch permutation. `train.batch_size` is per worker; the global
+batch is batch_size x world_size. Rank 0's side effects (run manifest, sample grids, checkpoints) go
+through `dcgan_ray.train.recorder`; the other ranks' recorder does nothing.
+
+  train_worker:  [1] set up (data, models, resume, DDP)  [2] epoch 0's samples
+                 [3] each epoch: train, then `end_epoch`  [4] finish
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from dcgan_ray.config import JobConfig, config_from_dict
+from dcgan_ray.data.svhn import load_split
+from dcgan_ray.gan.models import build_models
+from dcgan_ray.gan.step import EpochStats, make_optimizers, noise_generator, rank_batches, run_epoch, unwrap
+from dcgan_ray.gan.sync import average, average_bn_buffers
+from dcgan_ray.logs import setup_logging
+from dcgan_ray.quality.metrics import Evaluator
+from dcgan_ray.storage.checkpoint import Checkpointer
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.recorder import Silent, recorder_for
+
+log = logging.getLogger(__name__)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    setup_logging()
+    w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"))
+    if w.start_epoch == 0:
+        w.recorder.first_samples(w.netG, w.evaluate())
+    for epoch in range(w.start_epoch, w.cfg.train.epochs):
+        w.end_epoch(epoch, w.train_epoch(epoch))
+    w.recorder.finished()
+
+
+@dataclass
+class Worker:
+    """One rank's training state, and the three things it does: set up, train an epoch, end it."""
+
+    cfg: JobConfig
+    rank: int
+    world: int
+    device: torch.device
+    images: torch.Tensor  # uint8 (N, 3, 32, 32), resident on the device
+    netG: torch.nn.Module  # DDP-wrapped
+    netD: torch.nn.Module
+    optG: torch.optim.Optimizer
+    optD: torch.optim.Optimizer
+    fixed_noise: torch.Tensor
+    start_epoch: int
+    step: int
+    evaluator: Evaluator | None
+    recorder: Silent
+
+    @classmethod
+    def set_up(cls, cfg: JobConfig) -> Worker:
+        ctx = ray.train.get_context()
+        rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+        store = Store(cfg.storage)
+        images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images).images).to(device)
+        log.debug("rank %d/%d on %s: %d images resident (%.0f MiB)", rank, world, device, len(images),
+                  images.numel() / 2**20)
+
+        # [1] Build, move to the device, make optimizers, load state (Adam's follows its parameters).
+        torch.manual_seed(cfg.train.seed)
+        netG, netD = (net.to(device) for net in build_models(cfg.model.z_dim, cfg.model.g_features,
+                                                             cfg.model.d_features, cfg.model.alpha))
+        optG, optD = make_optimizers(netG, netD, cfg.train.lr_generator, cfg.train.lr_discriminator,
+                                     cfg.train.beta1, cfg.train.beta2)
+        fixed_noise = torch.randn(cfg.sample.grid_size**2, cfg.model.z_dim,
+                                  generator=torch.Generator().manual_seed(cfg.train.seed))
+        checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
+        handed = ray.train.get_checkpoint()
+        state, origin = checkpointer.restore(handed.path if handed is not None else None)
+        start_epoch, step = 0, 0
+        if state is not None:
+            for obj, key in ((netG, "netG"), (netD, "netD"), (optG, "optG"), (optD, "optD")):
+                obj.load_state_dict(state[key])
+            fixed_noise, start_epoch, step = state["fixed_noise"], state["epoch"], state["step"]
+
+        # [2] DDP last: it broadcasts rank 0's parameters, which every rank already has.
+        ddp = {"broadcast_buffers": False}
+        netG = ray.train.torch.prepare_model(netG, parallel_strategy_kwargs=ddp)
+        netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp)
+
+        evaluator = Evaluator(store, cfg, images, device, rank, world) if cfg.eval.every_epochs else None
+        recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device))
+        recorder.started(start_epoch, world, origin, len(images) // (world * cfg.train.batch_size))
+        return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
+                   step, evaluator, recorder)
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        cfg = self.cfg
+        batches = rank_batches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed, epoch)
+
+        def on_log(i: int, m: dict[str, float]) -> None:
+            log.info("epoch %d/%d step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f  %.0f img/s",
+                     epoch + 1, cfg.train.epochs, i, len(batches), m["loss_d"], m["loss_g"], m["d_real"],
+                     m["d_fake"], m["images_per_s"] * self.world)
+
+        return run_epoch(self.netG, self.netD, self.optG, self.optD, self.images, batches, cfg.model.z_dim,
+                         noise_generator(cfg.train.seed, epoch, self.rank, self.device),
+                         real_target=1.0 - cfg.train.label_smoothing,
+                         log_every=cfg.train.log_every_steps if self.rank == 0 else 0, on_log=on_log)
+
+    def end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Agree on the epoch's numbers and BatchNorm statistics, evaluate, record, report (with a
+        checkpoint on checkpoint epochs). Every step up to `report` is a collective."""
+        cfg, done = self.cfg, epoch + 1
+        self.step += stats.steps
+        loss_d, loss_g, d_real, d_fake, seconds = average(
+            [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.seconds], self.device)
+        average_bn_buffers(self.netG, self.netD)
+        metrics = {
+            "epoch": done, "step": self.step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
+            "images_per_s": stats.images * self.world / seconds, "epoch_seconds": seconds,
+            "finite": float(np.isfinite([loss_d, loss_g]).all()),
+        }
+        last = done == cfg.train.epochs
+        if self.evaluator is not None and (done % cfg.eval.every_epochs == 0 or last):
+            metrics.update(self.evaluate())
+        save_now = done % cfg.checkpoint.every_epochs == 0 or last
+        with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as tmp:
+            saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done),
+                                             Path(tmp) if save_now else None)
+            # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
+                             checkpoint_dir_name=saved.name if saved else None)
+
+    def evaluate(self) -> dict[str, float]:
+        """Quality metrics of G (rank 0; {} elsewhere, and without evaluation). A collective."""
+        return self.evaluator(self.netG, seed=self.cfg.train.seed) if self.evaluator is not None else {}
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """What a checkpoint holds (see dcgan_ray.storage.checkpoint)."""
+        return {
+            "netG": unwrap(self.netG).state_dict(), "netD": unwrap(self.netD).state_dict(),
+            "optG": self.optG.state_dict(), "optD": self.optD.state_dict(), "epoch": epoch, "step": self.step,
+            "fixed_noise": self.fixed_noise.cpu(), "config": self.cfg.to_dict(),
+        }
