@@ -1,0 +1,613 @@
+"""The cluster recipes in cluster/ are checked offline: no cloud, no Kubernetes, no Ray cluster, no network.
+
+- aws-cluster.yaml goes through Ray's own `prepare_config` + `validate_config` (what `ray up` runs before it
+  touches AWS; the defaults it merges come from the installed wheel's aws/defaults.yaml).
+- kuberay.yaml / kueue.yaml are validated against a schema derived from the KubeRay and Kueue CRDs (bottom of
+  this file), plus the rules their operators enforce and this project's own rules for S3 credentials.
+- Every file in cluster/ is scanned for anything that looks like an AWS key.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import boto3
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from dcgan_ray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+SECRET_NAME = "dcgan-ray-s3"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CREDENTIAL_NAME = re.compile(r"(?i)aws_?(secret_?access_?key|access_?key_?id|session_?token)")
+# KubeRay's default submitter pod (ray-operator/controllers/ray/common/job.go, v1.7.0): Kueue counts it too.
+SUBMITTER_REQUESTS = {"cpu": "500m", "memory": "200Mi"}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: these checks must stay offline."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def load_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d is not None]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def walk(node, path=""):
+    """Yield (path, key, value) for every mapping entry, however deep."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield path, k, v
+            yield from walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, f"{path}[{i}]")
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity ("500m", "24Gi", 4) as a number of base units."""
+    units = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * units[unit]
+
+
+# ---------------------------------------------------------------------------------------------- AWS launcher
+
+@pytest.fixture(scope="module")
+def aws():
+    return yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+
+
+def test_aws_config_passes_rays_validation(aws):
+    prepared = prepare_config(copy.deepcopy(aws))
+    validate_config(prepared)  # raises jsonschema.ValidationError / ValueError on a bad config
+    # The file's own node types survive the merge with Ray's defaults (which would add a spot m5.large).
+    assert set(prepared["available_node_types"]) == set(aws["available_node_types"])
+    assert prepared["setup_commands"] == aws["setup_commands"]
+
+
+def test_aws_node_types(aws):
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "the head must advertise CPU: 0 so no training lands on it"
+    workers = {name: t for name, t in types.items() if name != aws["head_node_type"]}
+    assert workers, "no worker node types"
+    for name, t in workers.items():
+        assert t.get("min_workers") == 0, f"{name}: min_workers must be 0 (idle clusters cost nothing)"
+        assert 0 < t["max_workers"] <= aws["max_workers"], f"{name}: max_workers out of (0, {aws['max_workers']}]"
+    gpu = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) >= 1}
+    assert gpu, "no worker type with a GPU"
+    for name, t in gpu.items():
+        assert re.match(r"(g|p)\d+[a-z]*\.", t["node_config"]["InstanceType"]), f"{name} is not a GPU instance"
+    assert any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) > 0 for t in workers.values()), \
+        "no CPU worker type"
+    # jobs/svhn.yaml asks for scaling.num_workers GPU workers: the GPU types must be able to hold them.
+    job = load_config(REPO / "jobs" / "svhn.yaml")
+    assert sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu.values()) >= job.scaling.num_workers
+
+
+def test_aws_s3_access_is_an_instance_profile_never_keys(aws):
+    for name, t in aws["available_node_types"].items():
+        assert t["node_config"].get("IamInstanceProfile"), f"{name}: no IamInstanceProfile (S3 access)"
+    for path, key, value in walk(aws):
+        assert not (CREDENTIAL_NAME.search(str(key)) and value), f"credential {key} set at {path}"
+    for path, key, value in walk(aws):
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                assert not re.search(r"(?i)aws_(secret_access_key|access_key_id|session_token)\s*=", text), \
+                    f"credential assigned in {path}.{key}: {text!r}"
+
+
+def test_aws_setup_installs_the_project_and_starts_ray(aws):
+    (target, source), = aws["file_mounts"].items()
+    assert source == ".", "file_mounts must copy the checkout (run `ray up` from its root)"
+    home = f"/home/{aws['auth']['ssh_user']}"
+    installs = [c for c in aws["setup_commands"] if "pip install" in c
+                and (f" {target}" in c or " ~" + target.removeprefix(home) in c)]
+    assert installs, f"no setup command pip-installs {target}"
+    pins = re.findall(r"ray\[[^\]]*\]==([0-9.]+)", " ".join(aws["setup_commands"]))
+    assert pins and pins[0].split(".")[:2] == ray.__version__.split(".")[:2], \
+        f"setup pins Ray {pins}, the local Ray is {ray.__version__} (ray up needs the same version)"
+    assert any("ray start --head" in c for c in aws["head_start_ray_commands"])
+    assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in aws["worker_start_ray_commands"])
+
+
+# ------------------------------------------------------------------------------------------ KubeRay / Kueue
+
+RAYJOB_FILES = ["kuberay.yaml", "kueue.yaml"]
+
+
+def rayjob(name: str) -> dict:
+    return one(load_docs(name), "RayJob")
+
+
+def containers(job: dict) -> list[dict]:
+    rc = job["spec"]["rayClusterSpec"]
+    groups = [rc["headGroupSpec"], *rc.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_documents_match_the_crd_schemas(name):
+    docs = load_docs(name)
+    assert docs
+    for doc in docs:
+        assert doc["kind"] in CRD_SCHEMAS, f"{name}: unexpected kind {doc['kind']}"
+        group = "ray.io/v1" if doc["kind"] == "RayJob" else "kueue.x-k8s.io/v1beta1"
+        assert doc["apiVersion"] == group, f"{name}: {doc['kind']} must be {group}"
+        jsonschema.Draft202012Validator(CRD_SCHEMAS[doc["kind"]]).validate(doc)
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_lifecycle(name):
+    job = rayjob(name)
+    spec = job["spec"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", job["metadata"]["name"]), \
+        "KubeRay wants a DNS-1035 RayJob name of at most 47 characters"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["activeDeadlineSeconds"] > 0
+    assert spec["ttlSecondsAfterFinished"] >= 0
+    # runtimeEnvYAML's working_dir is a path in the image: only the submitter Job (K8sJobMode) uploads it.
+    assert spec["submissionMode"] == "K8sJobMode"
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+    assert isinstance(runtime_env, dict)
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
+    assert len({c["image"] for c in containers(job)}) == 1, "head and workers must run one image"
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_gpu_workers(name):
+    rc = rayjob(name)["spec"]["rayClusterSpec"]
+    gpu_groups = [g for g in rc["workerGroupSpecs"]
+                  if any(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+                         for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, "no worker group with an nvidia.com/gpu limit"
+    for g in rc["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], g["groupName"]
+        for c in g["template"]["spec"]["containers"]:
+            requests, limits = c["resources"].get("requests", {}), c["resources"]["limits"]
+            if "nvidia.com/gpu" in requests:  # extended resources: requests must equal limits
+                assert quantity(requests["nvidia.com/gpu"]) == quantity(limits["nvidia.com/gpu"])
+    job = load_config(REPO / "jobs" / "svhn.yaml")
+    assert job.scaling.use_gpu
+    assert sum(g["replicas"] for g in gpu_groups) >= job.scaling.num_workers, \
+        "fewer GPU workers than jobs/svhn.yaml's scaling.num_workers"
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_s3_credentials_come_from_the_secret(name):
+    job = rayjob(name)
+    for c in containers(job):
+        env = {e["name"]: e for e in c.get("env", [])}
+        from_secret = {r["secretRef"]["name"] for r in c.get("envFrom", []) if "secretRef" in r}
+        for key in SECRET_KEYS:
+            if key in env:
+                ref = env[key].get("valueFrom", {}).get("secretKeyRef", {})
+                assert ref.get("name") == SECRET_NAME, f"{c['name']}: {key} not from Secret {SECRET_NAME}"
+            else:
+                assert SECRET_NAME in from_secret, f"{c['name']}: {key} missing (env secretKeyRef or envFrom)"
+        endpoint = env.get("AWS_ENDPOINT_URL", {})
+        assert "valueFrom" not in endpoint and str(endpoint.get("value", "")).startswith(("http://", "https://")), \
+            f"{c['name']}: AWS_ENDPOINT_URL must be a plain http(s) value"
+    # Anywhere in the document (containers added later included): no credential as a literal value.
+    for path, key, value in walk(job):
+        if key == "env":
+            for e in value:
+                if CREDENTIAL_NAME.fullmatch(e["name"]):
+                    assert "value" not in e, f"{path}: {e['name']} has a literal value"
+                    assert "secretKeyRef" in e.get("valueFrom", {}), f"{path}: {e['name']} not from a Secret"
+    spec = job["spec"]
+    assert "AWS_" not in spec.get("runtimeEnvYAML", ""), "credentials never go into the job's runtime env"
+    assert "AWS_" not in spec["entrypoint"]
+
+
+def test_rayjob_entrypoint_runs_svhn_against_the_pods_endpoint(monkeypatch):
+    job = rayjob("kuberay.yaml")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:5] == ["python", "-m", "dcgan_ray", "train", "jobs/svhn.yaml"]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(REPO / argv[4], overrides)
+    # A null endpoint makes boto3 use AWS_ENDPOINT_URL from the pod; an explicit one would override it.
+    assert cfg.storage.endpoint is None
+    endpoint = next(e["value"] for e in containers(job)[0]["env"] if e["name"] == "AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    client = boto3.session.Session().client("s3", endpoint_url=cfg.storage.endpoint, region_name=cfg.storage.region)
+    assert client.meta.endpoint_url == endpoint
+
+
+def test_kueue_queue_objects_are_linked():
+    docs = load_docs("kueue.yaml")
+    flavors = {d["metadata"]["name"] for d in docs if d["kind"] == "ResourceFlavor"}
+    cq, lq, job = one(docs, "ClusterQueue"), one(docs, "LocalQueue"), one(docs, "RayJob")
+    assert flavors, "no ResourceFlavor"
+    for group in cq["spec"]["resourceGroups"]:
+        for flavor in group["flavors"]:
+            assert flavor["name"] in flavors, f"ClusterQueue uses unknown flavor {flavor['name']}"
+            assert [r["name"] for r in flavor["resources"]] == group["coveredResources"], \
+                "a flavor must list coveredResources, in the same order"
+    covered = {r for g in cq["spec"]["resourceGroups"] for r in g["coveredResources"]}
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= covered
+    assert lq["spec"]["clusterQueue"] == cq["metadata"]["name"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == lq["metadata"]["name"]
+    assert job["metadata"].get("namespace") == lq["metadata"].get("namespace"), "LocalQueues are per namespace"
+    assert job["spec"]["suspend"] is True, "Kueue admits a RayJob by unsuspending it"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True, "Kueue needs the cluster deleted at the end"
+    assert "clusterSelector" not in job["spec"], "a Kueue-managed RayJob cannot use an existing cluster"
+    assert not job["spec"]["rayClusterSpec"].get("enableInTreeAutoscaling"), "needs Kueue's elastic jobs"
+
+
+def test_kueue_quota_admits_the_job():
+    docs = load_docs("kueue.yaml")
+    cq, job = one(docs, "ClusterQueue"), one(docs, "RayJob")
+    quota = {r["name"]: quantity(r["nominalQuota"])
+             for g in cq["spec"]["resourceGroups"] for f in g["flavors"] for r in f["resources"]}
+    rc = job["spec"]["rayClusterSpec"]
+    pods = [(1, rc["headGroupSpec"]), *[(g["replicas"], g) for g in rc["workerGroupSpecs"]]]
+    need = {k: quantity(v) for k, v in SUBMITTER_REQUESTS.items()}
+    for count, group in pods:
+        for c in group["template"]["spec"]["containers"]:
+            for k, v in (c["resources"].get("requests") or c["resources"]["limits"]).items():
+                need[k] = need.get(k, 0) + count * quantity(v)
+    for k, v in need.items():
+        assert k in quota and v <= quota[k], f"one job needs {k}={v:g}, the ClusterQueue has {quota.get(k)}"
+
+
+def test_kueue_rayjob_is_the_kuberay_job():
+    plain, queued = rayjob("kuberay.yaml"), rayjob("kueue.yaml")
+    assert {k: v for k, v in queued["spec"].items() if k != "suspend"} == plain["spec"], \
+        "kueue.yaml's RayJob must be kuberay.yaml's plus suspend (same image, entrypoint, Secret)"
+
+
+def test_readme_creates_the_secret_the_jobs_use():
+    readme = (CLUSTER / "README.md").read_text()
+    command = re.search(rf"kubectl create secret generic {SECRET_NAME}((?:.*\\\n)*.*)", readme)
+    assert command, f"cluster/README.md does not show how to create the Secret {SECRET_NAME}"
+    refs = {v["key"] for f in RAYJOB_FILES for _, k, v in walk(rayjob(f)) if k == "secretKeyRef"}
+    refs |= set(SECRET_KEYS)
+    for key in refs:
+        assert f"--from-literal={key}=" in command.group(1) or f"--from-literal {key}=" in command.group(1), key
+
+
+# --------------------------------------------------------------------------------------------- secret scan
+
+ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b")
+# A 40-character key after a secret's name: on the same line (KEY=..., key: ...) or a few lines on
+# (a Kubernetes env entry's `value:`).
+SECRET_VALUE = re.compile(
+    r"(?i)(?:secret[_-]?access[_-]?key|secret[_-]?key|aws[_-]?secret)[\s\S]{0,80}?[:=]\s*[\"']?"
+    r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
+
+
+def secret_hits(text: str) -> list[str]:
+    return ACCESS_KEY_ID.findall(text) + SECRET_VALUE.findall(text)
+
+
+def test_secret_patterns_catch_keys():
+    # AWS's documented example key pair, assembled here so that no file holds it whole.
+    key_id, secret = "AKIA" + "IOSFODNN7" + "EXAMPLE", "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"
+    assert secret_hits(f"export AWS_ACCESS_KEY_ID={key_id}") == [key_id]
+    for text in (f"AWS_SECRET_ACCESS_KEY={secret}", f'aws_secret_access_key: "{secret}"',
+                 f"--from-literal=AWS_SECRET_ACCESS_KEY={secret}",
+                 f"- name: AWS_SECRET_ACCESS_KEY\n  value: {secret}\n"):
+        assert secret_hits(text) == [secret], text
+    assert secret_hits("AWS_SECRET_ACCESS_KEY=... dcgan-dev-secret") == []
+
+
+def test_no_credentials_in_cluster_files():
+    files = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
+    assert {"aws-cluster.yaml", "kuberay.yaml", "kueue.yaml", "README.md"} <= {p.name for p in files}
+    hits = {str(p.relative_to(REPO)): h for p in files if (h := secret_hits(p.read_text(errors="replace")))}
+    assert hits == {}
+    for p in files:
+        if p.suffix in (".yaml", ".yml"):
+            kinds = [d.get("kind") for d in yaml.safe_load_all(p.read_text()) if isinstance(d, dict)]
+            assert "Secret" not in kinds, f"{p.name}: create the Secret with kubectl (README), not from a file"
+
+
+# ------------------------------------------------------------------------------------ derived CRD schemas
+# Derived from the CRDs' openAPIV3Schema: KubeRay v1.7.0 ray-operator/config/crd/bases/ray.io_rayjobs.yaml
+# (version v1) and Kueue v0.19.2 config/components/crd/bases/kueue.x-k8s.io_{clusterqueues,localqueues,
+# resourceflavors}.yaml (version v1beta1). Descriptions and x-kubernetes-* keys are dropped; every object the
+# recipes use keeps the CRD's types, enums, patterns and required fields for the fields they set, and the
+# names of the other fields in `other` (accepted as anything). Unknown field names are rejected, as
+# `kubectl apply` with strict field validation does. The head and worker pod templates share one schema.
+# Setting a field listed in `other` means re-deriving its subtree from the CRD.
+
+_DERIVED = yaml.safe_load(r"""
+RayJob:
+  type: object
+  properties:
+    apiVersion: {type: string}
+    kind: {type: string}
+    metadata: {type: object}
+    spec:
+      type: object
+      properties:
+        activeDeadlineSeconds: {type: integer}
+        backoffLimit: {type: integer}
+        entrypoint: {type: string}
+        rayClusterSpec:
+          type: object
+          required: [headGroupSpec]
+          properties:
+            authOptions:
+              type: object
+              properties:
+                mode:
+                  type: string
+                  enum: [disabled, token]
+              other: [enableK8sTokenAuth, secretName]
+              additionalProperties: false
+            headGroupSpec:
+              type: object
+              required: [template]
+              properties:
+                rayStartParams:
+                  type: object
+                  additionalProperties: {type: string}
+                template: {$ref: '#/$defs/podTemplate'}
+              other: [enableIngress, headService, ingressOptions, labels, resources, serviceType]
+              additionalProperties: false
+            rayVersion: {type: string}
+            workerGroupSpecs:
+              type: array
+              items:
+                type: object
+                required: [groupName, maxReplicas, minReplicas, template]
+                properties:
+                  groupName: {type: string}
+                  maxReplicas: {type: integer}
+                  minReplicas: {type: integer}
+                  rayStartParams:
+                    type: object
+                    additionalProperties: {type: string}
+                  replicas: {type: integer}
+                  template: {$ref: '#/$defs/podTemplate'}
+                other: [idleTimeoutSeconds, labels, numOfHosts, priority, resources, scaleStrategy, suspend]
+                additionalProperties: false
+          other: [autoscalerOptions, enableInTreeAutoscaling, gcsFaultToleranceOptions, headServiceAnnotations,
+            historyServerOptions, managedBy, networkPolicy, suspend, tlsOptions, upgradeStrategy]
+          additionalProperties: false
+        runtimeEnvYAML: {type: string}
+        shutdownAfterJobFinishes: {type: boolean}
+        submissionMode: {type: string}
+        suspend: {type: boolean}
+        ttlSecondsAfterFinished: {type: integer}
+      other: [clusterSelector, deletionStrategy, entrypointNumCpus, entrypointNumGpus, entrypointResources,
+        jobId, managedBy, metadata, preRunningDeadlineSeconds, submitterConfig, submitterPodTemplate]
+      additionalProperties: false
+  other: [status]
+  additionalProperties: false
+ClusterQueue:
+  type: object
+  properties:
+    apiVersion: {type: string}
+    kind: {type: string}
+    metadata: {type: object}
+    spec:
+      type: object
+      properties:
+        namespaceSelector:
+          type: object
+          properties: {}
+          other: [matchExpressions, matchLabels]
+          additionalProperties: false
+        queueingStrategy:
+          type: string
+          enum: [StrictFIFO, BestEffortFIFO]
+        resourceGroups:
+          type: array
+          maxItems: 16
+          items:
+            type: object
+            required: [coveredResources, flavors]
+            properties:
+              coveredResources:
+                type: array
+                minItems: 1
+                maxItems: 64
+                items: {type: string}
+              flavors:
+                type: array
+                minItems: 1
+                maxItems: 64
+                items:
+                  type: object
+                  required: [name, resources]
+                  properties:
+                    name: {type: string, pattern: '^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$',
+                      maxLength: 253}
+                    resources:
+                      type: array
+                      minItems: 1
+                      maxItems: 64
+                      items:
+                        type: object
+                        required: [name, nominalQuota]
+                        properties:
+                          name: {type: string}
+                          nominalQuota: {$ref: '#/$defs/quantity'}
+                        other: [borrowingLimit, lendingLimit]
+                        additionalProperties: false
+                  additionalProperties: false
+            additionalProperties: false
+      other: [admissionChecks, admissionChecksStrategy, admissionScope, cohort, fairSharing, flavorFungibility,
+        preemption, stopPolicy]
+      additionalProperties: false
+  other: [status]
+  additionalProperties: false
+LocalQueue:
+  type: object
+  properties:
+    apiVersion: {type: string}
+    kind: {type: string}
+    metadata: {type: object}
+    spec:
+      type: object
+      properties:
+        clusterQueue: {type: string, pattern: '^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$',
+          maxLength: 253}
+      other: [fairSharing, stopPolicy]
+      additionalProperties: false
+  other: [status]
+  additionalProperties: false
+ResourceFlavor:
+  type: object
+  properties:
+    apiVersion: {type: string}
+    kind: {type: string}
+    metadata: {type: object}
+  other: [spec]
+  additionalProperties: false
+$defs:
+  podTemplate:
+    type: object
+    properties:
+      spec:
+        type: object
+        required: [containers]
+        properties:
+          containers:
+            type: array
+            items:
+              type: object
+              required: [name]
+              properties:
+                env:
+                  type: array
+                  items:
+                    type: object
+                    required: [name]
+                    properties:
+                      name: {type: string}
+                      value: {type: string}
+                      valueFrom:
+                        type: object
+                        properties:
+                          secretKeyRef:
+                            type: object
+                            required: [key]
+                            properties:
+                              key: {type: string}
+                              name: {type: string}
+                            other: [optional]
+                            additionalProperties: false
+                        other: [configMapKeyRef, fieldRef, fileKeyRef, resourceFieldRef]
+                        additionalProperties: false
+                    additionalProperties: false
+                image: {type: string}
+                name: {type: string}
+                ports:
+                  type: array
+                  items:
+                    type: object
+                    required: [containerPort]
+                    properties:
+                      containerPort: {type: integer}
+                      name: {type: string}
+                    other: [hostIP, hostPort, protocol]
+                    additionalProperties: false
+                resources:
+                  type: object
+                  properties:
+                    limits:
+                      type: object
+                      additionalProperties: {$ref: '#/$defs/quantity'}
+                    requests:
+                      type: object
+                      additionalProperties: {$ref: '#/$defs/quantity'}
+                  other: [claims]
+                  additionalProperties: false
+                volumeMounts:
+                  type: array
+                  items:
+                    type: object
+                    required: [mountPath, name]
+                    properties:
+                      mountPath: {type: string}
+                      name: {type: string}
+                    other: [mountPropagation, readOnly, recursiveReadOnly, subPath, subPathExpr]
+                    additionalProperties: false
+              other: [args, command, envFrom, imagePullPolicy, lifecycle, livenessProbe, readinessProbe, resizePolicy,
+                restartPolicy, restartPolicyRules, securityContext, startupProbe, stdin, stdinOnce, terminationMessagePath,
+                terminationMessagePolicy, tty, volumeDevices, workingDir]
+              additionalProperties: false
+          tolerations:
+            type: array
+            items:
+              type: object
+              properties:
+                effect: {type: string}
+                key: {type: string}
+                operator: {type: string}
+              other: [tolerationSeconds, value]
+              additionalProperties: false
+          volumes:
+            type: array
+            items:
+              type: object
+              required: [name]
+              properties:
+                emptyDir:
+                  type: object
+                  properties:
+                    medium: {type: string}
+                    sizeLimit: {$ref: '#/$defs/quantity'}
+                  additionalProperties: false
+                name: {type: string}
+              other: [awsElasticBlockStore, azureDisk, azureFile, cephfs, cinder, configMap, csi, downwardAPI,
+                ephemeral, fc, flexVolume, flocker, gcePersistentDisk, gitRepo, glusterfs, hostPath, image,
+                iscsi, nfs, persistentVolumeClaim, photonPersistentDisk, portworxVolume, projected, quobyte,
+                rbd, scaleIO, secret, storageos, vsphereVolume]
+              additionalProperties: false
+        other: [activeDeadlineSeconds, affinity, automountServiceAccountToken, dnsConfig, dnsPolicy, enableServiceLinks,
+          ephemeralContainers, hostAliases, hostIPC, hostNetwork, hostPID, hostUsers, hostname, hostnameOverride,
+          imagePullSecrets, initContainers, nodeName, nodeSelector, os, overhead, preemptionPolicy, priority,
+          priorityClassName, readinessGates, resourceClaims, resources, restartPolicy, runtimeClassName, schedulerName,
+          schedulingGates, schedulingGroup, securityContext, serviceAccount, serviceAccountName, setHostnameAsFQDN,
+          shareProcessNamespace, subdomain, terminationGracePeriodSeconds, topologySpreadConstraints]
+        additionalProperties: false
+    other: [metadata]
+    additionalProperties: false
+  quantity:
+    anyOf:
+    - {type: integer}
+    - {type: string, pattern: '^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$'}
+""")
+
+
+def _expand(node):
+    if isinstance(node, dict):
+        out = {k: _expand(v) for k, v in node.items() if k != "other"}
+        if "other" in node:
+            out.setdefault("properties", {}).update({name: True for name in node["other"]})
+        return out
+    if isinstance(node, list):
+        return [_expand(v) for v in node]
+    return node
+
+
+_DEFS = _expand(_DERIVED.pop("$defs"))
+CRD_SCHEMAS = {kind: {**_expand(schema), "$defs": _DEFS} for kind, schema in _DERIVED.items()}
