@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
 
 import numpy as np
 import pytest
@@ -132,6 +133,7 @@ def _through_file(s: FeatureStats, path) -> FeatureStats:
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, features_file: str, out_file: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would otherwise pick the host's non-loopback address
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:

@@ -29,6 +29,7 @@ import torch
 from dcgan_ray.config import JobConfig, StorageConfig, config_from_dict
 from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
+from dcgan_ray.gan.sync import broadcast_from_rank_zero
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
@@ -134,18 +135,26 @@ class Checkpointer:
         keys = self.store.list_keys(f"{self.layout.prefix}/{RunLayout.CHECKPOINT_DIR_PREFIX}")
         return sorted((k for k in keys if k.endswith(f"/{CHECKPOINT_FILE}")), reverse=True)
 
-    def restore(self, handed: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    def restore(self, handed: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
         """The newest readable checkpoint and its folder URI, or (None, None) for a fresh run.
 
-        `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme). If it
-        is damaged we fall back to older ones with a warning. If checkpoints exist but none is readable
-        we stop: starting from scratch would silently overwrite a run.
+        `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme). Rank 0
+        picks: if the handed one is damaged it falls back to older ones with a warning, and if checkpoints
+        exist but none is readable it stops (starting from scratch would silently overwrite a run). The
+        other ranks then load the very checkpoint rank 0 picked (a collective): ranks that resumed from
+        different epochs would deadlock in their first all-reduce.
         """
         if handed is None:
             return None, None
-        first = f"{handed.split('/', 1)[1].rstrip('/')}/{CHECKPOINT_FILE}"
-        candidates = [first] + [k for k in self.keys() if k != first]
-        for key in candidates:
+        if rank == 0:
+            state, key = self._newest_readable(f"{handed.split('/', 1)[1].rstrip('/')}/{CHECKPOINT_FILE}")
+        key = broadcast_from_rank_zero(key if rank == 0 else None)
+        if rank != 0:
+            state = load_checkpoint(self.store.get_bytes(key), self.store.uri(key))
+        return state, self.store.uri(key.rsplit("/", 1)[0])
+
+    def _newest_readable(self, first: str) -> tuple[dict[str, Any], str]:
+        for key in [first] + [k for k in self.keys() if k != first]:
             try:
                 state = load_checkpoint(self.store.get_bytes(key), self.store.uri(key))
             except (CheckpointError, ObjectMissing) as e:
@@ -153,7 +162,7 @@ class Checkpointer:
                 continue
             if key != first:
                 log.warning("resuming from the older checkpoint %s (epoch %d)", self.store.uri(key), state["epoch"])
-            return state, self.store.uri(key.rsplit("/", 1)[0])
+            return state, key
         raise CheckpointError(
             f"run {self.layout.uri} has checkpoints but none can be read; refusing to start over and overwrite it. "
             "Delete the damaged checkpoint folders or choose a new `name`"

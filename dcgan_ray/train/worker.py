@@ -86,7 +86,7 @@ class Worker:
                                   generator=torch.Generator().manual_seed(cfg.train.seed))
         checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
         handed = ray.train.get_checkpoint()
-        state, origin = checkpointer.restore(handed.path if handed is not None else None)
+        state, origin = checkpointer.restore(handed.path if handed is not None else None, rank)
         start_epoch, step = 0, 0
         if state is not None:
             for obj, key in ((netG, "netG"), (netD, "netD"), (optG, "optG"), (optD, "optD")):
