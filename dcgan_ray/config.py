@@ -208,6 +208,13 @@ class StorageConfig:
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
     runs_prefix: str | None = field(default=None, metadata=rule(lambda v: v is None or (v and not v.startswith("/") and not v.endswith("/")), "null or a key prefix without leading or trailing '/'"))
     """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
+    retry_budget_s: float = field(default=300.0, metadata=POSITIVE)
+    """How long (seconds) a storage outage may last before a read or write gives up. Every read and
+    write of the driver and the workers (data, checkpoints, samples, run.json, reports, Ray Train's
+    own files) retries with backoff for up to this long, so a restarting S3 server or a short network
+    cut does not end a run; past it the job stops with one line and a resubmission resumes. 5 minutes
+    covers a server restart with room to spare without idling rented GPUs for long. The first check
+    of the endpoint at start does not wait: a wrong endpoint fails in seconds."""
 
 
 @dataclass

@@ -53,6 +53,17 @@ def s3_server(tmp_path_factory) -> SeaweedServer:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def private_s3(tmp_path_factory) -> SeaweedServer:
+    """A SeaweedFS server of the module's own, for tests that stop and restart it (outages) without
+    disturbing the session's server."""
+    base = tmp_path_factory.mktemp("private-seaweedfs")
+    server = SeaweedServer(base / "data", SeaweedPorts.free(), base / "weed.log", buckets=(BUCKET,))
+    server.start()
+    yield server
+    server.stop()
+
+
 def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
     data = {
         "name": "test-run",

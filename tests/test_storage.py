@@ -1,4 +1,5 @@
 import os
+import re
 import time
 
 import pytest
@@ -73,3 +74,71 @@ def test_multipart_upload_and_download(store, tmp_path):
 def test_parse_s3_uri():
     assert parse_s3_uri("s3://b/k/x") == ("b", "k/x")
     assert parse_s3_uri(f"s3://{BUCKET}") == (BUCKET, "")
+
+
+def outage_lines(caplog):
+    text = [r.getMessage() for r in caplog.records if r.name == "dcgan_ray.storage.s3"]
+    return [t for t in text if "is not answering" in t], [t for t in text if "answers again" in t]
+
+
+def test_an_outage_is_waited_out_and_logged_once(private_s3, prefix, caplog):
+    """The server stopped for 8 s under a reader and a writer: both carry on, one line at each end."""
+    import threading
+
+    store = Store(make_config(private_s3.endpoint, prefix, storage={"retry_budget_s": 60}).storage)
+    store.put_bytes(f"{prefix}/before", b"kept")
+    private_s3.stop()
+    restart = threading.Timer(8.0, private_s3.start)
+    restart.start()
+    start = time.monotonic()
+    try:
+        assert store.get_bytes(f"{prefix}/before") == b"kept"
+        store.put_bytes(f"{prefix}/during", b"written")
+    finally:
+        restart.join()
+    assert 6 < time.monotonic() - start < 40
+    assert store.get_bytes(f"{prefix}/during") == b"written"
+    started, ended = outage_lines(caplog)
+    assert len(started) == 1 and len(ended) == 1, started + ended
+    assert "retrying for up to 60 s (storage.retry_budget_s)" in started[0]
+    assert re.search(r"answers again after \d+\.\d s \(\d+ retries\)", ended[0])
+
+
+def test_an_outage_past_the_budget_is_one_clear_error(private_s3, prefix, caplog):
+    store = Store(make_config(private_s3.endpoint, prefix, storage={"retry_budget_s": 3}).storage)
+    store.put_bytes(f"{prefix}/x", b"1")
+    private_s3.stop()
+    try:
+        start = time.monotonic()
+        with pytest.raises(StorageUnreachable, match=r"did not answer for [34] s \(storage.retry_budget_s = 3\) "
+                                                     r"while trying to read s3://dcgan-test/.*/x.*run the command again"):
+            store.get_bytes(f"{prefix}/x")
+        assert time.monotonic() - start < 15
+    finally:
+        private_s3.start()
+    assert store.get_bytes(f"{prefix}/x") == b"1"  # and the outage ends with its line
+    started, ended = outage_lines(caplog)
+    assert len(started) == 1 and len(ended) == 1
+
+
+def test_errors_retrying_cannot_fix_fail_at_once(store, monkeypatch, caplog):
+    store.check()
+    start = time.monotonic()
+    with pytest.raises(ObjectMissing):
+        store.get_bytes("no/such/key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(StorageAuthError):
+        Store(store.cfg).put_bytes("x/y", b"1")
+    assert time.monotonic() - start < 5
+    assert outage_lines(caplog) == ([], [])
+
+
+def test_ray_trains_filesystem_keeps_its_retries_when_pickled(cfg):
+    import pickle
+
+    from dcgan_ray.storage.s3 import ArrowS3FileSystem, arrow_attempts
+
+    fs = pickle.loads(pickle.dumps(ArrowS3FileSystem(cfg.storage)))
+    assert isinstance(fs, ArrowS3FileSystem) and fs == ArrowS3FileSystem(cfg.storage)
+    assert fs.storage.retry_budget_s == cfg.storage.retry_budget_s
+    assert arrow_attempts(300) >= 16 and arrow_attempts(1) <= 3

@@ -7,20 +7,34 @@ config, a Ray task argument, a log line or an exception message.
 
 botocore's exceptions are translated into `dcgan_ray.errors.StorageError` subclasses that name the
 endpoint, bucket and key, and say what to do.
+
+Outages: a failure that retrying can fix (no connection, a timeout, a cut transfer, a 5xx answer) is
+retried with capped exponential backoff for up to `storage.retry_budget_s`, counted from the first
+failure of the outage, not per call. An outage is logged once per process and endpoint: one line when
+it starts, one when the endpoint answers again (with its length and the retries it took). Failures
+retrying cannot fix (a missing key or bucket, refused credentials) raise at once. `Store.check`, the
+first contact of every command, does not wait: a wrong endpoint fails in seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterator
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+import pyarrow.fs
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray.config import StorageConfig
@@ -30,10 +44,63 @@ from dcgan_ray.storage.files import Progress
 log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3
-"""Bounded retries: an unreachable endpoint fails in seconds, not minutes."""
+"""botocore's attempts per request; `Store.check` gives up after these, so a wrong endpoint fails in seconds."""
+
+MAX_BACKOFF_S = 10.0
+"""Longest wait between two tries during an outage: a server that is back is noticed within seconds."""
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_SERVER_BUSY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+# No connection, a timeout, a connection cut mid-transfer; s3transfer's give-up after its own download retries.
+# (botocore's SSLError is a ConnectionError too, but a certificate problem is not fixed by waiting.)
+_TRANSIENT = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+              botocore.exceptions.IncompleteReadError, boto3.exceptions.RetriesExceededError)
+
+
+class _Outage:
+    """The current outage of one endpoint, shared by every Store in this process."""
+
+    def __init__(self, first_failure: str):
+        self.started = time.monotonic()
+        self.first_failure = first_failure
+        self.retries = 0
+
+
+_outages: dict[str, _Outage] = {}
+_outages_lock = threading.Lock()
+
+
+def _outage_failed(endpoint: str, budget_s: float, attempt: int, failure: str) -> float | None:
+    """Record a failed try; the seconds to wait before the next one, or None when the budget is spent."""
+    with _outages_lock:
+        outage = _outages.get(endpoint)
+        if outage is None:
+            outage = _outages[endpoint] = _Outage(failure)
+            log.warning("S3 endpoint %s is not answering (%s); retrying for up to %.0f s (storage.retry_budget_s)",
+                        endpoint, failure, budget_s)
+        left = outage.started + budget_s - time.monotonic()
+        if left <= 0:
+            return None
+        outage.retries += 1
+    return min(left, MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+
+
+def _outage_over(endpoint: str) -> None:
+    """A request to the endpoint succeeded: end its outage, if there was one, with one line."""
+    if endpoint not in _outages:  # the common case, without the lock
+        return
+    with _outages_lock:
+        outage = _outages.pop(endpoint, None)
+    if outage is not None:
+        log.warning("S3 endpoint %s answers again after %.1f s (%d retries); carrying on, nothing lost",
+                    endpoint, time.monotonic() - outage.started, outage.retries)
+
+
+def outage_seconds(endpoint: str) -> float | None:
+    """How long the endpoint's current outage has lasted in this process (None: no outage)."""
+    outage = _outages.get(endpoint)
+    return None if outage is None else time.monotonic() - outage.started
 
 # Multipart above 64 MiB with 8 threads: full speed on loopback and on real S3 alike.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=8)
@@ -80,9 +147,38 @@ class Store:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def _call(self, what: str, key: str | None, request: Callable[[], Any], patient: bool = True) -> Any:
+        """`request()`, with botocore's failures translated and, when `patient`, outages waited out
+        (see the module's docstring)."""
+        attempt = 0
+        while True:
+            try:
+                with self._errors(what, key):
+                    result = request()
+            except _Unreachable as e:
+                wait = _outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure) if patient else None
+                if wait is None:
+                    raise StorageUnreachable(self._unreachable_message(what, key, e.failure, patient)) from None
+                time.sleep(wait)
+                attempt += 1
+                continue
+            _outage_over(self.endpoint)
+            return result
+
+    def _unreachable_message(self, what: str, key: str | None, failure: str, patient: bool) -> str:
+        target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
+        if not patient:
+            return (f"cannot reach the S3 endpoint {self.endpoint} (tried {CONNECT_ATTEMPTS} times) while trying "
+                    f"to {what} {target}: {failure}. Is the server up (`cluster/local.sh status` for the dev "
+                    "stack) and is storage.endpoint right?")
+        return (f"the S3 endpoint {self.endpoint} did not answer for {outage_seconds(self.endpoint) or 0:.0f} s "
+                f"(storage.retry_budget_s = {self.cfg.retry_budget_s:g}) while trying to {what} {target}: "
+                f"{failure}. Everything written before is kept: once the endpoint is back, run the command "
+                "again (a training job or study resumes from its last checkpoint)")
+
     @contextlib.contextmanager
     def _errors(self, what: str, key: str | None = None) -> Iterator[None]:
-        """Translate botocore failures into messages a user can act on."""
+        """Translate botocore failures into messages a user can act on; `_Unreachable` for retryable ones."""
         target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
         try:
             yield
@@ -92,15 +188,17 @@ class Store:
                 "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SHARED_CREDENTIALS_FILE) in the "
                 "environment of this process and of every Ray node"
             ) from None
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
-                botocore.exceptions.ReadTimeoutError) as e:
-            raise StorageUnreachable(
-                f"cannot reach the S3 endpoint {self.endpoint} (tried {CONNECT_ATTEMPTS} times) while trying "
-                f"to {what} {target}: {type(e).__name__}. Is the server up (`cluster/local.sh status` for the "
-                "dev stack) and is storage.endpoint right?"
-            ) from None
-        except botocore.exceptions.ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
+        except botocore.exceptions.SSLError as e:
+            raise StorageError(f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
+                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate") from None
+        except _TRANSIENT as e:
+            raise _Unreachable(type(e).__name__) from None
+        except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as e:
+            # boto3's upload_file wraps the ClientError it caught (only as the implicit context).
+            client_error = e if isinstance(e, botocore.exceptions.ClientError) else e.__context__
+            if not isinstance(client_error, botocore.exceptions.ClientError):
+                raise StorageError(f"S3 upload to {target} on {self.endpoint} failed: {e}") from None
+            code = str(client_error.response.get("Error", {}).get("Code", ""))
             if code in _AUTH_CODES:
                 raise StorageAuthError(
                     f"S3 endpoint {self.endpoint} rejected the credentials (AWS_ACCESS_KEY_ID="
@@ -111,8 +209,10 @@ class Store:
                 raise BucketMissing(self._bucket_missing_message()) from None
             if code in _MISSING_KEY_CODES:
                 raise ObjectMissing(f"{target} does not exist on {self.endpoint}") from None
+            if code in _SERVER_BUSY_CODES:
+                raise _Unreachable(f"the server answered {code}") from None
             raise StorageError(f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
-                               f"{e.response.get('Error', {}).get('Message', e)}") from None
+                               f"{client_error.response.get('Error', {}).get('Message', client_error)}") from None
 
     def _bucket_missing_message(self) -> str:
         return (f"bucket {self.bucket!r} does not exist on {self.endpoint}: create it (e.g. `aws s3 mb "
@@ -123,19 +223,21 @@ class Store:
 
         Creates the bucket when `storage.create_bucket` is set (the dev stack's configs do).
         """
-        with self._errors("open"):
+        def head_bucket() -> bool:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
-                return
+                return True
             except botocore.exceptions.ClientError as e:
                 # HEAD has no body: a 403 may be bad credentials or a foreign bucket, a 404 a missing bucket.
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                if code not in ("404", "NoSuchBucket"):
-                    raise
+                if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket"):
+                    return False
+                raise
+
+        if self._call("open", None, head_bucket, patient=False):
+            return
         if not self.cfg.create_bucket:
             raise BucketMissing(self._bucket_missing_message())
-        with self._errors("create"):
-            self.client.create_bucket(Bucket=self.bucket)
+        self._call("create", None, lambda: self.client.create_bucket(Bucket=self.bucket))
         log.info("created bucket %s on %s", self.bucket, self.endpoint)
 
     def exists(self, key: str) -> bool:
@@ -146,43 +248,92 @@ class Store:
             return False
 
     def head(self, key: str) -> dict[str, Any]:
-        with self._errors("read", key):
-            return self.client.head_object(Bucket=self.bucket, Key=key)
+        return self._call("read", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
 
     def get_bytes(self, key: str) -> bytes:
-        with self._errors("read", key):
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        # The body is read inside the retried call: a connection cut mid-read is retried as a whole.
+        return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        with self._errors("write", key):
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                                                ContentType=content_type))
 
     def upload_file(self, path: str | Path, key: str, label: str | None = None) -> None:
         """Upload with multipart for big files and a progress line."""
         size = os.path.getsize(path)
-        progress = Progress(label or f"upload {Path(path).name}", size)
-        with self._errors("write", key):
+
+        def upload() -> None:
+            progress = Progress(label or f"upload {Path(path).name}", size)
             self.client.upload_file(str(path), self.bucket, key, Config=TRANSFER, Callback=progress)
+
+        self._call("write", key, upload)
 
     def download_file(self, key: str, path: str | Path, label: str | None = None) -> None:
         """Download with parallel ranged GETs to `path` (the caller makes it atomic)."""
-        with self._errors("read", key):
+
+        def download() -> None:
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
             progress = Progress(label or f"download {key.rsplit('/', 1)[-1]}", size)
             self.client.download_file(self.bucket, key, str(path), Config=TRANSFER, Callback=progress)
 
+        self._call("read", key, download)
+
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        with self._errors("list", prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return keys
+        def list_all() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+        return self._call("list", prefix, list_all)
 
     def delete(self, keys: list[str]) -> None:
-        with self._errors("delete", keys[0] if keys else None):
-            for start in range(0, len(keys), 1000):
-                chunk = [{"Key": k} for k in keys[start:start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call("delete", chunk[0]["Key"], lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
+
+
+class _Unreachable(Exception):
+    """Internal: a failure that waiting may fix; `Store._call` retries it or turns it into StorageUnreachable."""
+
+    def __init__(self, failure: str):
+        super().__init__(failure)
+        self.failure = failure
+
+
+class ArrowS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 filesystem, for what Ray Train and Tune write themselves (their run state, checkpoint
+    deletions), with retries that outlast `storage.retry_budget_s` as `Store`'s do.
+
+    pyarrow does not pickle a filesystem's retry strategy, and Ray ships the filesystem to its controller
+    and workers: `__reduce__` rebuilds it with the strategy. Credentials are not passed: each process
+    resolves them from its own environment, so they are never pickled into what Ray ships.
+    """
+
+    def __init__(self, storage: StorageConfig):
+        kwargs: dict[str, Any] = {"region": storage.region}
+        if storage.endpoint is not None:
+            url = urlparse(storage.endpoint)
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(
+            max_attempts=arrow_attempts(storage.retry_budget_s)), **kwargs)
+        self.storage = storage
+
+    def __reduce__(self):
+        return ArrowS3FileSystem, (self.storage,)
+
+
+def arrow_attempts(budget_s: float) -> int:
+    """Tries of the AWS SDK's standard strategy whose waits add up to `budget_s` on average.
+
+    Before retry r the SDK waits rand(0..1) x 2^r seconds, at most 20 s, i.e. on average
+    min(2^r / 2, 20 - 200 / 2^r) (measured here: 10 tries against a closed port took 84 s).
+    """
+    waited, retries = 0.0, 0
+    while waited < budget_s:
+        scale = 2.0 ** retries
+        waited += scale / 2 if scale <= 20 else 20 - 200 / scale
+        retries += 1
+    return retries + 1
 
 
 def _key_hint() -> str:

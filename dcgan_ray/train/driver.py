@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from urllib.parse import urlparse
 
 import pyarrow.fs
 import ray
@@ -21,22 +20,16 @@ from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ClusterError, ConfigError, DcganError
 from dcgan_ray.storage.layout import RunLayout, classifier_key, runs_prefix
 from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
-from dcgan_ray.storage.s3 import Store
+from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.worker import train_worker
 
 log = logging.getLogger(__name__)
 
 
 def s3_filesystem(cfg: JobConfig) -> pyarrow.fs.S3FileSystem:
-    """pyarrow's S3 filesystem for Ray Train's storage, on the configured endpoint.
-
-    Credentials are not passed: each process resolves them from its own environment, so they are
-    never pickled into what Ray ships to the controller and the workers.
-    """
-    if cfg.storage.endpoint is None:
-        return pyarrow.fs.S3FileSystem(region=cfg.storage.region)
-    url = urlparse(cfg.storage.endpoint)
-    return pyarrow.fs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme, region=cfg.storage.region)
+    """pyarrow's S3 filesystem for Ray Train's storage, on the configured endpoint, retrying through
+    outages of up to storage.retry_budget_s (see `ArrowS3FileSystem`)."""
+    return ArrowS3FileSystem(cfg.storage)
 
 
 def connect_ray(address: str | None = None) -> None:
