@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_config
-from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint
+from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
@@ -71,7 +71,7 @@ def test_train_writes_artifacts(resume_run):
     assert all(1.0 <= h["digit_is"] <= 10.0 and 0 <= h["class_hist_tv"] <= 1 for h in manifest["history"])
     best = manifest["checkpoints"]["best"]
     assert best["metric"] == "digit_fd" and best["value"] == min(fds[1:])
-    assert load_checkpoint(store.get_bytes(layout.best_key))["epoch"] == best["epoch"]
+    assert read_checkpoint_dir(store, layout.best_dir_key)["epoch"] == best["epoch"]
     assert store.list_keys("train-tests/data/svhn/train/stats-digit-")  # reference statistics, stored once
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 32
     for key in (layout.sample_key(1), layout.sample_key(2), layout.latest_sample_key):
@@ -80,7 +80,7 @@ def test_train_writes_artifacts(resume_run):
         assert np.asarray(image).std() > 1.0  # not a constant picture
     gif = png(store, layout.gif_key)
     assert gif.n_frames == 3  # epochs 0, 1, 2
-    ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
+    ckpt2 = read_checkpoint_dir(store, f"{layout.prefix}/checkpoint_epoch_0002")  # checked against its manifest
     assert ckpt2["epoch"] == 2 and ckpt2["step"] == 2 * 256 // 32
     assert set(ckpt2) >= {"netG", "netD", "optG", "optD", "fixed_noise", "config"}
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0002")
@@ -136,15 +136,15 @@ def test_damaged_checkpoints_never_start_over(resume_run):
     # The new epoch-3 checkpoint went to a fresh folder; Ray's retention (keep 2) removed the damaged one.
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0004")
     checkpoints = Checkpointer(store, layout, cfg.eval.metric)
-    kept = checkpoints.keys()
-    assert [k.split("/")[-2] for k in kept] == ["checkpoint_epoch_0004", "checkpoint_epoch_0003_r1"]
-    assert load_checkpoint(store.get_bytes(kept[1]))["epoch"] == 3
+    kept = checkpoints.folders()
+    assert [k.split("/")[-1] for k in kept] == ["checkpoint_epoch_0004", "checkpoint_epoch_0003_r1"]
+    assert read_checkpoint_dir(store, kept[1])["epoch"] == 3
 
     # Every checkpoint damaged: a clear error, and the run is left as it was.
-    for key in checkpoints.keys():
-        store.put_bytes(key, b"garbage")
+    for folder in checkpoints.folders():
+        store.put_bytes(f"{folder}/checkpoint.pt", b"garbage")
     cfg.train.epochs = 5
-    with pytest.raises(DcganError, match="none can be read; refusing to start over"):
+    with pytest.raises(DcganError, match="none is intact; refusing to start over"):
         train(cfg)
 
 

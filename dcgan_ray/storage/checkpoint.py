@@ -1,20 +1,25 @@
 """Training checkpoints: the format, and a run's checkpoints behind one interface.
 
-A checkpoint is one `checkpoint.pt` (torch.save of plain tensors and dicts) inside a directory:
-G, D, both Adam states, epochs completed, optimizer steps, the fixed sampling noise and the resolved
-job config. It is read with `weights_only=True`, so loading one never runs code. This module is the
-only writer of that format. (Training noise and permutations come from generators seeded by
-(seed, epoch, rank), so no global RNG state needs saving.)
+A checkpoint is a folder holding one `checkpoint.pt` (torch.save of plain tensors and dicts: G, D, both
+Adam states, epochs completed, optimizer steps, the fixed sampling noise and the resolved job config)
+and a `manifest.json` that lists each file with its size and sha256. The manifest is written last and
+checked on every load from the bucket, so a checkpoint whose upload was cut (a truncated or missing
+file, no manifest) is never taken for good. `checkpoint.pt` is read with `weights_only=True`, so loading
+one never runs code. This module is the only writer of that format. (Training noise and permutations
+come from generators seeded by (seed, epoch, rank), so no global RNG state needs saving.)
 
-`Checkpointer` is what the training loop sees: `restore` (Ray's latest registered checkpoint, with a
-fallback to older ones when it is damaged), `dir_name` (a folder name never used twice), `save` and
+`Checkpointer` is what the training loop sees: `restore` (Ray's latest registered checkpoint, falling
+back to the previous intact one when it is torn or damaged), `dir_name` (a folder name never used
+twice), `save`, `upload` (rank 0's upload, with the store's outage retries, manifest last) and
 `keep_if_best` (the best checkpoint by the quality metric, kept apart at <run>/best/).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -37,6 +42,7 @@ from dcgan_ray.storage.s3 import Store, parse_s3_uri
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("format", "netG", "netD", "optG", "optD", "epoch", "step", "fixed_noise", "config")
 
@@ -49,19 +55,48 @@ def checkpoint_bytes(state: dict[str, Any]) -> bytes:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to directory/checkpoint.pt, atomically (temp file, then rename)."""
+    """Write `state` to directory/checkpoint.pt and then its manifest.json, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    data = checkpoint_bytes(state)
+    _write_atomically(directory / CHECKPOINT_FILE, data)
+    _write_atomically(directory / MANIFEST_FILE, manifest_bytes({CHECKPOINT_FILE: data}, state["epoch"]))
+    return directory / CHECKPOINT_FILE
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(checkpoint_bytes(state))
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def manifest_bytes(files: dict[str, bytes], epoch: int) -> bytes:
+    """The manifest of a checkpoint folder: each file's size and sha256."""
+    listed = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    return json.dumps({"format": FORMAT_VERSION, "epoch": epoch, "files": listed}, indent=2).encode()
+
+
+def verify(files: dict[str, bytes | None], manifest: bytes | None, label: str) -> None:
+    """Raise CheckpointError unless `files` (name -> bytes, None when missing) match the folder's manifest."""
+    torn = f"checkpoint {label} is torn (its upload was cut or it was changed since)"
+    if manifest is None:
+        raise CheckpointError(f"{torn}: it has no {MANIFEST_FILE}, which is written last")
+    try:
+        listed = json.loads(manifest)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{torn}: its {MANIFEST_FILE} cannot be read") from None
+    for name, expected in listed.items():
+        data = files.get(name)
+        if data is None:
+            raise CheckpointError(f"{torn}: {name} is missing")
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{torn}: {name} has {len(data)} bytes and another sha256 than the "
+                                  f"{expected['bytes']} bytes its manifest lists")
 
 
 def load_checkpoint(source: str | Path | bytes, label: str | None = None) -> dict[str, Any]:
@@ -98,30 +133,62 @@ def generator_from_checkpoint(state: dict[str, Any]) -> tuple[Generator, JobConf
 def read_checkpoint_uri(uri: str, storage: StorageConfig) -> dict[str, Any]:
     """Load a checkpoint from a local path or an s3:// URI.
 
-    The URI may name the checkpoint.pt file, its checkpoint directory, or a run folder
-    (`s3://BUCKET/PREFIX/runs/NAME`), which means the run's latest checkpoint per its run.json.
+    The URI may name the checkpoint.pt file, its checkpoint folder (checked against its manifest), or a
+    run folder (`s3://BUCKET/PREFIX/runs/NAME`), which means the run's latest checkpoint per its run.json.
+    A checkpoint.pt named directly is read without its manifest (it may come from elsewhere).
     """
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser()
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        return load_checkpoint(path)
+        if not path.is_dir():
+            return load_checkpoint(path)
+        files = {CHECKPOINT_FILE: _read_local(path / CHECKPOINT_FILE)}
+        verify(files, _read_local(path / MANIFEST_FILE), str(path))
+        return load_checkpoint(files[CHECKPOINT_FILE], str(path / CHECKPOINT_FILE))
     bucket, key = parse_s3_uri(uri)
     store = Store(dataclasses.replace(storage, bucket=bucket))
-    candidates = [key] if key.endswith(".pt") else [f"{key}/{CHECKPOINT_FILE}"]
-    if not key.endswith(".pt"):
-        run = read_run_manifest(store, RunLayout(bucket, key))
-        latest = (run or {}).get("checkpoints", {}).get("latest")
-        if latest:
-            candidates.insert(0, f"{parse_s3_uri(latest)[1]}/{CHECKPOINT_FILE}")
-    for candidate in candidates:
+    if key.endswith(".pt"):
         try:
-            data = store.get_bytes(candidate)
+            return load_checkpoint(store.get_bytes(key), store.uri(key))
         except ObjectMissing:
-            continue
-        return load_checkpoint(data, store.uri(candidate))
+            raise CheckpointError(f"no checkpoint at {uri} on {store.endpoint}") from None
+    folders = [key]
+    latest = ((read_run_manifest(store, RunLayout(bucket, key)) or {}).get("checkpoints") or {}).get("latest")
+    if latest:
+        folders.insert(0, parse_s3_uri(latest)[1])
+    for folder in folders:
+        if store.exists(f"{folder}/{CHECKPOINT_FILE}") or store.exists(f"{folder}/{MANIFEST_FILE}"):
+            return read_checkpoint_dir(store, folder)
     raise CheckpointError(f"no checkpoint at {uri} on {store.endpoint}: give the URI of a checkpoint.pt, its "
                           "checkpoint_epoch_NNNN folder, or a run folder with a run.json")
+
+
+def read_checkpoint_dir(store: Store, folder: str) -> dict[str, Any]:
+    """The checkpoint in the bucket folder `folder`, checked against its manifest (CheckpointError if torn)."""
+    files = {CHECKPOINT_FILE: _get_or_none(store, f"{folder}/{CHECKPOINT_FILE}")}
+    verify(files, _get_or_none(store, f"{folder}/{MANIFEST_FILE}"), store.uri(folder))
+    return load_checkpoint(files[CHECKPOINT_FILE], store.uri(f"{folder}/{CHECKPOINT_FILE}"))
+
+
+def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> None:
+    """Upload a folder written by `save_checkpoint`: every file first, its manifest last."""
+    listed = json.loads((local_dir / MANIFEST_FILE).read_bytes())["files"]
+    for name in listed:
+        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}")
+    store.put_bytes(f"{folder}/{MANIFEST_FILE}", (local_dir / MANIFEST_FILE).read_bytes(), "application/json")
+
+
+def _get_or_none(store: Store, key: str) -> bytes | None:
+    try:
+        return store.get_bytes(key)
+    except ObjectMissing:
+        return None
+
+
+def _read_local(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 class Checkpointer:
@@ -130,42 +197,43 @@ class Checkpointer:
     def __init__(self, store: Store, layout: RunLayout, metric: str):
         self.store, self.layout, self.metric = store, layout, metric
 
-    def keys(self) -> list[str]:
-        """Keys of the run's checkpoint files, newest epoch first."""
+    def folders(self) -> list[str]:
+        """Keys of the run's checkpoint folders (no trailing '/'), newest epoch first (`_rK` after its base)."""
         keys = self.store.list_keys(f"{self.layout.prefix}/{RunLayout.CHECKPOINT_DIR_PREFIX}")
-        return sorted((k for k in keys if k.endswith(f"/{CHECKPOINT_FILE}")), reverse=True)
+        return sorted({k.rsplit("/", 1)[0] for k in keys}, reverse=True)
 
     def restore(self, handed: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
-        """The newest readable checkpoint and its folder URI, or (None, None) for a fresh run.
+        """The newest intact checkpoint and its folder URI, or (None, None) for a fresh run.
 
         `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme). Rank 0
-        picks: if the handed one is damaged it falls back to older ones with a warning, and if checkpoints
-        exist but none is readable it stops (starting from scratch would silently overwrite a run). The
-        other ranks then load the very checkpoint rank 0 picked (a collective): ranks that resumed from
-        different epochs would deadlock in their first all-reduce.
+        picks: if the handed one is torn or damaged it falls back to older ones with a warning, and if
+        checkpoints exist but none is intact it stops (starting from scratch would silently overwrite a
+        run). The other ranks then load the very checkpoint rank 0 picked (a collective): ranks that
+        resumed from different epochs would deadlock in their first all-reduce.
         """
         if handed is None:
             return None, None
         if rank == 0:
-            state, key = self._newest_readable(f"{handed.split('/', 1)[1].rstrip('/')}/{CHECKPOINT_FILE}")
-        key = broadcast_from_rank_zero(key if rank == 0 else None)
+            state, folder = self._newest_intact(handed.split("/", 1)[1].rstrip("/"))
+        folder = broadcast_from_rank_zero(folder if rank == 0 else None)
         if rank != 0:
-            state = load_checkpoint(self.store.get_bytes(key), self.store.uri(key))
-        return state, self.store.uri(key.rsplit("/", 1)[0])
+            state = read_checkpoint_dir(self.store, folder)
+        return state, self.store.uri(folder)
 
-    def _newest_readable(self, first: str) -> tuple[dict[str, Any], str]:
-        for key in [first] + [k for k in self.keys() if k != first]:
+    def _newest_intact(self, first: str) -> tuple[dict[str, Any], str]:
+        for folder in [first] + [f for f in self.folders() if f != first]:
             try:
-                state = load_checkpoint(self.store.get_bytes(key), self.store.uri(key))
-            except (CheckpointError, ObjectMissing) as e:
+                state = read_checkpoint_dir(self.store, folder)
+            except CheckpointError as e:
                 log.warning("%s; trying the run's older checkpoints", e)
                 continue
-            if key != first:
-                log.warning("resuming from the older checkpoint %s (epoch %d)", self.store.uri(key), state["epoch"])
-            return state, key
+            if folder != first:
+                log.warning("resuming from the older checkpoint %s (epoch %d)", self.store.uri(folder),
+                            state["epoch"])
+            return state, folder
         raise CheckpointError(
-            f"run {self.layout.uri} has checkpoints but none can be read; refusing to start over and overwrite it. "
-            "Delete the damaged checkpoint folders or choose a new `name`"
+            f"run {self.layout.uri} has checkpoints but none is intact; refusing to start over and overwrite it. "
+            "Delete the torn checkpoint folders or choose a new `name`"
         )
 
     def dir_name(self, epoch: int) -> str:
@@ -181,6 +249,12 @@ class Checkpointer:
 
     save = staticmethod(save_checkpoint)
 
+    def upload(self, local_dir: Path, dir_name: str) -> str:
+        """Upload a folder written by `save` as the run's checkpoint `dir_name`; returns its key."""
+        folder = self.layout.checkpoint_dir_key(dir_name)
+        upload_checkpoint(self.store, local_dir, folder)
+        return folder
+
     def keep_if_best(self, best: dict[str, Any] | None, epoch: int, value: float | None,
                      state: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         """Copy the checkpoint to <run>/best/ when `value` of the metric beats `best` (lower is better).
@@ -191,8 +265,13 @@ class Checkpointer:
             return None
         if best is not None and best.get("metric") == self.metric and best["value"] <= value:
             return None
-        self.store.put_bytes(self.layout.best_key, checkpoint_bytes(state()))
-        record = {"uri": self.store.uri(self.layout.best_key.rsplit("/", 1)[0]), "epoch": epoch,
+        data = checkpoint_bytes(state())
+        # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
+        # so a reader sees a torn checkpoint, never a wrong one.
+        self.store.put_bytes(self.layout.best_key, data)
+        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}", manifest_bytes({CHECKPOINT_FILE: data}, epoch),
+                             "application/json")
+        record = {"uri": self.store.uri(self.layout.best_dir_key), "epoch": epoch,
                   "metric": self.metric, "value": value}
         log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])
         return record

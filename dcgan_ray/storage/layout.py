@@ -73,8 +73,9 @@ class RunLayout:
       samples/epoch_0001.png ...        G on the fixed noise after each epoch (8x8 grid, 32 px tiles)
       samples/latest.png                the newest of those
       samples/progress.gif              all epochs, animated (written at the end)
-      checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`
-      best/checkpoint.pt                the checkpoint with the best `eval.metric`, kept apart from those
+      checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`; each
+      checkpoint_epoch_0001/manifest.json ...   folder's manifest (sizes, sha256) is written last
+      best/checkpoint.pt, best/manifest.json    the checkpoint with the best `eval.metric`, kept apart
       checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
     """
 
@@ -109,8 +110,12 @@ class RunLayout:
         return f"{self.prefix}/samples/progress.gif"
 
     @property
+    def best_dir_key(self) -> str:
+        return f"{self.prefix}/best"
+
+    @property
     def best_key(self) -> str:
-        return f"{self.prefix}/best/checkpoint.pt"
+        return f"{self.best_dir_key}/checkpoint.pt"
 
     CHECKPOINT_DIR_PREFIX = "checkpoint_epoch_"
 

@@ -66,6 +66,7 @@ class Worker:
     step: int
     evaluator: Evaluator | None
     recorder: Silent
+    checkpointer: Checkpointer
 
     @classmethod
     def set_up(cls, cfg: JobConfig) -> Worker:
@@ -102,7 +103,7 @@ class Worker:
         recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device))
         recorder.started(start_epoch, world, origin, len(images) // (world * cfg.train.batch_size))
         return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
-                   step, evaluator, recorder)
+                   step, evaluator, recorder, checkpointer)
 
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg = self.cfg
@@ -138,9 +139,17 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as tmp:
             saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done),
                                              Path(tmp) if save_now else None)
-            # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint.
+            # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint, uploaded by our
+            # store (outage retries, manifest last) rather than by Ray's pyarrow copy.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
-                             checkpoint_dir_name=saved.name if saved else None)
+                             checkpoint_dir_name=saved.name if saved else None,
+                             checkpoint_upload_fn=self.upload_checkpoint if saved else None)
+
+    def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        """Ray's `checkpoint_upload_fn`: upload the local folder, return it as a checkpoint in the run's storage."""
+        folder = self.checkpointer.upload(Path(checkpoint.path), dir_name)
+        return ray.train.Checkpoint(f"{self.cfg.storage.bucket}/{folder}",
+                                    filesystem=ray.train.get_context().get_storage().storage_filesystem)
 
     def evaluate(self) -> dict[str, float]:
         """Quality metrics of G (rank 0; {} elsewhere, and without evaluation). A collective."""

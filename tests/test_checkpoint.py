@@ -1,0 +1,91 @@
+"""Checkpoint folders in the real SeaweedFS: a manifest written last, verified on every load; torn ones
+are skipped for the previous intact one, with a warning, and never taken for good."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_config
+from dcgan_ray.cli import main as cli_main
+from dcgan_ray.errors import CheckpointError
+from dcgan_ray.storage.checkpoint import (
+    CHECKPOINT_FILE, MANIFEST_FILE, Checkpointer, read_checkpoint_dir, read_checkpoint_uri, save_checkpoint,
+)
+from dcgan_ray.storage.layout import RunLayout
+
+
+def tiny_state(epoch: int) -> dict:
+    """A checkpoint's fields with small tensors (the format does not care about their size)."""
+    cfg = make_config("http://127.0.0.1:1", "p", model={"g_features": 8, "d_features": 8, "z_dim": 4})
+    return {"netG": {"w": torch.full((3,), float(epoch))}, "netD": {}, "optG": {}, "optD": {}, "epoch": epoch,
+            "step": 10 * epoch, "fixed_noise": torch.zeros(4, 4), "config": cfg.to_dict()}
+
+
+@pytest.fixture
+def run(cfg, store, tmp_path):
+    """A run folder with intact checkpoints for epochs 1, 2 and 3, uploaded as training does."""
+    store.check()
+    checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
+    for epoch in (1, 2, 3):
+        local = tmp_path / f"e{epoch}"
+        save_checkpoint(local, tiny_state(epoch))
+        checkpointer.upload(local, checkpointer.dir_name(epoch))
+    return checkpointer
+
+
+def handed(checkpointer: Checkpointer, epoch: int) -> str:
+    return f"{checkpointer.layout.bucket}/{checkpointer.layout.checkpoint_dir_key(f'checkpoint_epoch_{epoch:04d}')}"
+
+
+def test_upload_writes_a_manifest_that_lists_every_file(run, store):
+    folder = run.layout.checkpoint_dir_key("checkpoint_epoch_0003")
+    manifest = json.loads(store.get_bytes(f"{folder}/{MANIFEST_FILE}"))
+    assert manifest["epoch"] == 3 and set(manifest["files"]) == {CHECKPOINT_FILE}
+    assert manifest["files"][CHECKPOINT_FILE]["bytes"] == store.head(f"{folder}/{CHECKPOINT_FILE}")["ContentLength"]
+    assert read_checkpoint_dir(store, folder)["epoch"] == 3
+    assert run.restore(handed(run, 3))[0]["epoch"] == 3
+
+
+@pytest.mark.parametrize("tear", ["truncated", "missing file", "no manifest", "bytes changed"])
+def test_a_torn_checkpoint_is_skipped_for_the_previous_one(run, store, tear, caplog):
+    folder = run.layout.checkpoint_dir_key("checkpoint_epoch_0003")
+    data = store.get_bytes(f"{folder}/{CHECKPOINT_FILE}")
+    if tear == "truncated":
+        store.put_bytes(f"{folder}/{CHECKPOINT_FILE}", data[: len(data) // 2])
+    elif tear == "missing file":
+        store.delete([f"{folder}/{CHECKPOINT_FILE}"])
+    elif tear == "no manifest":
+        store.delete([f"{folder}/{MANIFEST_FILE}"])
+    else:  # same size, one byte flipped: still a readable zip, so only the sha256 can tell
+        store.put_bytes(f"{folder}/{CHECKPOINT_FILE}", data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    state, uri = run.restore(handed(run, 3))
+    assert state["epoch"] == 2 and uri.endswith("checkpoint_epoch_0002")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("checkpoint_epoch_0003 is torn" in w for w in warnings), warnings
+    assert any("resuming from the older checkpoint" in w for w in warnings)
+    with pytest.raises(CheckpointError, match="is torn"):
+        read_checkpoint_dir(store, folder)
+
+
+def test_no_intact_checkpoint_refuses_to_start_over(run, store):
+    for folder in run.folders():
+        store.delete([f"{folder}/{MANIFEST_FILE}"])
+    with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
+        run.restore(handed(run, 3))
+
+
+def test_sample_reads_checked_folders_and_refuses_torn_ones(run, store, cfg, tmp_path, capsys):
+    folder_uri = store.uri(run.layout.checkpoint_dir_key("checkpoint_epoch_0002"))
+    assert read_checkpoint_uri(folder_uri, cfg.storage)["epoch"] == 2
+    store.delete([f"{run.layout.checkpoint_dir_key('checkpoint_epoch_0002')}/{MANIFEST_FILE}"])
+    rc = cli_main(["sample", folder_uri, "--endpoint", cfg.storage.endpoint, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint_epoch_0002 is torn" in err and "no manifest.json" in err
+    # A local folder is checked the same way.
+    local = tmp_path / "local"
+    save_checkpoint(local, tiny_state(5))
+    assert read_checkpoint_uri(str(local), cfg.storage)["epoch"] == 5
+    (local / CHECKPOINT_FILE).write_bytes((local / CHECKPOINT_FILE).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="is torn"):
+        read_checkpoint_uri(str(local), cfg.storage)
