@@ -255,7 +255,13 @@ def cached_object(store: Store, obj: dict[str, Any]) -> Path:
     """A local, hash-checked copy of a manifest object, downloaded once per node (`fetch_once`)."""
 
     def download(part: Path) -> None:
-        store.download_file(obj["key"], part)
+        try:
+            store.download_file(obj["key"], part)
+        except ObjectMissing:
+            raise DatasetError(
+                f"{store.uri(obj['key'])} is listed in the split's manifest but is not in the bucket (deleted "
+                f"since it was prepared?): prepare the split again with `{prepare_command(_split_of(obj))} --force`"
+            ) from None
         digest = file_hash(part)
         if digest != obj["sha256"] or part.stat().st_size != obj["bytes"]:
             raise DatasetError(
@@ -265,6 +271,11 @@ def cached_object(store: Store, obj: dict[str, Any]) -> Path:
 
     return fetch_once(cache_dir("objects") / obj["sha256"], download,
                       ready=lambda p: p.exists() and p.stat().st_size == obj["bytes"])
+
+
+def _split_of(obj: dict[str, Any]) -> str:
+    """The split an object of a manifest belongs to: its key is <prefix>/data/<dataset>/<split>/<name>."""
+    return obj["key"].rsplit("/", 2)[-2]
 
 
 @dataclass

@@ -12,12 +12,15 @@ import os
 
 import pyarrow.fs
 import ray
+import ray.exceptions
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
-from dcgan_ray.errors import ClusterError, ConfigError, DcganError
+from dcgan_ray.errors import ClusterError, ConfigError, DcganError, StorageError, StorageUnreachable
 from dcgan_ray.storage.layout import RunLayout, classifier_key, runs_prefix
 from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
@@ -76,8 +79,74 @@ def preflight(cfg: JobConfig) -> Store:
     return store
 
 
+def our_error(error: BaseException | None) -> DcganError | None:
+    """The DcganError inside Ray's structured failure, if any: the per-worker exceptions of a worker
+    group error, a controller's failure, a remote task's cause, and each exception's chain.
+
+    Found by type, never by message text, so the user gets the worker's own one-line message.
+    """
+    queue, seen = [error], set()
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.RayTaskError):
+            # Ray's error class derives from the cause's class too, but its text is the remote traceback.
+            queue.append(e.cause)
+            continue
+        if isinstance(e, DcganError):
+            return e
+        if isinstance(e, ray.train.WorkerGroupError):
+            queue.extend(e.worker_failures[rank] for rank in sorted(e.worker_failures))
+        elif isinstance(e, ray.train.ControllerError):
+            queue.append(e.controller_failure)
+        elif isinstance(e, UserExceptionWithTraceback):
+            # Ray Train's wrapper of what the train function raised; it keeps the exception itself only here.
+            queue.append(e._base_exc)
+        queue.extend([e.__cause__, e.__context__])
+    return None
+
+
+def first_failure(error: BaseException) -> str:
+    """One line for a failure that is not ours (a crash, a bug): the first failed worker's exception."""
+    failures = [error]
+    if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+        failures = [error.worker_failures[min(error.worker_failures)]]
+    e = failures[0]
+    if isinstance(e, UserExceptionWithTraceback):
+        e = e._base_exc
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
+class StopOnOurErrors(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a worker failing with one of our errors is not restarted:
+    a missing object, refused credentials, a torn run or an outage past its budget stay the same after a
+    restart. Crashes and killed workers are still restarted up to scaling.max_failures."""
+
+    def make_decision(self, training_failed_error):
+        error = our_error(training_failed_error)
+        if error is not None:
+            log.warning("not restarting the workers: a restart cannot fix this: %s", error.for_job(None))
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+class DcganTrainer(TorchTrainer):
+    """TorchTrainer with the `StopOnOurErrors` failure policy.
+
+    Ray 2.60 builds its failure policy from FailureConfig alone and offers no public hook for another
+    one; `_initialize_and_run_controller` is where `fit` hands it to the controller.
+    """
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["failure_policy"] = StopOnOurErrors(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
 def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) -> TorchTrainer:
-    return TorchTrainer(
+    return DcganTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=ray.train.ScalingConfig(
@@ -115,9 +184,13 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     try:
         result = make_trainer(cfg).fit()
     except ray.train.TrainingFailedError as e:
-        set_run_status(store, layout, "failed")
+        error = our_error(e)
+        if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
+            _mark_failed(store, layout)
+        if error is not None:
+            raise error from None  # the worker's own error: the CLI prints its one line
         raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
-                         f"{_root_cause(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
+                         f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
     manifest = read_run_manifest(store, layout) or {}
     if result.checkpoint is not None:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"
@@ -126,14 +199,11 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     return manifest
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost message of a Ray failure, which is the one a user can act on."""
-    text = str(error)
-    for marker in ("DcganError", "CheckpointError", "DatasetError", "StorageError"):
-        if marker in text:
-            tail = text[text.rindex(marker):].splitlines()[0]
-            return tail.partition(": ")[2] or tail
-    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+def _mark_failed(store: Store, layout: RunLayout) -> None:
+    try:
+        set_run_status(store, layout, "failed")
+    except StorageError as e:
+        log.warning("could not mark %s as failed: %s", layout.uri, e)
 
 
 def describe(manifest: dict) -> str:
