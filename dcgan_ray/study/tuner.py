@@ -21,10 +21,13 @@ import logging
 import math
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray.exceptions
+import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -38,7 +41,9 @@ from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
-from dcgan_ray.train.driver import check_resources, connect_ray, preflight, s3_filesystem, make_trainer
+from dcgan_ray.train.driver import (
+    check_resources, connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,13 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         # A resubmitted study may hand us a trial that finished after Tune last saved its state.
         tune.report(done["history"][-1])
         return
-    make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    try:
+        make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    except ray.train.TrainingFailedError as e:
+        error = our_error(e)
+        if error is None:
+            raise
+        raise error from None  # the trial's error is the worker's own, and the report shows its one line
 
 
 class HopelessStopper(tune.Stopper):
@@ -111,11 +122,29 @@ class HopelessStopper(tune.Stopper):
 
 
 class StudyReport(tune.Callback):
-    """Rebuilds the report in S3 whenever a trial ends, and once more at the end."""
+    """Republishes the report in S3 as trials end, from a thread of its own.
+
+    Tune calls its callbacks on its event loop, and a report (every manifest, PNG and plot) takes
+    seconds: the callback only notes the trials' state and wakes the thread, which rebuilds the report
+    from the newest state, so refreshes asked for while one runs coalesce into one. A failed refresh is
+    logged and never fails the study.
+    """
 
     def __init__(self, base: dict[str, Any]):
         self.base = base
-        self.trials: list[Any] = []
+        self.trials: list[_TrialView] = []
+        self.refreshes = 0  # reports written (for the log and the tests)
+        self._wake = threading.Condition()
+        self._pending = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        _live_reports[_study_key(base)] = self
+
+    def __reduce__(self):
+        # Tune saves its callbacks with the experiment state and `Tuner.restore` unpickles them: the
+        # restored study gets this process's live report (the one `run_study` closes), not a twin
+        # whose thread could overwrite the final report with an older one.
+        return _live_report, (self.base,)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._refresh(trials)
@@ -124,22 +153,52 @@ class StudyReport(tune.Callback):
         self._refresh(trials)
 
     def _refresh(self, trials: list) -> None:
-        self.trials = [_TrialView(t.trial_id, t.config, t.status,
-                                  _last_line(t.error_file) if t.status == "ERROR" else None) for t in trials]
-        self.publish()
+        views = [_TrialView(t.trial_id, t.config, t.status, _trial_error(t) if t.status == "ERROR" else None)
+                 for t in trials]
+        with self._wake:
+            self.trials = views
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="study-report", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                self._pending = False
+            self.publish()
+
+    def close(self) -> None:
+        """Let the thread write what is pending, then stop it."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
 
     def publish(self) -> tuple[str | None, list[TrialRecord]]:
-        """Write the report of the ended trials to S3; returns its index.html URI and the records."""
-        cfg = config_from_dict(self.base, "study")
-        records = [r for r in (self.record(t) for t in self.trials) if r is not None]
-        if not records:
+        """Write the report of the ended trials to S3; returns its index.html URI (None when nothing was
+        written) and the records. Never raises: a report is not worth failing a study for."""
+        records: list[TrialRecord] = []
+        try:
+            cfg = config_from_dict(self.base, "study")
+            records = [r for r in (self.record(t) for t in list(self.trials)) if r is not None]
+            if not records:
+                return None, records
+            store = Store(cfg.storage)
+            prefix = study_report_prefix(cfg)
+            with tempfile.TemporaryDirectory(prefix="dcgan-report-") as tmp:
+                paths = write_report(records, Path(tmp), cfg.eval.metric, self.base, study_name(cfg))
+                for path in paths:
+                    store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
+        except Exception as e:  # noqa: BLE001 -- any failure, ours or a plotting bug, is logged, not raised
+            log.error("the study report could not be written (the study goes on): %s: %s", type(e).__name__, e)
             return None, records
-        store = Store(cfg.storage)
-        prefix = study_report_prefix(cfg)
-        with tempfile.TemporaryDirectory(prefix="dcgan-report-") as tmp:
-            paths = write_report(records, Path(tmp), cfg.eval.metric, self.base, study_name(cfg))
-            for path in paths:
-                store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
+        self.refreshes += 1
         return store.uri(f"{prefix}/index.html"), records
 
     def record(self, trial: "_TrialView") -> TrialRecord | None:
@@ -165,14 +224,32 @@ class StudyReport(tune.Callback):
             error=trial.error,
         )
 
+_live_reports: dict[str, StudyReport] = {}
 
-def _last_line(path: str | None) -> str | None:
-    """The last line of a trial's error file: a traceback ends with the exception and its message."""
+
+def _study_key(base: dict[str, Any]) -> str:
+    return f"{base['storage']['endpoint']} {base['storage']['bucket']} {study_prefix(config_from_dict(base))}"
+
+
+def _live_report(base: dict[str, Any]) -> StudyReport:
+    return _live_reports.get(_study_key(base)) or StudyReport(base)
+
+
+def _trial_error(trial: Any) -> str | None:
+    """One line for a live Tune trial's error: our own message, else the failure's first line."""
     try:
-        lines = Path(path).read_text().strip().splitlines() if path else []
-    except OSError:
-        return None
-    return lines[-1] if lines else None
+        error = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 -- an unreadable error file must not stop the report
+        error = None
+    return error_line(error) if error is not None else "the trial failed (no error recorded)"
+
+
+def error_line(error: BaseException) -> str:
+    ours = our_error(error)
+    if ours is not None:
+        return ours.for_job(None)
+    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+    return first_failure(cause) if isinstance(cause, ray.train.TrainingFailedError) else first_failure(error)
 
 
 def _content_type(path: Path) -> str:
@@ -236,9 +313,11 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
                 callbacks=[report], verbose=1,
             ),
         )
-    results = tuner.fit()
-    trials = [_TrialView.of(result) for result in results]
-    report.trials = trials
+    try:
+        results = tuner.fit()
+    finally:
+        report.close()
+    report.trials = [_TrialView.of(result) for result in results]
     uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}
@@ -253,7 +332,7 @@ class _TrialView:
     @classmethod
     def of(cls, result: Any) -> "_TrialView":
         trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)
-        error = str(result.error).strip().splitlines()[-1] if result.error else None
+        error = error_line(result.error) if result.error else None
         return cls(trial_id, result.config, "ERROR" if result.error else "TERMINATED", error)
 
 
