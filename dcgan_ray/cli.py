@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from dcgan_ray.config import StorageConfig, load_config
-from dcgan_ray.errors import DcganError
+from dcgan_ray.errors import ConfigError, DcganError
 from dcgan_ray.logs import setup_logging
 
 
@@ -99,6 +99,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
 
     from dcgan_ray.data.svhn import load_split
     from dcgan_ray.quality.classifier import evaluate_accuracy, save_state, train_classifier
+    from dcgan_ray.quality.metrics import MORE_CLASSIFIER_TRAINING
     from dcgan_ray.storage.layout import classifier_key
     from dcgan_ray.storage.s3 import Store
 
@@ -108,20 +109,30 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     c = cfg.classifier
     train = load_split(store, cfg, cfg.data.split, max_images=c.max_images)
     test = load_split(store, cfg, c.test_split)
+    if len(train.images) < c.batch_size:
+        raise ConfigError(f"{len(train.images)} {cfg.data.split} images cannot fill one batch of "
+                          f"classifier.batch_size={c.batch_size}; lower it or use more data (classifier.max_images)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     model = train_classifier(torch.from_numpy(train.images), torch.from_numpy(train.labels).long(), epochs=c.epochs,
-                             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device)
+                             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device, min_steps=c.min_steps)
     accuracy = evaluate_accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels).long())
+    steps_per_epoch = len(train.images) // c.batch_size
     meta = {"test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
-            "train_split": cfg.data.split, "test_split": c.test_split, "epochs": c.epochs,
+            "train_split": cfg.data.split, "test_split": c.test_split,
+            "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)), "batch_size": c.batch_size,
             "seconds": time.perf_counter() - start,
             "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]}}
+    meta["steps"] = meta["epochs"] * steps_per_epoch
     buf = io.BytesIO()
     torch.save({"model": save_state(model.cpu()), "meta": meta}, buf)
     store.put_bytes(classifier_key(cfg), buf.getvalue())
-    print(f"digit classifier: test accuracy {accuracy:.4f} on {len(test.images)} {c.test_split} images "
-          f"({meta['seconds']:.0f} s); stored at {store.uri(classifier_key(cfg))}")
+    print(f"digit classifier: test accuracy {accuracy:.4f} on {len(test.images)} {c.test_split} images after "
+          f"{meta['steps']} steps ({meta['seconds']:.0f} s); stored at {store.uri(classifier_key(cfg))}")
+    if accuracy < cfg.eval.min_classifier_accuracy:
+        print(f"warning: that is below eval.min_classifier_accuracy={cfg.eval.min_classifier_accuracy:g}, so "
+              f"training and studies that evaluate with it will refuse to start. {MORE_CLASSIFIER_TRAINING}",
+              file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

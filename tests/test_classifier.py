@@ -88,6 +88,14 @@ def test_training_rejects_bad_inputs(train_set):
         train_classifier(images[:100], labels[:100])
 
 
+def test_a_small_split_still_trains_with_min_steps(train_set, test_set):
+    # The case: 1,024 images x 2 epochs (32 steps of 64) stay near chance; 200 steps learn them.
+    images, labels = train_set[0][:1024], train_set[1][:1024]
+    few = train_classifier(images, labels, epochs=2, batch_size=64, log_every=0)
+    enough = train_classifier(images, labels, epochs=2, batch_size=64, log_every=0, min_steps=200)
+    assert evaluate_accuracy(few, *test_set) < 0.7 and evaluate_accuracy(enough, *test_set) > 0.9
+
+
 def test_random_shift_moves_whole_images_by_at_most_two_pixels():
     x = torch.rand(16, 3, 32, 32)
     out = random_shift(x, 2, torch.Generator().manual_seed(0))

@@ -34,7 +34,7 @@ def epoch(n: int, fd: float, *, loss_d: float = 0.6, loss_g: float = 2.0, d_real
           tv: float = 0.1) -> dict[str, float]:
     finite = float(math.isfinite(loss_d) and math.isfinite(loss_g))
     return {"epoch": n, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake, "finite": finite,
-            "digit_fd": fd, "class_hist_tv": tv, "digit_is": 3.0 + n}
+            "digit_fd": fd, "class_hist_tv": tv, "digit_is": 3.0 + n, "classifier_accuracy": 0.953}
 
 
 def healthy(fds: tuple[float, float, float]) -> list[dict[str, float]]:
@@ -153,6 +153,9 @@ def test_write_report_files(records, base_config, tmp_path):
     assert all(r["best_digit_fd"] and r["final_digit_fd"] and r["status"] for r in rows)
     assert {LR, BETA1, "final_loss_d", "final_d_fake", "reason", "error"} <= set(rows[0])
     assert float(rows[2]["best_digit_fd"]) == 15.0
+    # What each digit_fd is worth stands beside it.
+    assert list(rows[0])[list(rows[0]).index("best_digit_fd") + 1] == "classifier_accuracy"
+    assert all(float(r["classifier_accuracy"]) == 0.953 for r in rows)
 
     text = (out / "best.yaml").read_text()
     assert text.startswith("#") and "t002" in text.splitlines()[0] + text.splitlines()[1]
@@ -169,6 +172,7 @@ def test_write_report_files(records, base_config, tmp_path):
     for status in ("converged: 4", "diverged: 1", "d_won: 1", "mode_collapse: 1"):
         assert status in page
     assert "lr-study" in page and "lower is better" in page
+    assert "digit classifier of test accuracy 0.953" in page and "<th>classifier accuracy</th>" in page
 
 
 def test_summary_text(records):
@@ -176,8 +180,8 @@ def test_summary_text(records):
     for count in ("converged: 4", "diverged: 1", "d_won: 1", "mode_collapse: 1"):
         assert count in text
     header, *lines = text.splitlines()
-    assert header.split() == ["trial", LR, BETA1, "seed", "status", "best", METRIC]
-    assert lines[2].split()[:5] == ["t002", "0.001", "0.9", "7", "converged"]
+    assert header.split() == ["trial", LR, BETA1, "seed", "status", "best", METRIC, "classifier", "accuracy"]
+    assert lines[2].split() == ["t002", "0.001", "0.9", "7", "converged", "15", "0.953"]
     assert "best configuration: t002" in text
 
 

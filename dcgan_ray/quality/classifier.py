@@ -109,18 +109,24 @@ def train_classifier(
     device: str | torch.device = "cpu",
     log_every: int = 50,
     augment: bool = True,
+    min_steps: int = 0,
 ) -> DigitClassifier:
     """Train a DigitClassifier with Adam on uint8 (N, 3, 32, 32) images and digit labels 0..9.
 
-    Deterministic for a seed on one device: the seed drives the initial weights (without touching
-    the caller's global RNG), the shuffles and the shifts. Each epoch uses full batches of a fresh
-    permutation, so the fewer than batch_size left over differ from epoch to epoch. Returns the
-    model in eval mode, as a fixed feature network.
+    Runs `epochs` epochs, or more when that is fewer than `min_steps` optimizer steps (a small split
+    needs more passes to learn anything). Deterministic for a seed on one device: the seed drives the
+    initial weights (without touching the caller's global RNG), the shuffles and the shifts. Each epoch
+    uses full batches of a fresh permutation, so the fewer than batch_size left over differ from epoch
+    to epoch. Returns the model in eval mode, as a fixed feature network.
     """
     _check_labelled(images, labels)
     steps = images.shape[0] // batch_size
     if steps == 0:
         raise ValueError(f"{images.shape[0]} images cannot fill one batch of {batch_size}; lower batch_size")
+    if epochs * steps < min_steps:
+        log.info("%d epochs of %d steps are fewer than the %d steps asked for: training %d epochs", epochs, steps,
+                 min_steps, -(-min_steps // steps))
+        epochs = -(-min_steps // steps)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -28,7 +28,7 @@ import torch
 from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
 from dcgan_ray.config import JobConfig
 from dcgan_ray.config import METRICS
-from dcgan_ray.errors import DcganError, ObjectMissing
+from dcgan_ray.errors import CheckpointError, DcganError, ObjectMissing
 from dcgan_ray.gan.step import to_model_input, unwrap
 from dcgan_ray.gan.sync import all_reduce_sum, broadcast_from_rank_zero
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
@@ -54,8 +54,9 @@ class Extractor:
 class DigitExtractor(Extractor):
     name = "digit"
 
-    def __init__(self, model: DigitClassifier, ident: str):
+    def __init__(self, model: DigitClassifier, ident: str, accuracy: float | None = None):
         self.model, self.ident, self.feature_dim = model, ident, model.feature_dim
+        self.accuracy = accuracy  # the classifier's stored test accuracy, reported beside digit_fd
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return classify(self.model, images)
@@ -74,6 +75,12 @@ class InceptionExtractor(Extractor):
             return self.model(pixels).double().cpu(), None
 
 
+MORE_CLASSIFIER_TRAINING = (
+    "Train it again on more data or for longer: prepare the whole split (drop classifier.max_images), or "
+    "raise classifier.min_steps / classifier.epochs, e.g. `dcgan-ray classifier train {config} --set "
+    "classifier.min_steps=2000`")
+
+
 def load_digit_classifier(store: Store, cfg: JobConfig) -> tuple[DigitClassifier, dict]:
     """The classifier from the bucket and its metadata (accuracy, what it was trained on)."""
     key = classifier_key(cfg)
@@ -84,15 +91,36 @@ def load_digit_classifier(store: Store, cfg: JobConfig) -> tuple[DigitClassifier
             f"no digit classifier at {store.uri(key)}: train one with `dcgan-ray classifier train {{config}}` "
             "(minutes on a CPU), or turn evaluation off with --set eval.every_epochs=0"
         ) from None
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    return load_classifier(state["model"]), {**state["meta"], "sha256": hashlib.sha256(blob).hexdigest()}
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        meta = state["meta"]
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for a damaged file
+        raise CheckpointError(f"the digit classifier at {store.uri(key)} cannot be read ({type(e).__name__}); "
+                              "train it again with `dcgan-ray classifier train {config}`") from None
+    return load_classifier(state["model"]), {**meta, "uri": store.uri(key), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def check_classifier(store: Store, cfg: JobConfig) -> dict | None:
+    """Before a run or study that evaluates with the digit classifier: it must exist and its stored test
+    accuracy must reach eval.min_classifier_accuracy. Returns its metadata (None without evaluation)."""
+    if not cfg.eval.every_epochs or "digit" not in cfg.eval.extractors:
+        return None
+    _, meta = load_digit_classifier(store, cfg)
+    accuracy = meta.get("test_accuracy")
+    if accuracy is None or accuracy < cfg.eval.min_classifier_accuracy:
+        raise DcganError(
+            f"the digit classifier at {meta['uri']} has test accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} "
+            f"on {meta.get('test_images', '?')} images, below eval.min_classifier_accuracy="
+            f"{cfg.eval.min_classifier_accuracy:g}: its digit_fd would rank samples by features that do not tell "
+            f"digits apart. {MORE_CLASSIFIER_TRAINING}")
+    return meta
 
 
 def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[Extractor]:
     extractors: list[Extractor] = []
     if "digit" in cfg.eval.extractors:
         model, meta = load_digit_classifier(store, cfg)
-        extractors.append(DigitExtractor(model.to(device), meta["sha256"][:16]))
+        extractors.append(DigitExtractor(model.to(device), meta["sha256"][:16], meta.get("test_accuracy")))
     if "inception" in cfg.eval.extractors:
         from dcgan_ray.quality.inception import load_inception
 
@@ -270,6 +298,10 @@ class Evaluator:
         if self.rank != 0:
             return {}
         metrics = quality_metrics(stats_from_tensor(total, self.extractors), self.reference)
+        for e in self.extractors:
+            if isinstance(e, DigitExtractor) and e.accuracy is not None:
+                # What digit_fd is worth: every record of it (run.json, Tune, the study report) carries it.
+                metrics["classifier_accuracy"] = e.accuracy
         metrics["eval_seconds"] = time.perf_counter() - start
         log.info("quality of %d samples: %s (%.1f s)", self.cfg.eval.num_samples, describe_metrics(metrics),
                  metrics["eval_seconds"])

@@ -22,6 +22,13 @@ from typing import Any
 STATUSES = ("converged", "mode_collapse", "d_won", "diverged", "error", "no_data")
 LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 DIRECTION = "lower is better"  # every metric is a distance (`config.METRICS`)
+ACCURACY = "classifier_accuracy"
+"""The digit classifier's test accuracy, reported with every digit_fd: what that distance is worth."""
+
+
+def classifier_accuracy(record: "TrialRecord", metric: str) -> float | None:
+    """The accuracy of the classifier behind the trial's digit_fd (None for other metrics)."""
+    return final_value(record.history, ACCURACY) if metric == "digit_fd" else None
 
 
 @dataclass
@@ -201,6 +208,8 @@ def table_rows(trials: list[AssessedTrial], params: list[str], metric: str) -> l
         row.update({"status": t.status, "reason": t.reason, "stopped_early": r.stopped_early,
                     "epochs": epochs_reported(r.history), f"final_{metric}": final_value(r.history, metric),
                     f"best_{metric}": t.best})
+        if metric == "digit_fd":
+            row[ACCURACY] = classifier_accuracy(r, metric)
         row.update({f"final_{key}": final_value(r.history, key) for key in LOSS_KEYS})
         row["error"] = r.error
         rows.append(row)
@@ -239,9 +248,10 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
     """A fixed-width table for the job log, the counts per status, then the best configuration."""
     trials = assess(records, metric, thresholds)
     params = param_names(records)
-    header = ["trial", *params, "seed", "status", f"best {metric}"]
+    header = ["trial", *params, "seed", "status", f"best {metric}"] + (["classifier accuracy"] if metric == "digit_fd" else [])
     cells = [[t.record.trial_id, *(fmt(t.record.params.get(p)) for p in params), str(t.record.seed), t.status,
-              fmt(t.best)] for t in trials]
+              fmt(t.best)] + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
+             for t in trials]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *cells]]
     counts = Counter(t.status for t in trials)

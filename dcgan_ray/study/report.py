@@ -31,8 +31,8 @@ import yaml
 from dcgan_ray.config import config_from_dict, set_dotted
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.study.outcomes import (
-    DIRECTION, STATUSES, AssessedTrial, Thresholds, TrialRecord, assess, epochs_reported, final_value, first_line,
-    fmt, param_names, pick_best, table_rows,
+    DIRECTION, STATUSES, AssessedTrial, Thresholds, TrialRecord, assess, classifier_accuracy, epochs_reported,
+    final_value, first_line, fmt, param_names, pick_best, table_rows,
 )
 from dcgan_ray.study.plots import (
     STATUS_COLOURS, plot_heatmap, plot_learning_curves, plot_metric_vs_param, write_mosaic,
@@ -104,8 +104,9 @@ figcaption { color: #555; font-size: 0.9em; }
 
 
 def _html_table(trials: list[AssessedTrial], params: list[str], metric: str, best: AssessedTrial | None) -> str:
+    accuracy = metric == "digit_fd"
     header = ["trial", *params, "seed", "status", "reason", "stopped early", "epochs", f"best {metric}",
-              f"final {metric}"]
+              f"final {metric}"] + (["classifier accuracy"] if accuracy else [])
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for t in trials:
         r = t.record
@@ -119,10 +120,24 @@ def _html_table(trials: list[AssessedTrial], params: list[str], metric: str, bes
                  f"<td>{reason}</td>", f"<td>{'yes' if r.stopped_early else 'no'}</td>",
                  f'<td class="num">{epochs_reported(r.history)}</td>', f'<td class="num">{fmt(t.best)}</td>',
                  f'<td class="num">{html.escape(fmt(final_value(r.history, metric)))}</td>']
+        if accuracy:
+            cells.append(f'<td class="num">{html.escape(fmt(classifier_accuracy(r, metric)))}</td>')
         row_class = ' class="best"' if best is not None and t is best else ""
         lines.append(f"<tr{row_class}>" + "".join(cells) + "</tr>")
     lines.append("</table>")
     return "\n".join(lines)
+
+
+def _accuracy_note(trials: list[AssessedTrial], metric: str) -> str:
+    """What digit_fd is worth: the test accuracy of the classifier it was measured with."""
+    if metric != "digit_fd":
+        return ""
+    values = sorted({v for t in trials if (v := classifier_accuracy(t.record, metric)) is not None})
+    if not values:
+        return " The digit classifier's test accuracy was not reported."
+    shown = " to ".join(f"{v:.3f}" for v in (values[0], values[-1])[:len(values)])
+    return (f" Measured with a digit classifier of test accuracy {html.escape(shown)} (a classifier near 0.1 makes "
+            "digit_fd meaningless).")
 
 
 def _write_index(path: Path, study_name: str, metric: str, trials: list[AssessedTrial], params: list[str],
@@ -141,7 +156,7 @@ def _write_index(path: Path, study_name: str, metric: str, trials: list[Assessed
 <body>
 <h1>Hyperparameter study: {html.escape(study_name)}</h1>
 <p class="sub">Metric: <b>{html.escape(metric)}</b> ({DIRECTION}), the best value over each trial's evaluated
-epochs. {len(trials)} trials.</p>
+epochs. {len(trials)} trials.{_accuracy_note(trials, metric)}</p>
 <p>{badges}</p>
 <p class="note">How to read sensitivity: a hyperparameter matters when the metric moves across its values by more than
 it moves between seeds at one value. In each <i>metric vs</i> plot, compare the distance between the black means with

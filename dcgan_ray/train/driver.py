@@ -21,7 +21,8 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ClusterError, ConfigError, DcganError, StorageError, StorageUnreachable
-from dcgan_ray.storage.layout import RunLayout, classifier_key, runs_prefix
+from dcgan_ray.quality.metrics import check_classifier
+from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.worker import train_worker
@@ -66,11 +67,7 @@ def preflight(cfg: JobConfig) -> Store:
     store.check()
     manifest = read_split_manifest(store, cfg, cfg.data.split)
     count = manifest["count"] if cfg.data.max_images is None else min(cfg.data.max_images, manifest["count"])
-    if cfg.eval.every_epochs and "digit" in cfg.eval.extractors and not store.exists(classifier_key(cfg)):
-        raise DcganError(
-            f"evaluation needs the digit classifier at {store.uri(classifier_key(cfg))}: train it once with "
-            f"`dcgan-ray classifier train {{config}}`, or turn evaluation off with --set eval.every_epochs=0"
-        )
+    check_classifier(store, cfg)
     if count < cfg.train.batch_size * cfg.scaling.num_workers:
         raise ConfigError(
             f"{count} images cannot fill one batch of train.batch_size={cfg.train.batch_size} on "
