@@ -85,7 +85,7 @@ def our_error(error: BaseException | None) -> DcganError | None:
     queue, seen = [error], set()
     while queue:
         e = queue.pop(0)
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:  # (some Ray errors keep their cause as text)
             continue
         seen.add(id(e))
         if isinstance(e, ray.exceptions.RayTaskError):
