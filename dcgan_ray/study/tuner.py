@@ -269,6 +269,23 @@ def max_concurrent(cfg: JobConfig) -> int:
     return max(1, int(fits))
 
 
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's S3 credentials into every trial's runtime env.
+
+    Tune 2.60 (`ray/tune/execution/class_cache.py`, `_ActorClassCache.get`) puts these variables of the
+    driver's environment into the trainable actor's `runtime_env.env_vars`, which Ray keeps in plain
+    text: the state API, the dashboard and runtime_env_agent.log show them. Our trials need none of
+    it: every Ray process has the credentials from its node's environment (see dcgan_ray.storage.s3).
+    The set is read each time an actor class is made, so removing the names here is enough.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_VARIABLES)
+
+
 def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     """Run (or continue) the study; returns its report's index.html URI and the trial records."""
     if not cfg.tune.space:
@@ -280,6 +297,7 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     preflight(cfg)
     connect_ray(address)
     check_resources(cfg)
+    keep_credentials_out_of_runtime_envs()
     base = cfg.to_dict()
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
     fs = s3_filesystem(cfg)
