@@ -142,3 +142,20 @@ def test_ray_trains_filesystem_keeps_its_retries_when_pickled(cfg):
     assert isinstance(fs, ArrowS3FileSystem) and fs == ArrowS3FileSystem(cfg.storage)
     assert fs.storage.retry_budget_s == cfg.storage.retry_budget_s
     assert arrow_attempts(300) >= 16 and arrow_attempts(1) <= 3
+
+
+def test_anonymous_and_wrong_key_access_are_refused(store, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    store.check()
+    store.put_bytes("private/obj", b"not for everyone")
+    # An unsigned request (no credentials at all) is refused by the server, not served.
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{store.cfg.endpoint}/{BUCKET}/private/obj", timeout=10)
+    assert info.value.code == 403
+    # An unknown access key id: one clear line naming the key's start, never a secret.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrongkeyid")
+    with pytest.raises(StorageAuthError, match=r"rejected the credentials \(AWS_ACCESS_KEY_ID=wron\.\.\.\)") as e:
+        Store(store.cfg).get_bytes("private/obj")
+    assert TEST_SECRET not in str(e.value)
