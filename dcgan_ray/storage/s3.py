@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3
 """botocore's attempts per request; `Store.check` gives up after these, so a wrong endpoint fails in seconds."""
 
-MAX_BACKOFF_S = 10.0
+MAX_BACKOFF_S = 5.0
 """Longest wait between two tries during an outage: a server that is back is noticed within seconds."""
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
@@ -71,14 +71,14 @@ _outages: dict[str, _Outage] = {}
 _outages_lock = threading.Lock()
 
 
-def _outage_failed(endpoint: str, budget_s: float, attempt: int, failure: str) -> float | None:
+def _outage_failed(endpoint: str, budget_s: float, attempt: int, failure: str, doing: str) -> float | None:
     """Record a failed try; the seconds to wait before the next one, or None when the budget is spent."""
     with _outages_lock:
         outage = _outages.get(endpoint)
         if outage is None:
             outage = _outages[endpoint] = _Outage(failure)
-            log.warning("S3 endpoint %s is not answering (%s); retrying for up to %.0f s (storage.retry_budget_s)",
-                        endpoint, failure, budget_s)
+            log.warning("S3 endpoint %s is not answering (%s while trying to %s); retrying for up to %.0f s "
+                        "(storage.retry_budget_s)", endpoint, failure, doing, budget_s)
         left = outage.started + budget_s - time.monotonic()
         if left <= 0:
             return None
@@ -156,7 +156,9 @@ class Store:
                 with self._errors(what, key):
                     result = request()
             except _Unreachable as e:
-                wait = _outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure) if patient else None
+                target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
+                wait = (_outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
+                        if patient else None)
                 if wait is None:
                     raise StorageUnreachable(self._unreachable_message(what, key, e.failure, patient)) from None
                 time.sleep(wait)
@@ -214,26 +216,36 @@ class Store:
             raise StorageError(f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
                                f"{client_error.response.get('Error', {}).get('Message', client_error)}") from None
 
+    def _not_s3_message(self, answer: str) -> str:
+        return (f"storage.endpoint {self.endpoint} is not an S3 endpoint: listing bucket {self.bucket!r} got {answer}. "
+                "Check storage.endpoint (the S3 API's URL and port, e.g. http://127.0.0.1:8333 for the dev stack)")
+
     def _bucket_missing_message(self) -> str:
         return (f"bucket {self.bucket!r} does not exist on {self.endpoint}: create it (e.g. `aws s3 mb "
                 f"s3://{self.bucket}`), fix storage.bucket, or set storage.create_bucket: true")
 
     def check(self) -> None:
-        """Fail fast, before any work starts, if the endpoint, credentials or bucket are wrong.
+        """Fail fast, before any work starts, if the endpoint, credentials or bucket are wrong, or if the
+        endpoint is some other HTTP server (it must answer a listing as S3 does).
 
         Creates the bucket when `storage.create_bucket` is set (the dev stack's configs do).
         """
-        def head_bucket() -> bool:
+        def bucket_exists() -> bool:
             try:
-                self.client.head_bucket(Bucket=self.bucket)
-                return True
+                listing = self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
             except botocore.exceptions.ClientError as e:
-                # HEAD has no body: a 403 may be bad credentials or a foreign bucket, a 404 a missing bucket.
-                if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket"):
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code == "NoSuchBucket":
                     return False
-                raise
+                if code in _AUTH_CODES or code in _SERVER_BUSY_CODES:
+                    raise
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", code)
+                raise StorageError(self._not_s3_message(f"HTTP {status}")) from None
+            if listing.get("Name") != self.bucket:  # every S3 listing names its bucket
+                raise StorageError(self._not_s3_message("a reply that is not an S3 listing"))
+            return True
 
-        if self._call("open", None, head_bucket, patient=False):
+        if self._call("open", None, bucket_exists, patient=False):
             return
         if not self.cfg.create_bucket:
             raise BucketMissing(self._bucket_missing_message())
