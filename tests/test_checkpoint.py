@@ -68,11 +68,22 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_one(run, store, tear, cap
         read_checkpoint_dir(store, folder)
 
 
+def test_checkpoints_ray_never_registered_are_still_resumed(run, store, cfg, caplog):
+    # Ray's record of its checkpoints can be missing (its write failed in an outage): the run folder's
+    # intact checkpoints still count, so a resubmission never starts over.
+    state, uri = run.restore(None)
+    assert state["epoch"] == 3 and uri.endswith("checkpoint_epoch_0003")
+    assert any("has no checkpoint of run" in r.getMessage() for r in caplog.records)
+    empty = Checkpointer(store, RunLayout(cfg.storage.bucket, f"{cfg.storage.prefix}/runs/never-ran"), cfg.eval.metric)
+    assert empty.restore(None) == (None, None)
+
+
 def test_no_intact_checkpoint_refuses_to_start_over(run, store):
     for folder in run.folders():
         store.delete([f"{folder}/{MANIFEST_FILE}"])
-    with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
-        run.restore(handed(run, 3))
+    for handed_by_ray in (handed(run, 3), None):
+        with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
+            run.restore(handed_by_ray)
 
 
 def test_sample_reads_checked_folders_and_refuses_torn_ones(run, store, cfg, tmp_path, capsys):

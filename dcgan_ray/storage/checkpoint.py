@@ -205,29 +205,39 @@ class Checkpointer:
     def restore(self, handed: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
         """The newest intact checkpoint and its folder URI, or (None, None) for a fresh run.
 
-        `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme). Rank 0
-        picks: if the handed one is torn or damaged it falls back to older ones with a warning, and if
-        checkpoints exist but none is intact it stops (starting from scratch would silently overwrite a
-        run). The other ranks then load the very checkpoint rank 0 picked (a collective): ranks that
-        resumed from different epochs would deadlock in their first all-reduce.
+        `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme), or None
+        when Ray has none registered; intact folders of the run are used then too (Ray's record of them
+        may not have been written, e.g. in a storage outage). Rank 0 picks: a torn or damaged checkpoint
+        is skipped for the previous intact one with a warning, and if checkpoints exist but none is intact
+        it stops (starting from scratch would silently overwrite a run). The other ranks then load the
+        very checkpoint rank 0 picked (a collective): ranks that resumed from different epochs would
+        deadlock in their first all-reduce.
         """
-        if handed is None:
-            return None, None
         if rank == 0:
-            state, folder = self._newest_intact(handed.split("/", 1)[1].rstrip("/"))
+            first = handed.split("/", 1)[1].rstrip("/") if handed is not None else None
+            state, folder = self._newest_intact(first)
         folder = broadcast_from_rank_zero(folder if rank == 0 else None)
+        if folder is None:
+            return None, None
         if rank != 0:
             state = read_checkpoint_dir(self.store, folder)
         return state, self.store.uri(folder)
 
-    def _newest_intact(self, first: str) -> tuple[dict[str, Any], str]:
-        for folder in [first] + [f for f in self.folders() if f != first]:
+    def _newest_intact(self, first: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        folders = self.folders()
+        candidates = [first] + [f for f in folders if f != first] if first is not None else folders
+        if not candidates:
+            return None, None
+        for folder in candidates:
             try:
                 state = read_checkpoint_dir(self.store, folder)
             except CheckpointError as e:
                 log.warning("%s; trying the run's older checkpoints", e)
                 continue
-            if folder != first:
+            if first is None:
+                log.warning("Ray Train has no checkpoint of run %s registered; resuming from its newest intact "
+                            "checkpoint %s (epoch %d)", self.layout.uri, self.store.uri(folder), state["epoch"])
+            elif folder != first:
                 log.warning("resuming from the older checkpoint %s (epoch %d)", self.store.uri(folder),
                             state["epoch"])
             return state, folder
