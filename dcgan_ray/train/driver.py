@@ -181,7 +181,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     try:
         result = make_trainer(cfg).fit()
     except ray.train.TrainingFailedError as e:
-        error = our_error(e)
+        error = our_error(e) or _storage_down(store, cfg)
         if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
             _mark_failed(store, layout)
         if error is not None:
@@ -194,6 +194,20 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         manifest["checkpoints"]["kept"] = [f"s3://{c.path}" for c, _ in (result.best_checkpoints or [])]
         write_run_manifest(store, layout, manifest)
     return manifest
+
+
+def _storage_down(store: Store, cfg: JobConfig) -> StorageUnreachable | None:
+    """After a failure that is not ours: is the storage down? Ray Train's own writes (its run state,
+    through pyarrow) fail with an OSError that says no more than its text, so ask the endpoint itself."""
+    try:
+        store.check()
+    except StorageUnreachable:
+        return StorageUnreachable(
+            f"training of {cfg.name} stopped because the S3 endpoint {store.endpoint} stopped answering (Ray "
+            f"Train could not write its run state for storage.retry_budget_s = {cfg.storage.retry_budget_s:g} s). "
+            "Everything written before is kept: once the endpoint is back, resubmit the job and it resumes from "
+            "its last checkpoint")
+    return None
 
 
 def _mark_failed(store: Store, layout: RunLayout) -> None:

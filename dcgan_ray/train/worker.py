@@ -25,6 +25,7 @@ import torch
 
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
+from dcgan_ray.errors import DcganError
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import EpochStats, make_optimizers, noise_generator, rank_batches, run_epoch, unwrap
 from dcgan_ray.gan.sync import average, average_bn_buffers
@@ -40,12 +41,23 @@ log = logging.getLogger(__name__)
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     setup_logging()
-    w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"))
-    if w.start_epoch == 0:
-        w.recorder.first_samples(w.netG, w.evaluate())
-    for epoch in range(w.start_epoch, w.cfg.train.epochs):
-        w.end_epoch(epoch, w.train_epoch(epoch))
-    w.recorder.finished()
+    try:
+        w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"))
+        if w.start_epoch == 0:
+            w.recorder.first_samples(w.netG, w.evaluate())
+        for epoch in range(w.start_epoch, w.cfg.train.epochs):
+            w.end_epoch(epoch, w.train_epoch(epoch))
+        w.recorder.finished()
+    except DcganError as e:
+        # An expected failure whose message says what to do; the driver prints it as `error: ...`.
+        # Ray Train would log it here once more with a traceback: one line is enough.
+        log.error("rank %d stopped: %s", ray.train.get_context().get_world_rank(), e.for_job(None))
+        logging.getLogger(RAY_TRAIN_FUNCTION_ERRORS).addFilter(lambda record: record.levelno < logging.ERROR)
+        raise
+
+
+RAY_TRAIN_FUNCTION_ERRORS = "ray.train.v2._internal.util"
+"""The logger through which Ray Train 2.60 logs, with its traceback, what the train function raised."""
 
 
 @dataclass
