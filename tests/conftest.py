@@ -138,7 +138,15 @@ def run_cfg(endpoint, prefix, name, eval_every=0, **train):
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, test_env) -> RayHead:
     head = RayHead(num_cpus=4, log_path=tmp_path_factory.mktemp("ray") / "head.log")
-    head.start()
+    # Ray processes that use the state API without an address (Ray Train's PlacementGroupCleaner asks
+    # it whether the controller lives) take RAY_API_SERVER_ADDRESS, else the machine's most recently
+    # started Ray. On a machine shared with other Ray heads that was another cluster, which had never
+    # heard of our controller: the cleaner removed our workers' placement group mid-run.
+    os.environ["RAY_API_SERVER_ADDRESS"] = head.dashboard_url
+    try:
+        head.start()
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
     import ray
 
     try:

@@ -1,0 +1,174 @@
+"""Faults on the real local Ray cluster: an S3 server stopped mid-run (waited out, or past the budget
+and resumed by a resubmission), and a worker's own error reaching the user as its one line."""
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config, run_cfg
+from dcgan_ray.data.svhn import prepare_split
+from dcgan_ray.errors import DatasetError, StorageUnreachable
+from dcgan_ray.storage.checkpoint import read_checkpoint_dir
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.driver import train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def outage_data(private_s3, svhn_dir):
+    """The train split in a server of this module's own, which the tests stop and restart."""
+    cfg = make_config(private_s3.endpoint, "outage")
+    Store(cfg.storage).check()
+    prepare_split(Store(cfg.storage), cfg, "train", from_=str(svhn_dir))
+    return "outage"
+
+
+def wait_for(condition, timeout_s=300.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def in_background(cfg):
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["manifest"] = train(cfg)
+        except BaseException as e:  # shown by the assertions, not lost in the thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def epochs_done(store, layout) -> int:
+    try:
+        return (read_run_manifest(store, layout) or {}).get("epochs_completed", 0)
+    except StorageUnreachable:
+        return 0
+
+
+def test_a_60_s_outage_twice_is_waited_out_without_a_restart(ray_head, private_s3, outage_data, capfd):
+    """Stopped as epoch 1's checkpoint goes up, and again while epoch 3 trains: the run finishes with
+    every epoch's artifacts, no worker restarted, and each outage is two lines in the job's log."""
+    cfg = run_cfg(private_s3.endpoint, outage_data, "survives", epochs=3)
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    thread, result = in_background(cfg)
+    outages = []
+    try:
+        # Rank 0 writes run.json for epoch 1 and then hands its checkpoint to Ray to upload.
+        wait_for(lambda: epochs_done(store, layout) >= 1)
+        private_s3.stop()
+        outages.append(time.monotonic())
+        time.sleep(60)
+        private_s3.start()
+        outages[-1] = time.monotonic() - outages[-1]
+        # Epoch 2's checkpoint is complete (its manifest is written last): stop while epoch 3 trains.
+        wait_for(lambda: store.exists(f"{layout.prefix}/checkpoint_epoch_0002/manifest.json"))
+        private_s3.stop()
+        outages.append(time.monotonic())
+        time.sleep(60)
+        private_s3.start()
+        outages[-1] = time.monotonic() - outages[-1]
+    finally:
+        if private_s3.proc is None or private_s3.proc.poll() is not None:
+            private_s3.start()
+        thread.join(timeout=900)
+    log = capfd.readouterr()
+    log = log.out + log.err
+    assert "error" not in result, f"train() raised: {result.get('error')!r}"
+    manifest = result["manifest"]
+    assert manifest["status"] == "finished" and "resumed_from" not in manifest
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
+    for epoch in (0, 1, 2, 3):
+        assert store.exists(layout.sample_key(epoch))
+    assert store.exists(layout.gif_key)
+    assert read_checkpoint_dir(store, f"{layout.prefix}/checkpoint_epoch_0003")["epoch"] == 3
+    started = re.findall(r"is not answering \((\w+) while trying to (\w+ \S+)\)", log)
+    ended = re.findall(r"answers again after (\d+\.\d) s \((\d+) retries\)", log)
+    print(f"outages {[round(o) for o in outages]} s; started: {started}; ended: {ended}")
+    assert len(started) == len(ended) == 2, (started, ended)
+    assert all(55 < float(seconds) < 120 for seconds, _ in ended)
+    assert "not restarting" not in log and "resuming" not in log
+
+
+def test_an_outage_past_the_budget_stops_and_the_resubmission_resumes(ray_head, private_s3, outage_data):
+    cfg = run_cfg(private_s3.endpoint, outage_data, "past-budget", epochs=3)
+    cfg.storage.retry_budget_s = 10
+    cfg.scaling.max_failures = 2  # the outage is not a crash: no restart may be spent on it
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    thread, result = in_background(cfg)
+    try:
+        wait_for(lambda: store.exists(f"{layout.prefix}/checkpoint_epoch_0001/manifest.json"))
+        private_s3.stop()
+        start = time.monotonic()
+        thread.join(timeout=300)
+        stopped_after = time.monotonic() - start
+    finally:
+        private_s3.start()
+    # Whoever met the outage first gave up: a worker (its write) or Ray Train's controller (its run state).
+    error = result.get("error")
+    assert isinstance(error, StorageUnreachable), repr(error)
+    assert "\n" not in str(error) and "storage.retry_budget_s = 10" in str(error), str(error)
+    assert "Everything written before is kept" in str(error) and "resumes from its last checkpoint" in str(error)
+    assert stopped_after < 120
+    print(f"stopped {stopped_after:.0f} s into the outage: {error}")
+    # The resubmission resumes from the last checkpoint and loses no epoch.
+    manifest = train(cfg)
+    assert manifest["status"] == "finished" and manifest["resumed_from"]["epoch"] >= 1
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def shard_deleted(s3_server, svhn_dir, tmp_path_factory):
+    """A split prepared into the bucket, then one of its shards deleted: the driver's checks pass (the
+    manifest is there), the workers' reads fail. Small shards, so no node cache already holds them."""
+    cfg = make_config(s3_server.endpoint, "noshard", name="noshard", data={"shard_images": 128, "max_images": 256},
+                      scaling={"num_workers": 2, "max_failures": 2})
+    store = Store(cfg.storage)
+    manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
+    store.delete([manifest["objects"][1]["key"]])
+    job = tmp_path_factory.mktemp("noshard") / "noshard.yaml"
+    job.write_text(cfg.to_yaml())
+    return cfg, job, manifest["objects"][1]["key"]
+
+
+def test_a_workers_error_is_raised_as_is_without_restarts(ray_head, shard_deleted, capfd):
+    cfg, _, missing = shard_deleted
+    start = time.monotonic()
+    with pytest.raises(DatasetError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        f"s3://dcgan-test/{missing} is listed in the split's manifest but is not in the bucket (deleted since it was "
+        "prepared?): prepare the split again with `dcgan-ray data prepare {config} --split train --force`")
+    log = capfd.readouterr()
+    log = log.out + log.err
+    assert "not restarting the workers: a restart cannot fix this" in log
+    assert "[FailurePolicy] RETRY" not in log
+    print(f"failed in {time.monotonic() - start:.0f} s")
+
+
+def test_a_workers_error_in_ray_job_logs_is_one_line(ray_head, shard_deleted):
+    cfg, job, missing = shard_deleted
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--",
+         sys.executable, "-m", "dcgan_ray", "train", str(job)], capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    # `ray job submit` streams the logs, then repeats their end when the job fails: one distinct line.
+    errors = {line for line in output.splitlines() if line.startswith("error: ")}
+    assert errors == {f"error: s3://dcgan-test/{missing} is listed in the split's manifest but is not in the bucket "
+                      f"(deleted since it was prepared?): prepare the split again with `dcgan-ray data prepare {job} "
+                      "--split train --force`"}, output[-4000:]
+    assert "dcgan_ray.errors." not in output and "exit code 2" in output
+    assert not [line for line in output.splitlines() if "RayTrainWorker" in line and "Traceback" in line]
