@@ -360,6 +360,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem, where it is, and what it was parsing (its own text spans
+    several lines and quotes the input with a caret)."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem is None:
+        return " ".join(str(e).split())
+    where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+    context = ""
+    if e.context:
+        mark = e.context_mark
+        context = f" ({e.context}" + (f" at line {mark.line + 1}, column {mark.column + 1})" if mark else ")")
+    return f"{e.problem}{where}{context}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.epochs=2` -> ("train.epochs", 2); the value is parsed as YAML (so `null`, lists work)."""
     key, sep, raw = text.partition("=")
@@ -387,7 +400,10 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(data, key, value)
+        try:
+            set_dotted(data, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
     return data
 
 
@@ -409,5 +425,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     return config_from_dict(data, str(path), overrides)

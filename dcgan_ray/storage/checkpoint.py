@@ -109,7 +109,7 @@ def load_checkpoint(source: str | Path | bytes, label: str | None = None) -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {label} does not exist") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
-        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        detail = str(e).splitlines()[0].split(". ")[0][:200] if str(e) else ""  # torch's first sentence says it
         raise CheckpointError(f"checkpoint {label} is damaged or truncated and cannot be read "
                               f"({type(e).__name__}: {detail})") from None
     except Exception as e:  # torch's weights-only unpickler raises UnpicklingError and others
