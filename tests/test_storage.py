@@ -100,7 +100,7 @@ def test_an_outage_is_waited_out_and_logged_once(private_s3, prefix, caplog):
     assert store.get_bytes(f"{prefix}/during") == b"written"
     started, ended = outage_lines(caplog)
     assert len(started) == 1 and len(ended) == 1, started + ended
-    assert "retrying for up to 60 s (storage.retry_budget_s)" in started[0]
+    assert "while trying to read s3://" in started[0] and "retrying for up to 60 s (storage.retry_budget_s)" in started[0]
     assert re.search(r"answers again after \d+\.\d s \(\d+ retries\)", ended[0])
 
 
