@@ -92,7 +92,7 @@ def ray_train(steps: int, threads: int) -> float:
 
     from dcgan_ray.config import config_from_dict
     from dcgan_ray.data.svhn import prepare_split
-    from dcgan_ray.dev.stack import SeaweedPorts, SeaweedServer
+    from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
     from dcgan_ray.storage.s3 import Store
     from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.train.driver import train

@@ -184,14 +184,35 @@ class TuneConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = field(default=1, metadata=AT_LEAST_1)
-    """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
+    num_workers: int | list[int] = field(default=1, metadata=rule(
+        lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
+        "an integer >= 1, or a range [min, max] with 1 <= min <= max"))
+    """Ray Train workers, each one DDP rank (one GPU each when use_gpu). A range [min, max] makes the run
+    elastic: it starts with as many as the cluster places (at least min), goes on with fewer when a node
+    is lost, and grows back towards max when capacity returns. `train.batch_size` stays per worker, so
+    the global batch follows the world size; every epoch's world size is in run.json."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     cpus_per_worker: float = field(default=1.0, metadata=POSITIVE)
     """Logical CPUs Ray reserves per worker."""
     max_failures: int = field(default=2, metadata=rule(lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"))
     """Restarts from the last checkpoint after a worker or node dies (Ray's FailureConfig)."""
+    placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
+    """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
+    included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What Ray reserves for one worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
 
 @dataclass
@@ -240,7 +261,15 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [a for a in options if a is not type(None)]
-        return _convert(value, inner[0], key, where)
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, where)
+        for option in inner:  # e.g. int | list[int]: the first form the value has
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError:
+                pass
+        forms = " or ".join(getattr(o, "__name__", None) or str(o) for o in inner)
+        raise ConfigError(f"{where}: `{key}` must be {forms}, got {value!r}")
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")

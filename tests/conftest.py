@@ -16,8 +16,12 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
-from dcgan_ray.dev.stack import RayHead, SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
+from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
+from dcgan_ray.cli import main as cli_main  # noqa: E402
+from dcgan_ray.data.svhn import prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 
 TEST_KEY = "dcgan-test-key"
@@ -96,7 +100,9 @@ def svhn_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, test_env) -> RayHead:
-    head = RayHead(num_cpus=4, log_path=tmp_path_factory.mktemp("ray") / "head.log")
+    # One job slot: jobs submitted with `dcgan-ray submit` queue, one at a time (tests/test_queue.py).
+    head = RayHead(tmp_path_factory.mktemp("ray") / "head.log", num_cpus=4, resources={JOB_SLOT: 1},
+                   env={"RAY_JOB_START_TIMEOUT_SECONDS": "600"})
     head.start()
     import ray
 
@@ -106,3 +112,27 @@ def ray_head(tmp_path_factory, test_env) -> RayHead:
     finally:
         ray.shutdown()
         head.stop()
+
+
+@pytest.fixture(scope="session")
+def data_prefix(s3_server, svhn_dir, tmp_path_factory):
+    """Train and test splits in the bucket, and the digit classifier trained on them by the real CLI."""
+    prefix = "train-tests"
+    cfg = make_config(s3_server.endpoint, prefix)
+    for split in ("train", "test"):
+        prepare_split(Store(cfg.storage), cfg, split, from_=str(svhn_dir))
+    job = tmp_path_factory.mktemp("jobs") / "job.yaml"
+    job.write_text(cfg.to_yaml())
+    assert cli_main(["classifier", "train", str(job)]) == 0
+    return prefix
+
+
+def run_cfg(endpoint, prefix, name, eval_every=0, **train):
+    return make_config(
+        endpoint, prefix, name=name,
+        train={"epochs": 2, "batch_size": 16, "log_every_steps": 4, **train},
+        data={"max_images": 256},
+        checkpoint={"keep": 2},
+        scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
+        eval={"every_epochs": eval_every},
+    )

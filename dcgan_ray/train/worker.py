@@ -72,7 +72,8 @@ class Worker:
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
         store = Store(cfg.storage)
-        images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images).images).to(device)
+        node = ray.get_runtime_context().get_node_id()
+        images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images, node=node).images).to(device)
         log.debug("rank %d/%d on %s: %d images resident (%.0f MiB)", rank, world, device, len(images),
                   images.numel() / 2**20)
 
@@ -129,6 +130,7 @@ class Worker:
         metrics = {
             "epoch": done, "step": self.step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
             "images_per_s": stats.images * self.world / seconds, "epoch_seconds": seconds,
+            "world_size": self.world, "global_batch": cfg.train.batch_size * self.world,
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
         last = done == cfg.train.epochs
