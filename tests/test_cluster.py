@@ -10,10 +10,12 @@ loopback address (127.0.0.2 head, 127.0.0.3... nodes, 127.0.0.1x autoscaled), th
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -21,6 +23,7 @@ import ray
 from conftest import run_cfg
 from dcgan_ray.dev.ray_nodes import RayHead, RayNode
 from dcgan_ray.errors import ClusterError
+from dcgan_ray.jobs import JOB_SLOT, list_jobs, submit
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
@@ -46,20 +49,40 @@ def driver_on(address: str):
 
 
 class ConnectionWatch:
-    """Samples `ss -tn` while a run goes on: every TCP connection's two ends, to check they are loopback."""
+    """Samples `ss -tnp` while a run goes on: both ends of every TCP connection of this cluster's processes
+    (its nodes' `ray start` process trees, and this driver), to check they are all loopback. Other
+    sessions' servers on the machine are not this cluster's business."""
 
-    def __init__(self):
+    def __init__(self, *nodes):
+        self.nodes = nodes
         self.addresses: set[str] = set()
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _pids(self) -> set[int]:
+        """This driver and every process under the nodes' `ray start` (from /proc's parent links)."""
+        parent = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                parent[int(stat.parent.name)] = int(fields[1])
+        pids = {os.getpid(), *(node.pid for node in self.nodes)}
+        grew = True
+        while grew:
+            before = len(pids)
+            pids |= {pid for pid, ppid in parent.items() if ppid in pids}
+            grew = len(pids) > before
+        return pids
+
     def _run(self):
         while not self._stop.is_set():
-            out = subprocess.run(["ss", "-tnH"], capture_output=True, text=True).stdout
+            pids = self._pids()
+            out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
             for line in out.splitlines():
-                for end in line.split()[3:5]:
-                    self.addresses.add(re.sub(r"^\[?(::ffff:)?|\]?:\d+$", "", end))
+                if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids:
+                    for end in line.split()[3:5]:
+                        self.addresses.add(re.sub(r"^\[?(::ffff:)?|\]?:\d+$", "", end))
             self.samples += 1
             self._stop.wait(0.5)
 
@@ -98,13 +121,12 @@ def node_ids() -> dict[str, str]:
 
 
 def test_one_worker_per_node_each_with_its_own_cache_all_on_loopback(two_nodes, s3_server, data_prefix, test_env):
-    import os
-    from pathlib import Path
-
     cfg = run_cfg(s3_server.endpoint, data_prefix, "two-nodes", epochs=1)
-    with ConnectionWatch() as watch:
+    head, nodes = two_nodes
+    with ConnectionWatch(head, *nodes) as watch:
         manifest = train(cfg)
     assert manifest["status"] == "finished" and manifest["world_size"] == 2
+    assert len(watch.addresses) >= 3  # it did see the cluster's connections: head, two nodes
     # Each node fetched the split once, into its own cache: so both nodes ran a worker.
     store = Store(cfg.storage)
     split = read_split_objects(store, cfg)
@@ -158,11 +180,12 @@ def test_a_node_lost_mid_run_the_elastic_run_goes_on(two_nodes, s3_server, data_
 
 @pytest.fixture(scope="module")
 def autoscaling_head(tmp_path_factory, test_env):
-    """A head with 0 CPUs and Ray's autoscaler (v2) over one node type: 1 CPU, at most 2 nodes."""
-    head = RayHead(tmp_path_factory.mktemp("autoscaling") / "head.log", num_cpus=0,
+    """A head with 0 CPUs and Ray's autoscaler (v2) over one node type: 1 CPU, at most 2 nodes; one job
+    slot, and a queue deadline of 5 s."""
+    head = RayHead(tmp_path_factory.mktemp("autoscaling") / "head.log", num_cpus=0, resources={JOB_SLOT: 1},
                    autoscaling={"cpu1": {"resources": {"CPU": 1}, "max_workers": 2}},
                    env={"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
-                        "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID})
+                        "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID, "RAY_JOB_START_TIMEOUT_SECONDS": "5"})
     head.start()
     try:
         with driver_on(head.address):
@@ -176,7 +199,7 @@ def test_the_autoscaler_places_a_job_from_zero_worker_nodes(autoscaling_head, s3
     cfg = run_cfg(s3_server.endpoint, data_prefix, "autoscaled", epochs=1)
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     start = time.monotonic()
-    with ConnectionWatch() as watch:
+    with ConnectionWatch(autoscaling_head) as watch:  # its autoscaled nodes run in the head's process tree
         manifest = train(cfg)
     assert manifest["status"] == "finished" and manifest["world_size"] == 2
     workers = [ip for ip in node_ids() if ip != "127.0.0.2"]
@@ -194,3 +217,29 @@ def test_a_job_no_node_type_can_hold_is_refused(autoscaling_head, s3_server, dat
     with pytest.raises(ClusterError, match=r"no node type of this cluster can hold 2 worker\(s\) x 2 CPU"):
         train(cfg)
     assert time.monotonic() - start < 60  # refused on the autoscaler's word, not after the deadline
+
+
+def test_a_job_waiting_past_the_queue_deadline_fails_clearly(autoscaling_head, s3_server, data_prefix):
+    """The head's one job slot stays taken (by an actor holding it): the submission waits queued, then
+    fails at the head's deadline, and `dcgan-ray jobs` says so."""
+
+    @ray.remote(num_cpus=0, resources={JOB_SLOT: 1})
+    class SlotHolder:
+        def ready(self):
+            return True
+
+    holder = SlotHolder.remote()
+    ray.get(holder.ready.remote())
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "never-starts", epochs=1)
+    overrides = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test",
+                 f"storage.prefix={data_prefix}", "name=never-starts"]
+    submission = submit(cfg, "jobs/smoke.yaml", overrides, address=autoscaling_head.dashboard_url)
+    assert read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))["status"] == "queued"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        (row,) = [r for r in list_jobs(autoscaling_head.dashboard_url) if r.submission_id == submission]
+        if row.state != "queued":
+            break
+        time.sleep(1)
+    assert row.state == "failed" and row.message.startswith("timed out in the queue"), row
+    ray.kill(holder)

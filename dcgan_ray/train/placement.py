@@ -12,6 +12,7 @@ the wait) or, where the cluster publishes its node types (KubeRay), before anyth
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -50,10 +51,17 @@ def _autoscaling_state():
 
 
 def has_autoscaler() -> bool:
-    """Whether the head runs Ray's autoscaler (v2 reports a state; v1 publishes a status in the GCS)."""
+    """Whether the head runs Ray's autoscaler over node types it can launch. v2 reports a state; v1
+    publishes a status, which a head without an autoscaling config also has, with a read-only provider
+    whose node types are just its nodes' names."""
+    from ray.autoscaler._private.util import format_readonly_node_type
     from ray.experimental.internal_kv import _internal_kv_get
 
-    return _autoscaling_state() is not None or bool(_internal_kv_get(b"__autoscaling_status"))
+    if _autoscaling_state() is not None:
+        return True
+    raw = _internal_kv_get(b"__autoscaling_status")
+    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
+    return any(node_type != format_readonly_node_type(node) for node, node_type in mapping.items())
 
 
 def _largest_possible() -> dict[str, float] | None:
