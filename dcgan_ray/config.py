@@ -192,27 +192,29 @@ class SpeedConfig:
     all together, against eager fp32 in the same run)."""
 
     autocast_bf16: bool = False
-    """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16,
-    BatchNorm's statistics, the losses and Adam in fp32; no loss scaling needed, bf16 has fp32's range). Expected on
-    recent NVIDIA GPUs: the largest single gain, as the step's ~1.14 GFLOP per image then runs on bf16
-    tensor cores. Losses differ from fp32 by bf16 round-off (~1e-2 relative). Allowed on CPU but slow:
-    ~0.6x of fp32 measured on this project's 2-core AVX-512 CPU (benchmarks/train_step.py --table)."""
+    """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16;
+    BatchNorm's statistics, the losses and Adam in fp32; no loss scaling, as bf16 has fp32's range).
+    Expected on recent NVIDIA GPUs: the largest single gain, as the step's ~1.14 GFLOP per image then
+    runs on bf16 tensor cores. Losses differ from fp32 by bf16 round-off (~1e-2 relative). Allowed on CPU, where
+    its speed depends on the CPU: 1.6-1.85x of fp32 measured on this project's 2-core AMD EPYC, which
+    has AVX512-BF16 (`benchmarks/train_step.py --table`); CPUs without native bf16 may be slower."""
     channels_last: bool = False
     """Keep G's and D's weights and the input batches in torch.channels_last (NHWC) memory format,
     the layout cuDNN's tensor-core convolutions use natively (no transposes around each conv). Same
-    results up to float round-off. Expected to help mostly together with autocast_bf16."""
+    results up to float round-off. Expected to help mostly together with autocast_bf16. On this
+    project's CPU it measured 0.5-1.0x of fp32, within the shared machine's noise or worse."""
     fused_adam: bool = False
     """torch.optim.Adam(fused=True): one fused kernel per optimizer step instead of several per
     parameter tensor, which matters when the step is launch-bound (batch 128 on a GPU). Same update up
-    to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel). A resumed run uses
-    this run's setting, not the checkpoint's."""
+    to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel; 0.6-1.06x of fp32 here,
+    within noise). A resumed run uses this run's setting, not the checkpoint's."""
     compile: str = field(default="none", metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
-    """torch.compile G and D with this mode (none: eager). default fuses the element-wise layers
-    (BatchNorm, leaky ReLU, tanh) into the convolutions' neighbours; reduce-overhead also replays
+    """torch.compile G and D with this mode (none: eager). default fuses BatchNorm, leaky ReLU and
+    tanh into a few generated kernels between the convolutions (cuDNN still runs those); reduce-overhead also replays
     each step's kernels as CUDA graphs, removing the per-kernel launch cost that bounds eager batch-128
     steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
-    The first steps of a run compile (~30 s on 2 CPU cores, less on a GPU host's); evaluation in
-    eval mode compiles once more. Works on CPU with a C++ compiler (mode default)."""
+    The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
+    more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
 
 
 @dataclass
