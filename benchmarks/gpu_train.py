@@ -117,6 +117,9 @@ def table(runs: list[dict], header: str) -> str:
     lines = [header, f"{'options':46s}  {'img/s by epoch (1st: + compile)':34s}  loss_d  loss_g  "
                      f"digit FD before -> after  train s  eval s"]
     for r in runs:
+        if "error" in r:
+            lines.append(f"{r['name']:46s}  failed: {r['error']}")
+            continue
         rates = " ".join(f"{v:7.0f}" for v in r["img_per_s_by_epoch"])
         lines.append(f"{r['name']:46s}  {rates:34s}  {r['loss_d']:6.3f}  {r['loss_g']:6.3f}  "
                      f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  {r['train_s']:7.1f}  {r['eval_s']:6.1f}")
@@ -151,9 +154,14 @@ def main() -> None:
     # CUDA graphs are GPU-only (the job config refuses them on CPU); compile `default` stands in there.
     every_option = SpeedConfig(autocast_bf16=True, channels_last=True, fused_adam=True,
                                compile="reduce-overhead" if device.type == "cuda" else "default")
-    runs = [train_gan("eager fp32 (all options off)", SpeedConfig(), images, sizes, classifier, reference),
-            train_gan(f"bf16+channels_last+fused_adam+{every_option.compile}", every_option, images, sizes,
-                      classifier, reference)]
+    runs = []
+    for name, speed in (("eager fp32 (all options off)", SpeedConfig()),
+                        (f"bf16+channels_last+fused_adam+{every_option.compile}", every_option)):
+        try:
+            runs.append(train_gan(name, speed, images, sizes, classifier, reference))
+        except Exception as e:  # one failed run must not hide the other's numbers: report it in the table
+            logging.exception("%s failed", name)
+            runs.append({"name": name, **dataclasses.asdict(speed), "error": f"{type(e).__name__}: {e}"[:200]})
     header = (f"device {device} ({device_name}), torch {torch.__version__}: {sizes.images} synthetic digits, "
               f"{sizes.epochs} epochs at batch {sizes.batch}; digit classifier {accuracy:.3f} accurate on "
               f"{sizes.test_images} held-out digits; digit FD of {sizes.samples} samples; "
