@@ -48,12 +48,13 @@ CONFIGS = {
     "bf16": SpeedConfig(autocast_bf16=True),
     "channels_last": SpeedConfig(channels_last=True),
     "fused_adam": SpeedConfig(fused_adam=True),
-    "compile": SpeedConfig(compile="default"),
-    "cudagraphs": SpeedConfig(compile="reduce-overhead"),
     "all": ALL_GPU,
     "all_no_cudagraphs": dataclasses.replace(ALL_GPU, compile="default"),
+    "compile": SpeedConfig(compile="default"),
+    "cudagraphs": SpeedConfig(compile="reduce-overhead"),
 }
-"""--table rows: name -> options. `eager` (all off) is the baseline every ratio divides by."""
+"""--table rows: name -> options, in the order they are measured: `eager` (all off) first, the baseline
+every ratio divides by; the slow-to-compile single options last, where --budget-s may cut them."""
 CUDA_ONLY = {"cudagraphs", "all"}
 WARM_STEPS = 5  # CUDA graphs: one eager warm-up step, one recording, then replays
 
@@ -133,27 +134,34 @@ def options_step(images: torch.Tensor, batch: int, steps: int, speed: SpeedConfi
             "warmup_s": warm_s}
 
 
-def options_table(images: torch.Tensor, batch_sizes: list[int], steps_at_128: int, names: list[str]) -> list[dict]:
-    """One row per (batch, option set); a row that fails records its error and the table goes on."""
-    rows = []
-    for batch in batch_sizes:
-        steps = max(1, steps_at_128 * BATCH // batch)  # the same number of images at every batch size
-        for name in names:
+def options_table(images: torch.Tensor, batch_sizes: list[int], steps_at_128: int, names: list[str],
+                  budget_s: float | None) -> list[dict]:
+    """One row per (option set, batch), sorted by batch; a row that fails records its error and the
+    table goes on; rows that would start after `budget_s` seconds are recorded as skipped."""
+    rows, start = [], time.perf_counter()
+    for name in names:
+        for batch in batch_sizes:
+            steps = max(1, steps_at_128 * BATCH // batch)  # the same number of images at every batch size
             row = {"batch": batch, "config": name, "steps": steps, **dataclasses.asdict(CONFIGS[name])}
-            try:
-                row.update(options_step(images, batch, steps, CONFIGS[name]))
-            except Exception as e:  # a benchmark row, not the program: report it and measure the rest
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                row["skipped"] = f"the table ran past --budget-s {budget_s:.0f}"
+            else:
+                try:
+                    row.update(options_step(images, batch, steps, CONFIGS[name]))
+                except Exception as e:  # a benchmark row, not the program: report it and measure the rest
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             rows.append(row)
             print(format_row(row, rows), flush=True)
-    return rows
+    return sorted(rows, key=lambda r: r["batch"])  # stable: options stay in measuring order
 
 
 def format_row(row: dict, rows: list[dict]) -> str:
-    base = next((r for r in rows if r["batch"] == row["batch"] and r["config"] == "eager" and "error" not in r), None)
+    base = next((r for r in rows if r["batch"] == row["batch"] and r["config"] == "eager" and "img_per_s" in r), None)
     head = f"{row['batch']:6d}  {row['config']:18s}"
     if "error" in row:
         return f"{head}  failed: {row['error']}"
+    if "skipped" in row:
+        return f"{head}  skipped: {row['skipped']}"
     ratio = f"{row['img_per_s'] / base['img_per_s']:6.2f}x" if base else "      -"
     tflops = row["img_per_s"] * GFLOP_PER_IMAGE / 1e3
     return (f"{head}  {row['img_per_s']:10.0f}  {ratio}  {tflops:7.1f}  {row['loss_d']:7.4f}  {row['loss_g']:7.4f}"
@@ -214,6 +222,8 @@ def main() -> None:
                              f"device runs; {', '.join(sorted(CUDA_ONLY))} need cuda)")
     parser.add_argument("--json", default=None, help="--table: also write the rows to this file")
     parser.add_argument("--out-table", default=None, help="--table: also write the printed table to this file")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="--table: start no row after this many seconds (later rows are listed as skipped)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -234,13 +244,13 @@ def main() -> None:
         if "eager" not in names:
             names.insert(0, "eager")  # the baseline of every ratio
         print(TABLE_HEAD)
-        rows = options_table(images, sizes, args.steps, names)
-        best = max((r for r in rows if "error" not in r), key=lambda r: r["img_per_s"], default=None)
+        rows = options_table(images, sizes, args.steps, names, args.budget_s)
+        best = max((r for r in rows if "img_per_s" in r), key=lambda r: r["img_per_s"], default=None)
         fastest = (f"fastest: {best['config']} at batch {best['batch']}: {best['img_per_s']:.0f} img/s per device "
-                   f"({name})" if best else "every row failed")
+                   f"({name})" if best else "no row measured")
         print(fastest)
         if args.out_table:
-            lines = [f"step table, {name}, torch {torch.__version__}", TABLE_HEAD]
+            lines = [f"step table, {name}, torch {torch.__version__}, {args.steps * BATCH} images per row", TABLE_HEAD]
             lines += [format_row(r, rows) for r in rows] + [fastest]
             Path(args.out_table).write_text("\n".join(lines) + "\n")
         if args.json:

@@ -1,5 +1,5 @@
 """benchmarks/gpu.sh is run on GPU machines this project's own machines lack; here its --quick CPU
-variant runs end to end (1-4 min on 2 shared cores, mostly torch.compile), so a GPU session never finds it broken."""
+variant runs end to end (1-5 min on 2 shared cores, mostly torch.compile), so a GPU session never finds it broken."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def test_gpu_sh_runs_on_cpu_quick(tmp_path):
     assert "step table, cpu" in summary and "eager fp32 (all options off)" in summary
 
     step = json.loads((tmp_path / "step.json").read_text())
-    assert [r["config"] for r in step["rows"]] == ["eager", "bf16", "channels_last", "fused_adam", "compile",
-                                                  "all_no_cudagraphs"]
-    assert all("error" not in r and r["img_per_s"] > 0 and math.isfinite(r["loss_d"]) for r in step["rows"]), step
+    assert [r["config"] for r in step["rows"]] == ["eager", "bf16", "channels_last", "fused_adam",
+                                                  "all_no_cudagraphs", "compile"]
+    assert all(r.get("img_per_s", 0) > 0 and math.isfinite(r["loss_d"]) for r in step["rows"]), step
 
     train = json.loads((tmp_path / "train.json").read_text())
     assert [r["compile"] for r in train["runs"]] == ["none", "default"]
