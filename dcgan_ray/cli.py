@@ -8,6 +8,8 @@
   dcgan-ray classifier train CONFIG           the digit classifier behind the digit_fd metric
   dcgan-ray tune CONFIG                       a hyperparameter sensitivity study on Ray Tune
   dcgan-ray paths CONFIG [NAME]               where the job's data, run and study live in the bucket
+  dcgan-ray submit CONFIG [--study]           queue a training job (or study) on a cluster's job API
+  dcgan-ray jobs                              this project's jobs on the cluster: state, epoch, best, URI
 
 Every command that takes CONFIG also takes `--set key=value` overrides. Expected failures print
 `error: ...` and exit 2; the message says what to do.
@@ -184,6 +186,21 @@ def cmd_paths(args: argparse.Namespace) -> None:
         print(f"{name:16} {uri}")
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import submit
+
+    cfg = load_config(args.config, args.overrides)
+    kind = "tune" if args.study else "train"
+    submission_id = submit(cfg, args.config, args.overrides, kind, address=args.address, queue=not args.no_queue)
+    print(f"submitted {submission_id}\n  follow: ray job logs -f {submission_id}\n  list:   dcgan-ray jobs")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import format_jobs, list_jobs
+
+    print(format_jobs(list_jobs(args.address)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan-ray", description="Distributed DCGAN on SVHN with Ray and S3.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -246,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("name", nargs="?", help="print only this one (e.g. latest_samples, animation, run)")
     p.set_defaults(func=cmd_paths)
+
+    address_help = "Ray job API URL (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)"
+    p = sub.add_parser("submit", help="submit the job (or its study) to a cluster's job queue")
+    _add_config(p)
+    p.add_argument("--study", action="store_true", help="submit the job's sensitivity study (dcgan-ray tune)")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--no-queue", action="store_true", help="start at once even where the cluster offers job slots")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list this project's jobs and studies on the cluster")
+    p.add_argument("--address", default=None, help=address_help)
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

@@ -42,6 +42,8 @@ POSITIVE = rule(lambda v: v > 0, "a number > 0")
 NULL_OR_POSITIVE = rule(lambda v: v is None or v > 0, "null or a number > 0")
 UNIT_INTERVAL = rule(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 SPLIT = rule(lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""`speed.compile` values: off, or a `torch.compile` mode."""
 
 
 @dataclass
@@ -192,15 +194,69 @@ class TuneConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """How the training step runs on the device; the GAN math stays the seed's. Every switch is off by
+    default, so a job trains exactly as the seed's plain fp32 PyTorch loop does until it opts in.
+    Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone and
+    all together, against eager fp32 in the same run)."""
+
+    autocast_bf16: bool = False
+    """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16;
+    BatchNorm's statistics, the losses and Adam in fp32; no loss scaling, as bf16 has fp32's range).
+    Expected on recent NVIDIA GPUs: the largest single gain, as the step's ~1.14 GFLOP per image then
+    runs on bf16 tensor cores. Losses differ from fp32 by bf16 round-off (~1e-2 relative). Allowed on CPU, where
+    its speed depends on the CPU: 1.6-1.85x of fp32 measured on this project's 2-core AMD EPYC, which
+    has AVX512-BF16 (`benchmarks/train_step.py --table`); CPUs without native bf16 may be slower."""
+    channels_last: bool = False
+    """Keep G's and D's weights and the input batches in torch.channels_last (NHWC) memory format,
+    the layout cuDNN's tensor-core convolutions use natively (no transposes around each conv). Same
+    results up to float round-off. Expected to help mostly together with autocast_bf16. On this
+    project's CPU it measured 0.5-1.0x of fp32, within the shared machine's noise or worse."""
+    fused_adam: bool = False
+    """torch.optim.Adam(fused=True): one fused kernel per optimizer step instead of several per
+    parameter tensor, which matters when the step is launch-bound (batch 128 on a GPU). Same update up
+    to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel; 0.6-1.06x of fp32 here,
+    within noise). A resumed run uses this run's setting, not the checkpoint's."""
+    compile: str = field(default="none", metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
+    """torch.compile G and D with this mode (none: eager). default fuses BatchNorm, leaky ReLU and
+    tanh into a few generated kernels between the convolutions (cuDNN still runs those); reduce-overhead also replays
+    each step's kernels as CUDA graphs, removing the per-kernel launch cost that bounds eager batch-128
+    steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
+    The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
+    more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
+
+
+@dataclass
 class ScalingConfig:
-    num_workers: int = field(default=1, metadata=AT_LEAST_1)
-    """Ray Train workers, each one DDP rank (one GPU each when use_gpu)."""
+    num_workers: int | list[int] = field(default=1, metadata=rule(
+        lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
+        "an integer >= 1, or a range [min, max] with 1 <= min <= max"))
+    """Ray Train workers, each one DDP rank (one GPU each when use_gpu). A range [min, max] makes the run
+    elastic: it starts with as many as the cluster places (at least min), goes on with fewer when a node
+    is lost, and grows back towards max when capacity returns. `train.batch_size` stays per worker, so
+    the global batch follows the world size; every epoch's world size is in run.json."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     cpus_per_worker: float = field(default=1.0, metadata=POSITIVE)
     """Logical CPUs Ray reserves per worker."""
     max_failures: int = field(default=2, metadata=rule(lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"))
     """Restarts from the last checkpoint after a worker or node dies (Ray's FailureConfig)."""
+    placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
+    """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
+    included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What Ray reserves for one worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
 
 @dataclass
@@ -238,6 +294,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -256,7 +313,15 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [a for a in options if a is not type(None)]
-        return _convert(value, inner[0], key, where)
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, where)
+        for option in inner:  # e.g. int | list[int]: the first form the value has
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError:
+                pass
+        forms = " or ".join(getattr(o, "__name__", None) or str(o) for o in inner)
+        raise ConfigError(f"{where}: `{key}` must be {forms}, got {value!r}")
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
@@ -314,6 +379,10 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
     needed = METRICS[cfg.eval.metric]
     if cfg.eval.every_epochs and needed not in cfg.eval.extractors:
         raise ConfigError(f"{where}: `eval.metric` = {cfg.eval.metric!r} needs {needed!r} in `eval.extractors`")
+    if cfg.speed.compile == "reduce-overhead" and not cfg.scaling.use_gpu:
+        # On CPU torch would skip the CUDA graphs silently and run plain `default`: say so instead.
+        raise ConfigError(f"{where}: `speed.compile` = 'reduce-overhead' records CUDA graphs and needs "
+                          "`scaling.use_gpu: true`; on CPU use `speed.compile: default`")
     _validate_space(cfg, where)
 
 

@@ -16,8 +16,12 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
-from dcgan_ray.dev.stack import RayHead, SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
+from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
+from dcgan_ray.cli import main as cli_main  # noqa: E402
+from dcgan_ray.data.svhn import prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 
 TEST_KEY = "dcgan-test-key"
@@ -107,12 +111,30 @@ def svhn_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, test_env) -> RayHead:
+    # One job slot: jobs submitted with `dcgan-ray submit` queue, one at a time (tests/test_queue.py).
+    head = RayHead(tmp_path_factory.mktemp("ray") / "head.log", num_cpus=4, resources={JOB_SLOT: 1},
+                   env={"RAY_JOB_START_TIMEOUT_SECONDS": "600"})
+    # Ray processes that use the state API without an address (Ray Train's PlacementGroupCleaner asks
+    # it whether the controller lives) take RAY_API_SERVER_ADDRESS, else the machine's most recently
+    # started Ray. On a machine shared with other Ray heads that was another cluster, which had never
+    # heard of our controller: the cleaner removed our workers' placement group mid-run.
+    head.env["RAY_API_SERVER_ADDRESS"] = head.dashboard_url
+    head.start()
+    import ray
+
+    try:
+        ray.init(address=head.address, logging_level="WARNING")
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()
+
+
+@pytest.fixture(scope="session")
 def data_prefix(s3_server, svhn_dir, tmp_path_factory):
     """Train and test splits in the bucket, and the digit classifier trained on them by the real CLI
     (shared by the training, fault and secret tests)."""
-    from dcgan_ray.cli import main as cli_main
-    from dcgan_ray.data.svhn import prepare_split
-
     prefix = "train-tests"
     cfg = make_config(s3_server.endpoint, prefix)
     for split in ("train", "test"):
@@ -133,25 +155,3 @@ def run_cfg(endpoint, prefix, name, eval_every=0, **train):
         scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
         eval={"every_epochs": eval_every},
     )
-
-
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory, test_env) -> RayHead:
-    head = RayHead(num_cpus=4, log_path=tmp_path_factory.mktemp("ray") / "head.log")
-    # Ray processes that use the state API without an address (Ray Train's PlacementGroupCleaner asks
-    # it whether the controller lives) take RAY_API_SERVER_ADDRESS, else the machine's most recently
-    # started Ray. On a machine shared with other Ray heads that was another cluster, which had never
-    # heard of our controller: the cleaner removed our workers' placement group mid-run.
-    os.environ["RAY_API_SERVER_ADDRESS"] = head.dashboard_url
-    try:
-        head.start()
-    finally:
-        del os.environ["RAY_API_SERVER_ADDRESS"]
-    import ray
-
-    try:
-        ray.init(address=head.address, logging_level="WARNING")
-        yield head
-    finally:
-        ray.shutdown()
-        head.stop()

@@ -26,7 +26,7 @@ from conftest import BUCKET, REPO, make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.data.synth import synth_svhn_mat
-from dcgan_ray.dev.stack import SeaweedPorts
+from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.quality.classifier import DigitClassifier, save_state
 from dcgan_ray.storage.checkpoint import save_checkpoint
 from dcgan_ray.storage.layout import classifier_key, split_manifest_key
@@ -198,10 +198,11 @@ ROWS = [
         r"`scaling.num_workers` = 0 is not allowed; expected an integer >= 1"),
     Row("more-workers-than-cpus", "more workers than the cluster has CPUs",
         lambda c: ["train", c.job(scaling={"num_workers": 64}), "--address", c.ray_address],
-        r"the job needs scaling.num_workers x scaling.cpus_per_worker = 64 x 1 = 64 CPUs but the cluster has 4", ray=True),
+        r"the job needs 64 worker\(s\) x 1 CPU = 64 CPU, but the cluster has 4 CPU; lower scaling.num_workers", ray=True),
     Row("gpus-on-a-cpu-cluster", "GPU workers on a cluster without GPUs",
         lambda c: ["train", c.job(scaling={"use_gpu": True}), "--address", c.ray_address],
-        r"scaling.use_gpu is true and scaling.num_workers=1, but the cluster has 0 GPU\(s\)", ray=True),
+        r"the job needs 1 worker\(s\) x 1 CPU, 1 GPU = 1 CPU, 1 GPU, but the cluster has 4 CPU, 0 GPU; .*"
+        r"\(or set scaling.use_gpu=false\)", ray=True),
     # search spaces
     Row("space-unknown-key", "a search over a key that does not exist",
         lambda c: ["tune", c.job(tune={"space": {"train.lrr": {"grid": [1]}}})],

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dcgan_ray.dev.stack import SeaweedPorts, SeaweedServer
+from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
 from dcgan_ray.errors import ClusterError
 
 

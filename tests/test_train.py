@@ -15,7 +15,7 @@ from conftest import REPO, make_config, run_cfg
 from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
-from dcgan_ray.dev.stack import SeaweedPorts
+from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
@@ -140,14 +140,14 @@ def test_s3_down_at_start(ray_head, data_prefix):
 def test_more_workers_than_the_cluster_can_place(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "huge", epochs=1)
     cfg.scaling.num_workers, cfg.data.max_images = 64, None
-    with pytest.raises(ClusterError, match=r"needs scaling.num_workers x scaling.cpus_per_worker = 64 x 1 = 64 CPUs"):
+    with pytest.raises(ClusterError, match=r"needs 64 worker\(s\) x 1 CPU = 64 CPU, but the cluster has \d+ CPU"):
         train(cfg)
 
 
 def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "gpu")
     cfg.scaling.use_gpu = True
-    with pytest.raises(ClusterError, match="scaling.use_gpu is true.*cluster has 0 GPU"):
+    with pytest.raises(ClusterError, match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, but the cluster has .*set scaling.use_gpu=false"):
         train(cfg)
 
 

@@ -251,7 +251,7 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def cached_object(store: Store, obj: dict[str, Any]) -> Path:
+def cached_object(store: Store, obj: dict[str, Any], node: str | None = None) -> Path:
     """A local, hash-checked copy of a manifest object, downloaded once per node (`fetch_once`)."""
 
     def download(part: Path) -> None:
@@ -269,7 +269,7 @@ def cached_object(store: Store, obj: dict[str, Any]) -> Path:
                 f"{obj['sha256'][:16]}...; prepare the split again with --force"
             )
 
-    return fetch_once(cache_dir("objects") / obj["sha256"], download,
+    return fetch_once(cache_dir("objects", node) / obj["sha256"], download,
                       ready=lambda p: p.exists() and p.stat().st_size == obj["bytes"])
 
 
@@ -285,8 +285,10 @@ class SplitData:
     manifest: dict[str, Any]
 
 
-def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_images: int | None = None) -> SplitData:
-    """The split's first `max_images` (default: all) images and labels, in memory.
+def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_images: int | None = None,
+               node: str | None = None) -> SplitData:
+    """The split's first `max_images` (default: all) images and labels, in memory, through the cache of
+    `node` (a Ray node id; see `cache_dir`).
 
     Every rank holds the whole split; the training loop gives each its slice of a per-epoch permutation.
     """
@@ -299,8 +301,8 @@ def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_image
     for obj in manifest["objects"]:
         end = min(start + obj["count"], count)
         if start < end:
-            with open(cached_object(store, obj), "rb") as f:
+            with open(cached_object(store, obj, node), "rb") as f:
                 f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES]))
         start += obj["count"]
-    labels = np.fromfile(cached_object(store, manifest["labels"]), dtype=np.uint8)[:count]
+    labels = np.fromfile(cached_object(store, manifest["labels"], node), dtype=np.uint8)[:count]
     return SplitData(images, labels, manifest)

@@ -29,12 +29,16 @@ def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-def cache_dir(kind: str) -> Path:
-    """This node's cache for one kind of download: $DCGAN_RAY_CACHE/<kind> (default ~/.cache/dcgan-ray).
+def cache_dir(kind: str, node: str | None = None) -> Path:
+    """This node's cache for one kind of download: $DCGAN_RAY_CACHE[/node-<id>]/<kind> (default root
+    ~/.cache/dcgan-ray).
 
-    Keyed by content hash inside, so every Ray worker on a node shares one copy (see `fetch_once`).
+    Keyed by content hash inside, so every Ray worker of a node shares one copy (see `fetch_once`). Ray
+    workers pass their Ray node id: nodes that share a disk (several raylets on one machine, or a shared
+    home directory) still each hold their own copy, as separate machines would.
     """
-    return Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray")) / kind
+    root = Path(os.environ.get("DCGAN_RAY_CACHE", Path.home() / ".cache" / "dcgan-ray"))
+    return (root / f"node-{node[:16]}" if node else root) / kind
 
 
 def download_url(url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60) -> None:

@@ -42,8 +42,9 @@ from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
 from dcgan_ray.train.driver import (
-    check_resources, connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
+    connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
 )
+from dcgan_ray.train.placement import check_capacity, has_autoscaler
 
 log = logging.getLogger(__name__)
 
@@ -257,15 +258,16 @@ def _content_type(path: Path) -> str:
         path.suffix, "application/octet-stream")
 
 
-def max_concurrent(cfg: JobConfig) -> int:
-    """Trials that fit side by side: each is a placement group of num_workers workers."""
+def max_concurrent(cfg: JobConfig, trials: int) -> int:
+    """Trials side by side: each is a placement group of its workers. On an autoscaling cluster every
+    trial may ask (the autoscaler adds what it can; the rest wait for a trial to end), elsewhere as many
+    as the cluster's resources hold."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    total = ray.cluster_resources()
-    s = cfg.scaling
-    fits = total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker)
-    if s.use_gpu:
-        fits = min(fits, total.get("GPU", 0) // s.num_workers)
+    if has_autoscaler():
+        return trials
+    total, s = ray.cluster_resources(), cfg.scaling
+    fits = min(total.get(k, 0) // (v * s.min_workers) for k, v in s.worker_resources.items())
     return max(1, int(fits))
 
 
@@ -296,7 +298,7 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
         raise ConfigError("ASHA compares trials every epoch; set eval.every_epochs: 1")
     preflight(cfg)
     connect_ray(address)
-    check_resources(cfg)
+    check_capacity(cfg.scaling)
     keep_credentials_out_of_runtime_envs()
     base = cfg.to_dict()
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
@@ -305,9 +307,9 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     # The trial function only waits on its TorchTrainer, whose workers reserve their own resources;
     # Ray refuses an empty request, so the trial takes a token share of a CPU.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
-    concurrent = max_concurrent(cfg)
     grid = math.prod(len(v["grid"]) for v in cfg.tune.space.values() if "grid" in v) * cfg.tune.seeds
     random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
+    concurrent = max_concurrent(cfg, grid * random_draws)
     log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
              concurrent, path)
     if tune.Tuner.can_restore(f"{path}/{STUDY_EXPERIMENT}", storage_filesystem=fs):

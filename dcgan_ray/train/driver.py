@@ -20,14 +20,19 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
-from dcgan_ray.errors import ClusterError, ConfigError, DcganError, StorageError, StorageUnreachable
+from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnreachable
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
+from dcgan_ray.train.placement import ensure_placeable
+from dcgan_ray.train.runlock import RunLock
 from dcgan_ray.train.worker import train_worker
 
 log = logging.getLogger(__name__)
+
+ELASTIC_RESIZE_CHECK_S = 30.0
+"""How often an elastic run that lost workers looks for capacity to grow back (Ray's default: 60 s)."""
 
 
 def s3_filesystem(cfg: JobConfig) -> pyarrow.fs.S3FileSystem:
@@ -43,24 +48,6 @@ def connect_ray(address: str | None = None) -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def check_resources(cfg: JobConfig) -> None:
-    """Fail instead of waiting forever for workers the cluster can never place (Ray has no deadline)."""
-    total = ray.cluster_resources()
-    s = cfg.scaling
-    if s.use_gpu and total.get("GPU", 0) < s.num_workers:
-        raise ClusterError(
-            f"scaling.use_gpu is true and scaling.num_workers={s.num_workers}, but the cluster has "
-            f"{int(total.get('GPU', 0))} GPU(s); set scaling.use_gpu=false, fewer workers, or add GPU nodes"
-        )
-    need = s.num_workers * s.cpus_per_worker
-    if total.get("CPU", 0) < need:
-        raise ClusterError(
-            f"the job needs scaling.num_workers x scaling.cpus_per_worker = {s.num_workers} x "
-            f"{s.cpus_per_worker:g} = {need:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower them "
-            "or add nodes"
-        )
-
-
 def preflight(cfg: JobConfig) -> Store:
     """Storage, dataset and batch checks that need no cluster."""
     store = Store(cfg.storage)
@@ -68,10 +55,10 @@ def preflight(cfg: JobConfig) -> Store:
     manifest = read_split_manifest(store, cfg, cfg.data.split)
     count = manifest["count"] if cfg.data.max_images is None else min(cfg.data.max_images, manifest["count"])
     check_classifier(store, cfg)
-    if count < cfg.train.batch_size * cfg.scaling.num_workers:
+    if count < cfg.train.batch_size * cfg.scaling.max_workers:
         raise ConfigError(
             f"{count} images cannot fill one batch of train.batch_size={cfg.train.batch_size} on "
-            f"each of scaling.num_workers={cfg.scaling.num_workers} workers; lower them or use more data"
+            f"each of scaling.num_workers={cfg.scaling.max_workers} workers; lower them or use more data"
         )
     return store
 
@@ -147,9 +134,13 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
+            # place when a node is lost and grows back when capacity returns.
+            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else
+            (cfg.scaling.min_workers, cfg.scaling.max_workers),
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            resources_per_worker=cfg.scaling.worker_resources,
+            elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -172,22 +163,25 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
                  layout.uri, previous["epochs_completed"], cfg.train.epochs)
         return previous
     connect_ray(address)
-    check_resources(cfg)
-    if previous:
-        log.info("run %s exists with %d epochs done: resuming from its latest checkpoint",
-                 layout.uri, previous.get("epochs_completed", 0))
-    log.info("training %s on %d %s worker(s); artifacts under %s", cfg.name, cfg.scaling.num_workers,
-             "GPU" if cfg.scaling.use_gpu else "CPU", layout.uri)
-    try:
-        result = make_trainer(cfg).fit()
-    except ray.train.TrainingFailedError as e:
-        error = our_error(e) or _storage_down(store, cfg)
-        if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
-            _mark_failed(store, layout)
-        if error is not None:
-            raise error from None  # the worker's own error: the CLI prints its one line
-        raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
-                         f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
+    with RunLock(layout):
+        ensure_placeable(cfg.scaling)
+        if previous:
+            log.info("run %s exists with %d epochs done: resuming from its latest checkpoint",
+                     layout.uri, previous.get("epochs_completed", 0))
+        s = cfg.scaling
+        log.info("training %s on %s %s worker(s); artifacts under %s", cfg.name,
+                 s.max_workers if s.min_workers == s.max_workers else f"{s.min_workers}-{s.max_workers}",
+                 "GPU" if s.use_gpu else "CPU", layout.uri)
+        try:
+            result = make_trainer(cfg).fit()
+        except ray.train.TrainingFailedError as e:
+            error = our_error(e) or _storage_down(store, cfg)
+            if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
+                _mark_failed(store, layout)
+            if error is not None:
+                raise error from None  # the worker's own error: the CLI prints its one line
+            raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
+                             f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
     manifest = read_run_manifest(store, layout) or {}
     if result.checkpoint is not None:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"

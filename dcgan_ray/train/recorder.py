@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +59,12 @@ class RunRecorder(Silent):
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
         cfg, layout = self.cfg, self.layout
         m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
+        if origin is not None and m.get("world_size") not in (None, world):
+            # An elastic run restarted with another number of workers (a node lost or back).
+            m.setdefault("resizes", []).append({"epoch": start_epoch, "from": m["world_size"], "to": world,
+                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            log.warning("run %s goes on from epoch %d with %d worker(s) instead of %d: global batch %d", layout.uri,
+                        start_epoch, world, m["world_size"], cfg.train.batch_size * world)
         m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
                  global_batch=cfg.train.batch_size * world)
         m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]

@@ -27,7 +27,8 @@ from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.errors import DcganError
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.gan.step import EpochStats, make_optimizers, noise_generator, rank_batches, run_epoch, unwrap
+from dcgan_ray.gan.step import (EpochStats, load_optimizer_state, make_optimizers, noise_generator, prepare_models,
+                                rank_batches, run_epoch, unwrap)
 from dcgan_ray.gan.sync import average, average_bn_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
@@ -85,16 +86,19 @@ class Worker:
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
         store = Store(cfg.storage)
-        images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images).images).to(device)
+        node = ray.get_runtime_context().get_node_id()
+        images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images, node=node).images).to(device)
         log.debug("rank %d/%d on %s: %d images resident (%.0f MiB)", rank, world, device, len(images),
                   images.numel() / 2**20)
 
-        # [1] Build, move to the device, make optimizers, load state (Adam's follows its parameters).
+        # [1] Build, move to the device, apply speed.* (memory format, compile), make optimizers, load
+        # state (Adam's follows its parameters).
         torch.manual_seed(cfg.train.seed)
         netG, netD = (net.to(device) for net in build_models(cfg.model.z_dim, cfg.model.g_features,
                                                              cfg.model.d_features, cfg.model.alpha))
+        prepare_models(netG, netD, cfg.speed)
         optG, optD = make_optimizers(netG, netD, cfg.train.lr_generator, cfg.train.lr_discriminator,
-                                     cfg.train.beta1, cfg.train.beta2)
+                                     cfg.train.beta1, cfg.train.beta2, fused=cfg.speed.fused_adam)
         fixed_noise = torch.randn(cfg.sample.grid_size**2, cfg.model.z_dim,
                                   generator=torch.Generator().manual_seed(cfg.train.seed))
         checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
@@ -102,11 +106,14 @@ class Worker:
         state, origin = checkpointer.restore(handed.path if handed is not None else None, rank)
         start_epoch, step = 0, 0
         if state is not None:
-            for obj, key in ((netG, "netG"), (netD, "netD"), (optG, "optG"), (optD, "optD")):
-                obj.load_state_dict(state[key])
+            netG.load_state_dict(state["netG"])
+            netD.load_state_dict(state["netD"])
+            load_optimizer_state(optG, state["optG"], cfg.speed.fused_adam)
+            load_optimizer_state(optD, state["optD"], cfg.speed.fused_adam)
             fixed_noise, start_epoch, step = state["fixed_noise"], state["epoch"], state["step"]
 
-        # [2] DDP last: it broadcasts rank 0's parameters, which every rank already has.
+        # [2] DDP last: it broadcasts rank 0's parameters, which every rank already has. It calls the
+        # modules compiled in place above (see prepare_models for why not compile(DDP(...))).
         ddp = {"broadcast_buffers": False}
         netG = ray.train.torch.prepare_model(netG, parallel_strategy_kwargs=ddp)
         netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp)
@@ -129,7 +136,8 @@ class Worker:
         return run_epoch(self.netG, self.netD, self.optG, self.optD, self.images, batches, cfg.model.z_dim,
                          noise_generator(cfg.train.seed, epoch, self.rank, self.device),
                          real_target=1.0 - cfg.train.label_smoothing,
-                         log_every=cfg.train.log_every_steps if self.rank == 0 else 0, on_log=on_log)
+                         log_every=cfg.train.log_every_steps if self.rank == 0 else 0, on_log=on_log,
+                         speed=cfg.speed)
 
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
         """Agree on the epoch's numbers and BatchNorm statistics, evaluate, record, report (with a
@@ -142,6 +150,7 @@ class Worker:
         metrics = {
             "epoch": done, "step": self.step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
             "images_per_s": stats.images * self.world / seconds, "epoch_seconds": seconds,
+            "world_size": self.world, "global_batch": cfg.train.batch_size * self.world,
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
         last = done == cfg.train.epochs
