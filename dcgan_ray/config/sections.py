@@ -103,6 +103,10 @@ class CheckpointConfig:
     """Epochs between checkpoints (and the last epoch always)."""
     keep: int = field(default=3, metadata=AT_LEAST_1)
     """Most recent checkpoints kept in storage."""
+    async_upload: bool = True
+    """Upload each checkpoint in the background (Ray's CheckpointUploadMode.ASYNC, alpha) while the next
+    epoch trains; Ray keeps checkpoints in order, waits for the last one before the run ends, and fails
+    the run if an upload fails after the store's outage retries. false: the epoch waits for its upload."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +42,7 @@ class Silent:
         pass
 
     def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
-                   save_into: Path | None) -> Path | None:
+                   checkpoint: bool) -> Path | None:
         return None
 
     def finished(self) -> None:
@@ -85,9 +86,10 @@ class RunRecorder(Silent):
         self._save()
 
     def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
-                   save_into: Path | None) -> Path | None:
-        """Samples, the best copy, run.json; with `save_into`, the checkpoint in a fresh folder there,
-        whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name)."""
+                   checkpoint: bool) -> Path | None:
+        """Samples, the best copy, run.json; with `checkpoint`, the checkpoint in a fresh local folder,
+        whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name). The
+        upload removes the folder (`Worker.upload_checkpoint`)."""
         m, done = self.manifest, metrics["epoch"]
         sample_uri = self._write_grid(netG, done)
         log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
@@ -102,8 +104,8 @@ class RunRecorder(Silent):
         m["samples"]["latest"] = self.store.uri(self.layout.latest_sample_key)
         m["samples"]["epochs"] = sorted({*m["samples"]["epochs"], sample_uri})
         checkpoint_dir = None
-        if save_into is not None:
-            checkpoint_dir = save_into / self.checkpointer.dir_name(done)
+        if checkpoint:
+            checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(done)
             self.checkpointer.save(checkpoint_dir, state())
             m["checkpoints"]["latest"] = f"{self.layout.uri}/{checkpoint_dir.name}"
         self._save()

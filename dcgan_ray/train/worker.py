@@ -13,7 +13,7 @@ through `dcgan_ray.train.recorder`; the other ranks' recorder does nothing.
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 import torch
 
 from dcgan_ray.config import JobConfig, config_from_dict
@@ -157,18 +158,20 @@ class Worker:
         if self.evaluator is not None and (done % cfg.eval.every_epochs == 0 or last):
             metrics.update(self.evaluate())
         save_now = done % cfg.checkpoint.every_epochs == 0 or last
-        with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as tmp:
-            saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done),
-                                             Path(tmp) if save_now else None)
-            # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint, uploaded by our
-            # store (outage retries, manifest last) rather than by Ray's pyarrow copy.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
-                             checkpoint_dir_name=saved.name if saved else None,
-                             checkpoint_upload_fn=self.upload_checkpoint if saved else None)
+        saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done), save_now)
+        # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint, uploaded by our store
+        # (outage retries, manifest last) rather than by Ray's pyarrow copy, in the background by default.
+        mode = CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
+                         checkpoint_dir_name=saved.name if saved else None, checkpoint_upload_mode=mode,
+                         checkpoint_upload_fn=self.upload_checkpoint if saved else None,
+                         delete_local_checkpoint_after_upload=False)
 
     def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         """Ray's `checkpoint_upload_fn`: upload the local folder, return it as a checkpoint in the run's storage."""
-        folder = self.checkpointer.upload(Path(checkpoint.path), dir_name)
+        local = Path(checkpoint.path)
+        folder = self.checkpointer.upload(local, dir_name)
+        shutil.rmtree(local.parent, ignore_errors=True)  # the recorder's temporary folder around it
         return ray.train.Checkpoint(f"{self.cfg.storage.bucket}/{folder}",
                                     filesystem=ray.train.get_context().get_storage().storage_filesystem)
 
