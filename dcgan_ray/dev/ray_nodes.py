@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,12 @@ class RayHead(_RayProcess):
 
     def __init__(self, log_path: Path, num_cpus: int | None = None, port: int | None = None,
                  dashboard_port: int | None = None, resources: dict[str, float] | None = None,
-                 autoscaling: dict[str, Any] | None = None, env: dict[str, str] | None = None):
+                 autoscaling: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 temp_dir: Path | None = None):
         super().__init__(log_path)
+        # Ray's temp dir holds `ray_current_cluster`, which "auto" addresses resolve to (a job's driver
+        # among them): every cluster of the tests gets its own, or a job could reach another, stopped one.
+        self.temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="ray-"))
         self.num_cpus, self.resources, self.autoscaling, self.env = num_cpus, resources or {}, autoscaling, env or {}
         self.port, self.dashboard_port = port or free_port(), dashboard_port or free_port()
 
@@ -115,7 +120,8 @@ class RayHead(_RayProcess):
                                "another process (see `ss -ltnp`)")
         # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
         ray_cli("get-auth-token", "--generate", capture=True)
-        args = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", "--dashboard-host=127.0.0.1",
+        args = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
+                "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}"]
         if self.num_cpus is not None:
@@ -129,9 +135,19 @@ class RayHead(_RayProcess):
             config.write_text(json.dumps(self._autoscaling_config()))
             args.append(f"--autoscaling-config={config}")
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-        self._launch(args, env)
-        # Any HTTP answer (401 under token auth) means the dashboard, the last part to start, is up.
-        self._wait(lambda: http_answers(self.dashboard_url), timeout_s, "the Ray head")
+        # The helper ports are picked free just before `ray start` binds them; on a busy machine another
+        # process can take one in between and the head exits at start-up. Then start again on new ones.
+        for attempt in range(3):
+            self._launch(args, env)
+            try:
+                # Any HTTP answer (401 under token auth) means the dashboard, the last part to start, is up.
+                self._wait(lambda: http_answers(self.dashboard_url), timeout_s, "the Ray head")
+                return
+            except ClusterError:
+                if attempt == 2 or self.proc.poll() is None:
+                    raise
+                args = [a for a in args if not a.startswith(("--ray-client-server-port", "--dashboard-agent-listen"))]
+                args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
 
     def _autoscaling_config(self) -> dict[str, Any]:
         """A whole cluster config for the fake multi-node provider (its example.yaml is not in the wheel)."""

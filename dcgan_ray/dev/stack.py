@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from dcgan_ray.dev.processes import http_answers, stop_process_group
@@ -69,8 +70,10 @@ def up(num_cpus: int | None, job_slots: int = 1, queue_timeout_s: int = 3600) ->
         print(f"Ray head already up at {HEAD_IP}:{RAY_PORT}")
     else:
         # RAY_JOB_START_TIMEOUT_SECONDS: how long Ray's job manager lets a job wait for its job slot.
+        # Ray's default temp dir, so `ray status` and `ray.init()` on this machine find the dev cluster.
         head = RayHead(base / "ray.log", num_cpus, port=RAY_PORT, dashboard_port=DASHBOARD_PORT,
-                       resources={JOB_SLOT: job_slots}, env={"RAY_JOB_START_TIMEOUT_SECONDS": str(queue_timeout_s)})
+                       resources={JOB_SLOT: job_slots}, env={"RAY_JOB_START_TIMEOUT_SECONDS": str(queue_timeout_s)},
+                       temp_dir=Path(tempfile.gettempdir()) / "ray")
         head.start()
         (base / "ray.pid").write_text(str(head.proc.pid))
         print(f"Ray head up at {HEAD_IP}:{RAY_PORT} with {job_slots} job slot(s), dashboard and job API at "
