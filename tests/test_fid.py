@@ -164,3 +164,79 @@ def test_all_reduce_across_two_processes_equals_single_process(tmp_path):
     assert merged.n == 203
     assert np.allclose(merged.total, single.total) and np.allclose(merged.outer, single.outer)
     assert frechet_from_stats(merged, single) == pytest.approx(0.0, abs=1e-9)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _numpy_sums(batches: list[np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The host path the statistics used to take: every batch to float64 NumPy, then sum and x^T x."""
+    n, total, outer = 0, 0.0, 0.0
+    for b in batches:
+        x = np.asarray(b, dtype=np.float64)
+        n, total, outer = n + len(x), total + x.sum(axis=0), outer + x.T @ x
+    return n, total, outer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_accumulation_matches_the_numpy_path(device):
+    """Sums kept as float64 tensors on the features' device equal the old per-batch NumPy sums."""
+    rng = np.random.default_rng(8)
+    # float32 batches as a network returns them, with a mean far from 0 (the cancellation float64 is for)
+    batches = [(rng.standard_normal((m, 32)) * 0.3 + 5.0).astype(np.float32) for m in (500, 500, 137)]
+    stats = FeatureStats.empty(32)
+    for b in batches:
+        stats.update(torch.from_numpy(b).to(device))
+    assert stats.device.type == device  # the sums followed the features, nothing went to the host
+    n, total, outer = _numpy_sums(batches)
+    assert stats.n == n
+    np.testing.assert_allclose(stats.total, total, rtol=1e-12)
+    np.testing.assert_allclose(stats.outer, outer, rtol=1e-12)
+    x = np.concatenate(batches).astype(np.float64)
+    mu, cov = stats.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+    # to_tensor stays on the device (for the all-reduce) and round-trips
+    flat = stats.to_tensor()
+    assert flat.device.type == device and flat.dtype == torch.float64
+    back = FeatureStats.from_tensor(flat)
+    assert back.n == n and np.array_equal(back.outer, stats.outer)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_class_statistics_match_the_numpy_path(device):
+    from dcgan_ray.quality.metrics import SampleStats
+
+    rng = np.random.default_rng(9)
+    feats = [rng.standard_normal((m, 6)).astype(np.float32) for m in (40, 23)]
+    probs = [rng.dirichlet(np.ones(10), m).astype(np.float32) for m in (40, 23)]
+    probs[1][0] = np.eye(10)[3]  # exact zeros: p log p must be 0 there, not nan
+    s = SampleStats.empty(6)
+    for f, p in zip(feats, probs):
+        s.update(torch.from_numpy(f).to(device), torch.from_numpy(p).to(device))
+    p64 = np.concatenate(probs).astype(np.float64)
+    np.testing.assert_allclose(s.prob_sum, p64.sum(0), rtol=1e-12)
+    assert s.neg_entropy_sum == pytest.approx(float((p64 * np.log(np.clip(p64, 1e-12, None))).sum()), rel=1e-12)
+    back = SampleStats.from_bytes(s.to_bytes())
+    assert back.features.n == 63 and np.array_equal(back.prob_sum, s.prob_sum)
+    assert back.inception_score() == pytest.approx(s.inception_score(), rel=1e-12)
+
+
+def test_statistics_stored_before_the_device_path_still_load():
+    """Reference statistics in the bucket were written by NumPy (np.savez of dim, n, total, outer; the
+    SampleStats wrapper around them): the same bytes load and give the same distance."""
+    from dcgan_ray.quality.metrics import SampleStats
+
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((64, 5))
+    inner = io.BytesIO()
+    np.savez(inner, dim=np.int64(5), n=np.int64(64), total=x.sum(0), outer=x.T @ x)
+    old = io.BytesIO()
+    np.savez(old, features=np.frombuffer(inner.getvalue(), dtype=np.uint8), prob_sum=np.arange(10.0),
+             neg_entropy_sum=np.array(-3.5))
+    loaded = SampleStats.from_bytes(old.getvalue())
+    assert loaded.features.n == 64 and np.array_equal(loaded.features.outer, x.T @ x)
+    assert np.array_equal(loaded.prob_sum, np.arange(10.0)) and loaded.neg_entropy_sum == -3.5
+    fresh = FeatureStats.empty(5)
+    fresh.update(torch.from_numpy(x))
+    assert frechet_from_stats(loaded.features, fresh) == pytest.approx(0.0, abs=1e-9)

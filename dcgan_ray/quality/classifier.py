@@ -169,8 +169,10 @@ def train_classifier(
 
 
 @torch.no_grad()
-def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, feature_dim) and class probabilities (N, 10) of x, float in [-1, 1], on the CPU.
+def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
+             on_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, feature_dim) and class probabilities (N, 10) of x, float in [-1, 1], on the CPU
+    (`on_host`) or left on the model's device (evaluation sums them there).
 
     Runs in eval mode (BatchNorm uses its running statistics, so a sample's features do not depend
     on the batch around it) and puts the model's previous mode back afterwards.
@@ -178,16 +180,17 @@ def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512) -> 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    out = torch.device("cpu") if on_host else device
     features, probs = [], []
     try:
         for start in range(0, x.shape[0], batch_size):
             f = model.features(x[start:start + batch_size].to(device))
-            features.append(f.cpu())
-            probs.append(torch.softmax(model.head(f), dim=1).cpu())
+            features.append(f.to(out))
+            probs.append(torch.softmax(model.head(f), dim=1).to(out))
     finally:
         model.train(was_training)
     if not features:
-        return torch.empty(0, model.feature_dim), torch.empty(0, NUM_CLASSES)
+        return torch.empty(0, model.feature_dim, device=out), torch.empty(0, NUM_CLASSES, device=out)
     return torch.cat(features), torch.cat(probs)
 
 

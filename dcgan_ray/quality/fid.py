@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -38,70 +37,93 @@ _IMAG_RTOL = 1e-3
 _NEGATIVE_RTOL = 1e-6
 
 
-@dataclass
 class FeatureStats:
     """Sufficient statistics of a feature set: count, sum (d,), sum of outer products (d, d), float64.
 
     Combining two is addition, so ranks can all-reduce them instead of gathering images or features.
     float64 keeps the covariance's `outer / n - mean mean^T` cancellation harmless for network
     activations, whose means are not orders of magnitude larger than their spread.
+
+    The sums accumulate as float64 torch tensors on the device of the features they are given (a GPU
+    in training), so `update` never waits for the device; `to_tensor` stays there too, for the
+    all-reduce. Only the end moves them to the host: `total`, `outer` and `mean_cov` (NumPy, for the
+    Fréchet distance) and serialization.
     """
 
-    n: int
-    total: np.ndarray  # (d,) float64
-    outer: np.ndarray  # (d, d) float64
+    def __init__(self, n: int, total: np.ndarray | torch.Tensor, outer: np.ndarray | torch.Tensor):
+        self.n = n
+        self._total = torch.as_tensor(total, dtype=torch.float64)
+        self._outer = torch.as_tensor(outer, dtype=torch.float64)
 
     @classmethod
-    def empty(cls, dim: int) -> FeatureStats:
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> FeatureStats:
         if dim < 1:
             raise ValueError(f"feature dimension must be at least 1, got {dim}")
-        return cls(0, np.zeros(dim, dtype=np.float64), np.zeros((dim, dim), dtype=np.float64))
+        return cls(0, torch.zeros(dim, dtype=torch.float64, device=device),
+                   torch.zeros(dim, dim, dtype=torch.float64, device=device))
 
     @property
     def dim(self) -> int:
-        return self.total.shape[0]
+        return self._total.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._total.device
+
+    @property
+    def total(self) -> np.ndarray:
+        """The sum (d,) on the host (a copy when the sums live on a GPU)."""
+        return self._total.cpu().numpy()
+
+    @property
+    def outer(self) -> np.ndarray:
+        """The sum of outer products (d, d) on the host."""
+        return self._outer.cpu().numpy()
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
-        """Add a (batch, d) block of features, accumulating in float64."""
-        if isinstance(features, torch.Tensor):
-            features = features.detach().to("cpu", torch.float64).numpy()
-        x = np.asarray(features, dtype=np.float64)
+        """Add a (batch, d) block of features, accumulating in float64 on the features' device."""
+        x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features))
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features must be (batch, {self.dim}), got shape {x.shape}")
+            raise ValueError(f"features must be (batch, {self.dim}), got shape {tuple(x.shape)}")
+        x = x.to(torch.float64)
+        if x.device != self.device:  # the first batch decides where the sums live
+            self._total, self._outer = self._total.to(x.device), self._outer.to(x.device)
         self.n += x.shape[0]
-        self.total += x.sum(axis=0)
-        self.outer += x.T @ x
+        self._total += x.sum(dim=0)
+        self._outer.addmm_(x.T, x)
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (d,) and unbiased covariance (d, d), as np.mean and np.cov(rowvar=False) give them."""
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, these statistics hold {self.n}")
-        mu = self.total / self.n
+        mu = self.total / self.n  # a CPU-GPU sync point: the sums come to the host once, here
         cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
         return mu, cov
 
     def to_tensor(self) -> torch.Tensor:
-        """One flat float64 tensor [n, total, outer.ravel()], so one all_reduce(SUM) combines ranks.
+        """One flat float64 tensor [n, total, outer.ravel()] on the sums' device, so one
+        all_reduce(SUM) combines ranks.
 
         n travels as float64, exact up to 2**53 feature vectors.
         """
         return torch.cat([
-            torch.tensor([float(self.n)], dtype=torch.float64),
-            torch.from_numpy(self.total),
-            torch.from_numpy(self.outer.ravel()),
+            torch.tensor([float(self.n)], dtype=torch.float64, device=self.device),
+            self._total,
+            self._outer.reshape(-1),
         ])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> FeatureStats:
-        """Inverse of `to_tensor`; the dimension d follows from the length 1 + d + d^2."""
-        flat = t.detach().to("cpu", torch.float64).reshape(-1).numpy()
-        dim = (math.isqrt(max(4 * flat.size - 3, 0)) - 1) // 2
-        if dim < 1 or 1 + dim + dim * dim != flat.size:
-            raise ValueError(f"a tensor of {flat.size} values is not [n, total (d), outer (d*d)] for any d")
+        """Inverse of `to_tensor` (the sums stay on t's device); d follows from the length 1 + d + d^2."""
+        flat = t.detach().to(torch.float64).reshape(-1)
+        size = flat.numel()
+        dim = (math.isqrt(max(4 * size - 3, 0)) - 1) // 2
+        if dim < 1 or 1 + dim + dim * dim != size:
+            raise ValueError(f"a tensor of {size} values is not [n, total (d), outer (d*d)] for any d")
         return cls(
-            n=int(round(flat[0])),
-            total=flat[1:1 + dim].copy(),
-            outer=flat[1 + dim:].reshape(dim, dim).copy(),
+            n=int(round(flat[0].item())),  # a CPU-GPU sync point (once per evaluation)
+            total=flat[1:1 + dim].clone(),
+            outer=flat[1 + dim:].reshape(dim, dim).clone(),
         )
 
     def save(self, file: str | os.PathLike | BinaryIO) -> None:

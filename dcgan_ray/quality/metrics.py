@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,7 @@ class DigitExtractor(Extractor):
         self.accuracy = accuracy  # the classifier's stored test accuracy, reported beside digit_fd
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return classify(self.model, images)
+        return classify(self.model, images, on_host=False)
 
 
 class InceptionExtractor(Extractor):
@@ -72,7 +71,7 @@ class InceptionExtractor(Extractor):
         with torch.no_grad():
             # FID's network takes 8-bit pixels: quantise as a saved PNG would be.
             pixels = images.add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
-            return self.model(pixels).double().cpu(), None
+            return self.model(pixels).double(), None
 
 
 MORE_CLASSIFIER_TRAINING = (
@@ -130,33 +129,47 @@ def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[
     return extractors
 
 
-@dataclass
 class SampleStats:
-    """Sufficient statistics of one image set under one extractor."""
+    """Sufficient statistics of one image set under one extractor. Like `FeatureStats`, the sums stay
+    on the device of what they are given (no host transfer per batch); `prob_sum` and
+    `neg_entropy_sum` bring them to the host at the end."""
 
-    features: FeatureStats
-    prob_sum: np.ndarray  # (10,) sum of p(y|x); zeros without class probabilities
-    neg_entropy_sum: float  # sum over x of sum_y p log p, for the inception-score-style number
+    def __init__(self, features: FeatureStats, prob_sum: np.ndarray | torch.Tensor,
+                 neg_entropy_sum: float | torch.Tensor):
+        self.features = features
+        self._prob_sum = torch.as_tensor(prob_sum, dtype=torch.float64)  # (10,) sum of p(y|x); zeros without
+        self._neg_entropy_sum = torch.as_tensor(neg_entropy_sum, dtype=torch.float64)  # () sum over x of sum_y p log p
 
     @classmethod
-    def empty(cls, dim: int) -> "SampleStats":
-        return cls(FeatureStats.empty(dim), np.zeros(NUM_CLASSES), 0.0)
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> "SampleStats":
+        return cls(FeatureStats.empty(dim, device), torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.float64, device=device))
+
+    @property
+    def prob_sum(self) -> np.ndarray:
+        return self._prob_sum.cpu().numpy()
+
+    @property
+    def neg_entropy_sum(self) -> float:
+        return float(self._neg_entropy_sum.item())
 
     def update(self, features: torch.Tensor, probs: torch.Tensor | None) -> None:
         self.features.update(features)
         if probs is not None:
-            p = probs.double().cpu().numpy()
-            self.prob_sum += p.sum(0)
-            self.neg_entropy_sum += float((p * np.log(np.clip(p, 1e-12, None))).sum())
+            p = probs.detach().to(torch.float64)
+            if p.device != self._prob_sum.device:
+                self._prob_sum, self._neg_entropy_sum = self._prob_sum.to(p.device), self._neg_entropy_sum.to(p.device)
+            self._prob_sum += p.sum(dim=0)
+            self._neg_entropy_sum += (p * p.clamp(min=1e-12).log()).sum()
 
     def to_tensor(self) -> torch.Tensor:
-        return torch.cat([self.features.to_tensor(), torch.from_numpy(self.prob_sum),
-                          torch.tensor([self.neg_entropy_sum], dtype=torch.float64)])
+        device = self.features.device
+        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device), self._neg_entropy_sum.to(device).reshape(1)])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "SampleStats":
-        t = t.cpu()
-        return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].numpy().copy(), float(t[-1]))
+        t = t.cpu()  # at the end of an evaluation: one transfer to the host
+        return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].clone(), t[-1].clone())
 
     def class_histogram(self) -> np.ndarray:
         return self.prob_sum / max(self.prob_sum.sum(), 1e-12)
@@ -181,7 +194,7 @@ class SampleStats:
 
 def image_stats(extractors: list[Extractor], batches) -> dict[str, SampleStats]:
     """Statistics of an iterable of float image batches in [-1, 1], under every extractor."""
-    stats = {e.name: SampleStats.empty(e.feature_dim) for e in extractors}
+    stats = {e.name: SampleStats.empty(e.feature_dim) for e in extractors}  # (on the first batch's device)
     for images in batches:
         for e in extractors:
             stats[e.name].update(*e(images))
