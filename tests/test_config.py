@@ -88,3 +88,19 @@ def test_lr_split():
     cfg = JobConfig()
     cfg.train.lr_d = 1e-5
     assert cfg.train.lr_generator == 2e-4 and cfg.train.lr_discriminator == 1e-5
+
+
+def test_scoring_in_a_task_needs_eval_epochs_to_be_checkpoint_epochs(tmp_path):
+    # Eval every 3 epochs, checkpoints every 2: epoch 3 would have no checkpoint for the task to score.
+    p = write(tmp_path, "eval:\n  in_task: true\n  every_epochs: 3\ncheckpoint:\n  every_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: `eval.in_task` scores checkpoints.*`eval.every_epochs` = 3 "
+                                          r"is not a multiple of `checkpoint.every_epochs` = 2"):
+        load_config(p)
+    # The same on the command line; a multiple, evaluation off, or the inline path are all fine.
+    with pytest.raises(ConfigError, match="eval.in_task"):
+        load_config(write(tmp_path, "eval:\n  in_task: true\n"), ["checkpoint.every_epochs=2"])
+    assert load_config(p, ["eval.every_epochs=4"]).eval.in_task
+    assert load_config(p, ["eval.every_epochs=0"]).eval.every_epochs == 0
+    assert not load_config(p, ["eval.in_task=false"]).eval.in_task
+    with pytest.raises(ConfigError, match=r"`eval.task_gpus` = -1.0 is not allowed; expected null or a number >= 0"):
+        load_config(p, ["eval.every_epochs=4", "eval.task_gpus=-1"])

@@ -95,6 +95,12 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
     needed = METRICS[cfg.eval.metric]
     if cfg.eval.every_epochs and needed not in cfg.eval.extractors:
         raise ConfigError(f"{where}: `eval.metric` = {cfg.eval.metric!r} needs {needed!r} in `eval.extractors`")
+    if cfg.eval.in_task and cfg.eval.every_epochs and cfg.eval.every_epochs % cfg.checkpoint.every_epochs:
+        # The task scores a checkpoint: an eval epoch without one would have nothing to score.
+        raise ConfigError(f"{where}: `eval.in_task` scores checkpoints, so every eval epoch must be a checkpoint "
+                          f"epoch, but `eval.every_epochs` = {cfg.eval.every_epochs} is not a multiple of "
+                          f"`checkpoint.every_epochs` = {cfg.checkpoint.every_epochs}; change one of them or set "
+                          "eval.in_task: false")
     if cfg.speed.compile == "reduce-overhead" and not cfg.scaling.use_gpu:
         # On CPU torch would skip the CUDA graphs silently and run plain `default`: say so instead.
         raise ConfigError(f"{where}: `speed.compile` = 'reduce-overhead' records CUDA graphs and needs "

@@ -136,6 +136,23 @@ class EvalConfig:
     """Expected sha256 of the weights file; checked when set."""
     batch_size: int = field(default=500, metadata=AT_LEAST_1)
     """Images per generator/extractor forward during evaluation."""
+    in_task: bool = False
+    """Score each evaluation in a Ray task of its own (Ray Train's ValidationConfig, alpha) instead of
+    on every training rank: on eval epochs rank 0 hands Ray the checkpoint and the next epoch trains at
+    once, while the task loads that checkpoint's G, scores it and writes its result next to run.json;
+    the recorder merges results into run.json's history as they arrive, the task keeps best/, and the
+    driver merges the last ones before the run is marked finished. Needs every eval epoch to be a
+    checkpoint epoch (eval.every_epochs a multiple of checkpoint.every_epochs); epoch 0 (the untrained
+    G) is not scored; studies need false (Tune ranks trials by the metrics each epoch reports). Off by
+    default: on the 2-core CPU this was built on, training and the task share the same cores."""
+    task_gpus: float | None = field(default=None, metadata=rule(lambda v: v is None or v >= 0, "null or a number >= 0"))
+    """GPUs the scoring task asks Ray for (with eval.in_task); null means 1 when scaling.use_gpu, else 0
+    (it runs on a CPU). The task needs a GPU that no training worker holds, else it waits until one frees
+    (at the latest when training ends), which counts against eval.task_timeout_s."""
+    task_timeout_s: float | None = field(default=3600.0, metadata=NULL_OR_POSITIVE)
+    """Seconds a scoring task may take, waiting for resources included, before Ray cancels it (its epoch
+    then has no quality metrics; the run goes on). null: no limit. 1 h: a 50k-sample FID on one GPU
+    takes minutes, and the run's end waits for the last task."""
     min_classifier_accuracy: float = field(default=0.9, metadata=rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"))
     """Training and studies that evaluate with the digit classifier refuse to start when its stored test
     accuracy is below this: a classifier near chance (0.1) has features that say nothing about digits,
@@ -291,6 +308,10 @@ class JobConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def is_eval_epoch(self, epoch: int) -> bool:
+        """Whether the epoch that completes `epoch` epochs is scored: every eval.every_epochs, and the last."""
+        return bool(self.eval.every_epochs) and (epoch % self.eval.every_epochs == 0 or epoch == self.train.epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,6 +76,8 @@ class RunLayout:
       checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`; each
       checkpoint_epoch_0001/manifest.json ...   folder's manifest (sizes, sha256) is written last
       best/checkpoint.pt, best/manifest.json    the checkpoint with the best `eval.metric`, kept apart
+      validations/epoch_0001.json ...   with eval.in_task: each scoring task's result (its one writer),
+                                        merged into run.json by the recorder and the driver
       checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
     """
 
@@ -116,6 +118,13 @@ class RunLayout:
     @property
     def best_key(self) -> str:
         return f"{self.best_dir_key}/checkpoint.pt"
+
+    @property
+    def validations_prefix(self) -> str:
+        return f"{self.prefix}/validations/"
+
+    def validation_key(self, epoch: int) -> str:
+        return f"{self.validations_prefix}epoch_{epoch:04d}.json"
 
     CHECKPOINT_DIR_PREFIX = "checkpoint_epoch_"
 

@@ -7,6 +7,7 @@ and the study report read it. Where it lives: `dcgan_ray.storage.layout.RunLayou
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,8 @@ from dcgan_ray.config import JobConfig
 from dcgan_ray.errors import ObjectMissing
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.s3 import Store
+
+log = logging.getLogger(__name__)
 
 
 def read_run_manifest(store: Store, layout: RunLayout) -> dict[str, Any] | None:
@@ -49,3 +52,48 @@ def set_run_status(store: Store, layout: RunLayout, status: str) -> None:
     if manifest:
         manifest["status"] = status
         write_run_manifest(store, layout, manifest)
+
+
+# With eval.in_task each scoring task writes its result to `validations/epoch_NNNN.json` (see
+# dcgan_ray.train.validation); what follows folds those into run.json, which only its writers call.
+
+def epoch_of_key(folder_or_key: str) -> int:
+    """The epoch in `.../checkpoint_epoch_NNNN[_rK]` or `.../validations/epoch_NNNN.json`."""
+    name = folder_or_key.rstrip("/").rsplit("/", 1)[-1]
+    return int(name.removesuffix(".json").rsplit("epoch_", 1)[1][:4])
+
+
+def merge_results(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> list[int]:
+    """Fold the scoring tasks' results into `manifest` (run.json): each into its epoch's history entry
+    (`scored: "task"`, or `"failed"` with `score_error`), and the best record. Returns the epochs merged."""
+    history = {h["epoch"]: h for h in manifest["history"]}
+    merged = []
+    for key in sorted(store.list_keys(layout.validations_prefix)):
+        entry = history.get(epoch_of_key(key))
+        if entry is None or "scored" in entry:  # not recorded yet (or a discarded attempt's), or done
+            continue
+        result = json.loads(store.get_bytes(key))
+        if "error" in result:
+            entry.update(scored="failed", score_error=result["error"])
+            log.warning("scoring epoch %d failed: %s", result["epoch"], result["error"])
+        else:
+            entry.update(result["metrics"], scored="task")
+        best, current = result.get("best"), manifest["checkpoints"].get("best")
+        if best is not None and (current is None or current["epoch"] <= best["epoch"]):
+            manifest["checkpoints"]["best"] = best
+        merged.append(result["epoch"])
+    return merged
+
+
+def discard_results_after(store: Store, layout: RunLayout, epoch: int) -> None:
+    """A run resumed at `epoch` redoes the epochs after it: their results (of the attempt that is being
+    discarded) must not be merged into the new ones' history."""
+    stale = [k for k in store.list_keys(layout.validations_prefix) if epoch_of_key(k) > epoch]
+    if stale:
+        store.delete(stale)
+
+
+def unscored_epochs(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:
+    """Eval epochs in run.json without a result: their task timed out or never ran."""
+    return [h["epoch"] for h in manifest["history"] if h["epoch"] > 0 and cfg.is_eval_epoch(h["epoch"])
+            and "scored" not in h]

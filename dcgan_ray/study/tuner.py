@@ -294,6 +294,9 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
         raise ConfigError("`tune.space` is empty; name at least one setting to vary (see jobs/svhn-tune.yaml)")
     if not cfg.eval.every_epochs:
         raise ConfigError("a study ranks trials by `eval.metric`; set eval.every_epochs >= 1")
+    if cfg.eval.in_task:
+        raise ConfigError("a study ranks trials by the `eval.metric` each epoch reports, which a scoring task "
+                          "(eval.in_task) adds only later; set eval.in_task: false")
     if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
         raise ConfigError("ASHA compares trials every epoch; set eval.every_epochs: 1")
     preflight(cfg)

@@ -23,10 +23,12 @@ from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnreachable
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
-from dcgan_ray.storage.runs import read_run_manifest, set_run_status, write_run_manifest
+from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
+                                    write_run_manifest)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable
 from dcgan_ray.train.runlock import RunLock
+from dcgan_ray.train.validation import validation_config
 from dcgan_ray.train.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,10 @@ class DcganTrainer(TorchTrainer):
 
 def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) -> TorchTrainer:
     return DcganTrainer(
-        train_worker,
+        # eval.in_task: Ray runs dcgan_ray.train.validation.score_checkpoint on the checkpoints reported
+        # with validation=True, in a task of its own, and waits for the last one before fit() returns.
+        validation_config=validation_config(cfg) if cfg.eval.in_task else None,
+        train_loop_per_worker=train_worker,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=ray.train.ScalingConfig(
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
@@ -159,6 +164,8 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     layout = RunLayout.of(cfg)
     previous = read_run_manifest(store, layout)
     if previous and previous.get("epochs_completed", 0) >= cfg.train.epochs:
+        if previous.get("status") == "scoring":  # a driver that stopped before it merged the last scores
+            previous = finish_scored_run(store, layout, cfg, previous)
         log.info("run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
                  layout.uri, previous["epochs_completed"], cfg.train.epochs)
         return previous
@@ -187,6 +194,25 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"
         manifest["checkpoints"]["kept"] = [f"s3://{c.path}" for c, _ in (result.best_checkpoints or [])]
         write_run_manifest(store, layout, manifest)
+    if manifest.get("status") == "scoring":
+        manifest = finish_scored_run(store, layout, cfg, manifest)
+    return manifest
+
+
+def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest: dict) -> dict:
+    """eval.in_task: fit() has returned, so Ray has waited for every scoring task; merge their last
+    results into run.json (the workers, its other writer, are gone) and only then mark it finished."""
+    merge_results(store, layout, manifest)
+    missing = unscored_epochs(cfg, manifest)
+    if missing:
+        log.warning("epoch(s) %s of %s have no quality metrics: their scoring task timed out "
+                    "(eval.task_timeout_s = %s) or never ran; Ray's controller log says which",
+                    ", ".join(map(str, missing)), layout.uri, cfg.eval.task_timeout_s)
+    manifest["status"] = "finished"
+    write_run_manifest(store, layout, manifest)
+    best = manifest.get("checkpoints", {}).get("best")
+    if best:
+        log.info("best %s %.3f at epoch %d: %s", best["metric"], best["value"], best["epoch"], best["uri"])
     return manifest
 
 

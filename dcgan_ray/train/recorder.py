@@ -23,7 +23,9 @@ from dcgan_ray.gan.step import to_pixels, unwrap
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.images import gif_bytes, grid_image, png_bytes
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.runs import new_run_manifest, read_run_manifest, write_run_manifest
+from dcgan_ray.quality.metrics import describe_metrics
+from dcgan_ray.storage.runs import (discard_results_after, merge_results, new_run_manifest, read_run_manifest,
+                                    write_run_manifest)
 from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class RunRecorder(Silent):
         m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
                  global_batch=cfg.train.batch_size * world)
         m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]
+        if cfg.eval.in_task:
+            discard_results_after(self.store, layout, start_epoch)
         if origin is not None:
             m["resumed_from"] = {"epoch": start_epoch, "checkpoint": origin}
         self.manifest = m
@@ -108,6 +112,7 @@ class RunRecorder(Silent):
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(done)
             self.checkpointer.save(checkpoint_dir, state())
             m["checkpoints"]["latest"] = f"{self.layout.uri}/{checkpoint_dir.name}"
+        self._merge_scores()
         self._save()
         return checkpoint_dir
 
@@ -117,7 +122,10 @@ class RunRecorder(Silent):
                   for e in range(self.cfg.train.epochs + 1)]
         self.store.put_bytes(self.layout.gif_key, gif_bytes(frames), "image/gif")
         m["samples"]["gif"] = self.store.uri(self.layout.gif_key)
-        m["status"] = "finished"
+        self._merge_scores()
+        # With eval.in_task the last scores may still be coming: the driver marks the run finished once
+        # Ray has waited for them and it has merged them.
+        m["status"] = "scoring" if self.cfg.eval.in_task else "finished"
         self._save()
         log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
                  self.cfg.train.epochs, m["samples"]["latest"], m["samples"]["gif"], m["checkpoints"]["latest"])
@@ -133,6 +141,13 @@ class RunRecorder(Silent):
         self.store.put_bytes(self.layout.sample_key(epoch), png, "image/png")
         self.store.put_bytes(self.layout.latest_sample_key, png, "image/png")
         return self.store.uri(self.layout.sample_key(epoch))
+
+    def _merge_scores(self) -> None:
+        """With eval.in_task: fold in the scoring tasks' results that arrived since the last write."""
+        if self.cfg.eval.in_task:
+            for epoch in merge_results(self.store, self.layout, self.manifest):
+                log.info("epoch %d scored: %s", epoch, describe_metrics(
+                    next(h for h in self.manifest["history"] if h["epoch"] == epoch)))
 
     def _save(self) -> None:
         write_run_manifest(self.store, self.layout, self.manifest)

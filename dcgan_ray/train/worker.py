@@ -119,7 +119,9 @@ class Worker:
         netG = ray.train.torch.prepare_model(netG, parallel_strategy_kwargs=ddp)
         netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp)
 
-        evaluator = Evaluator(store, cfg, images, device, rank, world) if cfg.eval.every_epochs else None
+        # With eval.in_task a Ray task scores the checkpoints (dcgan_ray.train.validation): no evaluator here.
+        inline = cfg.eval.every_epochs and not cfg.eval.in_task
+        evaluator = Evaluator(store, cfg, images, device, rank, world) if inline else None
         recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device))
         recorder.started(start_epoch, world, origin, len(images) // (world * cfg.train.batch_size))
         return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
@@ -155,17 +157,20 @@ class Worker:
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
         last = done == cfg.train.epochs
-        if self.evaluator is not None and (done % cfg.eval.every_epochs == 0 or last):
+        if self.evaluator is not None and cfg.is_eval_epoch(done):
             metrics.update(self.evaluate())
         save_now = done % cfg.checkpoint.every_epochs == 0 or last
         saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done), save_now)
         # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint, uploaded by our store
         # (outage retries, manifest last) rather than by Ray's pyarrow copy, in the background by default.
+        # With eval.in_task, eval epochs' checkpoints (the config makes them checkpoint epochs) are scored
+        # by Ray's validation task once uploaded, while the next epoch trains.
         mode = CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
                          checkpoint_dir_name=saved.name if saved else None, checkpoint_upload_mode=mode,
                          checkpoint_upload_fn=self.upload_checkpoint if saved else None,
-                         delete_local_checkpoint_after_upload=False)
+                         delete_local_checkpoint_after_upload=False,
+                         validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(done)))
 
     def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         """Ray's `checkpoint_upload_fn`: upload the local folder, return it as a checkpoint in the run's storage."""
