@@ -11,6 +11,9 @@ and prints the wait of
   (sync)  the synchronous path: eval + record + save + upload
   (async) the default path (checkpoint.async_upload): eval + record + save; the upload runs while the
           next epoch trains, and is waited for only where it outlasts that epoch
+  (task)  eval.in_task with the async upload: record (no best copy: the task keeps best/; run.json merges
+          the results that arrived) + save; the upload, then the scoring task (load the checkpoint, score
+          it, keep best/, write its result) run while the next epochs train; the task never blocks the loop
 each against the GPU epoch projected from the step benchmark: 73,257 SVHN images at --gpu-img-per-s
 (150,000 img/s per H100, the target of benchmarks/train_step.py --device cuda). Run on a CPU the eval
 numbers are a CPU's; `bash benchmarks/gpu.sh` measures the device parts on a GPU.
@@ -40,7 +43,7 @@ from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, to_model_input, train_step  # noqa: E402
 from dcgan_ray.quality.metrics import Evaluator  # noqa: E402
-from dcgan_ray.storage.checkpoint import Checkpointer  # noqa: E402
+from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint, read_checkpoint_dir  # noqa: E402
 from dcgan_ray.storage.layout import RunLayout  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
 from dcgan_ray.train.recorder import RunRecorder  # noqa: E402
@@ -104,6 +107,20 @@ def main() -> None:
             t_save = timed(lambda: checkpointer.save(folder, state()))
             t_upload = timed(lambda: checkpointer.upload(folder, folder.name))
             size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+
+            # eval.in_task: rank 0 records without a metric (so no best copy) and merges results.
+            task_cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "in_task": True}})
+            task_recorder = RunRecorder(store, task_cfg, checkpointer, fixed)
+            task_recorder.started(0, 1, None, 1)
+            plain = {k: v for k, v in metrics.items() if k in ("epoch", "epoch_seconds", "loss_d", "loss_g", "d_real",
+                                                                 "d_fake", "images_per_s")}
+            t_task_record = timed(lambda: task_recorder.epoch_done(dict(plain), netG, state, checkpoint=False))
+
+            def score_in_task() -> None:  # what dcgan_ray.train.validation.score_checkpoint does, without Ray
+                scored_state = read_checkpoint_dir(store, checkpointer.layout.checkpoint_dir_key(folder.name))
+                netG_task, _ = generator_from_checkpoint(scored_state)
+                Evaluator(store, task_cfg, images, device)(netG_task, seed=0)
+            t_task = timed(score_in_task)
         finally:
             server.stop()
 
@@ -116,6 +133,11 @@ def main() -> None:
     print(f"(sync)  the loop waits {sync:6.2f} s per epoch = {sync / epoch:6.1f} x the projected epoch")
     print(f"(async) the loop waits {new:6.2f} s per epoch = {new / epoch:6.1f} x the projected epoch   "
           f"async/sync = {new / sync:.2f}")
+    in_task = t_task_record + t_save + max(0.0, t_upload - epoch)
+    print(f"(task)  the loop waits {in_task:6.2f} s per epoch = {in_task / epoch:6.1f} x the projected epoch   "
+          f"task/sync = {in_task / sync:.2f}   (record {t_task_record:.2f} s)")
+    print(f"        off the path: the scoring task {t_task:.2f} s per eval epoch = {t_task / epoch:.1f} x the epoch "
+          "(Ray runs one at a time: a task longer than the epoch makes scores lag and the run's end wait for them)")
     print(f"without eval: sync {t_record + t_save + t_upload:5.2f} s, async {t_record + t_save:5.2f} s "
           f"({(t_record + t_save) / epoch:.1f} x the epoch); goal: <= 0.1 x")
 
