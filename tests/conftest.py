@@ -7,6 +7,8 @@ Ray head (and so every worker) inherits. Each test gets its own key prefix in th
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
+from dcgan_ray.storage.layout import RunLayout  # noqa: E402
+from dcgan_ray.storage.runs import read_run_manifest  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
 from dcgan_ray.cli import main as cli_main  # noqa: E402
 from dcgan_ray.data.svhn import prepare_split  # noqa: E402
@@ -155,3 +159,38 @@ def run_cfg(endpoint, prefix, name, eval_every=0, **train):
         scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
         eval={"every_epochs": eval_every},
     )
+
+
+class TrainInThread:
+    """`train(cfg)` on a thread of the test, so the test can act on the cluster mid-run (kill a worker,
+    lose a node) and then check what the driver returned."""
+
+    def __init__(self, cfg: JobConfig):
+        from dcgan_ray.train.driver import train
+
+        self.store, self.layout, self.result = Store(cfg.storage), RunLayout.of(cfg), {}
+
+        def run() -> None:
+            try:
+                self.result["manifest"] = train(cfg)
+            except BaseException as e:  # shown by finished(), not lost in the thread
+                self.result["error"] = e
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def wait_for_epochs(self, epochs: int, timeout_s: float = 300) -> int:
+        """Until run.json records `epochs` epochs (rank 0 records epoch n only after epoch n-1's report
+        returned, so Ray has registered that checkpoint); the count it then records."""
+        deadline = time.monotonic() + timeout_s
+        while (done := (read_run_manifest(self.store, self.layout) or {}).get("epochs_completed", 0)) < epochs:
+            assert time.monotonic() < deadline, f"run.json still records {done} epochs after {timeout_s:.0f} s"
+            time.sleep(0.2)
+        return done
+
+    def finished(self, timeout_s: float = 600) -> dict:
+        """The run manifest train() returned; fails the test if it raised or is still running."""
+        self.thread.join(timeout=timeout_s)
+        assert not self.thread.is_alive(), f"train() still running after {timeout_s:.0f} s"
+        assert "error" not in self.result, f"train() raised in the driver: {self.result.get('error')!r}"
+        return self.result["manifest"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from conftest import run_cfg
+from conftest import TrainInThread, run_cfg
 from dcgan_ray.dev.ray_nodes import RayHead, RayNode
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import JOB_SLOT, list_jobs, submit
@@ -149,27 +149,11 @@ def test_a_node_lost_mid_run_the_elastic_run_goes_on(two_nodes, s3_server, data_
     head, nodes = two_nodes
     cfg = run_cfg(s3_server.endpoint, data_prefix, "node-lost", epochs=4)
     cfg.scaling.num_workers, cfg.scaling.max_failures = [1, 2], 2
-    store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    result: dict = {}
-
-    def run():
-        try:
-            result["manifest"] = train(cfg)
-        except BaseException as e:  # shown by the assertion below, not lost in the thread
-            result["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 300
-    # Rank 0 records epoch 2 only after epoch 1's report returned, i.e. after Ray registered that checkpoint.
-    while time.monotonic() < deadline and (read_run_manifest(store, layout) or {}).get("epochs_completed", 0) < 2:
-        time.sleep(0.2)
-    done_before = read_run_manifest(store, layout)["epochs_completed"]
+    run = TrainInThread(cfg)
+    done_before = run.wait_for_epochs(2)
     killed_at = time.monotonic()
     nodes[1].kill()
-    thread.join(timeout=600)
-    assert "error" not in result, f"train() raised in the driver: {result.get('error')!r}"
-    manifest = result["manifest"]
+    manifest = run.finished()
     assert manifest["status"] == "finished"
     assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]  # no epoch lost, none repeated
     (resize,) = manifest["resizes"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_config, run_cfg
+from conftest import REPO, TrainInThread, make_config, run_cfg
 from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
@@ -175,35 +175,19 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
     run resumes from its last checkpoint, without repeating or losing an epoch."""
     import os
     import signal
-    import threading
-    import time
 
     from ray.util.state import list_actors
 
     cfg = run_cfg(s3_server.endpoint, data_prefix, "killed", epochs=5)
     cfg.scaling.max_failures = 1
-    store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["manifest"] = train(cfg)
-        except BaseException as e:  # shown by the assertion below, not lost in the thread
-            result["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 300
-    # Rank 0 records epoch 2 only after epoch 1's report returned, i.e. after Ray registered that checkpoint.
-    while time.monotonic() < deadline and (read_run_manifest(store, layout) or {}).get("epochs_completed", 0) < 2:
-        time.sleep(0.2)
+    run = TrainInThread(cfg)
+    run.wait_for_epochs(2)
     workers = list_actors(address=ray_head.dashboard_url,
                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker found"
     os.kill(workers[-1]["pid"], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "error" not in result, f"train() raised in the driver: {result.get('error')!r}"
-    manifest = result["manifest"]
+    manifest = run.finished()
+    store, layout = run.store, run.layout
     assert manifest["status"] == "finished"
     assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4, 5]
     assert manifest["resumed_from"]["epoch"] >= 1
