@@ -12,6 +12,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
+from dcgan_ray.train.validation import scoring_room
 
 pytestmark = pytest.mark.ray
 
@@ -44,3 +45,16 @@ def test_scores_from_the_task_reach_run_json_and_best(ray_head, s3_server, data_
     assert best["metric"] == "digit_fd" and best["value"] == min(fds.values())
     assert fds[best["epoch"]] == best["value"]
     assert read_checkpoint_dir(store, layout.best_dir_key)["epoch"] == best["epoch"]
+
+
+def test_no_room_for_the_scoring_task_is_named(s3_server):
+    """A fixed cluster whose workers take every GPU (or CPU) leaves the task nothing until training ends."""
+    cfg = run_cfg(s3_server.endpoint, "room", "room", eval_every=1)
+    cfg.eval.in_task = True
+    assert scoring_room(cfg, {"CPU": 4.0}) is None  # 2 workers x 1 CPU + the task's 1 CPU
+    assert scoring_room(cfg, {"CPU": 2.0}) == "1 CPU (the cluster has 2, the workers take 2)"
+    cfg.scaling.use_gpu = True  # the task then asks a GPU too (eval.task_gpus: null)
+    assert scoring_room(cfg, {"CPU": 16.0, "GPU": 2.0}) == "1 GPU (the cluster has 2, the workers take 2)"
+    assert scoring_room(cfg, {"CPU": 16.0, "GPU": 3.0}) is None
+    cfg.eval.task_gpus = 0.0  # scored on a CPU instead
+    assert scoring_room(cfg, {"CPU": 16.0, "GPU": 2.0}) is None

@@ -46,15 +46,46 @@ from dcgan_ray.storage.s3 import Store
 log = logging.getLogger(__name__)
 
 
+def task_resources(cfg: JobConfig) -> dict[str, float]:
+    """What one scoring task asks Ray for: a CPU, and a GPU with scaling.use_gpu (eval.task_gpus)."""
+    gpus = cfg.eval.task_gpus if cfg.eval.task_gpus is not None else (1.0 if cfg.scaling.use_gpu else 0.0)
+    return {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+
+
 def validation_config(cfg: JobConfig) -> ValidationConfig:
     """The trainer's ValidationConfig: `score_checkpoint` with the job's config (no secrets: credentials
     come from the nodes' environment), on a CPU or, with scaling.use_gpu, a GPU (eval.task_gpus)."""
-    gpus = cfg.eval.task_gpus if cfg.eval.task_gpus is not None else (1.0 if cfg.scaling.use_gpu else 0.0)
+    need = task_resources(cfg)
     return ValidationConfig(
         score_checkpoint,
         task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}, timeout_s=cfg.eval.task_timeout_s),
-        ray_remote_kwargs={"num_cpus": 1, "num_gpus": gpus},
+        ray_remote_kwargs={"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0.0)},
     )
+
+
+def scoring_room(cfg: JobConfig, cluster: dict[str, float]) -> str | None:
+    """Where `cluster` (a fixed cluster's resources) has no room for a scoring task beside the job's
+    workers, what is short; None where it has. Ray runs the task outside the workers' placement group,
+    so without room it waits until training ends, and that wait counts against eval.task_timeout_s."""
+    workers = {k: v * cfg.scaling.max_workers for k, v in cfg.scaling.worker_resources.items()}
+    short = {k: v for k, v in task_resources(cfg).items() if cluster.get(k, 0.0) - workers.get(k, 0.0) < v}
+    if not short:
+        return None
+    return ", ".join(f"{v:g} {k} (the cluster has {cluster.get(k, 0.0):g}, the workers take {workers.get(k, 0.0):g})"
+                     for k, v in short.items())
+
+
+def warn_if_scoring_waits(cfg: JobConfig, autoscaling: bool) -> None:
+    """Say before training when eval.in_task's scores can only arrive after training: a fixed cluster
+    without room for the scoring task beside the workers. (An autoscaling cluster adds a node for it.)"""
+    if not cfg.eval.in_task or not cfg.eval.every_epochs or autoscaling:
+        return
+    short = scoring_room(cfg, ray.cluster_resources())
+    if short:
+        log.warning("eval.in_task: no room for the scoring task's %s beside the workers, so epochs are scored "
+                    "only when training ends, and eval.task_timeout_s (%s s) counts that wait; set "
+                    "eval.task_gpus: 0 to score on a CPU, lower scaling.num_workers, add a node, or set "
+                    "eval.in_task: false to score inline", short, cfg.eval.task_timeout_s)
 
 
 def score_checkpoint(checkpoint: ray.train.Checkpoint, config: dict[str, Any]) -> dict[str, float]:
