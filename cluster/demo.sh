@@ -43,3 +43,4 @@ print(f"  digit_fd by epoch (lower is better): {curve}")
 print("  a new grid: source cluster/dev.env && .venv/bin/dcgan-ray sample "
       f"{run['checkpoints']['latest']} --out grid.png")
 PY
+echo "  the demo took $((SECONDS / 60)) min $((SECONDS % 60)) s, set-up included"
