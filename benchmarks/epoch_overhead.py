@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from dcgan_ray.cli import main as cli_main  # noqa: E402
 from dcgan_ray.config import config_from_dict  # noqa: E402
 from dcgan_ray.data.svhn import load_split, prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
-from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.dev.seaweed import scratch_server  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, to_model_input, train_step  # noqa: E402
 from dcgan_ray.quality.metrics import Evaluator  # noqa: E402
@@ -62,67 +61,59 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=10_000, help="eval.num_samples (default 10000)")
     parser.add_argument("--gpu-img-per-s", type=float, default=150_000, help="projected GPU step rate")
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
+    with scratch_server("bench") as (server, tmp):
         os.environ["DCGAN_RAY_CACHE"] = str(tmp / "cache")
-        server = SeaweedServer(tmp / "s3", SeaweedPorts.free(), tmp / "weed.log", buckets=("bench",))
-        server.start()
-        try:
-            cfg = config_from_dict({
-                "name": "overhead", "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
-                "data": {"prepare_splits": ["train", "test"]}, "eval": {"num_samples": args.num_samples},
-                "classifier": {"epochs": 2},
-            })
-            for split, n, seed in (("train", 4096, 1), ("test", 1024, 2)):
-                synth_svhn_mat(tmp / f"{split}_32x32.mat", n, seed=seed)
-            store = Store(cfg.storage)
-            for split in ("train", "test"):
-                prepare_split(store, cfg, split, from_=str(tmp))
-            job = tmp / "job.yaml"
-            job.write_text(cfg.to_yaml())
-            assert cli_main(["classifier", "train", str(job)]) == 0
-            images = torch.from_numpy(load_split(store, cfg).images)
-            device = torch.device("cpu")
+        cfg = config_from_dict({
+            "name": "overhead", "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
+            "data": {"prepare_splits": ["train", "test"]}, "eval": {"num_samples": args.num_samples},
+            "classifier": {"epochs": 2},
+        })
+        for split, n, seed in (("train", 4096, 1), ("test", 1024, 2)):
+            synth_svhn_mat(tmp / f"{split}_32x32.mat", n, seed=seed)
+        store = Store(cfg.storage)
+        for split in ("train", "test"):
+            prepare_split(store, cfg, split, from_=str(tmp))
+        job = tmp / "job.yaml"
+        job.write_text(cfg.to_yaml())
+        assert cli_main(["classifier", "train", str(job)]) == 0
+        images = torch.from_numpy(load_split(store, cfg).images)
+        device = torch.device("cpu")
 
-            netG, netD = build_models(cfg.model.z_dim, cfg.model.g_features, cfg.model.d_features, cfg.model.alpha)
-            optG, optD = make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999)
-            # One step, so both Adams hold their moments: the checkpoint has its real size.
-            train_step(netG, netD, optG, optD, to_model_input(images[:16]), torch.randn(16, cfg.model.z_dim))
-            fixed = torch.randn(64, cfg.model.z_dim)
-            state = lambda: {"netG": netG.state_dict(), "netD": netD.state_dict(), "optG": optG.state_dict(),  # noqa: E731
-                             "optD": optD.state_dict(), "epoch": 1, "step": 1, "fixed_noise": fixed,
-                             "config": cfg.to_dict()}
-            checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
-            recorder = RunRecorder(store, cfg, checkpointer, fixed)
-            recorder.started(0, 1, None, 1)
-            evaluator = Evaluator(store, cfg, images, device)  # reference statistics computed here, once
-            metrics = {"epoch": 1, "epoch_seconds": 1.0, "loss_d": 1.0, "loss_g": 1.0, "d_real": 0.5,
-                       "d_fake": 0.5, "images_per_s": 1.0}
+        netG, netD = build_models(cfg.model.z_dim, cfg.model.g_features, cfg.model.d_features, cfg.model.alpha)
+        optG, optD = make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999)
+        # One step, so both Adams hold their moments: the checkpoint has its real size.
+        train_step(netG, netD, optG, optD, to_model_input(images[:16]), torch.randn(16, cfg.model.z_dim))
+        fixed = torch.randn(64, cfg.model.z_dim)
+        state = lambda: {"netG": netG.state_dict(), "netD": netD.state_dict(), "optG": optG.state_dict(),  # noqa: E731
+                         "optD": optD.state_dict(), "epoch": 1, "step": 1, "fixed_noise": fixed,
+                         "config": cfg.to_dict()}
+        checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
+        recorder = RunRecorder(store, cfg, checkpointer, fixed)
+        recorder.started(0, 1, None, 1)
+        evaluator = Evaluator(store, cfg, images, device)  # reference statistics computed here, once
+        metrics = {"epoch": 1, "epoch_seconds": 1.0, "loss_d": 1.0, "loss_g": 1.0, "d_real": 0.5,
+                   "d_fake": 0.5, "images_per_s": 1.0}
 
-            t_eval = timed(lambda: metrics.update(evaluator(netG, seed=0)))
-            t_record = timed(lambda: recorder.epoch_done(dict(metrics), netG, state, checkpoint=False))
-            folder = tmp / checkpointer.dir_name(1)
-            t_save = timed(lambda: checkpointer.save(folder, state()))
-            t_upload = timed(lambda: checkpointer.upload(folder, folder.name))
-            size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+        t_eval = timed(lambda: metrics.update(evaluator(netG, seed=0)))
+        t_record = timed(lambda: recorder.epoch_done(dict(metrics), netG, state, checkpoint=False))
+        folder = tmp / checkpointer.dir_name(1)
+        t_save = timed(lambda: checkpointer.save(folder, state()))
+        t_upload = timed(lambda: checkpointer.upload(folder, folder.name))
+        size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
 
-            # eval.in_task: rank 0 records without a metric (so no best copy) and merges results.
-            task_cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "in_task": True}})
-            task_recorder = RunRecorder(store, task_cfg, checkpointer, fixed)
-            task_recorder.started(0, 1, None, 1)
-            plain = {k: v for k, v in metrics.items() if k in ("epoch", "epoch_seconds", "loss_d", "loss_g", "d_real",
-                                                                 "d_fake", "images_per_s")}
-            t_task_record = timed(lambda: task_recorder.epoch_done(dict(plain), netG, state, checkpoint=False))
+        # eval.in_task: rank 0 records without a metric (so no best copy) and merges results.
+        task_cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "in_task": True}})
+        task_recorder = RunRecorder(store, task_cfg, checkpointer, fixed)
+        task_recorder.started(0, 1, None, 1)
+        plain = {k: v for k, v in metrics.items() if k in ("epoch", "epoch_seconds", "loss_d", "loss_g", "d_real",
+                                                             "d_fake", "images_per_s")}
+        t_task_record = timed(lambda: task_recorder.epoch_done(dict(plain), netG, state, checkpoint=False))
 
-            def score_in_task() -> None:  # what dcgan_ray.train.validation.score_checkpoint does, without Ray
-                scored_state = read_checkpoint_dir(store, checkpointer.layout.checkpoint_dir_key(folder.name))
-                netG_task, _ = generator_from_checkpoint(scored_state)
-                Evaluator(store, task_cfg, images, device)(netG_task, seed=0)
-            t_task = timed(score_in_task)
-        finally:
-            server.stop()
+        def score_in_task() -> None:  # what dcgan_ray.train.validation.score_checkpoint does, without Ray
+            scored_state = read_checkpoint_dir(store, checkpointer.layout.checkpoint_dir_key(folder.name))
+            netG_task, _ = generator_from_checkpoint(scored_state)
+            Evaluator(store, task_cfg, images, device)(netG_task, seed=0)
+        t_task = timed(score_in_task)
 
     epoch = SVHN_TRAIN / args.gpu_img_per_s
     sync = t_eval + t_record + t_save + t_upload

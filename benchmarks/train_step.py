@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -178,18 +177,13 @@ def ray_train(steps: int, threads: int) -> float:
 
     from dcgan_ray.config import config_from_dict
     from dcgan_ray.data.svhn import prepare_split
-    from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
+    from dcgan_ray.dev.seaweed import scratch_server
     from dcgan_ray.storage.s3 import Store
     from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.train.driver import train
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with scratch_server("bench") as (server, tmp):
         os.environ["DCGAN_RAY_CACHE"] = str(tmp / "cache")
-        server = SeaweedServer(tmp / "s3", SeaweedPorts.free(), tmp / "weed.log", buckets=("bench",))
-        server.start()
         try:
             images = steps * BATCH
             synth_svhn_mat(tmp / "train_32x32.mat", images, seed=0)
@@ -205,7 +199,6 @@ def ray_train(steps: int, threads: int) -> float:
             return manifest["history"][-1]["images_per_s"]  # epoch 2: start-up and first touches excluded
         finally:
             ray.shutdown()
-            server.stop()
 
 
 def main() -> None:

@@ -11,7 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +139,20 @@ class SeaweedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextmanager
+def scratch_server(bucket: str) -> Iterator[tuple[SeaweedServer, Path]]:
+    """A throwaway server with `bucket`, on free loopback ports, in a temporary folder that is yielded
+    beside it and removed afterwards (the benchmarks' own S3). Credentials come from the environment,
+    throwaway ones where it has none."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        server = SeaweedServer(tmp / "s3", SeaweedPorts.free(), tmp / "weed.log", buckets=(bucket,))
+        server.start()
+        try:
+            yield server, tmp
+        finally:
+            server.stop()
