@@ -26,7 +26,7 @@ from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
                                     write_run_manifest)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
-from dcgan_ray.train.placement import ensure_placeable, has_autoscaler
+from dcgan_ray.train.placement import ensure_placeable
 from dcgan_ray.train.runlock import RunLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.worker import train_worker
@@ -172,7 +172,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     connect_ray(address)
     with RunLock(layout):
         ensure_placeable(cfg.scaling)
-        warn_if_scoring_waits(cfg, has_autoscaler())
+        warn_if_scoring_waits(cfg)
         if previous:
             log.info("run %s exists with %d epochs done: resuming from its latest checkpoint",
                      layout.uri, previous.get("epochs_completed", 0))

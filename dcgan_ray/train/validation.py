@@ -42,6 +42,7 @@ from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.placement import has_autoscaler
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,10 @@ def scoring_room(cfg: JobConfig, cluster: dict[str, float]) -> str | None:
                      for k, v in short.items())
 
 
-def warn_if_scoring_waits(cfg: JobConfig, autoscaling: bool) -> None:
+def warn_if_scoring_waits(cfg: JobConfig) -> None:
     """Say before training when eval.in_task's scores can only arrive after training: a fixed cluster
     without room for the scoring task beside the workers. (An autoscaling cluster adds a node for it.)"""
-    if not cfg.eval.in_task or not cfg.eval.every_epochs or autoscaling:
+    if not cfg.eval.in_task or not cfg.eval.every_epochs or has_autoscaler():
         return
     short = scoring_room(cfg, ray.cluster_resources())
     if short:
