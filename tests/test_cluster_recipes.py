@@ -20,9 +20,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
 from dcgan_ray.config import load_config
+from dcgan_ray.ray_internals import validate_cluster_launcher_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -81,8 +81,8 @@ def aws():
 
 
 def test_aws_config_passes_rays_validation(aws):
-    prepared = prepare_config(copy.deepcopy(aws))
-    validate_config(prepared)  # raises jsonschema.ValidationError / ValueError on a bad config
+    # raises jsonschema.ValidationError / ValueError on a bad config
+    prepared = validate_cluster_launcher_config(copy.deepcopy(aws))
     # The file's own node types survive the merge with Ray's defaults (which would add a spot m5.large).
     assert set(prepared["available_node_types"]) == set(aws["available_node_types"])
     assert prepared["setup_commands"] == aws["setup_commands"]

@@ -14,7 +14,7 @@ from dcgan_ray.jobs import list_jobs, submit
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.train.runlock import RunLock
+from dcgan_ray.train.runlock import DriverLock
 
 pytestmark = pytest.mark.ray
 
@@ -71,9 +71,9 @@ def test_the_same_run_name_twice_is_refused(ray_head, s3_server, data_prefix):
 
 def test_two_drivers_never_train_one_run_folder(ray_head, s3_server, prefix):
     layout = RunLayout.of(make_config(s3_server.endpoint, prefix, name="locked"))
-    with RunLock(layout):
+    with DriverLock("run", layout.uri):
         with pytest.raises(ClusterError, match=r"run s3://dcgan-test/.*/locked is being trained by driver pid \d+"):
-            with RunLock(layout):
+            with DriverLock("run", layout.uri):
                 pass
-    with RunLock(layout):  # released: the next driver takes it
+    with DriverLock("run", layout.uri):  # released: the next driver takes it
         pass

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUCKET, REPO, TEST_KEY, TEST_SECRET, make_config
+from dcgan_ray.ray_internals import session_dir
 from dcgan_ray.storage.checkpoint import load_checkpoint
 from dcgan_ray.storage.s3 import Store
 
@@ -81,7 +82,6 @@ def submit(ray_head, submission_id: str, *entrypoint: str) -> str:
 
 
 def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, data_prefix, tmp_path):
-    import ray
     from ray.util.state import list_actors, list_jobs, list_runtime_envs, list_tasks
 
     store = Store(make_config(s3_server.endpoint, data_prefix).storage)
@@ -123,7 +123,7 @@ def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, d
     found["state API"] = text.encode().count(SECRET)
     found["state API (access key id)"] = text.encode().count(TEST_KEY.encode())
     # 4. The head's session folder: every log of every Ray process, runtime_env_agent.log among them.
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    session = Path(session_dir())
     files = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink() and not is_copy_of_test_source(p)]
     assert any(p.name.startswith("runtime_env_agent") for p in files)
     found["session folder"] = sum(p.read_bytes().count(SECRET) for p in files)

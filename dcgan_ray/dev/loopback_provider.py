@@ -14,20 +14,25 @@ import itertools
 from unittest import mock
 
 import ray
-from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+from dcgan_ray.ray_internals import FAKE_PROVIDER_CREATE_NODE, fake_multinode_provider_class
 
 FIRST_NODE_IP = 10
 """127.0.0.10 and up: apart from the head (127.0.0.2) and hand-started nodes (127.0.0.3...)."""
 
 
-class LoopbackFakeProvider(FakeMultiNodeProvider):
+class LoopbackFakeProvider(fake_multinode_provider_class()):  # type: ignore[misc]
     def __init__(self, provider_config, cluster_name):
         super().__init__(provider_config, cluster_name)
         self._ips = (f"127.0.0.{i}" for i in itertools.count(FIRST_NODE_IP))
 
-    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
-        # The parent asks `ray.util.get_node_ip_address()` (through ray._private.node.Node) where the new
-        # raylet lives; answer with a loopback address of its own for the duration of that call.
-        ip = next(self._ips)
-        with mock.patch.object(ray.util, "get_node_ip_address", return_value=ip):
-            return super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+
+def _create_node_on_loopback(self, *args, **kwargs):
+    # The parent asks `ray.util.get_node_ip_address()` (through Ray's Node) where the new raylet lives;
+    # answer with a loopback address of its own for the duration of that call.
+    ip = next(self._ips)
+    with mock.patch.object(ray.util, "get_node_ip_address", return_value=ip):
+        return getattr(super(LoopbackFakeProvider, self), FAKE_PROVIDER_CREATE_NODE)(*args, **kwargs)
+
+
+setattr(LoopbackFakeProvider, FAKE_PROVIDER_CREATE_NODE, _create_node_on_loopback)

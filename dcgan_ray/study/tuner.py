@@ -34,6 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
 from dcgan_ray.errors import ConfigError, ObjectMissing
 from dcgan_ray.logs import setup_logging
+from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
 from dcgan_ray.storage.layout import (
     STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_trials_prefix,
 )
@@ -44,7 +45,8 @@ from dcgan_ray.study.report import write_report
 from dcgan_ray.train.driver import (
     connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
 )
-from dcgan_ray.train.placement import check_capacity, has_autoscaler
+from dcgan_ray.train.placement import check_capacity
+from dcgan_ray.train.runlock import DriverLock
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ def max_concurrent(cfg: JobConfig, trials: int) -> int:
     as the cluster's resources hold."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    if has_autoscaler():
+    if has_launching_autoscaler():
         return trials
     total, s = ray.cluster_resources(), cfg.scaling
     fits = min(total.get(k, 0) // (v * s.min_workers) for k, v in s.worker_resources.items())
@@ -272,20 +274,6 @@ def max_concurrent(cfg: JobConfig, trials: int) -> int:
 
 
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def keep_credentials_out_of_runtime_envs() -> None:
-    """Stop Ray Tune from copying the driver's S3 credentials into every trial's runtime env.
-
-    Tune 2.60 (`ray/tune/execution/class_cache.py`, `_ActorClassCache.get`) puts these variables of the
-    driver's environment into the trainable actor's `runtime_env.env_vars`, which Ray keeps in plain
-    text: the state API, the dashboard and runtime_env_agent.log show them. Our trials need none of
-    it: every Ray process has the credentials from its node's environment (see dcgan_ray.storage.s3).
-    The set is read each time an actor class is made, so removing the names here is enough.
-    """
-    from ray.tune.execution import class_cache
-
-    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_VARIABLES)
 
 
 def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
@@ -302,7 +290,9 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     preflight(cfg)
     connect_ray(address)
     check_capacity(cfg.scaling)
-    keep_credentials_out_of_runtime_envs()
+    # Every Ray process has the credentials from its node's environment (see dcgan_ray.storage.s3): Tune
+    # must not copy the driver's into the trials' runtime envs, which Ray keeps in plain text.
+    stop_tune_copying_env_vars(CREDENTIAL_VARIABLES)
     base = cfg.to_dict()
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
     fs = s3_filesystem(cfg)
@@ -315,31 +305,33 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     concurrent = max_concurrent(cfg, grid * random_draws)
     log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
              concurrent, path)
-    if tune.Tuner.can_restore(f"{path}/{STUDY_EXPERIMENT}", storage_filesystem=fs):
-        log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
-        tuner = tune.Tuner.restore(f"{path}/{STUDY_EXPERIMENT}", trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
-    else:
-        scheduler = None
-        if cfg.tune.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
-                                                      grace_period=cfg.tune.grace_period,
-                                                      reduction_factor=cfg.tune.reduction_factor)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", num_samples=random_draws,
-                                        max_concurrent_trials=concurrent, scheduler=scheduler),
-            run_config=tune.RunConfig(
-                name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=fs,
-                stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
-                callbacks=[report], verbose=1,
-            ),
-        )
-    try:
-        results = tuner.fit()
-    finally:
-        report.close()
+    # One driver per study: two `tune` runs of one study would restore the same trials into the same folders.
+    with DriverLock("study", f"s3://{path}"):
+        if tune.Tuner.can_restore(f"{path}/{STUDY_EXPERIMENT}", storage_filesystem=fs):
+            log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
+            tuner = tune.Tuner.restore(f"{path}/{STUDY_EXPERIMENT}", trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
+        else:
+            scheduler = None
+            if cfg.tune.scheduler == "asha":
+                scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                                                          grace_period=cfg.tune.grace_period,
+                                                          reduction_factor=cfg.tune.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg),
+                tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", num_samples=random_draws,
+                                            max_concurrent_trials=concurrent, scheduler=scheduler),
+                run_config=tune.RunConfig(
+                    name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=fs,
+                    stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
+                    callbacks=[report], verbose=1,
+                ),
+            )
+        try:
+            results = tuner.fit()
+        finally:
+            report.close()
     report.trials = [_TrialView.of(result) for result in results]
     uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))

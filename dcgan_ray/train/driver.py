@@ -15,19 +15,18 @@ import ray
 import ray.exceptions
 import ray.train
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnreachable
 from dcgan_ray.quality.metrics import check_classifier
+from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
                                     write_run_manifest)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable
-from dcgan_ray.train.runlock import RunLock
+from dcgan_ray.train.runlock import DriverLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.worker import train_worker
 
@@ -87,9 +86,8 @@ def our_error(error: BaseException | None) -> DcganError | None:
             queue.extend(e.worker_failures[rank] for rank in sorted(e.worker_failures))
         elif isinstance(e, ray.train.ControllerError):
             queue.append(e.controller_failure)
-        elif isinstance(e, UserExceptionWithTraceback):
-            # Ray Train's wrapper of what the train function raised; it keeps the exception itself only here.
-            queue.append(e._base_exc)
+        elif (raised := train_function_exception(e)) is not None:
+            queue.append(raised)
         queue.extend([e.__cause__, e.__context__])
     return None
 
@@ -99,40 +97,22 @@ def first_failure(error: BaseException) -> str:
     failures = [error]
     if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
         failures = [error.worker_failures[min(error.worker_failures)]]
-    e = failures[0]
-    if isinstance(e, UserExceptionWithTraceback):
-        e = e._base_exc
+    e = train_function_exception(failures[0]) or failures[0]
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
 
 
-class StopOnOurErrors(DefaultFailurePolicy):
-    """Ray Train's failure policy, except that a worker failing with one of our errors is not restarted:
-    a missing object, refused credentials, a torn run or an outage past its budget stay the same after a
-    restart. Crashes and killed workers are still restarted up to scaling.max_failures."""
-
-    def make_decision(self, training_failed_error):
-        error = our_error(training_failed_error)
-        if error is not None:
-            log.warning("not restarting the workers: a restart cannot fix this: %s", error.for_job(None))
-            return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
-
-
-class DcganTrainer(TorchTrainer):
-    """TorchTrainer with the `StopOnOurErrors` failure policy.
-
-    Ray 2.60 builds its failure policy from FailureConfig alone and offers no public hook for another
-    one; `_initialize_and_run_controller` is where `fit` hands it to the controller.
-    """
-
-    def _initialize_and_run_controller(self, **controller_init_kwargs):
-        controller_init_kwargs["failure_policy"] = StopOnOurErrors(self.run_config.failure_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+def restart_cannot_fix(error: BaseException) -> str | None:
+    """Why the workers are not restarted after `error`: one of our errors (a missing object, refused
+    credentials, a torn run, an outage past its budget) stays the same after a restart. None for crashes
+    and killed workers, which are restarted up to scaling.max_failures."""
+    ours = our_error(error)
+    return ours.for_job(None) if ours is not None else None
 
 
 def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) -> TorchTrainer:
-    return DcganTrainer(
+    return TorchTrainerStoppingOn(
+        stop_reason=restart_cannot_fix,
         # eval.in_task: Ray runs dcgan_ray.train.validation.score_checkpoint on the checkpoints reported
         # with validation=True, in a task of its own, and waits for the last one before fit() returns.
         validation_config=validation_config(cfg) if cfg.eval.in_task else None,
@@ -170,7 +150,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
                  layout.uri, previous["epochs_completed"], cfg.train.epochs)
         return previous
     connect_ray(address)
-    with RunLock(layout):
+    with DriverLock("run", layout.uri):
         ensure_placeable(cfg.scaling)
         warn_if_scoring_waits(cfg)
         if previous:

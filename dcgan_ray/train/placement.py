@@ -12,7 +12,6 @@ the wait) or, where the cluster publishes its node types (KubeRay), before anyth
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -21,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from dcgan_ray.config import ScalingConfig
 from dcgan_ray.errors import ClusterError
+from dcgan_ray.ray_internals import autoscaling_state, has_launching_autoscaler, largest_possible_resources
 
 log = logging.getLogger(__name__)
 
@@ -36,46 +36,12 @@ def _only(resources: dict[str, float], s: ScalingConfig) -> dict[str, float]:
     return {k: resources.get(k, 0) for k in s.worker_resources}
 
 
-def _autoscaling_state():
-    """The autoscaler's view (v2), or None where the cluster has no v2 autoscaler."""
-    from ray._raylet import GcsClient
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
-
-    reply = GetClusterStatusReply()
-    try:
-        reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
-    except Exception:  # an older GCS or no autoscaler state: treated as "no v2 autoscaler"
-        return None
-    state = reply.autoscaling_state
-    return state if state.autoscaler_state_version > 0 else None
-
-
-def has_autoscaler() -> bool:
-    """Whether the head runs Ray's autoscaler over node types it can launch. v2 reports a state; v1
-    publishes a status, which a head without an autoscaling config also has, with a read-only provider
-    whose node types are just its nodes' names."""
-    from ray.autoscaler._private.util import format_readonly_node_type
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    if _autoscaling_state() is not None:
-        return True
-    raw = _internal_kv_get(b"__autoscaling_status")
-    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
-    return any(node_type != format_readonly_node_type(node) for node, node_type in mapping.items())
-
-
-def _largest_possible() -> dict[str, float] | None:
-    """The most of each resource the cluster could ever have, where it publishes its node types
-    (KubeRay reports them to the GCS); None where it does not."""
-    return ray._private.state.state.get_max_resources_from_cluster_config() or None
-
-
 def check_capacity(s: ScalingConfig) -> bool:
     """Refuse what the cluster can never hold; True when it might, but only after scaling up."""
     need = {k: v * s.min_workers for k, v in s.worker_resources.items()}
     now = ray.cluster_resources()
-    autoscaling = has_autoscaler()
-    limit = _largest_possible() if autoscaling else now
+    autoscaling = has_launching_autoscaler()
+    limit = largest_possible_resources() if autoscaling else now
     if limit is not None:
         short = {k: v for k, v in need.items() if limit.get(k, 0) < v}
         if short:
@@ -101,7 +67,7 @@ def wait_for_placement(s: ScalingConfig) -> float:
     try:
         while not pg.wait(timeout_seconds=2):
             waited = time.monotonic() - start
-            state = _autoscaling_state()
+            state = autoscaling_state()
             if state is not None and any(pg.id.hex() in g.details for g in state.infeasible_gang_resource_requests):
                 raise ClusterError(
                     f"no node type of this cluster can hold {s.min_workers} worker(s) x "

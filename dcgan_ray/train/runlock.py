@@ -1,10 +1,13 @@
-"""One driver per run folder: two submissions of one run name must never train the same folder.
+"""One driver per run (and per study) folder: two submissions of one name must never train the same folder.
 
-The lock is a key in the cluster's GCS key-value store, taken with a put that does not overwrite (atomic
-in the GCS). It names its holder: the Ray job (driver) and, for `ray job submit`/`dcgan-ray submit`
-jobs, the submission id. A holder whose Ray job is dead (a driver killed without cleaning up) no longer
-counts: the next driver takes the lock over. The lock guards drivers on one cluster; two clusters
-sharing one bucket are not coordinated (give their runs different names or prefixes).
+The lock is a named Ray actor (`dcgan-lock:<uri>` in the namespace `dcgan_ray`) that the driver creates.
+Ray registers an actor name atomically in the GCS, so of two drivers that ask at once exactly one gets
+it; and the actor is owned by its driver, so it dies with it: a driver that is killed without cleaning
+up frees the name as soon as Ray notices its death, and the next submission takes the lock without any
+manual step and without a read-check-delete that two drivers could both win. The actor names its
+holder (the Ray job, the submission id, host and pid) for the refusal's message. The lock guards
+drivers on one cluster; two clusters sharing one bucket are not coordinated (give their runs different
+names or prefixes).
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import time
 from typing import Any
 
 import ray
-from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
 
 from dcgan_ray.errors import ClusterError
-from dcgan_ray.storage.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "dcgan_ray"
+GONE_HOLDER_WAIT_S = 30.0
+"""How long a driver waits for the lock of a holder that no longer answers (a killed driver's lock actor
+is removed once Ray notices the driver's death, which takes a moment)."""
 
 
 def current_submission_id() -> str | None:
@@ -35,39 +39,60 @@ def current_submission_id() -> str | None:
         return None
 
 
-def _job_alive(job_id: str) -> bool:
-    return any(j["JobID"] == job_id and not j["IsDead"] for j in ray._private.state.state.job_table())
+@ray.remote(num_cpus=0, max_restarts=0)
+class _LockHolder:
+    """Holds the name while its driver lives; says who that driver is."""
+
+    def __init__(self, holder: dict[str, Any]):
+        self.holder = holder
+
+    def who(self) -> dict[str, Any]:
+        return self.holder
 
 
-class RunLock:
-    """`with RunLock(layout):` around a run's training; refuses while another live driver holds it."""
+class DriverLock:
+    """`with DriverLock("run", uri):` around a driver's work on the folder `uri`; refuses while another
+    live driver holds it."""
 
-    def __init__(self, layout: RunLayout):
-        self.layout = layout
-        self.key = f"run:{layout.uri}".encode()
-        self.me: dict[str, Any] = {}
+    def __init__(self, kind: str, uri: str):
+        self.kind, self.uri = kind, uri
+        self.name = f"dcgan-lock:{uri}"
+        self.actor: Any = None
 
-    def __enter__(self) -> RunLock:
-        self.me = {"job_id": ray.get_runtime_context().get_job_id(), "submission_id": current_submission_id(),
-                   "host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime())}
-        value = json.dumps(self.me).encode()
-        while _internal_kv_put(self.key, value, overwrite=False, namespace=NAMESPACE):
-            raw = _internal_kv_get(self.key, namespace=NAMESPACE)
-            holder = json.loads(raw) if raw else None
-            if holder is not None and _job_alive(holder["job_id"]):
-                who = (f"submission {holder['submission_id']}" if holder.get("submission_id")
-                       else f"driver pid {holder['pid']} on {holder['host']}")
-                stop = f"`ray job stop {holder['submission_id']}`" if holder.get("submission_id") else "that driver"
+    def __enter__(self) -> DriverLock:
+        me = {"job_id": ray.get_runtime_context().get_job_id(), "submission_id": current_submission_id(),
+              "host": socket.gethostname(), "pid": os.getpid(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        deadline = time.monotonic() + GONE_HOLDER_WAIT_S
+        while True:
+            try:
+                self.actor = _LockHolder.options(name=self.name, namespace=NAMESPACE).remote(me)
+                return self
+            except ValueError:  # Ray: the name is taken
+                holder = self._holder()
+            if holder is not None:
+                raise ClusterError(self._refusal(holder))
+            if time.monotonic() > deadline:
                 raise ClusterError(
-                    f"run {self.layout.uri} is being trained by {who} (since {holder['since']}); two drivers must "
-                    f"not write one run folder: wait for it to end, stop it with {stop}, or choose another name"
-                )
-            log.warning("taking over the lock of run %s from a driver that is gone (%s)", self.layout.uri, holder)
-            _internal_kv_del(self.key, namespace=NAMESPACE)
-        return self
+                    f"{self.kind} {self.uri} is locked by a driver that no longer answers and Ray has not removed "
+                    f"its lock in {GONE_HOLDER_WAIT_S:.0f} s; check `ray list actors --filter name={self.name}`")
+            time.sleep(0.5)
+
+    def _holder(self) -> dict[str, Any] | None:
+        """Who holds the name, or None when its holder is gone (or going) and the name will be free."""
+        try:
+            return ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(), timeout=20)
+        except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
+
+    def _refusal(self, holder: dict[str, Any]) -> str:
+        who = (f"submission {holder['submission_id']}" if holder.get("submission_id")
+               else f"driver pid {holder['pid']} on {holder['host']}")
+        stop = f"`ray job stop {holder['submission_id']}`" if holder.get("submission_id") else "that driver"
+        return (f"{self.kind} {self.uri} is being trained by {who} (since {holder['since']}); two drivers must "
+                f"not write one {self.kind} folder: wait for it to end, stop it with {stop}, or choose another name")
 
     def __exit__(self, *exc) -> None:
-        raw = _internal_kv_get(self.key, namespace=NAMESPACE)
-        if raw and json.loads(raw).get("job_id") == self.me["job_id"]:
-            _internal_kv_del(self.key, namespace=NAMESPACE)
+        if self.actor is not None:
+            ray.kill(self.actor)
+            self.actor = None

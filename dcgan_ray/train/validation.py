@@ -32,17 +32,17 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+from ray.train import ValidationConfig, ValidationTaskConfig
 
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
+from dcgan_ray.ray_internals import has_launching_autoscaler
 from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint, read_checkpoint_dir
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.train.placement import has_autoscaler
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def scoring_room(cfg: JobConfig, cluster: dict[str, float]) -> str | None:
 def warn_if_scoring_waits(cfg: JobConfig) -> None:
     """Say before training when eval.in_task's scores can only arrive after training: a fixed cluster
     without room for the scoring task beside the workers. (An autoscaling cluster adds a node for it.)"""
-    if not cfg.eval.in_task or not cfg.eval.every_epochs or has_autoscaler():
+    if not cfg.eval.in_task or not cfg.eval.every_epochs or has_launching_autoscaler():
         return
     short = scoring_room(cfg, ray.cluster_resources())
     if short:

@@ -33,6 +33,7 @@ from dcgan_ray.gan.step import (EpochStats, load_optimizer_state, make_optimizer
 from dcgan_ray.gan.sync import average, average_bn_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
+from dcgan_ray.ray_internals import RAY_TRAIN_FUNCTION_ERRORS_LOGGER
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.s3 import Store
@@ -54,12 +55,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # An expected failure whose message says what to do; the driver prints it as `error: ...`.
         # Ray Train would log it here once more with a traceback: one line is enough.
         log.error("rank %d stopped: %s", ray.train.get_context().get_world_rank(), e.for_job(None))
-        logging.getLogger(RAY_TRAIN_FUNCTION_ERRORS).addFilter(lambda record: record.levelno < logging.ERROR)
+        logging.getLogger(RAY_TRAIN_FUNCTION_ERRORS_LOGGER).addFilter(lambda record: record.levelno < logging.ERROR)
         raise
-
-
-RAY_TRAIN_FUNCTION_ERRORS = "ray.train.v2._internal.util"
-"""The logger through which Ray Train 2.60 logs, with its traceback, what the train function raised."""
 
 
 @dataclass
