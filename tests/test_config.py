@@ -104,3 +104,45 @@ def test_scoring_in_a_task_needs_eval_epochs_to_be_checkpoint_epochs(tmp_path):
     assert not load_config(p, ["eval.in_task=false"]).eval.in_task
     with pytest.raises(ConfigError, match=r"`eval.task_gpus` = -1.0 is not allowed; expected null or a number >= 0"):
         load_config(p, ["eval.every_epochs=4", "eval.task_gpus=-1"])
+
+
+def test_a_job_extends_another_and_keeps_only_what_differs(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "svhn.yaml").write_text(
+        "name: base\ntrain: {epochs: 25, lr: 0.0002}\nstorage: {bucket: base-bucket, prefix: p}\n"
+        "tune: {space: {train.lr: {grid: [0.0001]}}}\n")
+    site = write(tmp_path, "extends: base/svhn.yaml\nstorage: {bucket: site-bucket, endpoint: null}\n"
+                           "tune: {space: {model.alpha: {grid: [0.1]}}}\n")
+    cfg = load_config(site, ["train.epochs=3"])
+    # Mappings merge key by key; a value replaces the base's; --set wins over both.
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr) == ("base", 3, 2e-4)
+    assert (cfg.storage.bucket, cfg.storage.prefix, cfg.storage.endpoint) == ("site-bucket", "p", None)
+    assert set(cfg.tune.space) == {"train.lr", "model.alpha"}
+
+
+@pytest.mark.parametrize("text, error", [
+    ("extends: missing.yaml\n", r"job file .*missing\.yaml does not exist \(extended by .*job\.yaml\)"),
+    ("extends: job.yaml\n", r"job\.yaml: `extends: job\.yaml` makes a loop"),
+    ("extends: [a.yaml]\n", r"job\.yaml: `extends` must be the path of another job YAML, got \['a\.yaml'\]"),
+    ("extends: list.yaml\n", r"list\.yaml \(extended by .*job\.yaml\): the top level must be a mapping"),
+])
+def test_a_bad_extends_names_the_files(tmp_path, text, error):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match=error):
+        load_config(write(tmp_path, text))
+
+
+def test_the_kubernetes_job_overlay_is_svhn_on_your_bucket(tmp_path):
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = list(yaml.safe_load_all((repo / "cluster" / "k8s-config.yaml").read_text()))
+    (config_map,) = [d for d in docs if d and d["kind"] == "ConfigMap"]
+    overlay = yaml.safe_load(config_map["data"]["job.yaml"])
+    # The image puts the checkout at /home/ray/dcgan-ray; here it is this checkout.
+    assert overlay["extends"] == "/home/ray/dcgan-ray/jobs/svhn.yaml"
+    overlay["extends"] = str(repo / "jobs" / "svhn.yaml")
+    cfg = load_config(write(tmp_path, yaml.safe_dump(overlay)))
+    svhn = load_config(repo / "jobs" / "svhn.yaml")
+    assert cfg.storage.endpoint is None and cfg.storage.bucket != svhn.storage.bucket
+    assert (cfg.model, cfg.train, cfg.scaling) == (svhn.model, svhn.train, svhn.scaling)

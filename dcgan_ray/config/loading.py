@@ -1,7 +1,9 @@
 """Loading a job: YAML file, then `--set key=value` overrides, into `JobConfig`, every value checked.
 
-Precedence, lowest to highest: the defaults in `sections`, the YAML file, then command-line overrides
-(`--set train.epochs=2`). Unknown keys, wrong types and values out of range raise `ConfigError` naming
+Precedence, lowest to highest: the defaults in `sections`, the file the YAML `extends` (if any), the YAML
+file, then command-line overrides (`--set train.epochs=2`). `extends: PATH` (relative to the file) lets a
+site keep only what differs, e.g. a cluster's storage on top of jobs/svhn.yaml (cluster/k8s-job.yaml):
+mappings merge key by key, any other value replaces the base's. Unknown keys, wrong types and values out of range raise `ConfigError` naming
 the key, the file and what is allowed. Secrets never live here: S3 credentials come from the
 environment only (see `dcgan_ray.storage.s3`).
 """
@@ -207,14 +209,43 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: lis
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
-    """Load a job YAML, apply `key=value` overrides, check every value."""
-    path = Path(path)
+    """Load a job YAML (and the file it extends), apply `key=value` overrides, check every value."""
+    return config_from_dict(_read_job_yaml(Path(path)), str(path), overrides)
+
+
+MAX_EXTENDS = 8
+"""How many files deep `extends` may chain (a loop is refused before that)."""
+
+
+def _read_job_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"job file {path} does not exist (the examples live in jobs/)") from None
+    except (FileNotFoundError, IsADirectoryError):
+        by = f" (extended by {extended_by[-1]})" if extended_by else " (the examples live in jobs/)"
+        raise ConfigError(f"job file {path} does not exist{by}") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    return config_from_dict(data, str(path), overrides)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    base = data.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: `extends` must be the path of another job YAML, got {base!r}")
+    base_path = path.parent / base
+    chain = (*extended_by, path)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: `extends: {base}` makes a loop ({' -> '.join(map(str, (*chain, base_path)))})")
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: `extends` chains more than {MAX_EXTENDS} files; extend the base directly")
+    based = _read_job_yaml(base_path, chain)
+    if not isinstance(based, dict):
+        raise ConfigError(f"{base_path} (extended by {path}): the top level must be a mapping of job settings")
+    return _merged(based, data)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
