@@ -1,4 +1,5 @@
-"""The cluster recipes in cluster/ are checked offline: no cloud, no Kubernetes, no Ray cluster, no network.
+"""The cluster recipes in cluster/ are checked offline: no cloud, no Kubernetes, no Ray cluster, no network
+(except the AWS setup test's pip, which installs from the package registry through this machine's cache).
 
 - aws-cluster.yaml goes through Ray's own `prepare_config` + `validate_config` (what `ray up` runs before it
   touches AWS; the defaults it merges come from the installed wheel's aws/defaults.yaml).
@@ -10,9 +11,12 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import shutil
 import socket
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from dcgan_ray.config import load_config
 from dcgan_ray.ray_internals import validate_cluster_launcher_config
@@ -120,18 +125,72 @@ def test_aws_s3_access_is_an_instance_profile_never_keys(aws):
                     f"credential assigned in {path}.{key}: {text!r}"
 
 
-def test_aws_setup_installs_the_project_and_starts_ray(aws):
-    (target, source), = aws["file_mounts"].items()
-    assert source == ".", "file_mounts must copy the checkout (run `ray up` from its root)"
-    home = f"/home/{aws['auth']['ssh_user']}"
-    installs = [c for c in aws["setup_commands"] if "pip install" in c
-                and (f" {target}" in c or " ~" + target.removeprefix(home) in c)]
-    assert installs, f"no setup command pip-installs {target}"
-    pins = re.findall(r"ray\[[^\]]*\]==([0-9.]+)", " ".join(aws["setup_commands"]))
-    assert pins and pins[0].split(".")[:2] == ray.__version__.split(".")[:2], \
-        f"setup pins Ray {pins}, the local Ray is {ray.__version__} (ray up needs the same version)"
-    assert any("ray start --head" in c for c in aws["head_start_ray_commands"])
-    assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in aws["worker_start_ray_commands"])
+# The Python of AWS's Deep Learning Base AMIs (AWS's release notes; NOTES.md): the recipe must name one whose
+# Python the package installs on.
+AMI_PYTHON = {"base-oss-nvidia-driver-gpu-ubuntu-22.04": "3.10", "base-oss-nvidia-driver-gpu-ubuntu-24.04": "3.12"}
+
+
+def test_aws_ami_python_satisfies_the_package(aws):
+    requires = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert "3.10" not in requires, "the 22.04 AMI's Python must stay refused, or this test proves nothing"
+    for name, t in aws["available_node_types"].items():
+        ami = re.search(r"/deeplearning/ami/x86_64/([^/]+)/latest/ami-id", t["node_config"]["ImageId"])
+        assert ami and ami[1] in AMI_PYTHON, f"{name}: an AMI whose Python this test does not know"
+        assert AMI_PYTHON[ami[1]] in requires, f"{name}: {ami[1]} has Python {AMI_PYTHON[ami[1]]}, not {requires}"
+    # The lock is resolved for every Python the package allows, so it installs on the AMI's too.
+    assert "--python-version 3.11" in (REPO / "scripts" / "lock.sh").read_text()
+    assert str(requires) == ">=3.11"
+
+
+def test_aws_starts_ray_with_token_auth(aws):
+    assert aws["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"] if " start " in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c and "~/venv/bin/ray start" in c for c in starts)
+    assert any("--head" in c for c in starts)
+    assert any("--address=$RAY_HEAD_IP:6379" in c for c in starts)
+
+
+def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
+    """The recipe's own setup commands, in order, as `ray up` runs them on a node: a home with the checkout
+    where file_mounts puts it, package-manager lines stubbed (they print what they would do), then the
+    environment they made imports the package and runs the CLI."""
+    home = tmp_path / "home"
+    node_home = f"/home/{aws['auth']['ssh_user']}"
+    for target, source in aws["file_mounts"].items():
+        here = home / Path(target).relative_to(node_home)
+        if source == ".":
+            files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                   capture_output=True, text=True, check=True).stdout.split()
+            for f in files:
+                if (REPO / f).is_file():
+                    (here / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(REPO / f, here / f)
+        else:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            here.write_text("a-token-made-by-ray-get-auth-token\n")
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for tool in ("sudo", "apt-get", "apt"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/package-manager.log\n')
+        (stubs / tool).chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}",
+           # pip's downloads come from this machine's cache, not the throwaway home's empty one
+           "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))}
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    for command in aws["setup_commands"]:
+        done = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    python = home / "venv" / "bin" / "python"
+    check = subprocess.run([str(python), "-c", "import dcgan_ray, dcgan_ray.ray_internals, torch, ray; print(ray.__version__, dcgan_ray.__file__)"],
+                           cwd=home, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert check[0] == ray.__version__ and check[1].startswith(str(home / "dcgan-ray"))
+    cli = subprocess.run([str(home / "venv" / "bin" / "dcgan-ray"), "paths", str(home / "dcgan-ray/jobs/svhn.yaml")],
+                         cwd=home, env=env, capture_output=True, text=True)
+    assert cli.returncode == 0 and "s3://dcgan-ray/dcgan-ray/runs/svhn-dcgan" in cli.stdout, cli.stderr
+    assert 'export PATH="$HOME/venv/bin:$PATH"' in (home / ".bashrc").read_text()
+    for start in aws["head_start_ray_commands"]:
+        assert (home / "venv/bin/ray").exists() or "~/venv/bin/ray" not in start
 
 
 # ------------------------------------------------------------------------------------------ KubeRay / Kueue
