@@ -3,10 +3,12 @@
 import csv
 import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,7 +62,17 @@ def finished_trials(store, cfg):
     return out
 
 
-def test_interrupted_study_resumes_and_reports(ray_head, study_job):
+class PlantedCode:
+    """Unpickling this creates a file: what a hostile pickle in the bucket would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).touch, ())
+
+
+def test_interrupted_study_resumes_and_reports(ray_head, study_job, tmp_path):
     cfg = load_config(study_job)
     store = Store(cfg.storage)
     # Run the study as a user would, then interrupt it once two trials are finished.
@@ -74,8 +86,15 @@ def test_interrupted_study_resumes_and_reports(ray_head, study_job):
     proc.wait()
     first = finished_trials(store, cfg)
     assert len(first) >= 2, proc.stdout.read()[-3000:]
+    # Anyone who can write to the bucket could plant Tune state that runs code when unpickled: a resumed
+    # study must never read it.
+    marker = tmp_path / "unpickled"
+    tune_prefix = f"{cfg.storage.prefix}/studies/lr/tune"
+    for name in ("tuner.pkl", "trainable.pkl", "experiment_state-2099-01-01_00-00-00.json"):
+        store.put_bytes(f"{tune_prefix}/{name}", pickle.dumps(PlantedCode(str(marker))))
 
     result = run_study(cfg, address=ray_head.address)
+    assert not marker.exists(), "the study unpickled state from the bucket"
     # Finished trials were not run again: their run manifests are untouched.
     after = trial_manifests(store, cfg)
     assert all(after[t] == modified for t, modified in first.items())

@@ -12,7 +12,8 @@ from dcgan_ray.study.tuner import StudyReport
 
 
 def fake_trials(n: int) -> list:
-    return [SimpleNamespace(trial_id=f"t{i}", config={"params": {"train__lr": 0.001}, "seed": i}, status="TERMINATED")
+    return [SimpleNamespace(trial_id=f"t{i}", config={"trial": {"params": {"train__lr": 0.001}, "seed": i}},
+                            status="TERMINATED")
             for i in range(n)]
 
 

@@ -60,8 +60,13 @@ def study_report_prefix(cfg: JobConfig) -> str:
     return f"{study_prefix(cfg)}/report"
 
 
+def study_state_key(cfg: JobConfig) -> str:
+    return f"{study_prefix(cfg)}/state.json"
+
+
 STUDY_EXPERIMENT = "tune"
-"""Ray Tune's experiment folder under the study prefix."""
+"""Ray Tune's experiment folder under the study prefix (written by Tune, never read back: a study
+resumes from its own state.json and each trial's run folder)."""
 
 
 @dataclass(frozen=True)

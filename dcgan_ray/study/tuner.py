@@ -4,27 +4,36 @@
 expands its search space (grids multiply, random forms are drawn `num_samples` times, every
 configuration runs with `seeds` seeds) and runs each trial as the Train V2 pattern prescribes: a
 function trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`.
-This module holds that Ray side: the search space (`param_space`), each trial's job (`trial_job`,
+This module holds that Ray side: the trials (`expand_trials`, `trial_name`), each trial's job (`trial_job`,
 `run_trial`), the stopper of hopeless trials, the callback that republishes the report as trials end
 (`StudyReport`), and `run_study`. Trials are ranked by `eval.metric`, lower is better.
 
 Everything lives under s3://<bucket>/<prefix>/studies/<study>/ (named in `dcgan_ray.storage.layout`):
-  tune/            Tune's experiment state (what makes a resubmitted study skip finished trials)
-  trials/<id>/     each trial's run folder (run.json, samples, checkpoints), as a training job has
+  state.json       which trials ended, and how (what makes a resubmitted study skip finished trials)
+  trials/<name>/   each trial's run folder (run.json, samples, checkpoints), as a training job has
   report/          trials.csv, PNG plots, mosaic.png, best.yaml, index.html (refreshed as trials end)
+  tune/            Tune's own experiment state: written by Tune, never read back
+
+Nothing read from the bucket is unpickled: Tune's `Tuner.restore` would unpickle `tune/`, so anyone who
+can write there would run code as the driver. Instead the study's trials are expanded here, each named
+by a digest of its values (`trial_name`), so a resubmitted study finds every trial's folder again: trials
+that `state.json` says ended are reported from their run.json, the others run (resuming from their own
+checkpoints). Random forms are drawn from a generator seeded by the study's name, so they draw the same
+values every time.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
-import math
-import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.exceptions
 import ray.train
@@ -32,11 +41,11 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
-from dcgan_ray.errors import ConfigError, ObjectMissing
+from dcgan_ray.errors import ConfigError, ObjectMissing, StorageError
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
 from dcgan_ray.storage.layout import (
-    STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_trials_prefix,
+    STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_state_key, study_trials_prefix,
 )
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
@@ -60,40 +69,59 @@ def _decode(key: str) -> str:
     return key.replace("__", ".")
 
 
-def param_space(cfg: JobConfig) -> dict[str, Any]:
-    forms = {
-        "grid": tune.grid_search,
-        "choice": tune.choice,
-        "loguniform": lambda v: tune.loguniform(*v),
-        "uniform": lambda v: tune.uniform(*v),
-    }
-    params = {}
-    for key, spec in cfg.tune.space.items():
-        form, values = next(iter(spec.items()))
-        params[_encode(key)] = forms[form](values)
-    return {"params": params, "seed": tune.grid_search(list(range(cfg.tune.seeds)))}
+def expand_trials(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Every trial of the study, as {"params": {encoded key: value}, "seed": s}: the grid's product, each
+    point drawn `num_samples` times for the random forms, each with `tune.seeds` seeds."""
+    grid = {k: v["grid"] for k, v in cfg.tune.space.items() if "grid" in v}
+    random_forms = {k: v for k, v in cfg.tune.space.items() if "grid" not in v}
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big"))
+    points = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    trials = []
+    for point in points:
+        for _ in range(cfg.tune.num_samples if random_forms else 1):
+            drawn = {key: _draw(rng, spec) for key, spec in random_forms.items()}
+            params = {_encode(k): v for k, v in {**point, **drawn}.items()}
+            trials.extend({"params": params, "seed": seed} for seed in range(cfg.tune.seeds))
+    return trials
 
 
-def trial_job(base: dict[str, Any], trial_config: dict[str, Any], trial_id: str) -> JobConfig:
+def _draw(rng: np.random.Generator, spec: dict[str, Any]) -> Any:
+    form, values = next(iter(spec.items()))
+    if form == "choice":
+        return values[int(rng.integers(len(values)))]
+    if form == "uniform":
+        return float(rng.uniform(*values))
+    return float(np.exp(rng.uniform(np.log(values[0]), np.log(values[1]))))  # loguniform
+
+
+def trial_name(trial: dict[str, Any]) -> str:
+    """A trial's run name, from its values: the same trial gets the same folder in every run of the study."""
+    canonical = json.dumps({"params": {_decode(k): v for k, v in trial["params"].items()}, "seed": trial["seed"]},
+                           sort_keys=True)
+    return "t-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def trial_job(base: dict[str, Any], trial: dict[str, Any]) -> JobConfig:
     """The training job of one trial: the study's job with the trial's values, seed and run folder."""
     data = copy.deepcopy(base)
-    for key, value in trial_config["params"].items():
+    for key, value in trial["params"].items():
         set_dotted(data, _decode(key), value.item() if hasattr(value, "item") else value)
-    data["train"]["seed"] = int(trial_config["seed"])
-    data["name"] = trial_id
+    data["train"]["seed"] = int(trial["seed"])
+    data["name"] = trial_name(trial)
     data["storage"]["runs_prefix"] = study_trials_prefix(config_from_dict(base))
-    return config_from_dict(data, f"trial {trial_id}")
+    return config_from_dict(data, f"trial {data['name']}")
 
 
 def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
     """Tune's function trainable: fit one trial's TorchTrainer (or report a finished one again)."""
     setup_logging()
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_job(base, trial_config, trial_id)
+    cfg = trial_job(base, trial_config["trial"])
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     done = read_run_manifest(store, layout)
     if done and done.get("epochs_completed", 0) >= cfg.train.epochs and done["history"]:
-        # A resubmitted study may hand us a trial that finished after Tune last saved its state.
+        # A resubmitted study may hand us a trial that finished after the study last saved its state.
         tune.report(done["history"][-1])
         return
     try:
@@ -103,6 +131,33 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         if error is None:
             raise
         raise error from None  # the trial's error is the worker's own, and the report shows its one line
+
+
+ENDED = ("TERMINATED", "ERROR")
+
+
+def read_study_state(store: Store, cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """state.json's trials, {name: {"state": TERMINATED|ERROR, "error": str|None}}; {} for a new study.
+    Checked field by field: it is plain JSON in a shared bucket, never code."""
+    key = study_state_key(cfg)
+    try:
+        state = json.loads(store.get_bytes(key))
+    except ObjectMissing:
+        return {}
+    except ValueError:
+        state = None
+    trials = state.get("trials") if isinstance(state, dict) and state.get("version") == 1 else None
+    if not isinstance(trials, dict) or not all(
+            isinstance(name, str) and isinstance(t, dict) and t.get("state") in ENDED
+            and isinstance(t.get("error"), (str, type(None))) for name, t in trials.items()):
+        raise StorageError(f"{store.uri(key)} is not a study state this project wrote; delete it to run every "
+                           "trial of the study again (finished trials are then reported from their run folders)")
+    return trials
+
+
+def write_study_state(store: Store, cfg: JobConfig, trials: dict[str, dict[str, Any]]) -> None:
+    body = json.dumps({"version": 1, "trials": trials}, indent=1, sort_keys=True).encode()
+    store.put_bytes(study_state_key(cfg), body, "application/json")
 
 
 class HopelessStopper(tune.Stopper):
@@ -133,9 +188,10 @@ class StudyReport(tune.Callback):
     logged and never fails the study.
     """
 
-    def __init__(self, base: dict[str, Any]):
+    def __init__(self, base: dict[str, Any], earlier: list[_TrialView] = ()):
         self.base = base
-        self.trials: list[_TrialView] = []
+        self.earlier = list(earlier)  # trials that ended in an earlier run of the study
+        self.trials: list[_TrialView] = list(earlier)
         self.refreshes = 0  # reports written (for the log and the tests)
         self._wake = threading.Condition()
         self._pending = False
@@ -144,9 +200,8 @@ class StudyReport(tune.Callback):
         _live_reports[_study_key(base)] = self
 
     def __reduce__(self):
-        # Tune saves its callbacks with the experiment state and `Tuner.restore` unpickles them: the
-        # restored study gets this process's live report (the one `run_study` closes), not a twin
-        # whose thread could overwrite the final report with an older one.
+        # Tune pickles its callbacks into its experiment state (which this project never reads back); a
+        # condition and a thread do not pickle, and a copy must never become a second live report.
         return _live_report, (self.base,)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -156,10 +211,10 @@ class StudyReport(tune.Callback):
         self._refresh(trials)
 
     def _refresh(self, trials: list) -> None:
-        views = [_TrialView(t.trial_id, t.config, t.status, _trial_error(t) if t.status == "ERROR" else None)
-                 for t in trials]
+        views = [_TrialView(trial_name(t.config["trial"]), t.config["trial"], t.status,
+                            _trial_error(t) if t.status == "ERROR" else None) for t in trials]
         with self._wake:
-            self.trials = views
+            self.trials = self.earlier + views
             self._pending = True
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="study-report", daemon=True)
@@ -189,6 +244,8 @@ class StudyReport(tune.Callback):
         records: list[TrialRecord] = []
         try:
             cfg = config_from_dict(self.base, "study")
+            write_study_state(Store(cfg.storage), cfg, {t.trial_id: {"state": t.status, "error": t.error}
+                                                        for t in list(self.trials) if t.status in ENDED})
             records = [r for r in (self.record(t) for t in list(self.trials)) if r is not None]
             if not records:
                 return None, records
@@ -207,7 +264,7 @@ class StudyReport(tune.Callback):
     def record(self, trial: "_TrialView") -> TrialRecord | None:
         if trial.status not in ("TERMINATED", "ERROR"):
             return None
-        job = trial_job(self.base, trial.config, trial.trial_id)
+        job = trial_job(self.base, trial.config)
         store, layout = Store(job.storage), RunLayout.of(job)
         manifest = read_run_manifest(store, layout) or {"history": []}
         try:
@@ -295,23 +352,24 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     stop_tune_copying_env_vars(CREDENTIAL_VARIABLES)
     base = cfg.to_dict()
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
-    fs = s3_filesystem(cfg)
-    report = StudyReport(base)
     # The trial function only waits on its TorchTrainer, whose workers reserve their own resources;
     # Ray refuses an empty request, so the trial takes a token share of a CPU.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
-    grid = math.prod(len(v["grid"]) for v in cfg.tune.space.values() if "grid" in v) * cfg.tune.seeds
-    random_draws = cfg.tune.num_samples if any("grid" not in v for v in cfg.tune.space.values()) else 1
-    concurrent = max_concurrent(cfg, grid * random_draws)
-    log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), grid * random_draws,
-             concurrent, path)
-    # One driver per study: two `tune` runs of one study would restore the same trials into the same folders.
+    # One driver per study: two `tune` runs of one study would train the same trials into the same folders.
     with DriverLock("study", f"s3://{path}"):
-        if tune.Tuner.can_restore(f"{path}/{STUDY_EXPERIMENT}", storage_filesystem=fs):
-            log.info("study %s exists: continuing it; finished trials are not run again", study_name(cfg))
-            tuner = tune.Tuner.restore(f"{path}/{STUDY_EXPERIMENT}", trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True, storage_filesystem=fs)
-        else:
+        trials = expand_trials(cfg)
+        ended = read_study_state(Store(cfg.storage), cfg)
+        earlier = [_TrialView(trial_name(t), t, "TERMINATED", None) for t in trials
+                   if ended.get(trial_name(t), {}).get("state") == "TERMINATED"]
+        pending = [t for t in trials if trial_name(t) not in {v.trial_id for v in earlier}]
+        concurrent = max_concurrent(cfg, len(pending))
+        log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
+        if earlier:
+            log.info("study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
+                     study_name(cfg), len(earlier), len(pending))
+        report = StudyReport(base, earlier)
+        results = []
+        if pending:
             scheduler = None
             if cfg.tune.scheduler == "asha":
                 scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
@@ -319,21 +377,22 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
                                                           reduction_factor=cfg.tune.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(cfg),
-                tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", num_samples=random_draws,
-                                            max_concurrent_trials=concurrent, scheduler=scheduler),
+                # Each trial's values are fixed here (expand_trials), so a resubmission finds the same ones.
+                param_space={"trial": tune.grid_search(pending)},
+                tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", max_concurrent_trials=concurrent,
+                                            scheduler=scheduler),
                 run_config=tune.RunConfig(
-                    name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=fs,
+                    name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=s3_filesystem(cfg),
                     stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
                     callbacks=[report], verbose=1,
                 ),
             )
-        try:
-            results = tuner.fit()
-        finally:
-            report.close()
-    report.trials = [_TrialView.of(result) for result in results]
-    uri, records = report.publish()
+            try:
+                results = tuner.fit()
+            finally:
+                report.close()
+        report.trials = earlier + [_TrialView.of(result) for result in results]
+        uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}
 
@@ -346,12 +405,6 @@ class _TrialView:
 
     @classmethod
     def of(cls, result: Any) -> "_TrialView":
-        trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)
         error = error_line(result.error) if result.error else None
-        return cls(trial_id, result.config, "ERROR" if result.error else "TERMINATED", error)
-
-
-def _trial_id_from_path(path: str) -> str:
-    # Tune names trial folders <trainable>_<trial_id>_<index>_<params>; the id is <hex>_<5 digits>.
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", path)
-    return match.group(1) if match else Path(path).name
+        trial = result.config["trial"]
+        return cls(trial_name(trial), trial, "ERROR" if result.error else "TERMINATED", error)
