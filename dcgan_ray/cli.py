@@ -18,11 +18,12 @@ Every command that takes CONFIG also takes `--set key=value` overrides. Expected
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from dcgan_ray.config import StorageConfig, load_config
+from dcgan_ray.config import JobConfig, StorageConfig, load_config
 from dcgan_ray.errors import ConfigError, DcganError
 from dcgan_ray.logs import setup_logging
 
@@ -31,6 +32,28 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job YAML, e.g. jobs/svhn.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def _bounded(low: int, high: int):
+    """An argparse type: an integer in [low, high] (argparse prints the one-line error and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+    return parse
+
+
+def _endpoint(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or "://" not in text or not text.split("://", 1)[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s):// URL, e.g. http://127.0.0.1:8333")
+    return text
+
+
+SEED_RANGE = (0, 2**32 - 1)
 
 
 def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
@@ -147,22 +170,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_uri
     from dcgan_ray.storage.s3 import Store
 
-    state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
-    netG, cfg = generator_from_checkpoint(state)
-    if args.config:
-        cfg.storage = load_config(args.config).storage
-    elif args.endpoint:
-        cfg.storage.endpoint = args.endpoint
-    if args.num_samples:
-        cfg.eval.num_samples = args.num_samples
-    if args.extractors:
-        cfg.eval.extractors = args.extractors
+    storage = _storage_for_uri(args)
+    state = read_checkpoint_uri(args.checkpoint, storage)
+    netG, trained = generator_from_checkpoint(state)
+    cfg = _eval_config(args, storage, trained)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = Store(cfg.storage)
     real = load_split(store, cfg, max_images=cfg.data.max_images)
     quality = Evaluator(store, cfg, real.images, device)(netG.to(device), seed=args.seed)
     print(json.dumps({"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples,
                       **quality}, indent=2))
+
+
+def _eval_config(args: argparse.Namespace, storage: StorageConfig, trained: JobConfig) -> JobConfig:
+    """What `eval` runs with: the job YAML's (or the defaults') data, eval and storage settings, the
+    command line's flags, and of the checkpoint's config only the model's shape. A shared checkpoint
+    must not decide where credentials are sent, what is written where, or where weights come from."""
+    from dcgan_ray.config import config_from_dict, set_dotted
+    from dcgan_ray.storage.s3 import parse_s3_uri
+
+    data = (load_config(args.config) if args.config else JobConfig()).to_dict()
+    data["storage"] = dataclasses.asdict(storage)
+    if not args.config and args.checkpoint.startswith("s3://"):
+        # The bucket and prefix of the URI the user typed: s3://BUCKET/PREFIX/runs/NAME/...
+        bucket, key = parse_s3_uri(args.checkpoint)
+        data["storage"]["bucket"] = bucket
+        if "/runs/" in f"/{key}":
+            data["storage"]["prefix"] = f"/{key}".split("/runs/", 1)[0].strip("/") or data["storage"]["prefix"]
+    data["model"] = trained.to_dict()["model"]
+    data["name"] = trained.name
+    if args.num_samples is not None:
+        set_dotted(data, "eval.num_samples", args.num_samples)
+    if args.extractors:
+        set_dotted(data, "eval.extractors", args.extractors)
+    return config_from_dict(data, "eval's settings (--config and flags)")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -210,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("synth", help="write offline house-number digits in SVHN's exact .mat format")
     p.add_argument("out", help="output .mat path")
-    p.add_argument("--n", type=int, default=10000, help="number of images (default 10000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_bounded(1, 10_000_000), default=10000, help="number of images (default 10000)")
+    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=0)
     p.set_defaults(func=cmd_data_synth)
     p = data_sub.add_parser("prepare", help="fetch SVHN, validate it, store it in the bucket")
     _add_config(p)
@@ -230,22 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate a grid PNG from a checkpoint (no Ray needed)")
     p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
-    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--n", type=_bounded(1, 4096), default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's fixed noise)")
-    p.add_argument("--scale", type=int, default=2, help="upscaling of the PNG (default 2)")
+    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=None, help="noise seed (default: the run's fixed noise)")
+    p.add_argument("--scale", type=_bounded(1, 16), default=2, help="upscaling of the PNG (default 2)")
     p.add_argument("--config", default=None, help="job YAML whose storage settings to use for s3:// URIs")
-    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)")
+    p.add_argument("--endpoint", type=_endpoint, default=None,
+                   help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="quality metrics of a checkpoint's generator (no Ray needed)")
     p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
-    p.add_argument("--num-samples", type=int, default=None, help="generated images (default: the run's eval.num_samples)")
+    p.add_argument("--num-samples", type=_bounded(2, 1_000_000), default=None,
+                   help="generated images (default: --config's eval.num_samples, else 10000)")
     p.add_argument("--extractors", nargs="+", choices=["digit", "inception"], default=None,
-                   help="feature extractors (default: the run's eval.extractors)")
-    p.add_argument("--seed", type=int, default=12345, help="noise seed of the evaluated samples")
-    p.add_argument("--config", default=None, help="job YAML whose storage settings to use (default: the checkpoint's)")
-    p.add_argument("--endpoint", default=None, help="S3 endpoint URL for s3:// URIs")
+                   help="feature extractors (default: --config's eval.extractors, else digit)")
+    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=12345, help="noise seed of the evaluated samples")
+    p.add_argument("--config", default=None,
+                   help="job YAML whose data, eval and storage settings to use (the checkpoint gives only G's shape)")
+    p.add_argument("--endpoint", type=_endpoint, default=None, help="S3 endpoint URL for s3:// URIs")
     p.set_defaults(func=cmd_eval)
 
     classifier = sub.add_parser("classifier", help="the digit classifier behind the digit_fd metric")

@@ -130,13 +130,28 @@ def list_jobs(address: str | None = None) -> list[JobRow]:
         progress = best = ""
         if meta[KIND] == "train":
             run = _run_manifest(meta)
-            if run:
+            if run and run.get("status") == "queued" and run.get("submission_id") == j.submission_id \
+                    and j.status.value in ("FAILED", "STOPPED"):
+                # The job ended before its driver started (a queue deadline, `ray job stop` while pending):
+                # nothing else will ever update run.json, so say what became of it.
+                run = _record_end_in_queue(meta, run, state)
                 progress = f"{run.get('epochs_completed', 0)}/{run.get('epochs_total', '?')}"
                 b = (run.get("checkpoints") or {}).get("best")
                 best = f"{b['metric']} {b['value']:.2f}" if b else ""
         rows.append(JobRow(j.submission_id, meta[KIND], meta.get(RUN, ""), state, progress, best,
                            meta.get(RUN_URI, ""), message))
     return rows
+
+
+def _record_end_in_queue(meta: dict[str, str], run: dict[str, Any], state: str) -> dict[str, Any]:
+    bucket, prefix = parse_s3_uri(meta[RUN_URI])
+    run["status"] = state
+    try:
+        write_run_manifest(Store(StorageConfig(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
+                           RunLayout(bucket, prefix), run)
+    except DcganError as e:
+        log.warning("cannot mark %s/run.json %s: %s", meta[RUN_URI], state, e)
+    return run
 
 
 def _run_manifest(meta: dict[str, str]) -> dict[str, Any] | None:

@@ -144,7 +144,8 @@ ROWS = [
         r"the train split in s3://.* came from .*, not from .*other_train.mat \(their sha256 differ\); add --force"),
     Row("split-manifest-not-json", "a split manifest that is not JSON",
         lambda c: ["train", c.job("bad-inputs-badmanifest")],
-        r"manifest.json is not valid JSON; run `dcgan-ray data prepare .*job-\d+.yaml --split train --force`"),
+        r"manifest.json is not a split manifest this code can use \(it is not JSON \(JSONDecodeError\)\); "
+        r"run `dcgan-ray data prepare .*job-\d+.yaml --split train --force`"),
     # URIs and checkpoints
     Row("uri-without-bucket", "an s3:// URI without a bucket", lambda c: ["sample", "s3:///runs/x", "--endpoint", c.endpoint],
         r"'s3:///runs/x' names no bucket \(expected s3://BUCKET/KEY\)"),

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,35 @@ def test_the_kubernetes_job_overlay_is_svhn_on_your_bucket(tmp_path):
     svhn = load_config(repo / "jobs" / "svhn.yaml")
     assert cfg.storage.endpoint is None and cfg.storage.bucket != svhn.storage.bucket
     assert (cfg.model, cfg.train, cfg.scaling) == (svhn.model, svhn.train, svhn.scaling)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("name=..", "name"), ("name=.", "name"), (f"name={'a' * 101}", "name"), ("name=a/b", "name"),
+    ("name=-rf", "name"), ("data.dataset=../../etc", "data.dataset"), ("data.dataset=svhn/train", "data.dataset"),
+    ("storage.prefix=..", "storage.prefix"), ("storage.prefix=a//b", "storage.prefix"),
+    ("storage.prefix=a/../b", "storage.prefix"), ("storage.runs_prefix=x/.", "storage.runs_prefix"),
+    ("tune.study=a/b", "tune.study"), ("tune.study=..", "tune.study"),
+])
+def test_names_and_prefixes_stay_in_their_folder(override, key):
+    with pytest.raises(ConfigError, match=rf"`{re.escape(key)}` = .* is not allowed; expected (null or )?a (name|key "
+                                          r"prefix)"):
+        load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", [override])
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("storage.retry_budget_s=.inf", r"a number of seconds in \(0, 86400\]"),
+    ("storage.retry_budget_s=20400000", r"a number of seconds in \(0, 86400\]"),
+    ("train.seed=99999999999999999999", r"an integer in \[0, 2\*\*31\)"),
+    ("train.seed=-1", r"an integer in \[0, 2\*\*31\)"),
+    ("model.g_features=100000", r"an integer in \[1, 512\]"),
+    ("train.epochs=1000000", r"an integer in \[1, 10000\]"),
+])
+def test_numbers_that_would_overflow_or_exhaust_memory_are_refused(override, allowed):
+    with pytest.raises(ConfigError, match=rf"is not allowed; expected {allowed}"):
+        load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", [override])
+
+
+def test_names_that_are_fine_load():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml",
+                      ["name=run_1.v2-b", "storage.prefix=team/a.b/runs-2", "tune.study=lr.sweep"])
+    assert (cfg.name, cfg.storage.prefix, cfg.tune.study) == ("run_1.v2-b", "team/a.b/runs-2", "lr.sweep")

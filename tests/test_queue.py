@@ -3,7 +3,13 @@ one), `dcgan-ray jobs` shows them, and a run name is never trained by two driver
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import uuid
 
 import pytest
 
@@ -14,7 +20,7 @@ from dcgan_ray.jobs import list_jobs, submit
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.train.runlock import DriverLock
+from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
 
 pytestmark = pytest.mark.ray
 
@@ -77,3 +83,59 @@ def test_two_drivers_never_train_one_run_folder(ray_head, s3_server, prefix):
                 pass
     with DriverLock("run", layout.uri):  # released: the next driver takes it
         pass
+
+
+def test_twenty_races_for_one_lock_have_one_winner_each(ray_head):
+    pairs = 20
+    start = threading.Barrier(2 * pairs)
+    outcomes: dict[int, list[str]] = {i: [] for i in range(pairs)}
+    locks: list[DriverLock] = []
+
+    def race(i: int) -> None:
+        lock = DriverLock("run", f"s3://race/runs/r{i}")
+        start.wait()
+        try:
+            lock.__enter__()
+            outcomes[i].append("won")
+            locks.append(lock)
+        except ClusterError as e:
+            outcomes[i].append("refused" if "is being trained by driver pid" in str(e) else str(e))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(pairs) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    try:
+        assert {i: sorted(o) for i, o in outcomes.items()} == {i: ["refused", "won"] for i in range(pairs)}
+    finally:
+        for lock in locks:
+            lock.__exit__(None, None, None)
+
+
+HOLD_LOCK = """
+import sys, time, ray
+from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
+ray.init(address=sys.argv[1], logging_level="ERROR")
+lock = DriverLock("run", sys.argv[2]).__enter__()  # held while this reference lives (Ray collects unreferenced actors)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_drivers_lock_is_taken_over_by_the_next(ray_head):
+    uri = f"s3://race/runs/killed-{uuid.uuid4().hex[:6]}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, ray_head.address, uri], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ClusterError, match=rf"run {uri} is being trained by driver pid {holder.pid} "):
+            DriverLock("run", uri).__enter__()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # no cleanup of any kind, as a lost driver
+        holder.wait()
+    start = time.monotonic()
+    with DriverLock("run", uri):  # no manual step: Ray removes the dead driver's lock actor
+        taken = time.monotonic() - start
+    print(f"a SIGKILLed driver's lock was taken over after {taken:.1f} s")
+    assert taken < GONE_HOLDER_WAIT_S

@@ -5,6 +5,7 @@ beside it, the rule its value must follow (`field(metadata=rule(...))`). Loading
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,25 +33,45 @@ POSITIVE = rule(lambda v: v > 0, "a number > 0")
 NULL_OR_POSITIVE = rule(lambda v: v is None or v > 0, "null or a number > 0")
 UNIT_INTERVAL = rule(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 SPLIT = rule(lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""Run, dataset and study names and each segment of a key prefix: they become keys in a shared bucket
+and Ray submission ids, so no '/', no '.' or '..', nothing that starts with '.' or '-', at most 100."""
+NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def is_name(value: Any) -> bool:
+    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
+
+
+def is_prefix(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 512 and all(is_name(part) for part in value.split("/"))
+
+
+NAME = rule(is_name, f"a name of {NAME_RULE}")
+NULL_OR_NAME = rule(lambda v: v is None or is_name(v), f"null or a name of {NAME_RULE}")
+PREFIX = rule(is_prefix, f"a key prefix: names of {NAME_RULE}, joined by '/'")
+NULL_OR_PREFIX = rule(lambda v: v is None or is_prefix(v), f"null or a key prefix: names of {NAME_RULE}, joined by '/'")
+SEED = rule(lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+"""Seeds are offset per rank and per epoch before they reach torch's generators: this leaves room."""
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 """`speed.compile` values: off, or a `torch.compile` mode."""
 
 
 @dataclass
 class ModelConfig:
-    z_dim: int = field(default=100, metadata=AT_LEAST_1)
+    z_dim: int = field(default=100, metadata=rule(lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"))
     """Length of the noise vector z. Seed: 100."""
     alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
     """Leaky-ReLU negative slope in G and D. Seed: 0.2."""
-    g_features: int = field(default=128, metadata=AT_LEAST_1)
+    g_features: int = field(default=128, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (G grows with its square)"))
     """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Seed: 512 at 4x4."""
-    d_features: int = field(default=64, metadata=AT_LEAST_1)
+    d_features: int = field(default=64, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (D grows with its square)"))
     """Channels of D's first conv; the next double it (64 -> 128 -> 256). Seed: 64."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=25, metadata=AT_LEAST_1)
+    epochs: int = field(default=25, metadata=rule(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"))
     """Passes over the training split. Seed: 25."""
     batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
     """Images per worker per step (the seed's 128 is one device's batch). The global batch is
@@ -67,7 +88,7 @@ class TrainConfig:
     """Adam beta2. Seed: the framework default 0.999."""
     label_smoothing: float = field(default=0.0, metadata=rule(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"))
     """Real-label target is 1 - label_smoothing in D's loss. Seed: 0 (no smoothing)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     """Seeds the weights, the fixed sample noise and each epoch's permutation."""
     log_every_steps: int = field(default=50, metadata=AT_LEAST_1)
     """Steps between progress lines (rank 0)."""
@@ -83,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "svhn"
+    dataset: str = field(default="svhn", metadata=NAME)
     """Name of the dataset folder in the bucket (`<storage.prefix>/data/<dataset>/<split>/`)."""
     split: str = field(default="train", metadata=SPLIT)
     """Split trained on: train, test or extra."""
@@ -162,12 +183,12 @@ class EvalConfig:
 
 @dataclass
 class ClassifierConfig:
-    epochs: int = field(default=3, metadata=AT_LEAST_1)
+    epochs: int = field(default=3, metadata=rule(lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"))
     """Passes over the train split when training the digit classifier."""
     batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
     lr: float = field(default=1e-3, metadata=POSITIVE)
     """Adam learning rate of the classifier."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     test_split: str = field(default="test", metadata=SPLIT)
     """Split whose accuracy is reported (must be prepared: data.prepare_splits)."""
     max_images: int | None = field(default=None, metadata=NULL_OR_AT_LEAST_1)
@@ -182,7 +203,7 @@ class ClassifierConfig:
 class TuneConfig:
     """A sensitivity study over this job (`dcgan-ray tune`); training ignores this section."""
 
-    study: str | None = None
+    study: str | None = field(default=None, metadata=NULL_OR_NAME)
     """Study name; its trials and report live under <prefix>/studies/<study>/. Null means <name>-study."""
     space: dict[str, Any] = field(default_factory=dict)
     """Config key -> one of {grid: [v, ...]}, {choice: [v, ...]}, {loguniform: [low, high]},
@@ -276,15 +297,15 @@ class StorageConfig:
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
     bucket: str = field(default="dcgan-ray", metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"))
     """Bucket holding data, runs and reports."""
-    prefix: str = field(default="dcgan-ray", metadata=rule(lambda v: not v.startswith("/") and not v.endswith("/"), "a key prefix without leading or trailing '/'"))
+    prefix: str = field(default="dcgan-ray", metadata=PREFIX)
     """Key prefix of everything this project writes: <prefix>/data/..., <prefix>/runs/<name>/..."""
     region: str = "us-east-1"
     """Region used for request signing (S3-compatible servers accept any)."""
     create_bucket: bool = False
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
-    runs_prefix: str | None = field(default=None, metadata=rule(lambda v: v is None or (v and not v.startswith("/") and not v.endswith("/")), "null or a key prefix without leading or trailing '/'"))
+    runs_prefix: str | None = field(default=None, metadata=NULL_OR_PREFIX)
     """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
-    retry_budget_s: float = field(default=300.0, metadata=POSITIVE)
+    retry_budget_s: float = field(default=300.0, metadata=rule(lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"))
     """How long (seconds) a storage outage may last before a read or write gives up. Every read and
     write of the driver and the workers (data, checkpoints, samples, run.json, reports, Ray Train's
     own files) retries with backoff for up to this long, so a restarting S3 server or a short network
@@ -295,7 +316,7 @@ class StorageConfig:
 
 @dataclass
 class JobConfig:
-    name: str = field(default="svhn-dcgan", metadata=rule(lambda v: bool(v) and all(c.isalnum() or c in "-_." for c in v), "letters, digits, '-', '_', '.'"))
+    name: str = field(default="svhn-dcgan", metadata=NAME)
     """Run name: the run lives at <storage.prefix>/runs/<name>/; resubmitting the same name resumes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

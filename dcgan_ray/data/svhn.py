@@ -27,6 +27,7 @@ import scipy.io
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.errors import DatasetError, DatasetMissing, DownloadError, ObjectMissing
+from dcgan_ray.storage import checks
 from dcgan_ray.storage.files import cache_dir, download_url, fetch_once, file_hash
 from dcgan_ray.storage.layout import split_manifest_key, split_prefix
 from dcgan_ray.storage.s3 import Store
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (3, 32, 32)
 IMAGE_BYTES = 3 * 32 * 32
+MAX_IMAGES = 10_000_000
+"""More than any SVHN split (extra: 531,131) by far; a bound for what a manifest or a file may allocate."""
+MAX_MAT_BYTES = 2 * 2**30
+"""The largest .mat file (or --from download) accepted: SVHN's largest, extra_32x32.mat, has 1.24 GiB."""
 MANIFEST_VERSION = 1
 
 
@@ -73,7 +78,7 @@ def _download(url: str, dest: Path, expected_size: int | None) -> None:
     """Download to `dest` via a `.part` file; only a complete download is renamed into place."""
     part = dest.with_name(dest.name + ".part")
     try:
-        download_url(url, part, expected_size)
+        download_url(url, part, expected_size, max_bytes=MAX_MAT_BYTES)
     except DownloadError as e:
         raise DatasetError(
             f"cannot download {url}: {e}. Run the command again, or, without internet access, fetch the file "
@@ -123,8 +128,19 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Returns images uint8 (N, 3, 32, 32) C-contiguous and labels uint8 (N,) as digits 0..9.
     """
     where = f"{path}"
+    size = Path(path).stat().st_size
+    if size > MAX_MAT_BYTES:
+        raise DatasetError(f"{where} has {size / 2**30:.1f} GiB, more than any SVHN file ({MAX_MAT_BYTES / 2**30:.0f} "
+                           "GiB at most; extra_32x32.mat has 1.24 GiB): not an SVHN split")
     try:
+        # The declared shapes first: a small compressed file may declare an array that fills the memory.
+        shapes = {name: shape for name, shape, _ in scipy.io.whosmat(str(path))}
+        declared = shapes.get("X", ())
+        if len(declared) == 4 and int(np.prod(declared, dtype=np.int64)) > MAX_IMAGES * IMAGE_BYTES:
+            raise DatasetError(f"{where}: X declares {declared}, more than {MAX_IMAGES} images: not an SVHN split")
         mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+    except DatasetError:
+        raise
     except Exception as e:  # scipy raises many types for a damaged file
         raise DatasetError(f"{where} is not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
                            "SVHN's format-2 files are MATLAB 5 files with variables X and y") from None
@@ -152,21 +168,51 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 # --- storing ------------------------------------------------------------------------------------
 
 def read_split_manifest(store: Store, cfg: JobConfig, split: str) -> dict[str, Any]:
-    """The split's manifest (objects, counts, source); DatasetMissing names the `prepare` command."""
+    """The split's manifest (objects, counts, source), every field checked (`check_split_manifest`);
+    DatasetMissing names the `prepare` command."""
     key = split_manifest_key(cfg, split)
     try:
-        manifest = json.loads(store.get_bytes(key))
+        blob = store.get_bytes(key)
     except ObjectMissing:
         raise DatasetMissing(
             f"the {split} split of {cfg.data.dataset} is not in {store.uri(split_prefix(cfg, split))} on "
             f"{store.endpoint}; put it there with: {prepare_command(split)}"
         ) from None
-    except json.JSONDecodeError:
-        raise DatasetError(f"{store.uri(key)} is not valid JSON; run `{prepare_command(split)} --force`") from None
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise DatasetError(f"{store.uri(key)} has manifest version {manifest.get('version')}, this code reads "
-                           f"{MANIFEST_VERSION}; run `{prepare_command(split)} --force`")
-    return manifest
+    try:
+        return check_split_manifest(checks.parse_json(blob), split_prefix(cfg, split))
+    except checks.NotOurs as e:
+        raise DatasetError(f"{store.uri(key)} is not a split manifest this code can use ({e}); "
+                           f"run `{prepare_command(split)} --force`") from None
+
+
+def check_split_manifest(manifest: Any, prefix: str) -> dict[str, Any]:
+    """The fields the readers use, checked: counts that add up, sizes that match them, digests that are
+    digests (they name cache files) and keys under the split's own prefix. Raises checks.NotOurs."""
+    m = checks.mapping(manifest, "the manifest")
+    if m.get("version") != MANIFEST_VERSION:
+        raise checks.NotOurs(f"its version is {m.get('version')!r}, this code reads {MANIFEST_VERSION}")
+    count = checks.integer(m.get("count"), "count", 1, MAX_IMAGES)
+    total = 0
+    for i, obj in enumerate(checks.listing(m.get("objects"), "objects", 10_000)):
+        what = f"objects[{i}]"
+        checks.mapping(obj, what)
+        checks.key_under(obj.get("key"), prefix, f"{what}.key")
+        checks.sha256(obj.get("sha256"), f"{what}.sha256")
+        n = checks.integer(obj.get("count"), f"{what}.count", 1, MAX_IMAGES)
+        if checks.integer(obj.get("bytes"), f"{what}.bytes") != n * IMAGE_BYTES:
+            raise checks.NotOurs(f"{what} has {obj['bytes']} bytes for {n} images of {IMAGE_BYTES} bytes")
+        total += n
+    if total != count:
+        raise checks.NotOurs(f"its objects hold {total} images, its count says {count}")
+    labels = checks.mapping(m.get("labels"), "labels")
+    checks.key_under(labels.get("key"), prefix, "labels.key")
+    checks.sha256(labels.get("sha256"), "labels.sha256")
+    if checks.integer(labels.get("bytes"), "labels.bytes") != count:
+        raise checks.NotOurs(f"labels has {labels['bytes']} bytes for {count} images")
+    source = checks.mapping(m.get("source"), "source")
+    checks.sha256(source.get("sha256"), "source.sha256")
+    checks.text(source.get("origin"), "source.origin")
+    return m
 
 
 def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path, existing: set[str]) -> dict[str, Any]:
@@ -269,8 +315,10 @@ def cached_object(store: Store, obj: dict[str, Any], node: str | None = None) ->
                 f"{obj['sha256'][:16]}...; prepare the split again with --force"
             )
 
-    return fetch_once(cache_dir("objects", node) / obj["sha256"], download,
-                      ready=lambda p: p.exists() and p.stat().st_size == obj["bytes"])
+    # The name is a checked digest (check_split_manifest), so the path stays in the cache; a file found
+    # there is used only if it still has that digest.
+    return fetch_once(cache_dir("objects", node) / checks.sha256(obj["sha256"], "sha256"), download,
+                      ready=lambda p: p.is_file() and p.stat().st_size == obj["bytes"] and file_hash(p) == obj["sha256"])
 
 
 def _split_of(obj: dict[str, Any]) -> str:
@@ -302,7 +350,13 @@ def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_image
         end = min(start + obj["count"], count)
         if start < end:
             with open(cached_object(store, obj, node), "rb") as f:
-                f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES]))
+                wanted = (end - start) * IMAGE_BYTES
+                if f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES])) != wanted:
+                    raise DatasetError(f"the cached copy of {store.uri(obj['key'])} is shorter than its manifest "
+                                       f"says; delete {cache_dir('objects', node)} and start again")
         start += obj["count"]
     labels = np.fromfile(cached_object(store, manifest["labels"], node), dtype=np.uint8)[:count]
+    if len(labels) != count:
+        raise DatasetError(f"the cached labels of {store.uri(manifest['labels']['key'])} are short; delete "
+                           f"{cache_dir('objects', node)} and start again")
     return SplitData(images, labels, manifest)

@@ -230,9 +230,15 @@ def load_classifier(state: dict) -> DigitClassifier:
         found = state.get("arch") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"classifier state has architecture {found!r}, this code builds {ARCH!r}; "
                               "train the classifier again with this version")
-    model = DigitClassifier(feature_dim=int(state["feature_dim"]))
+    feature_dim = state.get("feature_dim")
+    # It sets a layer's size: a planted value must not allocate gigabytes (this code trains 128).
+    if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or not 1 <= feature_dim <= 4096:
+        raise CheckpointError(f"classifier state has feature_dim {feature_dim!r}, not an integer in [1, 4096]; "
+                              "train the classifier again with this version")
+    model = DigitClassifier(feature_dim=feature_dim)
     try:
         model.load_state_dict(state["state"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"classifier state does not fit {ARCH}: {e}") from None
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:300]  # torch's message spans lines
+        raise CheckpointError(f"classifier state does not fit {ARCH}: {type(e).__name__}: {detail}") from None
     return model.eval()

@@ -35,6 +35,7 @@ from dcgan_ray.config import JobConfig, StorageConfig, config_from_dict
 from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
 from dcgan_ray.gan.sync import broadcast_from_rank_zero
+from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
@@ -87,9 +88,15 @@ def verify(files: dict[str, bytes | None], manifest: bytes | None, label: str) -
     if manifest is None:
         raise CheckpointError(f"{torn}: it has no {MANIFEST_FILE}, which is written last")
     try:
-        listed = json.loads(manifest)["files"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{torn}: its {MANIFEST_FILE} cannot be read") from None
+        listed = checks.mapping(checks.mapping(checks.parse_json(manifest), MANIFEST_FILE).get("files"), "files")
+        if set(listed) != set(files):
+            raise checks.NotOurs(f"it lists {sorted(listed)[:3]}, not {sorted(files)}")
+        for name, expected in listed.items():
+            checks.mapping(expected, name)
+            checks.integer(expected.get("bytes"), f"{name}.bytes")
+            checks.sha256(expected.get("sha256"), f"{name}.sha256")
+    except checks.NotOurs as e:
+        raise CheckpointError(f"{torn}: its {MANIFEST_FILE} cannot be read ({e})") from None
     for name, expected in listed.items():
         data = files.get(name)
         if data is None:

@@ -41,24 +41,32 @@ def cache_dir(kind: str, node: str | None = None) -> Path:
     return (root / f"node-{node[:16]}" if node else root) / kind
 
 
-def download_url(url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60) -> None:
+def download_url(url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60,
+                 max_bytes: int = 4 * 2**30) -> None:
     """Stream an http(s) URL into `part` with a progress line.
 
-    Raises DownloadError with the reason when the request fails or fewer bytes arrive than the server
-    (or `expected_size`) announced; nothing is left at `part` then.
+    Raises DownloadError with the reason when the request fails, fewer bytes arrive than the server
+    (or `expected_size`) announced, or more than `max_bytes` would; nothing is left at `part` then.
     """
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or expected_size or 0
+            if total > max_bytes:
+                raise DownloadError(f"it announces {total} bytes, more than the {max_bytes} accepted")
             progress = Progress(f"download {url.rsplit('/', 1)[-1]}", total) if total else None
             done = 0
             while block := resp.read(4 * 2**20):
-                out.write(block)
                 done += len(block)
+                if done > max_bytes:
+                    raise DownloadError(f"it sends more than the {max_bytes} bytes accepted")
+                out.write(block)
                 if progress:
                     progress(len(block))
         if total and done != total:
             raise DownloadError(f"the download is truncated: got {done} of {total} bytes")
+    except DownloadError:
+        part.unlink(missing_ok=True)
+        raise
     except urllib.error.HTTPError as e:
         part.unlink(missing_ok=True)
         raise DownloadError(f"HTTP {e.code} {e.reason}") from None

@@ -12,19 +12,57 @@ import time
 from typing import Any
 
 from dcgan_ray.config import JobConfig
-from dcgan_ray.errors import ObjectMissing
+from dcgan_ray.errors import ObjectMissing, StorageError
+from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
 
 
+class RunManifestError(StorageError):
+    """run.json is there but is not a run manifest this project wrote (damaged or planted)."""
+
+
 def read_run_manifest(store: Store, layout: RunLayout) -> dict[str, Any] | None:
-    """The run's manifest, or None for a run that has not started (or whose manifest is unreadable)."""
+    """The run's manifest, or None for a run that has not started. Every field the readers use is checked
+    (`check_run_manifest`): one that is not raises RunManifestError naming the object."""
     try:
-        return json.loads(store.get_bytes(layout.manifest_key))
-    except (ObjectMissing, json.JSONDecodeError):
+        blob = store.get_bytes(layout.manifest_key)
+    except ObjectMissing:
         return None
+    try:
+        return check_run_manifest(checks.parse_json(blob), layout)
+    except checks.NotOurs as e:
+        raise RunManifestError(
+            f"{store.uri(layout.manifest_key)} is not a run manifest this code can use ({e}); move it away to "
+            "start the run's record anew (its checkpoints are kept and resumed from), or choose another run name"
+        ) from None
+
+
+def check_run_manifest(manifest: Any, layout: RunLayout) -> dict[str, Any]:
+    """The fields that the driver, the recorder, the reports and `dcgan-ray jobs` read, checked; artifact
+    URIs must lie in the run's own folder. Raises checks.NotOurs."""
+    m = checks.mapping(manifest, "the manifest")
+    checks.text(m.get("status", ""), "status", 64)
+    checks.integer(m.get("epochs_completed", 0), "epochs_completed", 0, 10**6)
+    checks.integer(m.get("epochs_total", 0), "epochs_total", 0, 10**6)
+    for i, entry in enumerate(checks.listing(m.get("history", []), "history")):
+        checks.integer(checks.mapping(entry, f"history[{i}]").get("epoch"), f"history[{i}].epoch", 0, 10**6)
+    checks.mapping(m.get("samples", {}), "samples")
+    ckpts = checks.mapping(m.get("checkpoints", {}), "checkpoints")
+    uris = [("checkpoints.latest", ckpts.get("latest"))]
+    if ckpts.get("best") is not None:
+        best = checks.mapping(ckpts["best"], "checkpoints.best")
+        checks.integer(best.get("epoch"), "checkpoints.best.epoch", 0, 10**6)
+        checks.number(best.get("value"), "checkpoints.best.value")
+        checks.text(best.get("metric"), "checkpoints.best.metric", 64)
+        uris.append(("checkpoints.best.uri", best.get("uri")))
+    for what, uri in uris:
+        if uri is not None and not (isinstance(uri, str) and uri.startswith(f"{layout.uri}/")
+                                    and ".." not in uri.split("/")):
+            raise checks.NotOurs(f"{what} is not in the run's folder {layout.uri}")
+    return m
 
 
 def write_run_manifest(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> None:
@@ -72,7 +110,9 @@ def merge_results(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> 
         entry = history.get(epoch_of_key(key))
         if entry is None or "scored" in entry:  # not recorded yet (or a discarded attempt's), or done
             continue
-        result = json.loads(store.get_bytes(key))
+        result = read_result(store, layout, key)
+        if result is None:
+            continue
         if "error" in result:
             entry.update(scored="failed", score_error=result["error"])
             log.warning("scoring epoch %d failed: %s", result["epoch"], result["error"])
@@ -83,6 +123,37 @@ def merge_results(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> 
             manifest["checkpoints"]["best"] = best
         merged.append(result["epoch"])
     return merged
+
+
+def read_result(store: Store, layout: RunLayout, key: str) -> dict[str, Any] | None:
+    """A scoring task's result (`validations/epoch_NNNN.json`), checked; None (with a warning) for one this
+    code did not write, which is then left out as if its task had not run."""
+    try:
+        return check_result(checks.parse_json(store.get_bytes(key)), layout)
+    except checks.NotOurs as e:
+        log.warning("%s is not a scoring result this code can use (%s): left out", store.uri(key), e)
+    except ObjectMissing:
+        pass
+    return None
+
+
+def check_result(result: Any, layout: RunLayout) -> dict[str, Any]:
+    """The fields of a scoring result that run.json takes over, checked. Raises checks.NotOurs."""
+    result = checks.mapping(result, "the result")
+    checks.integer(result.get("epoch"), "epoch", 0, 10**6)
+    if "error" in result:
+        checks.text(result["error"], "error")
+    else:
+        for name, value in checks.mapping(result.get("metrics"), "metrics").items():
+            checks.number(value, f"metrics.{name}")
+    if result.get("best") is not None:
+        best = checks.mapping(result["best"], "best")
+        checks.integer(best.get("epoch"), "best.epoch", 0, 10**6)
+        checks.number(best.get("value"), "best.value")
+        checks.text(best.get("metric"), "best.metric", 64)
+        if not isinstance(best.get("uri"), str) or not best["uri"].startswith(f"{layout.uri}/"):
+            raise checks.NotOurs("best.uri is not in the run's folder")
+    return result
 
 
 def discard_results_after(store: Store, layout: RunLayout, epoch: int) -> None:

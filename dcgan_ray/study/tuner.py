@@ -44,6 +44,7 @@ from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
 from dcgan_ray.errors import ConfigError, ObjectMissing, StorageError
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
+from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import (
     STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_state_key, study_trials_prefix,
 )
@@ -138,20 +139,29 @@ ENDED = ("TERMINATED", "ERROR")
 
 def read_study_state(store: Store, cfg: JobConfig) -> dict[str, dict[str, Any]]:
     """state.json's trials, {name: {"state": TERMINATED|ERROR, "error": str|None}}; {} for a new study.
-    Checked field by field: it is plain JSON in a shared bucket, never code."""
+    Checked field by field (`check_study_state`): it is plain JSON in a shared bucket, never code."""
     key = study_state_key(cfg)
     try:
-        state = json.loads(store.get_bytes(key))
+        return check_study_state(checks.parse_json(store.get_bytes(key)))
     except ObjectMissing:
         return {}
-    except ValueError:
-        state = None
-    trials = state.get("trials") if isinstance(state, dict) and state.get("version") == 1 else None
-    if not isinstance(trials, dict) or not all(
-            isinstance(name, str) and isinstance(t, dict) and t.get("state") in ENDED
-            and isinstance(t.get("error"), (str, type(None))) for name, t in trials.items()):
-        raise StorageError(f"{store.uri(key)} is not a study state this project wrote; delete it to run every "
-                           "trial of the study again (finished trials are then reported from their run folders)")
+    except checks.NotOurs as e:
+        raise StorageError(f"{store.uri(key)} is not a study state this project wrote ({e}); delete it to run "
+                           "every trial of the study again (finished trials are then reported from their run "
+                           "folders)") from None
+
+
+def check_study_state(state: Any) -> dict[str, dict[str, Any]]:
+    state = checks.mapping(state, "the state")
+    if state.get("version") != 1:
+        raise checks.NotOurs(f"its version is {state.get('version')!r}, this code reads 1")
+    trials = checks.mapping(state.get("trials"), "trials")
+    for name, trial in trials.items():
+        checks.mapping(trial, f"trials.{name}")
+        if trial.get("state") not in ENDED:
+            raise checks.NotOurs(f"trials.{name}.state is not one of {', '.join(ENDED)}")
+        if trial.get("error") is not None:
+            checks.text(trial["error"], f"trials.{name}.error")
     return trials
 
 

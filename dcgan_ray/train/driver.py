@@ -146,6 +146,9 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     if previous and previous.get("epochs_completed", 0) >= cfg.train.epochs:
         if previous.get("status") == "scoring":  # a driver that stopped before it merged the last scores
             previous = finish_scored_run(store, layout, cfg, previous)
+        elif previous.get("status") != "finished":  # e.g. `queued` by a resubmission of a finished run
+            previous["status"] = "finished"
+            write_run_manifest(store, layout, previous)
         log.info("run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
                  layout.uri, previous["epochs_completed"], cfg.train.epochs)
         return previous

@@ -51,6 +51,17 @@ class Silent:
         pass
 
 
+GIF_FRAMES = 101
+"""The animation holds at most this many grids (all of them are in memory while it is made)."""
+
+
+def gif_epochs(epochs: int) -> list[int]:
+    """The epochs the animation shows: all of them, or GIF_FRAMES evenly spread from 0 to the last."""
+    if epochs < GIF_FRAMES:
+        return list(range(epochs + 1))
+    return sorted({round(i * epochs / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
+
+
 class RunRecorder(Silent):
     """Rank 0: keeps run.json current and writes every artifact a person looks at."""
 
@@ -119,7 +130,7 @@ class RunRecorder(Silent):
     def finished(self) -> None:
         m = self.manifest
         frames = [Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
-                  for e in range(self.cfg.train.epochs + 1)]
+                  for e in gif_epochs(self.cfg.train.epochs)]
         self.store.put_bytes(self.layout.gif_key, gif_bytes(frames), "image/gif")
         m["samples"]["gif"] = self.store.uri(self.layout.gif_key)
         self._merge_scores()

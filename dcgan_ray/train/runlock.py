@@ -52,7 +52,8 @@ class _LockHolder:
 
 class DriverLock:
     """`with DriverLock("run", uri):` around a driver's work on the folder `uri`; refuses while another
-    live driver holds it."""
+    live driver holds it. The lock lives as long as this object does (Ray removes an actor no handle
+    refers to), which a `with` block guarantees."""
 
     def __init__(self, kind: str, uri: str):
         self.kind, self.uri = kind, uri

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ from dcgan_ray.quality.metrics import Evaluator
 from dcgan_ray.ray_internals import has_launching_autoscaler
 from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint, read_checkpoint_dir
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
+from dcgan_ray.storage.runs import epoch_of_key, read_result, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ def _best_before(store: Store, layout: RunLayout, metric: str, epoch: int) -> di
         candidates.append(recorded)
     for key in store.list_keys(layout.validations_prefix):
         if epoch_of_key(key) < epoch:
-            value = json.loads(store.get_bytes(key)).get("metrics", {}).get(metric)
-            if value is not None and math.isfinite(value):
+            value = ((read_result(store, layout, key) or {}).get("metrics") or {}).get(metric)
+            if value is not None:
                 candidates.append({"epoch": epoch_of_key(key), "metric": metric, "value": value})
     return min(candidates, key=lambda c: c["value"], default=None)
