@@ -8,7 +8,7 @@ source cluster/dev.env
 source .venv/bin/activate
 cluster/local.sh up
 
-# SVHN's official URL needs the internet; these files have its exact format (see README for real SVHN).
+# SVHN's official URL needs the internet; these files have its exact format (see docs/clusters.md for real SVHN).
 data="${DCGAN_RAY_DEMO_DATA:-$HOME/.cache/dcgan-ray/offline-svhn}"
 mkdir -p "$data"
 [ -f "$data/train_32x32.mat" ] || dcgan-ray data synth "$data/train_32x32.mat" --n 12000 --seed 1

@@ -34,6 +34,21 @@ BUCKET = "dcgan-test"
 REPO = Path(__file__).resolve().parents[1]
 
 
+S3_FIXTURES = {"s3_server", "private_s3"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark what each test needs, from the fixtures it uses (directly or through others): `s3` (a SeaweedFS
+    server), `ray` (a Ray cluster; modules that start their own say so with `pytestmark`). The fast lane,
+    `pytest -m "not s3 and not ray"`, runs everything else."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & S3_FIXTURES:
+            item.add_marker(pytest.mark.s3)
+        if "ray_head" in used:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def test_env(tmp_path_factory):
     """Credentials and caches for the whole session; the real user's settings are put back after."""

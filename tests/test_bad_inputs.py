@@ -1,4 +1,4 @@
-"""Bad input, tabled: every row of README's "Bad input" table, run through the CLI against the real
+"""Bad input, tabled: every row of docs/errors.md's "Bad input" table, run through the CLI against the real
 SeaweedFS server: one `error: ...` line that says what to do, exit code 2, no traceback, and the
 bucket exactly as it was (nothing lost, nothing half-written). Only the two cluster-size rows need Ray.
 """
@@ -72,7 +72,7 @@ class Ctx:
 @dataclass
 class Row:
     id: str
-    bad_input: str  # README's words
+    bad_input: str  # docs/errors.md's words
     argv: Callable[[Ctx], list[str]]
     expect: str  # a regex the one error line must contain
     env: dict[str, str | None] = field(default_factory=dict)
@@ -332,7 +332,7 @@ def test_bad_input_through_the_real_cli(row_id, ctx):
 
 
 def test_the_readme_tables_every_row():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "errors.md").read_text()
     table = readme[readme.index("## Bad input, and what you see"):]
     ids = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
     assert ids == [r.id for r in ROWS] and len(ids) >= 25

@@ -88,6 +88,7 @@ def test_training_rejects_bad_inputs(train_set):
         train_classifier(images[:100], labels[:100])
 
 
+@pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_a_small_split_still_trains_with_min_steps(train_set, test_set):
     # The case: 1,024 images x 2 epochs (32 steps of 64) stay near chance; 200 steps learn them.
     images, labels = train_set[0][:1024], train_set[1][:1024]

@@ -150,6 +150,7 @@ def test_aws_starts_ray_with_token_auth(aws):
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in starts)
 
 
+@pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
     """The recipe's own setup commands, in order, as `ray up` runs them on a node: a home with the checkout
     where file_mounts puts it, package-manager lines stubbed (they print what they would do), then the

@@ -3,6 +3,7 @@ variant runs end to end (1-5 min on 2 shared cores, mostly torch.compile), so a 
 
 from __future__ import annotations
 
+import pytest
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from conftest import REPO
 
 
+@pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_gpu_sh_runs_on_cpu_quick(tmp_path):
     # gpu.sh calls `python3`, as on the GPU machine: let that be this interpreter.
     env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

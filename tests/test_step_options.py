@@ -146,6 +146,7 @@ def test_resumed_optimizer_keeps_this_runs_fused_choice(saved_fused):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_compile_on_cpu_matches_eager():
     # ~35 s on 2 cores, nearly all of it compiling G, D and D's frozen G-phase variant.
     eager, eagerG, eagerD = train(SpeedConfig())
