@@ -3,7 +3,7 @@
 # offline SVHN-format digits into the bucket, and train the demo job through `ray job submit`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+DCGAN_RAY_SKIP_BROWSER=1 bash scripts/setup.sh  # (the browser is for the tests)
 source cluster/dev.env
 source .venv/bin/activate
 cluster/local.sh up
@@ -43,4 +43,9 @@ print(f"  digit_fd by epoch (lower is better): {curve}")
 print("  a new grid: source cluster/dev.env && .venv/bin/dcgan-ray sample "
       f"{run['checkpoints']['latest']} --out grid.png")
 PY
+# Something to look at: the run page (a copy beside the others), and TensorBoard over the bucket's runs.
+dcgan-ray report demo --config jobs/demo.yaml --out demo-output/run-page
+echo "  run page in the bucket: $(uri run_page)"
+cluster/local.sh tensorboard --logdir "$(uri tensorboard_logdir)"
+echo "  open http://127.0.0.1:6006 (Images: the grids, epoch by epoch); \`cluster/local.sh down\` stops it with the stack"
 echo "  the demo took $((SECONDS / 60)) min $((SECONDS % 60)) s, set-up included"

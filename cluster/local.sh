@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local development stack: SeaweedFS (S3 on 127.0.0.1:8333) and a Ray head (127.0.0.1:6379,
-# dashboard/job API http://127.0.0.1:8265). Usage: cluster/local.sh up|down|status
+# dashboard/job API http://127.0.0.1:8265); TensorBoard on 127.0.0.1:6006 over the bucket's runs.
+# Usage: cluster/local.sh up|down|status|tensorboard
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=dev.env

@@ -10,6 +10,13 @@
   dcgan-ray paths CONFIG [NAME]               where the job's data, run and study live in the bucket
   dcgan-ray submit CONFIG [--study]           queue a training job (or study) on a cluster's job API
   dcgan-ray jobs                              this project's jobs on the cluster: state, epoch, best, URI
+  dcgan-ray runs                              every run in the bucket: status, epochs, best, update, submission
+  dcgan-ray report NAME [--out DIR]           a run's page (curves, grids, config, timings), written locally
+  dcgan-ray stop NAME                         stop a run's queued or running job; resubmitting resumes it
+  dcgan-ray logs NAME [-f]                    a run's job log (followed with -f)
+
+runs, report, stop and logs find the bucket and runs folder in --config's storage settings, or in
+--runs s3://BUCKET/PREFIX/runs with --endpoint (default AWS_ENDPOINT_URL), else the dev stack's.
 
 Every command that takes CONFIG also takes `--set key=value` overrides. Expected failures print
 `error: ...` and exit 2; the message says what to do.
@@ -22,10 +29,15 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcgan_ray.config import JobConfig, StorageConfig, load_config
 from dcgan_ray.errors import ConfigError, DcganError
 from dcgan_ray.logs import setup_logging
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `dcgan-ray --help` stays quick
+    from dcgan_ray.storage.layout import RunLayout
+    from dcgan_ray.storage.s3 import Store
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -56,6 +68,15 @@ def _endpoint(text: str) -> str:
 SEED_RANGE = (0, 2**32 - 1)
 
 
+def _run_name(text: str) -> str:
+    """An argparse type: a run name as the config's `name` allows (it becomes a key in the bucket)."""
+    from dcgan_ray.config.sections import NAME_RULE, is_name
+
+    if not is_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run name ({NAME_RULE})")
+    return text
+
+
 def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
     """Storage settings for a bare URI: --config's, else --endpoint / AWS_ENDPOINT_URL, else the dev stack's."""
     storage = load_config(args.config).storage if args.config else StorageConfig()
@@ -63,6 +84,34 @@ def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
     if endpoint:
         storage.endpoint = endpoint
     return storage
+
+
+def _runs_location(args: argparse.Namespace) -> tuple[StorageConfig, str]:
+    """(storage settings, runs folder key) of the run commands: --runs, else --config's, else the dev stack's."""
+    from dcgan_ray.storage.layout import runs_prefix
+    from dcgan_ray.storage.s3 import parse_s3_uri
+
+    if args.overrides and not args.config:
+        raise ConfigError("--set changes --config's settings: give --config too (e.g. --config jobs/svhn.yaml)")
+    cfg = load_config(args.config, args.overrides) if args.config else JobConfig()
+    storage = cfg.storage if args.config else _storage_for_uri(args)
+    if args.endpoint:
+        storage.endpoint = args.endpoint
+    if args.runs:
+        storage.bucket, prefix = parse_s3_uri(args.runs)
+        if not prefix:
+            raise DcganError(f"--runs {args.runs} names no folder: give the runs folder, e.g. "
+                             f"s3://{storage.bucket}/{cfg.storage.prefix}/runs")
+        return storage, prefix
+    return storage, runs_prefix(cfg)
+
+
+def _run_layout(args: argparse.Namespace) -> tuple[Store, RunLayout]:
+    from dcgan_ray.storage.layout import RunLayout
+    from dcgan_ray.storage.s3 import Store
+
+    storage, prefix = _runs_location(args)
+    return Store(storage), RunLayout(storage.bucket, f"{prefix}/{args.name}")
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -242,6 +291,52 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     print(format_jobs(list_jobs(args.address)))
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    from dcgan_ray.report.runs_table import format_runs, list_runs
+    from dcgan_ray.storage.s3 import Store
+
+    storage, prefix = _runs_location(args)
+    store = Store(storage)
+    store.check()
+    print(format_runs(list_runs(store, prefix), f"s3://{storage.bucket}/{prefix}"))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dcgan_ray.report.run_page import download_run_page
+
+    store, layout = _run_layout(args)
+    store.check()
+    out = Path(args.out or Path("run-pages") / args.name)
+    index = download_run_page(store, layout, out, f"s3://{layout.bucket}/{layout.prefix.rsplit('/', 1)[0]}")
+    print(f"run page of {layout.uri}: {index}  (open it in a browser; the copy in the bucket: "
+          f"s3://{layout.bucket}/{layout.report_key})")
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import stop_run
+
+    store, layout = _run_layout(args)
+    for submission_id, state in stop_run(store, layout, args.address):
+        print(f"stopped {submission_id} ({state})")
+    print(f"{layout.uri}/run.json: stopped; submit the same job again to resume it from its last checkpoint")
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import job_logs
+
+    store, layout = _run_layout(args)
+    job_logs(store, layout, args.follow, sys.stdout, args.address)
+
+
+def _add_runs_location(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="job YAML whose storage settings (bucket, prefix, endpoint) to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override --config's values, e.g. --set storage.endpoint=null for AWS (repeatable)")
+    p.add_argument("--runs", default=None, metavar="S3_URI", help="the runs folder, e.g. s3://BUCKET/PREFIX/runs")
+    p.add_argument("--endpoint", type=_endpoint, default=None,
+                   help="S3 endpoint URL (default: --config's, else AWS_ENDPOINT_URL, else the dev stack's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan-ray", description="Distributed DCGAN on SVHN with Ray and S3.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -319,6 +414,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list this project's jobs and studies on the cluster")
     p.add_argument("--address", default=None, help=address_help)
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("runs", help="list every run in the bucket from its run.json")
+    _add_runs_location(p)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="write a run's page (curves, grids, config, timings) locally")
+    p.add_argument("name", type=_run_name, help="the run's name (the job's `name`)")
+    _add_runs_location(p)
+    p.add_argument("--out", default=None, help="folder to write it to (default run-pages/NAME)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("stop", help="stop a run's queued or running job and mark it stopped (resubmit to resume)")
+    p.add_argument("name", type=_run_name, help="the run's name (the job's `name`)")
+    _add_runs_location(p)
+    p.add_argument("--address", default=None, help=address_help)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("logs", help="show the log of a run's newest job")
+    p.add_argument("name", type=_run_name, help="the run's name (the job's `name`)")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the log until the job ends")
+    _add_runs_location(p)
+    p.add_argument("--address", default=None, help=address_help)
+    p.set_defaults(func=cmd_logs)
     return parser
 
 

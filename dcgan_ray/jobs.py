@@ -8,10 +8,14 @@ job it runs at a time, every submission's entrypoint asks for one, and the rest 
 list (and `queued` in run.json) until a slot frees. Ray does not promise an order among pending jobs.
 How long a job may wait is the head's RAY_JOB_START_TIMEOUT_SECONDS (`cluster/local.sh up
 --queue-timeout`); past it Ray fails the job and `dcgan-ray jobs` says it timed out in the queue.
+
+A run is also reached by its name: `dcgan-ray stop NAME` stops its queued or running job and marks
+run.json `stopped` (resubmitting resumes it), `dcgan-ray logs NAME [-f]` shows its newest job's log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shlex
@@ -33,7 +37,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOB_SLOT = "dcgan_ray_job_slot"
 """The custom resource a cluster's head offers once per job it runs at a time (the queue's slots)."""
 KIND, RUN, RUN_URI, ENDPOINT = "dcgan_ray.kind", "dcgan_ray.run", "dcgan_ray.run_uri", "dcgan_ray.endpoint"
-WORKING_DIR_EXCLUDES = [".venv", ".git", "demo-output", "**/__pycache__", "*.egg-info"]
+WORKING_DIR_EXCLUDES = [".venv", ".git", "demo-output", "run-pages", "**/__pycache__", "*.egg-info"]
 STATES = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "finished", "FAILED": "failed", "STOPPED": "stopped"}
 
 
@@ -70,13 +74,16 @@ def submit(cfg: JobConfig, config_path: str, overrides: list[str], kind: str = "
         raise DcganError(f"{config_path} is outside the checkout ({REPO}) that is uploaded as the job's working "
                          "dir; copy it under jobs/ and submit that")
     name, uri = _tracked_name(cfg, kind)
+    # A queued job that `dcgan-ray stop` stopped stays PENDING in Ray until it would start (see stop_run).
+    run = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg)) if kind == "train" else None
+    stopped = run.get("submission_id") if run and run.get("status") == "stopped" else None
     active = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_URI) == uri
-              and j.status.value in ("PENDING", "RUNNING")]
+              and j.status.value in ("PENDING", "RUNNING") and j.submission_id != stopped]
     if active:
         j = active[0]
+        stop = f"dcgan-ray stop {name}" if kind == "train" else f"ray job stop {j.submission_id}"
         raise ClusterError(f"{name} already has an active submission {j.submission_id} "
-                           f"({STATES[j.status.value]}); wait for it, stop it with `ray job stop "
-                           f"{j.submission_id}`, or choose another name")
+                           f"({STATES[j.status.value]}); wait for it, stop it with `{stop}`, or choose another name")
     slot = queue and _offers_job_slot(address)
     if queue and not slot:
         log.warning("the cluster offers no %s resource: the job starts at once instead of queueing "
@@ -172,3 +179,109 @@ def format_jobs(rows: list[JobRow]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines += [f"  {r.submission_id}: {r.message}" for r in rows if r.message]
     return "\n".join(lines) if rows else "no dcgan-ray jobs on this cluster"
+
+
+# --- one run by its name: its submissions, stopping it, its log ------------------------------------------
+
+ACTIVE = ("PENDING", "RUNNING")
+STOP_WAIT_S = 120.0
+"""How long `stop` waits for Ray to end the job and its training processes (Ray's own stop escalates from
+SIGTERM to SIGKILL within seconds)."""
+
+
+def run_submissions(client: Any, layout: RunLayout, manifest: dict[str, Any] | None) -> list[Any]:
+    """The run's Ray jobs, newest first: those `dcgan-ray submit` tagged with the run's URI, and the one
+    run.json names (`submission_id`)."""
+    named = (manifest or {}).get("submission_id")
+    jobs = [j for j in client.list_jobs()
+            if (j.metadata or {}).get(RUN_URI) == layout.uri or (named and j.submission_id == named)]
+    # run.json's own submission first: the newest `dcgan-ray submit` of the run, even before Ray has started it.
+    return sorted(jobs, key=lambda j: (j.submission_id == named, j.start_time or 0), reverse=True)
+
+
+def _no_job_message(layout: RunLayout, address: str) -> str:
+    return (f"no Ray job of the run {layout.uri} on {address}: a run is found by name when `dcgan-ray submit` "
+            "submitted it (a job submitted with `ray job submit` goes by its submission id: `ray job logs ID`, "
+            "`ray job stop ID`); check --address (or RAY_API_SERVER_ADDRESS) and the run's name")
+
+
+def stop_run(store: Store, layout: RunLayout, address: str | None = None,
+             wait_s: float = STOP_WAIT_S) -> list[tuple[str, str]]:
+    """Stop the run's queued or running job(s), wait until a running one's training processes are gone,
+    then mark run.json `stopped` (a resubmission resumes from the last checkpoint). Returns (submission id,
+    the state it was stopped in) for each.
+
+    Ray 2.60 cannot end a job that still waits for its job slot: it delivers the stop when the job would
+    start, and the job then ends at once, STOPPED, before its entrypoint does anything. Until then Ray
+    lists it as PENDING; run.json already says `stopped`, and `submit` lets the run be submitted again."""
+    client, address = _client(address)
+    manifest = read_run_manifest(store, layout)
+    active = [j for j in run_submissions(client, layout, manifest) if j.status.value in ACTIVE]
+    if not active:
+        if manifest is None:
+            raise DcganError(_no_job_message(layout, address))
+        raise DcganError(f"the run {layout.uri} has no queued or running job on {address} (run.json says "
+                         f"{manifest.get('status', '?')}): nothing to stop")
+    stopped = []
+    for job in active:
+        client.stop_job(job.submission_id)
+        stopped.append((job.submission_id, STATES[job.status.value]))
+    for job in active:
+        if client.get_job_status(job.submission_id).value != "PENDING":
+            _wait_until_gone(client, address, job, wait_s)
+    # Only now: until its workers were gone, rank 0 could still write run.json.
+    manifest = read_run_manifest(store, layout)
+    if manifest is not None:
+        manifest["status"] = "stopped"
+        write_run_manifest(store, layout, manifest)
+        _refresh_page(store, layout, manifest)
+    return stopped
+
+
+def _wait_until_gone(client: Any, address: str, job: Any, wait_s: float) -> None:
+    """Until Ray says the job ended and no actor of it (the Train controller, the workers) is alive."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = client.get_job_info(job.submission_id)
+        ended = info.status.value not in ACTIVE
+        alive = list_actors(address=address, filters=[("job_id", "=", info.job_id), ("state", "=", "ALIVE")]) \
+            if ended and info.job_id else []
+        if ended and not alive:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"asked Ray to stop {job.submission_id}, but after {wait_s:.0f} s it is "
+                               f"{STATES.get(info.status.value, info.status.value)} with {len(alive)} of its actors "
+                               f"alive; see `ray job status {job.submission_id}` and `ray list actors`")
+        time.sleep(0.5)
+
+
+def _refresh_page(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> None:
+    from dcgan_ray.report.run_page import publish_run_page
+
+    try:
+        publish_run_page(store, layout, manifest, f"s3://{layout.bucket}/{layout.prefix.rsplit('/', 1)[0]}")
+    except DcganError as e:
+        log.warning("the run page of %s still shows its last epoch's state: %s", layout.uri, e)
+
+
+def job_logs(store: Store, layout: RunLayout, follow: bool, out: Any, address: str | None = None) -> str:
+    """Write the log of the run's newest job to `out` (with `follow`, as it grows, until the job ends);
+    returns its submission id."""
+    client, address = _client(address)
+    jobs = run_submissions(client, layout, read_run_manifest(store, layout))
+    if not jobs:
+        raise DcganError(_no_job_message(layout, address))
+    submission_id = jobs[0].submission_id
+    if not follow:
+        out.write(client.get_job_logs(submission_id))
+        return submission_id
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+    return submission_id

@@ -1,6 +1,6 @@
 """The local development stack: a SeaweedFS S3 server and a Ray head, every address on loopback.
 
-`cluster/local.sh up|down|status` calls this module. Up and down are idempotent. State (pid file,
+`cluster/local.sh up|down|status|tensorboard` calls this module. Up and down are idempotent. State (pid file,
 logs, the S3 server's data) lives outside the checkout, under $DCGAN_RAY_STACK_DIR (default
 ~/.local/share/dcgan-ray), so `ray job submit --working-dir .` never uploads it.
 
@@ -8,8 +8,10 @@ The S3 server is started with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the
 creates the credentials and turns authentication on (cluster/dev.env sets documented dev defaults).
 The Ray head is started in the same environment, so its workers inherit the credentials; they never
 travel in a job's runtime env. The head offers `--job-slots` job slots (default 1): `dcgan-ray submit`
-queues jobs on them, and a job waits at most `--queue-timeout` seconds for one. The tests start their
-own servers and heads on free ports with the same classes (`dev.seaweed`, `dev.ray_nodes`).
+queues jobs on them, and a job waits at most `--queue-timeout` seconds for one. `tensorboard` starts
+TensorBoard on 127.0.0.1 over the runs' event files in the dev bucket (`down` stops it too). The tests
+start their own servers and heads on free ports with the same classes (`dev.seaweed`, `dev.ray_nodes`,
+`dev.tensorboard`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from dcgan_ray.dev.processes import http_answers, stop_process_group
 from dcgan_ray.dev.ray_nodes import HEAD_IP, RayHead
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
+from dcgan_ray.dev.tensorboard import TensorBoardServer, command_line
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import JOB_SLOT
 from dcgan_ray.logs import setup_logging
@@ -40,6 +43,9 @@ def stack_dir() -> Path:
 DEV_BUCKET = "dcgan-ray"
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
+TENSORBOARD_PORT = 6006
+DEV_RUNS = f"s3://{DEV_BUCKET}/dcgan-ray/runs"
+"""The runs folder of the shipped jobs (jobs/*.yaml: bucket dcgan-ray, prefix dcgan-ray)."""
 
 
 def _dev_ports() -> SeaweedPorts:
@@ -81,9 +87,28 @@ def up(num_cpus: int | None, job_slots: int = 1, queue_timeout_s: int = 3600) ->
     print("clients need: source cluster/dev.env  (AWS_* credentials, AWS_ENDPOINT_URL, RAY_AUTH_MODE=token)")
 
 
+def tensorboard(logdir: str, port: int) -> None:
+    """TensorBoard on 127.0.0.1:port over `logdir`, in the background; its credentials are this environment's."""
+    base = stack_dir()
+    pid_file = base / "tensorboard.pid"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_dev_ports().s3}")
+    if pid := _pid_alive(pid_file):
+        print(f"TensorBoard already up (pid {pid}): http://127.0.0.1:{(base / 'tensorboard.port').read_text()}; "
+              "`cluster/local.sh down` stops it with the rest")
+        return
+    server = TensorBoardServer(logdir, endpoint, base / "tensorboard.log", port=port)
+    server.start()
+    pid_file.write_text(str(server.proc.pid))
+    (base / "tensorboard.port").write_text(str(port))
+    print(f"TensorBoard up at {server.url} over {logdir} (log {base / 'tensorboard.log'}); by hand it is:\n"
+          f"  {command_line(logdir, endpoint, os.environ.get('AWS_DEFAULT_REGION', 'us-east-1'), port)}")
+
+
 def down() -> None:
-    """Stop what `up` started, by the process groups it recorded; no other Ray or S3 server is touched."""
-    for label, pid_file in (("Ray head", stack_dir() / "ray.pid"), ("S3 (SeaweedFS)", stack_dir() / "seaweedfs.pid")):
+    """Stop what `up` and `tensorboard` started, by the process groups they recorded; no other Ray, S3
+    server or TensorBoard is touched."""
+    for label, pid_file in (("TensorBoard", stack_dir() / "tensorboard.pid"), ("Ray head", stack_dir() / "ray.pid"),
+                            ("S3 (SeaweedFS)", stack_dir() / "seaweedfs.pid")):
         pid = _pid_alive(pid_file)
         if pid:
             stop_process_group(pid)
@@ -103,6 +128,9 @@ def status() -> bool:
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
     print(f"Ray head:       {f'up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}' if ray_ok else 'down'}"
           + (f" (pid {ray_pid})" if ray_pid else ""))
+    tb_pid = _pid_alive(stack_dir() / "tensorboard.pid")
+    if tb_pid:
+        print(f"TensorBoard:    http://127.0.0.1:{(stack_dir() / 'tensorboard.port').read_text()} (pid {tb_pid})")
     print(f"state:          {stack_dir()}")
     return s3_ok and ray_ok
 
@@ -115,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--job-slots", type=int, default=1, help="jobs run at a time; more wait queued (default 1)")
     p_up.add_argument("--queue-timeout", type=int, default=3600,
                       help="seconds a queued job waits for a slot before it fails (default 3600)")
-    sub.add_parser("down", help="stop both (idempotent; the S3 data stays)")
+    p_tb = sub.add_parser("tensorboard", help="start TensorBoard on 127.0.0.1 over the runs in the bucket")
+    p_tb.add_argument("--logdir", default=DEV_RUNS, help=f"runs folder to show (default {DEV_RUNS})")
+    p_tb.add_argument("--port", type=int, default=TENSORBOARD_PORT, help=f"port (default {TENSORBOARD_PORT})")
+    sub.add_parser("down", help="stop all of them (idempotent; the S3 data stays)")
     sub.add_parser("status", help="say what is running; exit 1 unless both are up")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         if args.command == "up":
             up(args.num_cpus, args.job_slots, args.queue_timeout)
+        elif args.command == "tensorboard":
+            tensorboard(args.logdir, args.port)
         elif args.command == "down":
             down()
         else:

@@ -84,6 +84,8 @@ class RunLayout:
       validations/epoch_0001.json ...   with eval.in_task: each scoring task's result (its one writer),
                                         merged into run.json by the recorder and the driver
       checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
+      events.out.tfevents.* ...         TensorBoard event files, one per epoch (dcgan_ray.train.events)
+      report/index.html, report/curves.png   the run page (dcgan_ray.report.run_page)
     """
 
     bucket: str
@@ -133,6 +135,20 @@ class RunLayout:
 
     CHECKPOINT_DIR_PREFIX = "checkpoint_epoch_"
 
+    EVENTS_PREFIX = "events.out.tfevents."
+    """How every TensorBoard event file's name starts (TensorBoard finds a run's files by 'tfevents')."""
+
+    def events_key(self, file_name: str) -> str:
+        return f"{self.prefix}/{file_name}"
+
+    @property
+    def report_prefix(self) -> str:
+        return f"{self.prefix}/report"
+
+    @property
+    def report_key(self) -> str:
+        return f"{self.report_prefix}/index.html"
+
     def checkpoint_dir_key(self, dir_name: str) -> str:
         return f"{self.prefix}/{dir_name}"
 
@@ -149,6 +165,8 @@ def job_paths(cfg: JobConfig) -> dict[str, str]:
         "latest_samples": uri(run.latest_sample_key),
         "animation": uri(run.gif_key),
         "best_checkpoint": uri(run.best_key),
+        "run_page": uri(run.report_key),
+        "tensorboard_logdir": uri(runs_prefix(cfg)),
         "study": uri(study_prefix(cfg)),
         "study_report": uri(f"{study_report_prefix(cfg)}/index.html"),
     }

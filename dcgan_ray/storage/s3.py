@@ -296,6 +296,15 @@ class Store:
 
         return self._call("list", prefix, list_all)
 
+    def list_folders(self, prefix: str) -> list[str]:
+        """The names of the 'folders' right under `prefix` (which ends with '/'), without listing their contents."""
+        def list_all() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                          Delimiter="/")
+            return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+
+        return self._call("list", prefix, list_all)
+
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]

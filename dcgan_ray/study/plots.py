@@ -69,7 +69,8 @@ def _position(value: Any, levels: list[Any]) -> float:
     return float(value) if _is_numeric(levels) else float(_level_index(value, levels))
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas, laid out by matplotlib (the study report and the run page draw on these)."""
     # No pyplot: its global figure registry and backend switch do not belong in a long-lived driver process.
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -91,7 +92,7 @@ def plot_metric_vs_param(trials: list[AssessedTrial], param: str, n_params: int,
     points = [(t, t.record.params[param]) for t in trials if param in t.record.params]
     levels = _levels([v for _, v in points])
     numeric = _is_numeric(levels)
-    fig = _figure(9.5, 4.8)
+    fig = new_figure(9.5, 4.8)
     ax = fig.add_subplot()
     if numeric and min(levels) > 0 and max(levels) / min(levels) >= 100:
         ax.set_xscale("log")
@@ -167,7 +168,7 @@ def plot_heatmap(trials: list[AssessedTrial], p1: str, p2: str, metric: str, pat
         values = [t.best for t in members if t.best is not None]
         if values:
             grid[i, j] = np.mean(values)
-    fig = _figure(1.6 * len(cols) + 3.2, 1.0 * len(rows) + 2.4)
+    fig = new_figure(1.6 * len(cols) + 3.2, 1.0 * len(rows) + 2.4)
     ax = fig.add_subplot()
     # Reversed, so the better (lower) cells take the bright end.
     cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#eeeeee")
@@ -201,7 +202,7 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[int], list[
 
 def plot_learning_curves(trials: list[AssessedTrial], metric: str, path: Path) -> None:
     """The metric (left) and both losses (right) per epoch of every trial, coloured by outcome."""
-    fig = _figure(13, 4.8)
+    fig = new_figure(13, 4.8)
     ax_metric, ax_loss = fig.subplots(1, 2)
     any_metric = False
     positive_losses = True

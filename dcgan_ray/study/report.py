@@ -89,7 +89,7 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
 
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } .sub { color: #555; margin-top: 0; }
 .badge { display: inline-block; padding: 0.2em 0.6em; margin: 0 0.3em 0.3em 0; border-radius: 0.8em; color: #fff; }
@@ -152,7 +152,7 @@ def _write_index(path: Path, study_name: str, metric: str, trials: list[Assessed
                             f"<figcaption>{html.escape(caption)}</figcaption></figure>" for p, caption in figures)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Study {html.escape(study_name)}</title>
-<style>{_CSS}</style></head>
+<style>{PAGE_CSS}</style></head>
 <body>
 <h1>Hyperparameter study: {html.escape(study_name)}</h1>
 <p class="sub">Metric: <b>{html.escape(metric)}</b> ({DIRECTION}), the best value over each trial's evaluated

@@ -28,6 +28,7 @@ from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable
 from dcgan_ray.train.runlock import DriverLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
+from dcgan_ray.train.watch import publish_after_training
 from dcgan_ray.train.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         except ray.train.TrainingFailedError as e:
             error = our_error(e) or _storage_down(store, cfg)
             if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
-                _mark_failed(store, layout)
+                _mark_failed(store, layout, cfg)
             if error is not None:
                 raise error from None  # the worker's own error: the CLI prints its one line
             raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
@@ -180,13 +181,15 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         write_run_manifest(store, layout, manifest)
     if manifest.get("status") == "scoring":
         manifest = finish_scored_run(store, layout, cfg, manifest)
+    else:
+        publish_after_training(cfg, manifest)
     return manifest
 
 
 def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest: dict) -> dict:
     """eval.in_task: fit() has returned, so Ray has waited for every scoring task; merge their last
     results into run.json (the workers, its other writer, are gone) and only then mark it finished."""
-    merge_results(store, layout, manifest)
+    scored_late = merge_results(store, layout, manifest)
     missing = unscored_epochs(cfg, manifest)
     if missing:
         log.warning("epoch(s) %s of %s have no quality metrics: their scoring task timed out "
@@ -194,6 +197,7 @@ def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest:
                     ", ".join(map(str, missing)), layout.uri, cfg.eval.task_timeout_s)
     manifest["status"] = "finished"
     write_run_manifest(store, layout, manifest)
+    publish_after_training(cfg, manifest, scored_late)
     best = manifest.get("checkpoints", {}).get("best")
     if best:
         log.info("best %s %.3f at epoch %d: %s", best["metric"], best["value"], best["epoch"], best["uri"])
@@ -214,11 +218,15 @@ def _storage_down(store: Store, cfg: JobConfig) -> StorageUnreachable | None:
     return None
 
 
-def _mark_failed(store: Store, layout: RunLayout) -> None:
+def _mark_failed(store: Store, layout: RunLayout, cfg: JobConfig) -> None:
     try:
         set_run_status(store, layout, "failed")
+        manifest = read_run_manifest(store, layout)
     except StorageError as e:
         log.warning("could not mark %s as failed: %s", layout.uri, e)
+        return
+    if manifest:
+        publish_after_training(cfg, manifest)
 
 
 def describe(manifest: dict) -> str:

@@ -27,6 +27,7 @@ from dcgan_ray.quality.metrics import describe_metrics
 from dcgan_ray.storage.runs import (discard_results_after, merge_results, new_run_manifest, read_run_manifest,
                                     write_run_manifest)
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.watch import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class Silent:
     """The recorder of ranks other than 0: every method is a no-op."""
 
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
+        pass
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
     def first_samples(self, netG: torch.nn.Module, quality: dict[str, float]) -> None:
@@ -65,10 +69,12 @@ def gif_epochs(epochs: int) -> list[int]:
 class RunRecorder(Silent):
     """Rank 0: keeps run.json current and writes every artifact a person looks at."""
 
-    def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor):
+    def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor,
+                 start_step: int = 0):
         self.store, self.cfg, self.checkpointer, self.fixed_noise = store, cfg, checkpointer, fixed_noise
         self.layout = RunLayout.of(cfg)
         self.manifest: dict[str, Any] = {}
+        self.watch = RunWatch(cfg, start_step)  # TensorBoard events and the run page, published off the path
 
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
         cfg, layout = self.cfg, self.layout
@@ -94,11 +100,16 @@ class RunRecorder(Silent):
         if origin is not None:
             log.info("resuming %s at epoch %d/%d", layout.uri, start_epoch + 1, cfg.train.epochs)
 
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        """A logged step's numbers (the progress line's), for TensorBoard."""
+        self.watch.step(step, metrics)
+
     def first_samples(self, netG: torch.nn.Module, quality: dict[str, float]) -> None:
         """Epoch 0, the untrained G: the first frame of the animation and the far end of every curve."""
         self.manifest["samples"]["epochs"] = [self._write_grid(netG, 0)]
         self.manifest["history"] = [{"epoch": 0, **quality}] if quality else []
         self._save()
+        self.watch.epoch_done(self.manifest)
 
     def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
                    checkpoint: bool) -> Path | None:
@@ -125,6 +136,7 @@ class RunRecorder(Silent):
             m["checkpoints"]["latest"] = f"{self.layout.uri}/{checkpoint_dir.name}"
         self._merge_scores()
         self._save()
+        self.watch.epoch_done(self.manifest)
         return checkpoint_dir
 
     def finished(self) -> None:
@@ -138,6 +150,7 @@ class RunRecorder(Silent):
         # Ray has waited for them and it has merged them.
         m["status"] = "scoring" if self.cfg.eval.in_task else "finished"
         self._save()
+        self.watch.finished(m)
         log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
                  self.cfg.train.epochs, m["samples"]["latest"], m["samples"]["gif"], m["checkpoints"]["latest"])
 
@@ -151,6 +164,7 @@ class RunRecorder(Silent):
         png = png_bytes(grid_image(pixels, columns=self.cfg.sample.grid_size, scale=self.cfg.sample.scale))
         self.store.put_bytes(self.layout.sample_key(epoch), png, "image/png")
         self.store.put_bytes(self.layout.latest_sample_key, png, "image/png")
+        self.watch.grid(epoch, png)
         return self.store.uri(self.layout.sample_key(epoch))
 
     def _merge_scores(self) -> None:
@@ -165,5 +179,5 @@ class RunRecorder(Silent):
 
 
 def recorder_for(rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer,
-                 fixed_noise: torch.Tensor) -> Silent:
-    return RunRecorder(store, cfg, checkpointer, fixed_noise) if rank == 0 else Silent()
+                 fixed_noise: torch.Tensor, start_step: int = 0) -> Silent:
+    return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Silent()

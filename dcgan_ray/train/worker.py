@@ -119,7 +119,7 @@ class Worker:
         # With eval.in_task a Ray task scores the checkpoints (dcgan_ray.train.validation): no evaluator here.
         inline = cfg.eval.every_epochs and not cfg.eval.in_task
         evaluator = Evaluator(store, cfg, images, device, rank, world) if inline else None
-        recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device))
+        recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device), start_step=step)
         recorder.started(start_epoch, world, origin, len(images) // (world * cfg.train.batch_size))
         return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
                    step, evaluator, recorder, checkpointer)
@@ -132,6 +132,7 @@ class Worker:
             log.info("epoch %d/%d step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f  %.0f img/s",
                      epoch + 1, cfg.train.epochs, i, len(batches), m["loss_d"], m["loss_g"], m["d_real"],
                      m["d_fake"], m["images_per_s"] * self.world)
+            self.recorder.progress(self.step + i, {**m, "images_per_s": m["images_per_s"] * self.world})
 
         return run_epoch(self.netG, self.netD, self.optG, self.optD, self.images, batches, cfg.model.z_dim,
                          noise_generator(cfg.train.seed, epoch, self.rank, self.device),

@@ -1,0 +1,53 @@
+"""`dcgan-ray runs`: every run under a runs folder, from its run.json (no Ray needed).
+
+One row per run: status, epochs done of the total, the best checkpoint's metric, when run.json was last
+written, and the submission that queued it (`dcgan-ray submit` records it). Newest update first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcgan_ray.errors import StorageError
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.s3 import Store
+
+
+@dataclass
+class RunRow:
+    name: str
+    status: str
+    epochs: str
+    best: str
+    updated: str
+    submission: str
+
+
+def list_runs(store: Store, runs_prefix: str) -> list[RunRow]:
+    rows = []
+    for name in store.list_folders(f"{runs_prefix.strip('/')}/"):
+        layout = RunLayout(store.bucket, f"{runs_prefix.strip('/')}/{name}")
+        try:
+            m = read_run_manifest(store, layout)
+        except StorageError as e:  # a damaged or planted run.json: say so in its row, list the others
+            rows.append(RunRow(name, "unreadable", "", str(e).split(" (", 1)[0][:80], "", ""))
+            continue
+        if m is None:  # a folder without run.json: not a run (or one whose driver never started)
+            continue
+        best = m.get("checkpoints", {}).get("best")
+        rows.append(RunRow(
+            name, str(m.get("status", "?")), f"{m.get('epochs_completed', 0)}/{m.get('epochs_total', '?')}",
+            f"{best['metric']} {best['value']:.2f} @{best['epoch']}" if best else "",
+            str(m.get("updated", "")), str(m.get("submission_id") or "")))
+    return sorted(rows, key=lambda r: r.updated, reverse=True)
+
+
+def format_runs(rows: list[RunRow], where: str) -> str:
+    if not rows:
+        return f"no runs under {where}"
+    header = ("NAME", "STATUS", "EPOCHS", "BEST", "UPDATED", "SUBMISSION")
+    table = [header] + [(r.name, r.status, r.epochs, r.best, r.updated, r.submission) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join([f"runs under {where}:", *lines])
