@@ -142,6 +142,7 @@ def list_jobs(address: str | None = None) -> list[JobRow]:
                 # The job ended before its driver started (a queue deadline, `ray job stop` while pending):
                 # nothing else will ever update run.json, so say what became of it.
                 run = _record_end_in_queue(meta, run, state)
+            if run:
                 progress = f"{run.get('epochs_completed', 0)}/{run.get('epochs_total', '?')}"
                 b = (run.get("checkpoints") or {}).get("best")
                 best = f"{b['metric']} {b['value']:.2f}" if b else ""
