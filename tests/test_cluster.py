@@ -226,4 +226,6 @@ def test_a_job_waiting_past_the_queue_deadline_fails_clearly(autoscaling_head, s
             break
         time.sleep(1)
     assert row.state == "failed" and row.message.startswith("timed out in the queue"), row
+    # Its driver never started, so nothing else would ever update run.json: the listing that saw the end did.
+    assert read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))["status"] == "failed"
     ray.kill(holder)
