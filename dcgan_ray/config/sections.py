@@ -34,6 +34,8 @@ UNIT_INTERVAL = rule(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 SPLIT = rule(lambda v: v in SPLIT_NAMES, f"one of {', '.join(SPLIT_NAMES)}")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 """`speed.compile` values: off, or a `torch.compile` mode."""
+GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
+"""`speed.grad_compression` values: fp32 all-reduce, or one of PyTorch's DDP compression hooks."""
 
 
 @dataclass
@@ -209,7 +211,8 @@ class SpeedConfig:
     """How the training step runs on the device; the GAN math stays the seed's. Every switch is off by
     default, so a job trains exactly as the seed's plain fp32 PyTorch loop does until it opts in.
     Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone and
-    all together, against eager fp32 in the same run)."""
+    all together, against eager fp32 in the same run), and the all-reduce switches (grad_compression,
+    ddp_bucket_mb) with `benchmarks/scaling.py`."""
 
     autocast_bf16: bool = False
     """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16;
@@ -235,6 +238,20 @@ class SpeedConfig:
     steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
     The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
     more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
+    grad_compression: str = field(default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
+    """With more than one worker: all-reduce the gradients in bf16 or fp16 (PyTorch's DDP
+    `bf16_compress_hook` / `fp16_compress_hook`: each bucket is cast down, summed, cast back) instead of
+    fp32. It halves the ~23.9 MB every step sends (G 19.7 MB, D 4.1 MB), which is what limits scaling
+    between nodes (docs/scaling.md). Off by default: the averaged gradients carry bf16/fp16 round-off,
+    so the losses differ from fp32's (4 steps of a small G and D on 2 gloo ranks: 4.5e-4 relative with
+    bf16, 2.5e-4 with fp16; tests/test_grad_compression.py). Both hooks divide by the world size before
+    the cast; bf16 keeps fp32's range, fp16 three more bits of precision. benchmarks/scaling.py measures
+    both against fp32."""
+    ddp_bucket_mb: float = field(default=25.0, metadata=POSITIVE)
+    """MiB of gradients per DDP all-reduce bucket (DDP's `bucket_cap_mb`). 25 is DDP's own default, with
+    which D's 4.1 MB and G's 19.7 MB each go in about two all-reduces (DDP's first bucket is 1 MiB);
+    smaller buckets start all-reducing earlier in the backward but pay a link latency each. The sums
+    are the same, so results are too."""
 
 
 @dataclass
