@@ -36,6 +36,9 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagrap
 """`speed.compile` values: off, or a `torch.compile` mode."""
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 """`speed.grad_compression` values: fp32 all-reduce, or one of PyTorch's DDP compression hooks."""
+LINKS = ("auto", "nvlink", "pcie", "efa", "ethernet_100g", "ethernet_25g", "ethernet_10g", "loopback")
+"""`scaling.link` values: what connects the workers, for the driver's predicted scaling efficiency
+(`dcgan_ray.gan.scaling.LINKS` holds each one's bandwidth and where it comes from)."""
 
 
 @dataclass
@@ -272,6 +275,20 @@ class ScalingConfig:
     placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
     """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
     included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""
+    one_node: bool = False
+    """Place every worker on one node (Ray's STRICT_PACK placement; an autoscaler then starts a node type
+    with that many GPUs, e.g. the AWS recipe's g5.12xlarge), so the all-reduce stays on the node's
+    NVLink or PCIe instead of the network. Off: Ray packs workers where it can but spreads them
+    over nodes when it must. Wide jobs across single-GPU nodes scale poorly (docs/scaling.md)."""
+    link: str = field(default="auto", metadata=rule(lambda v: v in LINKS, "one of " + ", ".join(LINKS)))
+    """What carries the workers' gradient all-reduce, for the efficiency the driver predicts and logs at
+    start (it changes nothing in training). auto: with scaling.one_node, or when one node of the cluster
+    holds every worker, PCIe (GPU) or loopback (CPU); otherwise 10 Gb/s Ethernet, the AWS recipe's
+    g5.xlarge link. Ray cannot see NVLink or EFA: name them here when the nodes have them."""
+    step_ms: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
+    """One worker's training step at train.batch_size, in ms, for the same prediction; null: an estimate
+    for the GPU type Ray reports (docs/scaling.md), or for the CPU. Put the step that
+    `bash benchmarks/gpu.sh` measured for your GPU and speed options here."""
 
     @property
     def min_workers(self) -> int:
