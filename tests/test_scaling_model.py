@@ -133,10 +133,14 @@ def test_the_driver_logs_the_line_and_the_warning(monkeypatch, caplog):
 
 
 def test_placement_follows_one_node():
+    from dcgan_ray.train.driver import make_trainer
     from dcgan_ray.train.placement import placement_strategy
 
     assert placement_strategy(job().scaling) == "PACK"
     assert placement_strategy(job(one_node=True).scaling) == "STRICT_PACK"
+    # Ray Train asks for what the driver's placement check asked for (no cluster needed to build it).
+    assert make_trainer(job(one_node=True, num_workers=2)).scaling_config.placement_strategy == "STRICT_PACK"
+    assert make_trainer(job(num_workers=2)).scaling_config.placement_strategy == "PACK"
 
 
 @pytest.mark.parametrize("scaling, error", [
