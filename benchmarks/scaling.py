@@ -25,6 +25,7 @@ batch and prints the model's predictions for 2, 4 and 8 such GPUs over each link
   python benchmarks/scaling.py                          # 2 gloo workers, batch 128, 5 steps per row
   python benchmarks/scaling.py --batch 16 --steps 2     # a quick look
   python benchmarks/scaling.py --device cuda --steps 50         # NCCL on 2 GPUs; one GPU: step times + model
+  python benchmarks/scaling.py --predict                        # the model's table for the recipes (docs/scaling.md)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgan_ray.config import SpeedConfig  # noqa: E402
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs  # noqa: E402
 from dcgan_ray.gan.models import build_models, count_parameters  # noqa: E402
-from dcgan_ray.gan.scaling import LINKS, Link, allreduce_seconds, predict  # noqa: E402
+from dcgan_ray.gan.scaling import CPU_CORE, LINKS, STEP_ESTIMATES, Link, allreduce_seconds, predict  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, train_step  # noqa: E402
 
 Z = 100
@@ -291,6 +292,40 @@ def one_gpu(args: argparse.Namespace) -> dict:
     return {"device": name, "torch": torch.__version__, "step_s": steps, "predictions": preds}
 
 
+RECIPE_SETUPS = [
+    # (setup, step cost, workers, link, per-worker batch, compression)
+    ("g5.xlarge: 1 worker (a study's trial)", "A10G", 1, "ethernet_10g", 128, "none"),
+    ("2 x g5.xlarge", "A10G", 2, "ethernet_10g", 128, "none"),
+    ("2 x g5.xlarge", "A10G", 2, "ethernet_10g", 128, "bf16"),
+    ("2 x g5.xlarge", "A10G", 2, "ethernet_10g", 512, "none"),
+    ("4 x g5.xlarge", "A10G", 4, "ethernet_10g", 128, "none"),
+    ("4 x g5.xlarge", "A10G", 4, "ethernet_10g", 512, "bf16"),
+    ("g5.12xlarge (or KubeRay's 2-GPU pod): 2 workers", "A10G", 2, "pcie", 128, "none"),
+    ("g5.12xlarge: 4 workers", "A10G", 4, "pcie", 128, "none"),
+    ("g5.12xlarge: 4 workers", "A10G", 4, "pcie", 128, "bf16"),
+    ("g5.12xlarge: 4 workers", "A10G", 4, "pcie", 512, "none"),
+    ("p4d.24xlarge: 8 x A100", "A100", 8, "nvlink", 128, "none"),
+    ("2 nodes of 1 A100 over EFA", "A100", 2, "efa", 128, "none"),
+    ("p5.48xlarge: 8 x H100", "H100", 8, "nvlink", 128, "none"),
+    ("2 x H100 nodes over 100 Gb/s Ethernet", "H100", 2, "ethernet_100g", 128, "none"),
+    ("2 CPU workers on one machine (laptop, gloo)", "CPU", 2, "loopback", 128, "none"),
+]
+"""The setups docs/scaling.md tabulates: the recipes' node types (cluster/aws-cluster.yaml, cluster/kuberay.yaml)
+and a few for comparison."""
+
+
+def predict_table() -> None:
+    """docs/scaling.md's table: the model's predictions for RECIPE_SETUPS (no measurement)."""
+    say("| setup | link | batch per worker | compression | step (ms) | all-reduce (ms) | img/s | efficiency | vs one device at batch 128 |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    for setup, device, n, link, batch, compression in RECIPE_SETUPS:
+        cost = CPU_CORE if device == "CPU" else STEP_ESTIMATES[device]
+        p = predict(n, cost.seconds(batch), LINKS[link], batch, compression)
+        one = 128 / cost.seconds(128)
+        say(f"| {setup} | {link if n > 1 else '-'} | {batch} | {compression} | {p.step_s * 1e3:.1f} | "
+            f"{p.allreduce_s * 1e3:.1f} | {p.images_per_s:,.0f} | {p.efficiency:.0%} | {p.images_per_s / one:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -301,7 +336,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per worker")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--out-table", default=None, help="also write the printed report to this file")
+    parser.add_argument("--predict", action="store_true",
+                        help="print the model's table for the recipes' node types (docs/scaling.md) and stop")
     args = parser.parse_args()
+    if args.predict:
+        predict_table()
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     say(f"{args.workers} workers, {args.device}"
