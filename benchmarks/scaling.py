@@ -11,16 +11,18 @@ reaches every row alike; each row reports the median of its --steps timed steps 
                fp16, alone: the link as DDP uses it (the model's bandwidth comes from the fp32 row)
   1 worker     the project's step (`train_step`) without DDP, rank 0 alone (the others wait outside
                torch): the baseline of every ratio
-  independent  every rank runs that step at once, no DDP: what sharing the machine costs, apart from
-               communication (on separate GPUs it is the 1-worker step)
+  independent  every rank runs that step at once, no DDP (at both batches): what sharing the machine
+               costs, communication aside (on separate GPUs it is the 1-worker step)
   ddp ...      the step with G and D in DDP as the worker wraps them (`dcgan_ray.gan.ddp`), and with
                each option: bucket_cap_mb 1 and 100, gradient_as_bucket_view, static_graph, the bf16
                and fp16 compression hooks, and a 2x larger batch per worker
 
 efficiency = 1-worker step / N-worker step at the same per-worker batch (= images/s of N / (N x images/s
 of one)); "model" is `dcgan_ray.gan.scaling.predict` given the 1-worker step and the measured fp32
-all-reduce bandwidth. With one GPU only (nothing to all-reduce with) it measures the step at each
-batch and prints the model's predictions for 2, 4 and 8 such GPUs over each link instead.
+all-reduce bandwidth (each worker on a device of its own, as on GPUs), "model, shared" the same with
+the independent step as each worker's step (what N workers' compute costs on this machine). With one
+GPU only (nothing to all-reduce with) it measures the step at each batch and prints the model's
+predictions for 2, 4 and 8 such GPUs over each link instead.
 
   python benchmarks/scaling.py                          # 2 gloo workers, batch 128, 5 steps per row
   python benchmarks/scaling.py --batch 16 --steps 2     # a quick look
@@ -82,7 +84,8 @@ VARIANTS = [
     Variant("fp16 compression hook", ddp={}, compression="fp16"),
     Variant("ddp, 2x batch per worker", batch_factor=2, ddp={}),
 ]
-INDEPENDENT = Variant("independent (no DDP)")
+INDEPENDENT = [Variant("independent (no DDP)"), Variant("independent, 2x batch", batch_factor=2)]
+"""Every rank steps at once without DDP: each worker's step when N share the machine, communication aside."""
 
 
 def free_port() -> int:
@@ -164,7 +167,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, barrier, queue) ->
         batches = sorted({args.batch * v.batch_factor for v in VARIANTS})
         # The baseline, rank 0 alone (the other ranks wait on a multiprocessing barrier, idle), per batch.
         solo = {b: Row("1 worker", device, b, None, rank) for b in batches} if rank == 0 else {}
-        shared = [Row(v.name, device, args.batch * v.batch_factor, v, rank) for v in [INDEPENDENT, *VARIANTS]]
+        shared = [Row(v.name, device, args.batch * v.batch_factor, v, rank) for v in [*INDEPENDENT, *VARIANTS]]
         for step in range(1 + args.steps):  # step 0 warms up: DDP builds its buckets, NCCL its communicators
             timed = step > 0
             for name in dtypes:
@@ -225,41 +228,58 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
 
     base = rows[("1 worker", args.batch)]["median_s"]
     say(f"\nmedians of {args.steps} interleaved steps; efficiency = 1-worker step / {n}-worker step at the same "
-          "per-worker batch")
-    say(f"{'':28s} batch  ms/step: 1 worker  {n} workers   img/s ({n})  vs 1 worker  efficiency   model  "
-          "model/measured")
+        "per-worker batch.")
+    say(f"model: from the 1-worker step (each worker with a device of its own, as on GPUs); model, shared: from "
+        f"the independent step (each worker's step while {n} share this machine)")
+    say(f"{'':26s} batch  ms/step: 1 worker  {n} workers  img/s ({n})  vs 1 worker  efficiency   model  "
+        "model, shared  shared/measured")
     table = []
-    for v in [INDEPENDENT, *VARIANTS]:
+    for v in [*INDEPENDENT, *VARIANTS]:
         batch = args.batch * v.batch_factor
         one, r = rows[("1 worker", batch)]["median_s"], rows[(v.name, batch)]
+        ind = rows[(INDEPENDENT[0 if v.batch_factor == 1 else 1].name, batch)]["median_s"]
         row = {"variant": v.name, "batch": batch, "one_worker_s": one, "losses": r["losses"]}
         if r["median_s"] is None:
             row["error"] = r["error"]
-            say(f"{v.name:28s} {batch:5d}  failed: {row['error']}")
+            say(f"{v.name:26s} {batch:5d}  failed: {row['error']}")
             table.append(row)
             continue
         s = r["median_s"]
-        p = predict(n, one, measured_link, batch, v.compression, (v.ddp or {}).get("bucket_cap_mb", 25.0))
         row.update(step_s=s, seconds=r["seconds"], images_per_s=n * batch / s,
-                   vs_one_worker=(n * batch / s) / (args.batch / base), efficiency=one / s,
-                   model_efficiency=None if v.ddp is None else p.efficiency)
-        model = "" if v.ddp is None else f"{p.efficiency:6.1%}   {p.efficiency / row['efficiency']:6.2f}"
-        say(f"{v.name:28s} {batch:5d}  {one * 1e3:16.1f} {s * 1e3:10.1f}  {row['images_per_s']:11.1f}  "
-              f"{row['vs_one_worker']:10.2f}x  {row['efficiency']:9.1%}   {model}")
+                   vs_one_worker=(n * batch / s) / (args.batch / base), efficiency=one / s)
+        model = ""
+        if v.ddp is not None:
+            bucket = (v.ddp or {}).get("bucket_cap_mb", 25.0)
+            p = predict(n, one, measured_link, batch, v.compression, bucket)
+            row["model_efficiency"] = p.efficiency
+            model = f"{p.efficiency:6.1%}"
+            if ind is not None:
+                # The same all-reduce after the step each worker takes while N share the machine.
+                shared = one / (ind + predict(n, ind, measured_link, batch, v.compression, bucket).allreduce_s)
+                row["model_shared_efficiency"] = shared
+                model += f"   {shared:12.1%}   {shared / row['efficiency']:14.2f}"
+        say(f"{v.name:26s} {batch:5d}  {one * 1e3:16.1f} {s * 1e3:9.1f}  {row['images_per_s']:10.1f}  "
+            f"{row['vs_one_worker']:10.2f}x  {row['efficiency']:9.1%}   {model}")
         table.append(row)
-    if args.device == "cpu":
+    ind = rows[(INDEPENDENT[0].name, args.batch)]["median_s"]
+    if args.device == "cpu" and ind is not None:
         solo = rows[("1 worker", args.batch)]
         share = statistics.median(c / w for c, w in zip(solo["cpu_seconds"], solo["seconds"]))
-        say(f"\nthe 1-worker step had {share:.0%} of a core ({args.threads} thread(s)): "
-              + ("the machine was free" if share > 0.9 * args.threads else "other processes held the rest, so "
-                 "every wall time above is stretched by the machine's load, not by this code"))
-    ind = rows[(INDEPENDENT.name, args.batch)]["median_s"]
-    ddp = rows[(VARIANTS[0].name, args.batch)]["median_s"]
-    if ind is not None and ddp is not None:
+        say(f"\nthe 1-worker step had {share:.0%} of a core ({args.threads} thread(s)) "
+            + ("" if share > 0.9 * args.threads else "(other processes held the rest) ")
+            + f"and each of {n} independent workers' steps took {ind / base:.2f}x as long as it alone: "
+            + ("sharing this machine, not communication, sets the 2-worker wall time" if ind > 1.25 * base
+               else "the machine has a core per worker"))
+    ddps = [rows[(v.name, args.batch)]["median_s"] for v in VARIANTS if v.batch_factor == 1 and v.compression == "none"]
+    ddps = [t for t in ddps if t is not None]
+    if ind is not None and ddps:
+        # Communication alone: the fp32 DDP rows (options that move the same bytes) against the independent step.
+        ddp = statistics.median(ddps)
         p = predict(n, ind, measured_link, args.batch)
-        say(f"\nsharing the machine alone (no communication) makes a step {ind / base:.2f}x the 1-worker one; "
-              f"against that independent step DDP's efficiency is {ind / ddp:.1%}, the model's {p.efficiency:.1%} "
-              f"(model/measured {p.efficiency / (ind / ddp):.2f})")
+        say(f"communication alone: the fp32 DDP rows' median step {ddp * 1e3:.1f} ms against the independent "
+            f"{ind * 1e3:.1f} ms is {ind / ddp:.1%} efficiency; the model's all-reduce "
+            f"({p.allreduce_s * 1e3:.1f} ms) gives {p.efficiency:.1%} "
+            f"(model/measured {p.efficiency / (ind / ddp):.2f})")
     return {"workers": n, "batch": args.batch, "steps": args.steps, "device": args.device, "threads": args.threads,
             "torch": torch.__version__, "allreduce_s": allreduce, "bus_gb_s": bus, "rows": table}
 
@@ -316,7 +336,8 @@ and a few for comparison."""
 
 def predict_table() -> None:
     """docs/scaling.md's table: the model's predictions for RECIPE_SETUPS (no measurement)."""
-    say("| setup | link | batch per worker | compression | step (ms) | all-reduce (ms) | img/s | efficiency | vs one device at batch 128 |")
+    say("| setup | link | batch per worker | compression | step (ms) | all-reduce (ms) | img/s | efficiency "
+        "| vs one device at batch 128 |")
     say("|---|---|---|---|---|---|---|---|---|")
     for setup, device, n, link, batch, compression in RECIPE_SETUPS:
         cost = CPU_CORE if device == "CPU" else STEP_ESTIMATES[device]

@@ -31,14 +31,14 @@ def test_gpu_sh_runs_on_cpu_quick(tmp_path):
 
     scaling = json.loads((tmp_path / "scaling.json").read_text())
     rows = {r["variant"]: r for r in scaling["rows"]}
-    assert list(rows) == ["independent (no DDP)", "ddp (defaults)", "bucket_cap_mb 1", "bucket_cap_mb 100",
-                          "gradient_as_bucket_view", "static_graph", "bf16 compression hook", "fp16 compression hook",
-                          "ddp, 2x batch per worker"]
+    assert list(rows) == ["independent (no DDP)", "independent, 2x batch", "ddp (defaults)", "bucket_cap_mb 1",
+                          "bucket_cap_mb 100", "gradient_as_bucket_view", "static_graph", "bf16 compression hook",
+                          "fp16 compression hook", "ddp, 2x batch per worker"]
     for name, row in rows.items():
         assert "error" not in row, row
         assert row["step_s"] > 0 and 0 < row["efficiency"] and math.isfinite(row["losses"][0]), row
-        if name != "independent (no DDP)":
-            assert 0 < row["model_efficiency"] <= 1, row
+        if not name.startswith("independent"):
+            assert 0 < row["model_efficiency"] <= 1 and 0 < row["model_shared_efficiency"] <= 1, row
     assert rows["ddp, 2x batch per worker"]["batch"] == 2 * rows["ddp (defaults)"]["batch"]
     assert scaling["bus_gb_s"] > 0
 
