@@ -121,7 +121,8 @@ def test_defaults_change_nothing():
 
 
 @pytest.mark.parametrize("speed, error", [
-    ({"grad_compression": "int8"}, r"`speed\.grad_compression` = 'int8' is not allowed; expected one of none, bf16, fp16"),
+    ({"grad_compression": "int8"},
+     r"`speed\.grad_compression` = 'int8' is not allowed; expected one of none, bf16, fp16"),
     ({"ddp_bucket_mb": 0}, r"`speed\.ddp_bucket_mb` = 0\.0 is not allowed; expected a number > 0"),
     ({"grad_compression": True}, r"`speed\.grad_compression` must be str"),
 ])

@@ -100,7 +100,8 @@ def test_wide_job_over_ethernet_warns_with_what_to_change():
     assert line.startswith("predicted: 2 GPU workers, ") and "scaling efficiency 30%" in line
     assert "over ethernet_10g" in line
     assert warning is not None and "\n" not in warning
-    assert warning.startswith("predicted scaling efficiency 30% is below 50%: 2 workers would train 0.59x as fast as one")
+    assert warning.startswith("predicted scaling efficiency 30% is below 50%: "
+                              "2 workers would train 0.59x as fast as one")
     for change in ("scaling.one_node: true", "speed.grad_compression: bf16", "train.batch_size to 512",
                    "dcgan-ray tune"):
         assert change in warning, change

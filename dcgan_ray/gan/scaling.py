@@ -54,8 +54,9 @@ LINKS = {link.name: link for link in (
     Link("ethernet_25g", 3.125, 50.0, "25 Gb/s line rate: an upper bound"),
     Link("ethernet_10g", 1.25, 50.0, "10 Gb/s line rate: an upper bound, and the AWS recipe's g5.xlarge has "
          "it only as a burst ('up to 10 Gb/s'; the baseline is lower)"),
-    Link("loopback", 0.53, 50.0, "gloo between two 1-thread processes on this project's 2-core machine, "
-         "24 MB all-reduced in 45 ms (benchmarks/scaling.py)"),
+    Link("loopback", 1.0, 50.0, "gloo between two 1-thread processes on this project's 2-core machine: "
+         "23.9 MB all-reduced in 24-26 ms with the cores free (29-80 ms while other work shared them; "
+         "benchmarks/scaling.py)"),
 )}
 
 
@@ -88,7 +89,8 @@ STEP_ESTIMATES = {
 names of `ray.util.accelerators`, not imported here so this module needs no Ray).
 Estimates from FLOPs, 1.14 GFLOP per image: no GPU was available to measure them. Replace them with
 the step `bash benchmarks/gpu.sh` measures (`scaling.step_ms`)."""
-CPU_CORE = StepCost(0.0, 1 / 51, "measured on this project's 2-core EPYC: 51 img/s on one thread, shared")
+CPU_CORE = StepCost(0.0, 1 / 90, "measured on this project's 2-core EPYC: 90 img/s on one free core (1.42 s a "
+                                 "step at batch 128, benchmarks/scaling.py)")
 UNKNOWN_GPU = "A10G"
 """The estimate used for a GPU type the table lacks: the AWS recipe's, and a slow one, so a warning errs
 towards too few workers rather than too many."""
@@ -235,9 +237,9 @@ def _advice(cfg: JobConfig, j: JobPrediction) -> str:
     if cfg.speed.grad_compression == "none":
         changes.append(f"set speed.grad_compression: bf16 ({again(compression='bf16'):.0%})")
     bigger = 4 * p.batch_per_worker
-    changes.append(f"raise train.batch_size to {bigger} ({again(batch_per_worker=bigger, step_s=j.step.seconds(bigger)):.0%}; "
-                   "a larger global batch trains differently)")
-    changes.append("or run many trials as a study (dcgan-ray tune, one GPU per trial: ~100% each) instead of one "
+    at_bigger = again(batch_per_worker=bigger, step_s=j.step.seconds(bigger))
+    changes.append(f"raise train.batch_size to {bigger} ({at_bigger:.0%}; a larger global batch trains differently)")
+    changes.append("or run many trials as a study (dcgan-ray tune, 1-worker trials: ~100% each) instead of one "
                    "wide job")
     speed_vs_one = p.efficiency * p.workers
     return (f"predicted scaling efficiency {p.efficiency:.0%} is below {WARN_BELOW:.0%}: {p.workers} workers "
