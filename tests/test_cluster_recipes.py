@@ -108,9 +108,15 @@ def test_aws_node_types(aws):
         assert re.match(r"(g|p)\d+[a-z]*\.", t["node_config"]["InstanceType"]), f"{name} is not a GPU instance"
     assert any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) > 0 for t in workers.values()), \
         "no CPU worker type"
-    # jobs/svhn.yaml asks for scaling.num_workers GPU workers: the GPU types must be able to hold them.
+    # jobs/svhn.yaml asks for scaling.num_workers GPU workers on one node (scaling.one_node): a GPU type
+    # must hold them all, so their all-reduce stays off the network (docs/scaling.md).
     job = load_config(REPO / "jobs" / "svhn.yaml")
-    assert sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu.values()) >= job.scaling.num_workers
+    assert job.scaling.one_node
+    assert any(t["resources"]["GPU"] >= job.scaling.num_workers for t in gpu.values()), "no node type for wide jobs"
+    # Studies keep single-GPU nodes: one 1-worker trial per node.
+    study = load_config(REPO / "jobs" / "svhn-tune.yaml")
+    assert study.scaling.num_workers == 1
+    assert any(t["resources"]["GPU"] == 1 and t["max_workers"] >= 2 for t in gpu.values()), "no node type for studies"
 
 
 def test_aws_s3_access_is_an_instance_profile_never_keys(aws):
@@ -251,9 +257,16 @@ def test_rayjob_gpu_workers(name):
             if "nvidia.com/gpu" in requests:  # extended resources: requests must equal limits
                 assert quantity(requests["nvidia.com/gpu"]) == quantity(limits["nvidia.com/gpu"])
     job = load_config(REPO / "jobs" / "svhn.yaml")
-    assert job.scaling.use_gpu
-    assert sum(g["replicas"] for g in gpu_groups) >= job.scaling.num_workers, \
-        "fewer GPU workers than jobs/svhn.yaml's scaling.num_workers"
+    assert job.scaling.use_gpu and job.scaling.one_node
+
+    def pod_gpus(g: dict) -> float:
+        return max(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in g["template"]["spec"]["containers"])
+
+    # scaling.one_node: one running pod (one node) must hold every worker of the job.
+    assert any(g["replicas"] >= 1 and pod_gpus(g) >= job.scaling.num_workers for g in gpu_groups), \
+        "no running pod holds jobs/svhn.yaml's scaling.num_workers GPUs"
+    # Studies keep a group of 1-GPU pods (idle in this job: replicas 0).
+    assert any(pod_gpus(g) == 1 and g["maxReplicas"] >= 2 for g in gpu_groups), "no 1-GPU group for studies"
 
 
 @pytest.mark.parametrize("name", RAYJOB_FILES)
@@ -302,6 +315,25 @@ def test_rayjob_trains_the_job_of_the_config_map(name):
     # The image's tag is the package's version (Dockerfile, tests/test_image.py).
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert {c["image"].rsplit(":", 1)[1] for c in containers(job)} == {f"{version}-gpu"}
+
+
+def test_recipes_state_the_models_predictions():
+    """The efficiencies in the recipes' comments are what dcgan_ray.gan.scaling predicts for those nodes
+    (fp32, batch 128 per worker, the A10G estimate), so they change when the model does."""
+    from dcgan_ray.gan.scaling import LINKS, STEP_ESTIMATES, predict
+
+    def said(workers: int, link: str) -> str:
+        return f"{predict(workers, STEP_ESTIMATES['A10G'].seconds(128), LINKS[link]).efficiency:.0%}"
+
+    aws = (CLUSTER / "aws-cluster.yaml").read_text()
+    assert f"2 nodes train at {said(2, 'ethernet_10g')} efficiency" in aws
+    assert f"4 at {said(4, 'ethernet_10g')}" in aws
+    assert f"2 workers {said(2, 'pcie')}" in aws and f"4 workers {said(4, 'pcie')}" in aws
+    for name in RAYJOB_FILES:
+        text = (CLUSTER / name).read_text()
+        assert f"over PCIe, {said(2, 'pcie')} scaling efficiency" in text and f"10 Gb/s: {said(2, 'ethernet_10g')}" in text
+    svhn = (REPO / "jobs" / "svhn.yaml").read_text()
+    assert f"{said(2, 'pcie')} scaling efficiency" in svhn and f"against {said(2, 'ethernet_10g')}" in svhn
 
 
 def test_kueue_queue_objects_are_linked():

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,20 @@ def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
     cfg.scaling.use_gpu = True
     with pytest.raises(ClusterError, match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, but the cluster has .*set scaling.use_gpu=false"):
         train(cfg)
+
+
+def test_compression_small_buckets_one_node_through_ray(ray_head, s3_server, data_prefix, caplog):
+    """speed.grad_compression and speed.ddp_bucket_mb reach the DDP that Ray's prepare_model builds (a
+    kwarg or hook DDP refused would fail the workers), scaling.one_node places both workers with
+    STRICT_PACK, and the driver logs its prediction from the live cluster's nodes."""
+    cfg = run_cfg(s3_server.endpoint, data_prefix, "compressed", epochs=1)
+    cfg.speed.grad_compression, cfg.speed.ddp_bucket_mb, cfg.scaling.one_node = "bf16", 1.0, True
+    with caplog.at_level(logging.INFO, logger="dcgan_ray.train.driver"):
+        manifest = train(cfg)
+    assert manifest["status"] == "finished" and manifest["history"][-1]["finite"] == 1.0
+    lines = [r.getMessage() for r in caplog.records if r.name == "dcgan_ray.train.driver"]
+    assert any(line.startswith("predicted: 2 CPU workers, ") and "over loopback" in line
+               and "auto: scaling.one_node" in line for line in lines), lines
 
 
 def test_ray_job_submit_cli(ray_head, s3_server, data_prefix):

@@ -55,6 +55,11 @@ SEED = rule(lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 """Seeds are offset per rank and per epoch before they reach torch's generators: this leaves room."""
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 """`speed.compile` values: off, or a `torch.compile` mode."""
+GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
+"""`speed.grad_compression` values: fp32 all-reduce, or one of PyTorch's DDP compression hooks."""
+LINKS = ("auto", "nvlink", "pcie", "efa", "ethernet_100g", "ethernet_25g", "ethernet_10g", "loopback")
+"""`scaling.link` values: what connects the workers, for the driver's predicted scaling efficiency
+(`dcgan_ray.gan.scaling.LINKS` holds each one's bandwidth and where it comes from)."""
 
 
 @dataclass
@@ -230,7 +235,8 @@ class SpeedConfig:
     """How the training step runs on the device; the GAN math stays the seed's. Every switch is off by
     default, so a job trains exactly as the seed's plain fp32 PyTorch loop does until it opts in.
     Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone and
-    all together, against eager fp32 in the same run)."""
+    all together, against eager fp32 in the same run), and the all-reduce switches (grad_compression,
+    ddp_bucket_mb) with `benchmarks/scaling.py`."""
 
     autocast_bf16: bool = False
     """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16;
@@ -256,6 +262,20 @@ class SpeedConfig:
     steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
     The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
     more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
+    grad_compression: str = field(default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
+    """With more than one worker: all-reduce the gradients in bf16 or fp16 (PyTorch's DDP
+    `bf16_compress_hook` / `fp16_compress_hook`: each bucket is cast down, summed, cast back) instead of
+    fp32. It halves the ~23.9 MB every step sends (G 19.7 MB, D 4.1 MB), which is what limits scaling
+    between nodes (docs/scaling.md). Off by default: the averaged gradients carry bf16/fp16 round-off,
+    so the losses differ from fp32's (4 steps of a small G and D on 2 gloo ranks: 4.5e-4 relative with
+    bf16, 2.5e-4 with fp16; tests/test_grad_compression.py). Both hooks divide by the world size before
+    the cast; bf16 keeps fp32's range, fp16 three more bits of precision. benchmarks/scaling.py measures
+    both against fp32."""
+    ddp_bucket_mb: float = field(default=25.0, metadata=POSITIVE)
+    """MiB of gradients per DDP all-reduce bucket (DDP's `bucket_cap_mb`). 25 is DDP's own default, with
+    which D's 4.1 MB and G's 19.7 MB each go in about two all-reduces (DDP's first bucket is 1 MiB);
+    smaller buckets start all-reducing earlier in the backward but pay a link latency each. The sums
+    are the same, so results are too."""
 
 
 @dataclass
@@ -276,6 +296,20 @@ class ScalingConfig:
     placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
     """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
     included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""
+    one_node: bool = False
+    """Place every worker on one node (Ray's STRICT_PACK placement; an autoscaler then starts a node type
+    with that many GPUs, e.g. the AWS recipe's g5.12xlarge), so the all-reduce stays on the node's
+    NVLink or PCIe instead of the network. Off: Ray packs workers where it can but spreads them
+    over nodes when it must. Wide jobs across single-GPU nodes scale poorly (docs/scaling.md)."""
+    link: str = field(default="auto", metadata=rule(lambda v: v in LINKS, "one of " + ", ".join(LINKS)))
+    """What carries the workers' gradient all-reduce, for the efficiency the driver predicts and logs at
+    start (it changes nothing in training). auto: with scaling.one_node, or when one node of the cluster
+    holds every worker, PCIe (GPU) or loopback (CPU); otherwise 10 Gb/s Ethernet, the AWS recipe's
+    g5.xlarge link. Ray cannot see NVLink or EFA: name them here when the nodes have them."""
+    step_ms: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
+    """One worker's training step at train.batch_size, in ms, for the same prediction; null: an estimate
+    for the GPU type Ray reports (docs/scaling.md), or for the CPU. Put the step that
+    `bash benchmarks/gpu.sh` measured for your GPU and speed options here."""
 
     @property
     def min_workers(self) -> int:

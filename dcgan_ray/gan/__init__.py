@@ -1,1 +1,2 @@
-"""The GAN itself: the seed's networks, the training step, what DDP ranks agree on. Imports neither Ray nor boto3."""
+"""The GAN itself: the seed's networks, the training step, what DDP ranks agree on, how DDP all-reduces
+(`ddp`) and what more workers gain (`scaling`). Imports neither Ray nor boto3."""

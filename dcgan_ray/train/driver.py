@@ -19,13 +19,14 @@ from ray.train.torch import TorchTrainer
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
 from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnreachable
+from dcgan_ray.gan.scaling import describe_job
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
                                     write_run_manifest)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
-from dcgan_ray.train.placement import ensure_placeable
+from dcgan_ray.train.placement import ensure_placeable, placement_strategy
 from dcgan_ray.train.runlock import DriverLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
@@ -126,6 +127,7 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
             (cfg.scaling.min_workers, cfg.scaling.max_workers),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,
+            placement_strategy=placement_strategy(cfg.scaling),
             elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S,
         ),
         run_config=ray.train.RunConfig(
@@ -137,6 +139,15 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
             **run_kwargs,
         ),
     )
+
+
+def log_predicted_scaling(cfg: JobConfig) -> None:
+    """Log what the job's workers are predicted to gain over one (dcgan_ray.gan.scaling), and warn in one
+    line, with what to change, when the prediction is below half of the ideal."""
+    line, warning = describe_job(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    log.info("%s", line)
+    if warning:
+        log.warning("%s", warning)
 
 
 def train(cfg: JobConfig, address: str | None = None) -> dict:
@@ -156,6 +167,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     connect_ray(address)
     with DriverLock("run", layout.uri):
         ensure_placeable(cfg.scaling)
+        log_predicted_scaling(cfg)
         warn_if_scoring_waits(cfg)
         if previous:
             log.info("run %s exists with %d epochs done: resuming from its latest checkpoint",

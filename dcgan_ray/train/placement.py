@@ -36,6 +36,11 @@ def _only(resources: dict[str, float], s: ScalingConfig) -> dict[str, float]:
     return {k: resources.get(k, 0) for k in s.worker_resources}
 
 
+def placement_strategy(s: ScalingConfig) -> str:
+    """Ray's placement strategy for the workers, the same for this check and for Ray Train."""
+    return "STRICT_PACK" if s.one_node else "PACK"
+
+
 def check_capacity(s: ScalingConfig) -> bool:
     """Refuse what the cluster can never hold; True when it might, but only after scaling up."""
     need = {k: v * s.min_workers for k, v in s.worker_resources.items()}
@@ -52,6 +57,15 @@ def check_capacity(s: ScalingConfig) -> bool:
                 f"{_describe(_only(limit, s))}; "
                 f"lower scaling.num_workers or scaling.cpus_per_worker{gpu_hint}, or add nodes"
             )
+    if s.one_node and not autoscaling:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+            most = {k: max((r.get(k, 0) for r in nodes), default=0) for k in need}
+            raise ClusterError(
+                f"scaling.one_node: the job needs {_describe(need)} on one node, but no node has that (the "
+                f"most any node has: {_describe(most)}); set scaling.one_node: false, lower "
+                "scaling.num_workers, or add a node that large"
+            )
     return any(now.get(k, 0) < v for k, v in need.items())
 
 
@@ -62,7 +76,7 @@ def wait_for_placement(s: ScalingConfig) -> float:
     removed again before Ray Train asks for its own.
     """
     bundles = [dict(s.worker_resources) for _ in range(s.min_workers)]
-    pg = placement_group(bundles, strategy="PACK", name="dcgan-ray-placement-check")
+    pg = placement_group(bundles, strategy=placement_strategy(s), name="dcgan-ray-placement-check")
     start = last_note = time.monotonic()
     try:
         while not pg.wait(timeout_seconds=2):

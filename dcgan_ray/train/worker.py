@@ -27,6 +27,7 @@ import torch
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.errors import DcganError
+from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import (EpochStats, load_optimizer_state, make_optimizers, noise_generator, prepare_models,
                                 rank_batches, run_epoch, unwrap)
@@ -112,9 +113,11 @@ class Worker:
 
         # [2] DDP last: it broadcasts rank 0's parameters, which every rank already has. It calls the
         # modules compiled in place above (see prepare_models for why not compile(DDP(...))).
-        ddp = {"broadcast_buffers": False}
-        netG = ray.train.torch.prepare_model(netG, parallel_strategy_kwargs=ddp)
-        netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp)
+        # speed.ddp_bucket_mb and speed.grad_compression set how it all-reduces (dcgan_ray.gan.ddp).
+        netG = ray.train.torch.prepare_model(netG, parallel_strategy_kwargs=ddp_kwargs(cfg.speed))
+        netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp_kwargs(cfg.speed))
+        compress_gradients(netG, cfg.speed)
+        compress_gradients(netD, cfg.speed)
 
         # With eval.in_task a Ray task scores the checkpoints (dcgan_ray.train.validation): no evaluator here.
         inline = cfg.eval.every_epochs and not cfg.eval.in_task
