@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcgan_ray.config import SpeedConfig  # noqa: E402
+from dcgan_ray.config import SpeedSection  # noqa: E402
 from dcgan_ray.data.synth import render_digits  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import (make_optimizers, noise_generator, prepare_models, rank_batches,  # noqa: E402
@@ -89,7 +89,7 @@ def samples(netG: torch.nn.Module, count: int, device: torch.device) -> Iterator
         netG.train()
 
 
-def train_gan(name: str, speed: SpeedConfig, images: torch.Tensor, sizes: Sizes, classifier: DigitClassifier,
+def train_gan(name: str, speed: SpeedSection, images: torch.Tensor, sizes: Sizes, classifier: DigitClassifier,
               reference: FeatureStats) -> dict:
     device = images.device
     torch._dynamo.reset()  # a fresh compile per run, as a new job would get
@@ -152,10 +152,10 @@ def main() -> None:
     classifier_s = time.perf_counter() - start
 
     # CUDA graphs are GPU-only (the job config refuses them on CPU); compile `default` stands in there.
-    every_option = SpeedConfig(autocast_bf16=True, channels_last=True, fused_adam=True,
+    every_option = SpeedSection(autocast_bf16=True, channels_last=True, fused_adam=True,
                                compile="reduce-overhead" if device.type == "cuda" else "default")
     runs = []
-    for name, speed in (("eager fp32 (all options off)", SpeedConfig()),
+    for name, speed in (("eager fp32 (all options off)", SpeedSection()),
                         (f"bf16+channels_last+fused_adam+{every_option.compile}", every_option)):
         try:
             runs.append(train_gan(name, speed, images, sizes, classifier, reference))

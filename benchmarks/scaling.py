@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcgan_ray.config import SpeedConfig  # noqa: E402
+from dcgan_ray.config import SpeedSection  # noqa: E402
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs  # noqa: E402
 from dcgan_ray.gan.models import build_models, count_parameters  # noqa: E402
 from dcgan_ray.gan.scaling import CPU_CORE, LINKS, STEP_ESTIMATES, Link, allreduce_seconds, predict  # noqa: E402
@@ -107,7 +107,7 @@ class Row:
         torch.manual_seed(0)
         netG, netD = (net.to(device) for net in build_models(Z, 128, 64, 0.2))
         if variant is not None and variant.ddp is not None:
-            speed = SpeedConfig(grad_compression=variant.compression)
+            speed = SpeedSection(grad_compression=variant.compression)
             kwargs = {**ddp_kwargs(speed), **variant.ddp}
             ids = [device.index] if device.type == "cuda" else None
             netG, netD = (DistributedDataParallel(net, device_ids=ids, **kwargs) for net in (netG, netD))

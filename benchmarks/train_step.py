@@ -35,22 +35,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcgan_ray.config import SpeedConfig  # noqa: E402
+from dcgan_ray.config import SpeedSection  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, noise_generator, prepare_models, run_epoch  # noqa: E402
 
 BATCH, Z = 128, 100
 GFLOP_PER_IMAGE = 1.14  # one step of the seed network, forward + backward (NOTES.md)
-ALL_GPU = SpeedConfig(autocast_bf16=True, channels_last=True, fused_adam=True, compile="reduce-overhead")
+ALL_GPU = SpeedSection(autocast_bf16=True, channels_last=True, fused_adam=True, compile="reduce-overhead")
 CONFIGS = {
-    "eager": SpeedConfig(),
-    "bf16": SpeedConfig(autocast_bf16=True),
-    "channels_last": SpeedConfig(channels_last=True),
-    "fused_adam": SpeedConfig(fused_adam=True),
+    "eager": SpeedSection(),
+    "bf16": SpeedSection(autocast_bf16=True),
+    "channels_last": SpeedSection(channels_last=True),
+    "fused_adam": SpeedSection(fused_adam=True),
     "all": ALL_GPU,
     "all_no_cudagraphs": dataclasses.replace(ALL_GPU, compile="default"),
-    "compile": SpeedConfig(compile="default"),
-    "cudagraphs": SpeedConfig(compile="reduce-overhead"),
+    "compile": SpeedSection(compile="default"),
+    "cudagraphs": SpeedSection(compile="reduce-overhead"),
 }
 """--table rows: name -> options, in the order they are measured: `eager` (all off) first, the baseline
 every ratio divides by; the slow-to-compile single options last, where --budget-s may cut them."""
@@ -113,7 +113,7 @@ def project_step(images: torch.Tensor, steps: int, device: torch.device) -> floa
     return stats.images / stats.seconds
 
 
-def options_step(images: torch.Tensor, batch: int, steps: int, speed: SpeedConfig) -> dict[str, float]:
+def options_step(images: torch.Tensor, batch: int, steps: int, speed: SpeedSection) -> dict[str, float]:
     """The project's step with `speed`: img/s over `steps` timed steps after a warm-up (which compiles)."""
     device = images.device
     torch._dynamo.reset()  # each row compiles afresh, and no row runs into another's recompile limit

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dcgan_ray.config import JobConfig, StorageConfig, load_config
+from dcgan_ray.config import JobConfig, StorageSection, load_config
 from dcgan_ray.errors import ConfigError, DcganError
 from dcgan_ray.logs import setup_logging
 
@@ -77,16 +77,16 @@ def _run_name(text: str) -> str:
     return text
 
 
-def _storage_for_uri(args: argparse.Namespace) -> StorageConfig:
+def _storage_for_uri(args: argparse.Namespace) -> StorageSection:
     """Storage settings for a bare URI: --config's, else --endpoint / AWS_ENDPOINT_URL, else the dev stack's."""
-    storage = load_config(args.config).storage if args.config else StorageConfig()
+    storage = load_config(args.config).storage if args.config else StorageSection()
     endpoint = args.endpoint or (None if args.config else os.environ.get("AWS_ENDPOINT_URL"))
     if endpoint:
         storage.endpoint = endpoint
     return storage
 
 
-def _runs_location(args: argparse.Namespace) -> tuple[StorageConfig, str]:
+def _runs_location(args: argparse.Namespace) -> tuple[StorageSection, str]:
     """(storage settings, runs folder key) of the run commands: --runs, else --config's, else the dev stack's."""
     from dcgan_ray.storage.layout import runs_prefix
     from dcgan_ray.storage.s3 import parse_s3_uri
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       **quality}, indent=2))
 
 
-def _eval_config(args: argparse.Namespace, storage: StorageConfig, trained: JobConfig) -> JobConfig:
+def _eval_config(args: argparse.Namespace, storage: StorageSection, trained: JobConfig) -> JobConfig:
     """What `eval` runs with: the job YAML's (or the defaults') data, eval and storage settings, the
     command line's flags, and of the checkpoint's config only the model's shape. A shared checkpoint
     must not decide where credentials are sent, what is written where, or where weights come from."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcgan_ray.config import JobConfig, StorageConfig
+from dcgan_ray.config import JobConfig, StorageSection
 from dcgan_ray.errors import ClusterError, DcganError
 from dcgan_ray.storage.layout import RunLayout, study_name, study_report_prefix
 from dcgan_ray.storage.runs import new_run_manifest, read_run_manifest, write_run_manifest
@@ -155,7 +155,7 @@ def _record_end_in_queue(meta: dict[str, str], run: dict[str, Any], state: str) 
     bucket, prefix = parse_s3_uri(meta[RUN_URI])
     run["status"] = state
     try:
-        write_run_manifest(Store(StorageConfig(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
+        write_run_manifest(Store(StorageSection(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
                            RunLayout(bucket, prefix), run)
     except DcganError as e:
         log.warning("cannot mark %s/run.json %s: %s", meta[RUN_URI], state, e)
@@ -166,7 +166,7 @@ def _run_manifest(meta: dict[str, str]) -> dict[str, Any] | None:
     """The run's run.json, read with the endpoint the job was submitted with and this process's credentials."""
     bucket, prefix = parse_s3_uri(meta[RUN_URI])
     try:
-        return read_run_manifest(Store(StorageConfig(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
+        return read_run_manifest(Store(StorageSection(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
                                  RunLayout(bucket, prefix))
     except DcganError as e:  # storage unreachable from here: the table still shows Ray's view
         log.warning("cannot read %s/run.json: %s", meta[RUN_URI], e)

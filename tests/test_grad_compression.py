@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from dcgan_ray.config import SpeedConfig, config_from_dict
+from dcgan_ray.config import SpeedSection, config_from_dict
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
@@ -22,12 +22,12 @@ from dcgan_ray.gan.step import make_optimizers, noise_generator, train_step
 
 Z, BATCH, STEPS = 16, 8, 4
 VARIANTS = {
-    "fp32": SpeedConfig(),
-    "bf16": SpeedConfig(grad_compression="bf16"),
-    "fp16": SpeedConfig(grad_compression="fp16"),
+    "fp32": SpeedSection(),
+    "bf16": SpeedSection(grad_compression="bf16"),
+    "fp16": SpeedSection(grad_compression="fp16"),
     # 0.01 MiB: D's 8-feature convs and G's layers each get buckets of their own (the defaults put each
     # small net in one), so the all-reduces are split differently; the sums must not change.
-    "small buckets": SpeedConfig(ddp_bucket_mb=0.01),
+    "small buckets": SpeedSection(ddp_bucket_mb=0.01),
 }
 
 
@@ -37,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(rank: int, speed: SpeedConfig) -> dict:
+def _train(rank: int, speed: SpeedSection) -> dict:
     torch.manual_seed(0)
     netG, netD = build_models(Z, 16, 8, 0.2)
     netG, netD = (DistributedDataParallel(net, **ddp_kwargs(speed)) for net in (netG, netD))
@@ -110,7 +110,7 @@ def test_bucket_size_reaches_ddp_and_changes_no_result(two_ranks):
 def test_one_worker_is_left_bare():
     # Ray's prepare_model does not wrap a world of one in DDP: there is nothing to hook, and no error.
     netG, _ = build_models(Z, 16, 8, 0.2)
-    compress_gradients(netG, SpeedConfig(grad_compression="bf16"))
+    compress_gradients(netG, SpeedSection(grad_compression="bf16"))
     assert type(netG).__name__ == "Generator"
 
 

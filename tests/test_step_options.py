@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgan_ray.config import JobConfig, SpeedConfig, config_from_dict, load_config
+from dcgan_ray.config import JobConfig, SpeedSection, config_from_dict, load_config
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import (load_optimizer_state, make_optimizers, noise_generator, prepare_models, rank_batches,
@@ -26,11 +26,11 @@ def images() -> torch.Tensor:
     return torch.randint(0, 256, (IMAGES, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
 
-def train(speed: SpeedConfig | None):
+def train(speed: SpeedSection | None):
     """Losses and final weights of one epoch with `speed` (None: run_epoch's default), from seed 0."""
     torch.manual_seed(0)
     netG, netD = build_models(Z, 16, 8, 0.2)
-    speed_or_off = speed or SpeedConfig()
+    speed_or_off = speed or SpeedSection()
     prepare_models(netG, netD, speed_or_off)
     optG, optD = make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999, fused=speed_or_off.fused_adam)
     stats = run_epoch(netG, netD, optG, optD, images(), rank_batches(IMAGES, BATCH, 0, 1, 0, 0), Z,
@@ -90,7 +90,7 @@ def assert_same_function(netG, netD, otherG, otherD, **tol) -> None:
         torch.testing.assert_close(netD(real), otherD(real), **tol)
 
 
-@pytest.mark.parametrize("speed", [None, SpeedConfig()], ids=["no speed argument", "all options off"])
+@pytest.mark.parametrize("speed", [None, SpeedSection()], ids=["no speed argument", "all options off"])
 def test_all_off_is_the_plain_step_bit_for_bit(speed):
     stats, netG, netD = train(speed)
     plain, plainG, plainD = plain_epoch()
@@ -100,8 +100,8 @@ def test_all_off_is_the_plain_step_bit_for_bit(speed):
 
 
 def test_bf16_autocast_stays_near_fp32():
-    fp32, _, _ = train(SpeedConfig())
-    bf16, g16, _ = train(SpeedConfig(autocast_bf16=True))
+    fp32, _, _ = train(SpeedSection())
+    bf16, g16, _ = train(SpeedSection(autocast_bf16=True))
     assert losses(bf16) != losses(fp32)  # autocast did change the arithmetic ...
     # ... by bf16 round-off only (8 bits of mantissa: ~0.4% per op) over 4 steps.
     assert losses(bf16) == pytest.approx(losses(fp32), rel=3e-2)
@@ -110,21 +110,21 @@ def test_bf16_autocast_stays_near_fp32():
 
 def test_channels_last_changes_layout_not_results():
     seen = []
-    stats, netG, netD = train(SpeedConfig(channels_last=True))
+    stats, netG, netD = train(SpeedSection(channels_last=True))
     netD.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     run_epoch(netG, netD, *make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999), images(),
               rank_batches(IMAGES, BATCH, 0, 1, 0, 1), Z, noise_generator(0, 1, 0, torch.device("cpu")),
-              speed=SpeedConfig(channels_last=True))
+              speed=SpeedSection(channels_last=True))
     assert seen and all(seen)  # real batches, and G's output, reach D as NHWC
     conv = netD.net[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    plain, _, _ = train(SpeedConfig())
+    plain, _, _ = train(SpeedSection())
     assert losses(stats) == pytest.approx(losses(plain), rel=1e-4)
 
 
 def test_fused_adam_runs_on_cpu_and_matches():
-    plain, plainG, plainD = train(SpeedConfig())
-    fused, netG, netD = train(SpeedConfig(fused_adam=True))
+    plain, plainG, plainD = train(SpeedSection())
+    fused, netG, netD = train(SpeedSection(fused_adam=True))
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
     assert_same_function(netG, netD, plainG, plainD, rtol=1e-4, atol=1e-4)
 
@@ -149,8 +149,8 @@ def test_resumed_optimizer_keeps_this_runs_fused_choice(saved_fused):
 @pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_compile_on_cpu_matches_eager():
     # ~35 s on 2 cores, nearly all of it compiling G, D and D's frozen G-phase variant.
-    eager, eagerG, eagerD = train(SpeedConfig())
-    compiled, netG, netD = train(SpeedConfig(compile="default"))
+    eager, eagerG, eagerD = train(SpeedSection())
+    compiled, netG, netD = train(SpeedSection(compile="default"))
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
     assert_same_function(netG, netD, eagerG, eagerD, rtol=1e-3, atol=1e-4)
     # Compiled in place: checkpoints keep their keys, and the modules are still the bare ones.
@@ -159,7 +159,7 @@ def test_compile_on_cpu_matches_eager():
 
 
 def test_speed_defaults_are_all_off():
-    assert JobConfig().speed == SpeedConfig(autocast_bf16=False, channels_last=False, fused_adam=False, compile="none")
+    assert JobConfig().speed == SpeedSection(autocast_bf16=False, channels_last=False, fused_adam=False, compile="none")
 
 
 @pytest.mark.parametrize("speed, error", [

@@ -16,7 +16,7 @@ import scipy.io
 from conftest import make_config
 from dcgan_ray.cli import _eval_config
 from dcgan_ray.cli import main as cli_main
-from dcgan_ray.config import StorageConfig
+from dcgan_ray.config import StorageSection
 import dcgan_ray.data.svhn as svhn
 from dcgan_ray.data.svhn import cached_object, load_split, prepare_split, read_mat
 from dcgan_ray.errors import DatasetError
@@ -127,7 +127,7 @@ def test_eval_takes_only_the_models_shape_from_a_checkpoint(cfg, tmp_path):
     # Without --config: the URI's bucket and prefix, the command line's endpoint, the defaults' weights.
     bare = argparse.Namespace(config=None, endpoint=None, num_samples=None, extractors=None,
                               checkpoint="s3://mybucket/team/a/runs/theirs/best")
-    mine = _eval_config(bare, StorageConfig(endpoint="http://127.0.0.1:8333"), hostile)
+    mine = _eval_config(bare, StorageSection(endpoint="http://127.0.0.1:8333"), hostile)
     assert (mine.storage.endpoint, mine.storage.bucket, mine.storage.prefix) == ("http://127.0.0.1:8333", "mybucket", "team/a")
     assert mine.eval.extractors == ["digit"] and "127.0.0.9" not in mine.eval.inception_weights
 

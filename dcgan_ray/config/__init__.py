@@ -6,13 +6,13 @@
 
 from dcgan_ray.config.loading import (apply_overrides, config_from_dict, load_config, parse_override,
                                       set_dotted)
-from dcgan_ray.config.sections import (INCEPTION_URL, METRICS, SPLIT_NAMES, CheckpointConfig, ClassifierConfig,
-                                       DataConfig, EvalConfig, JobConfig, ModelConfig, SampleConfig, ScalingConfig,
-                                       SpeedConfig, StorageConfig, TrainConfig, TuneConfig, rule)
+from dcgan_ray.config.sections import (INCEPTION_URL, METRICS, SPLIT_NAMES, CheckpointSection, ClassifierSection,
+                                       DataSection, EvalSection, JobConfig, ModelSection, SampleSection, ScalingSection,
+                                       SpeedSection, StorageSection, TrainSection, TuneSection, rule)
 
 __all__ = [
     "apply_overrides", "config_from_dict", "load_config", "parse_override", "set_dotted", "INCEPTION_URL",
-    "METRICS", "SPLIT_NAMES", "CheckpointConfig", "ClassifierConfig", "DataConfig", "EvalConfig", "JobConfig",
-    "ModelConfig", "SampleConfig", "ScalingConfig", "SpeedConfig", "StorageConfig", "TrainConfig", "TuneConfig",
+    "METRICS", "SPLIT_NAMES", "CheckpointSection", "ClassifierSection", "DataSection", "EvalSection", "JobConfig",
+    "ModelSection", "SampleSection", "ScalingSection", "SpeedSection", "StorageSection", "TrainSection", "TuneSection",
     "rule",
 ]

@@ -63,7 +63,7 @@ LINKS = ("auto", "nvlink", "pcie", "efa", "ethernet_100g", "ethernet_25g", "ethe
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     z_dim: int = field(default=100, metadata=rule(lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"))
     """Length of the noise vector z. Seed: 100."""
     alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
@@ -75,7 +75,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     epochs: int = field(default=25, metadata=rule(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"))
     """Passes over the training split. Seed: 25."""
     batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
@@ -108,7 +108,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     dataset: str = field(default="svhn", metadata=NAME)
     """Name of the dataset folder in the bucket (`<storage.prefix>/data/<dataset>/<split>/`)."""
     split: str = field(default="train", metadata=SPLIT)
@@ -124,7 +124,7 @@ class DataConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointSection:
     every_epochs: int = field(default=1, metadata=AT_LEAST_1)
     """Epochs between checkpoints (and the last epoch always)."""
     keep: int = field(default=3, metadata=AT_LEAST_1)
@@ -136,7 +136,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleSection:
     grid_size: int = field(default=8, metadata=rule(lambda v: 1 <= v <= 32, "an integer in [1, 32]"))
     """The sample grid is grid_size x grid_size tiles of 32 px (8 -> 256x256 PNG)."""
     scale: int = field(default=1, metadata=rule(lambda v: 1 <= v <= 8, "an integer in [1, 8]"))
@@ -144,7 +144,7 @@ class SampleConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSection:
     every_epochs: int = field(default=1, metadata=rule(lambda v: v >= 0, "an integer >= 0 (0 turns evaluation off)"))
     """Epochs between quality evaluations (also one before training, as epoch 0); 0 turns them off."""
     num_samples: int = field(default=10000, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
@@ -187,7 +187,7 @@ class EvalConfig:
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierSection:
     epochs: int = field(default=3, metadata=rule(lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"))
     """Passes over the train split when training the digit classifier."""
     batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2"))
@@ -205,7 +205,7 @@ class ClassifierConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneSection:
     """A sensitivity study over this job (`dcgan-ray tune`); training ignores this section."""
 
     study: str | None = field(default=None, metadata=NULL_OR_NAME)
@@ -231,7 +231,7 @@ class TuneConfig:
 
 
 @dataclass
-class SpeedConfig:
+class SpeedSection:
     """How the training step runs on the device; the GAN math stays the seed's. Every switch is off by
     default, so a job trains exactly as the seed's plain fp32 PyTorch loop does until it opts in.
     Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone and
@@ -279,7 +279,7 @@ class SpeedConfig:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingSection:
     num_workers: int | list[int] = field(default=1, metadata=rule(
         lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
         "an integer >= 1, or a range [min, max] with 1 <= min <= max"))
@@ -326,7 +326,7 @@ class ScalingConfig:
 
 
 @dataclass
-class StorageConfig:
+class StorageSection:
     endpoint: str | None = field(default="http://127.0.0.1:8333", metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"))
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
     bucket: str = field(default="dcgan-ray", metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"))
@@ -352,17 +352,17 @@ class StorageConfig:
 class JobConfig:
     name: str = field(default="svhn-dcgan", metadata=NAME)
     """Run name: the run lives at <storage.prefix>/runs/<name>/; resubmitting the same name resumes."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    classifier: ClassifierSection = field(default_factory=ClassifierSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
 
     def is_eval_epoch(self, epoch: int) -> bool:
         """Whether the epoch that completes `epoch` epochs is scored: every eval.every_epochs, and the last."""

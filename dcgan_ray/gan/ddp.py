@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from dcgan_ray.config import SpeedConfig
+from dcgan_ray.config import SpeedSection
 
 
 def bf16_hook(state, bucket):
@@ -24,14 +24,14 @@ def bf16_hook(state, bucket):
 COMPRESSION_HOOKS = {"bf16": bf16_hook, "fp16": default_hooks.fp16_compress_hook}
 
 
-def ddp_kwargs(speed: SpeedConfig) -> dict:
+def ddp_kwargs(speed: SpeedSection) -> dict:
     """DDP's constructor arguments for G and D. broadcast_buffers=False: D runs two forwards (real,
     fake) before one backward, and a buffer broadcast between them trips autograd's in-place check
     (`dcgan_ray.gan.sync.average_bn_buffers` agrees on the buffers instead)."""
     return {"broadcast_buffers": False, "bucket_cap_mb": speed.ddp_bucket_mb}
 
 
-def compress_gradients(net: nn.Module, speed: SpeedConfig) -> None:
+def compress_gradients(net: nn.Module, speed: SpeedSection) -> None:
     """Register `speed.grad_compression`'s hook on a DDP-wrapped net; a bare net (one worker: nothing
     is all-reduced) is left as it is."""
     if speed.grad_compression != "none" and isinstance(net, DistributedDataParallel):

@@ -7,7 +7,7 @@ The step reads like the seed and pytorch/examples' DCGAN:
   D phase: D on a real batch and on a detached fake batch, BCE on logits, one Adam step.
   G phase: the same fake batch through the updated D, BCE against "real", one Adam step.
 
-`SpeedConfig` (config key `speed`) changes how the step runs, never what it computes: bf16 autocast
+`SpeedSection` (config key `speed`) changes how the step runs, never what it computes: bf16 autocast
 around the forwards, channels-last tensors, fused Adam, torch.compile. All are off by default.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan_ray.config import SpeedConfig
+from dcgan_ray.config import SpeedSection
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.detach().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
 
 
-def prepare_models(netG: nn.Module, netD: nn.Module, speed: SpeedConfig) -> None:
+def prepare_models(netG: nn.Module, netD: nn.Module, speed: SpeedSection) -> None:
     """Apply `speed`'s memory format and compilation to the bare G and D, in place.
 
     Call it after moving them to their device and before DDP wraps them. Compiling in place
@@ -198,7 +198,7 @@ def run_epoch(
     real_target: float = 1.0,
     log_every: int = 0,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
-    speed: SpeedConfig | None = None,
+    speed: SpeedSection | None = None,
 ) -> EpochStats:
     """Train over `batches` (index rows into the device-resident uint8 `images`).
 
@@ -206,7 +206,7 @@ def run_epoch(
     loop never blocks on the GPU between those points. `speed` must be the one G and D were
     prepared with (`prepare_models`, `make_optimizers`); None means all options off.
     """
-    speed = speed or SpeedConfig()
+    speed = speed or SpeedSection()
     device = images.device
     memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
     cuda_graphs = speed.compile == "reduce-overhead"

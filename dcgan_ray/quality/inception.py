@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcgan_ray.config import INCEPTION_URL, StorageConfig
+from dcgan_ray.config import INCEPTION_URL, StorageSection
 from dcgan_ray.errors import BucketMissing, DcganError, DownloadError, ObjectMissing
 from dcgan_ray.storage.files import cache_dir as node_cache_dir
 from dcgan_ray.storage.files import download_url, fetch_once, file_hash
@@ -295,7 +295,7 @@ def _download_http(uri: str, part: Path) -> None:
         raise WeightsError(f"cannot fetch Inception weights from {uri}: {e}. {_how_to_provide()}") from None
 
 
-def _download_s3(uri: str, part: Path, storage: StorageConfig | None) -> None:
+def _download_s3(uri: str, part: Path, storage: StorageSection | None) -> None:
     if storage is None:
         raise ValueError(f"fetching {uri} needs the job's storage settings (storage=cfg.storage)")
     bucket, key = parse_s3_uri(uri)
@@ -318,7 +318,7 @@ def _local_weights(uri: str, sha256: str | None) -> Path:
     return path
 
 
-def fetch_weights(uri: str, cache_dir: Path, sha256: str | None, storage: StorageConfig | None = None) -> Path:
+def fetch_weights(uri: str, cache_dir: Path, sha256: str | None, storage: StorageSection | None = None) -> Path:
     """A local path to the weights named by `uri`: an http(s):// URL, an s3://bucket/key URI (read with
     `storage`'s endpoint and the environment's credentials) or a local path.
 
@@ -371,7 +371,7 @@ def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:
 
 
 def load_inception(uri: str, sha256: str | None = None, cache_dir: Path | None = None,
-                   storage: StorageConfig | None = None, device: str | torch.device = "cpu") -> InceptionV3Pool3:
+                   storage: StorageSection | None = None, device: str | torch.device = "cpu") -> InceptionV3Pool3:
     """The FID feature network with the weights at `uri` (see `fetch_weights`), frozen, in eval mode, on
     `device`. With no `sha256` (eval.inception_sha256 unset) any file is accepted and a download's
     hash is logged."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dcgan_ray.config import JobConfig, StorageConfig, config_from_dict
+from dcgan_ray.config import JobConfig, StorageSection, config_from_dict
 from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
 from dcgan_ray.gan.sync import broadcast_from_rank_zero
@@ -137,7 +137,7 @@ def generator_from_checkpoint(state: dict[str, Any]) -> tuple[Generator, JobConf
     return netG.eval(), cfg
 
 
-def read_checkpoint_uri(uri: str, storage: StorageConfig) -> dict[str, Any]:
+def read_checkpoint_uri(uri: str, storage: StorageSection) -> dict[str, Any]:
     """Load a checkpoint from a local path or an s3:// URI.
 
     The URI may name the checkpoint.pt file, its checkpoint folder (checked against its manifest), or a

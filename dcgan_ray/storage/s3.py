@@ -36,7 +36,7 @@ import botocore.exceptions
 import pyarrow.fs
 from boto3.s3.transfer import TransferConfig
 
-from dcgan_ray.config import StorageConfig
+from dcgan_ray.config import StorageSection
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
 from dcgan_ray.storage.files import Progress
 
@@ -118,7 +118,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 class Store:
     """Objects under one bucket on one endpoint. Keys are full keys in the bucket."""
 
-    def __init__(self, cfg: StorageConfig):
+    def __init__(self, cfg: StorageSection):
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.endpoint = cfg.endpoint or "AWS S3"
@@ -329,7 +329,7 @@ class ArrowS3FileSystem(pyarrow.fs.S3FileSystem):
     resolves them from its own environment, so they are never pickled into what Ray ships.
     """
 
-    def __init__(self, storage: StorageConfig):
+    def __init__(self, storage: StorageSection):
         kwargs: dict[str, Any] = {"region": storage.region}
         if storage.endpoint is not None:
             url = urlparse(storage.endpoint)

@@ -1,6 +1,6 @@
 """Running a hyperparameter sensitivity study on Ray Tune: every trial is a multi-worker DDP training run.
 
-`dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneConfig`),
+`dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneSection`),
 expands its search space (grids multiply, random forms are drawn `num_samples` times, every
 configuration runs with `seeds` seeds) and runs each trial as the Train V2 pattern prescribes: a
 function trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`.

@@ -18,7 +18,7 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from dcgan_ray.config import ScalingConfig
+from dcgan_ray.config import ScalingSection
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.ray_internals import autoscaling_state, has_launching_autoscaler, largest_possible_resources
 
@@ -31,17 +31,17 @@ def _describe(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())) or "nothing"
 
 
-def _only(resources: dict[str, float], s: ScalingConfig) -> dict[str, float]:
+def _only(resources: dict[str, float], s: ScalingSection) -> dict[str, float]:
     """The resources a worker asks for, out of a cluster's (which also lists memory, node ids, ...)."""
     return {k: resources.get(k, 0) for k in s.worker_resources}
 
 
-def placement_strategy(s: ScalingConfig) -> str:
+def placement_strategy(s: ScalingSection) -> str:
     """Ray's placement strategy for the workers, the same for this check and for Ray Train."""
     return "STRICT_PACK" if s.one_node else "PACK"
 
 
-def check_capacity(s: ScalingConfig) -> bool:
+def check_capacity(s: ScalingSection) -> bool:
     """Refuse what the cluster can never hold; True when it might, but only after scaling up."""
     need = {k: v * s.min_workers for k, v in s.worker_resources.items()}
     now = ray.cluster_resources()
@@ -69,7 +69,7 @@ def check_capacity(s: ScalingConfig) -> bool:
     return any(now.get(k, 0) < v for k, v in need.items())
 
 
-def wait_for_placement(s: ScalingConfig) -> float:
+def wait_for_placement(s: ScalingSection) -> float:
     """Block until the cluster can place the job's (minimum) workers; returns the seconds waited.
 
     The placement group is the same request Ray Train makes, so the autoscaler scales for it; it is
@@ -107,7 +107,7 @@ def wait_for_placement(s: ScalingConfig) -> float:
     return time.monotonic() - start
 
 
-def ensure_placeable(s: ScalingConfig) -> None:
+def ensure_placeable(s: ScalingSection) -> None:
     """Refuse what can never run; else wait (bounded) until the workers can be placed: on an autoscaling
     cluster for the nodes to come up, on any cluster for other jobs to free what this one needs."""
     if check_capacity(s):
