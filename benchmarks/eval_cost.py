@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dcgan_ray.gan.models import build_models  # noqa: E402
+from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch  # noqa: E402
 from dcgan_ray.quality.classifier import DigitClassifier  # noqa: E402
 from dcgan_ray.quality.fid import frechet_from_stats  # noqa: E402
 from dcgan_ray.quality.inception import InceptionV3Pool3  # noqa: E402
-from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.quality.metrics import DigitExtractor, InceptionExtractor, generated_batches, image_stats  # noqa: E402
-from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch  # noqa: E402
 
 SVHN_TRAIN = 73_257
 

@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgan_ray.config import SpeedSection  # noqa: E402
 from dcgan_ray.data.synth import render_digits  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
-from dcgan_ray.gan.step import (make_optimizers, noise_generator, prepare_models, rank_batches,  # noqa: E402
-                                run_epoch, to_model_input)
+from dcgan_ray.gan.step import make_optimizers, noise_generator, prepare_models, rank_batches, run_epoch, to_model_input  # noqa: E402
 from dcgan_ray.quality.classifier import DigitClassifier, classify, evaluate_accuracy, train_classifier  # noqa: E402
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats  # noqa: E402
 

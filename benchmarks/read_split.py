@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcgan_ray.config import config_from_dict  # noqa: E402
 from dcgan_ray.data.svhn import load_split, prepare_split  # noqa: E402
+from dcgan_ray.data.synth import render_digits, write_svhn_mat  # noqa: E402
 from dcgan_ray.dev.seaweed import scratch_server  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
-from dcgan_ray.data.synth import render_digits, write_svhn_mat  # noqa: E402
 
 
 def main() -> None:

@@ -174,12 +174,11 @@ TABLE_HEAD = (" batch  options              img/s/dev  x eager  TFLOP/s   loss_d
 def ray_train(steps: int, threads: int) -> float:
     """(c) A 1-worker Ray Train run of the project, S3 and all; the images/s of its last epoch."""
     import ray
-
     from dcgan_ray.config import config_from_dict
     from dcgan_ray.data.svhn import prepare_split
+    from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.dev.seaweed import scratch_server
     from dcgan_ray.storage.s3 import Store
-    from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.train.driver import train
 
     with scratch_server("bench") as (server, tmp):

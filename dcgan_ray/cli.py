@@ -149,9 +149,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from dcgan_ray.gan.step import to_pixels
     from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_uri
     from dcgan_ray.storage.images import grid_image
-    from dcgan_ray.gan.step import to_pixels
 
     state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
     netG, cfg = generator_from_checkpoint(state)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
+from dcgan_ray.data.synth import render_digits
+from dcgan_ray.errors import CheckpointError
+from dcgan_ray.gan.step import to_model_input
 from dcgan_ray.quality.classifier import (
     DigitClassifier,
     classify,
@@ -20,10 +22,7 @@ from dcgan_ray.quality.classifier import (
     save_state,
     train_classifier,
 )
-from dcgan_ray.errors import CheckpointError
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
-from dcgan_ray.gan.step import to_model_input
-from dcgan_ray.data.synth import render_digits
 from dcgan_ray.quality.metrics import SampleStats
 
 

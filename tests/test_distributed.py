@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import make_optimizers, train_step
 from dcgan_ray.gan.sync import average, average_bn_buffers, broadcast_from_rank_zero

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from dcgan_ray.quality.fid import FeatureStats, frechet_distance, frechet_from_stats
 
 

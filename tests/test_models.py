@@ -1,7 +1,6 @@
 import torch
-
 from dcgan_ray.gan.models import Discriminator, Generator, build_models, count_parameters
-from dcgan_ray.gan.step import make_optimizers, rank_batches, run_epoch, noise_generator, to_model_input, train_step
+from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch, to_model_input, train_step
 
 
 def test_shapes_and_parameter_counts():

@@ -11,12 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dcgan_ray.config import JobConfig, SpeedSection, config_from_dict, load_config
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.gan.step import (load_optimizer_state, make_optimizers, noise_generator, prepare_models, rank_batches,
-                                run_epoch, to_model_input)
+from dcgan_ray.gan.step import (
+    load_optimizer_state,
+    make_optimizers,
+    noise_generator,
+    prepare_models,
+    rank_batches,
+    run_epoch,
+    to_model_input,
+)
 
 Z, BATCH, IMAGES = 16, 8, 32  # 4 steps of a small G and D: enough to compound round-off, quick on 2 cores
 REPO = Path(__file__).resolve().parents[1]

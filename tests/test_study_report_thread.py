@@ -5,9 +5,8 @@ import threading
 import time
 from types import SimpleNamespace
 
-import pytest
-
 import dcgan_ray.study.tuner as tuner
+import pytest
 from dcgan_ray.study.tuner import StudyReport
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.io
-
 from dcgan_ray.data import synth
 
 

@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
-from dcgan_ray.config import JobConfig
-from dcgan_ray.config import METRICS
+from dcgan_ray.config import METRICS, JobConfig
 from dcgan_ray.errors import CheckpointError, DcganError, ObjectMissing
 from dcgan_ray.gan.step import to_model_input, unwrap
 from dcgan_ray.gan.sync import all_reduce_sum, broadcast_from_rank_zero
+from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
 from dcgan_ray.storage.layout import classifier_key, reference_stats_key
 from dcgan_ray.storage.s3 import Store
@@ -141,7 +140,7 @@ class SampleStats:
         self._neg_entropy_sum = torch.as_tensor(neg_entropy_sum, dtype=torch.float64)  # () sum over x of sum_y p log p
 
     @classmethod
-    def empty(cls, dim: int, device: torch.device | str = "cpu") -> "SampleStats":
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> SampleStats:
         return cls(FeatureStats.empty(dim, device), torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device),
                    torch.zeros((), dtype=torch.float64, device=device))
 
@@ -167,7 +166,7 @@ class SampleStats:
         return torch.cat([self.features.to_tensor(), self._prob_sum.to(device), self._neg_entropy_sum.to(device).reshape(1)])
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "SampleStats":
+    def from_tensor(cls, t: torch.Tensor) -> SampleStats:
         t = t.cpu()  # at the end of an evaluation: one transfer to the host
         return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].clone(), t[-1].clone())
 
@@ -187,7 +186,7 @@ class SampleStats:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SampleStats":
+    def from_bytes(cls, data: bytes) -> SampleStats:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         return cls(FeatureStats.from_bytes(z["features"].tobytes()), z["prob_sum"], float(z["neg_entropy_sum"]))
 

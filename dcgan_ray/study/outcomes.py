@@ -26,7 +26,7 @@ ACCURACY = "classifier_accuracy"
 """The digit classifier's test accuracy, reported with every digit_fd: what that distance is worth."""
 
 
-def classifier_accuracy(record: "TrialRecord", metric: str) -> float | None:
+def classifier_accuracy(record: TrialRecord, metric: str) -> float | None:
     """The accuracy of the classifier behind the trial's digit_fd (None for other metrics)."""
     return final_value(record.history, ACCURACY) if metric == "digit_fd" else None
 

@@ -31,7 +31,13 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from dcgan_ray.study.outcomes import (
-    DIRECTION, STATUSES, AssessedTrial, TrialRecord, entry_value, fmt, fmt_short,
+    DIRECTION,
+    STATUSES,
+    AssessedTrial,
+    TrialRecord,
+    entry_value,
+    fmt,
+    fmt_short,
 )
 
 log = logging.getLogger(__name__)

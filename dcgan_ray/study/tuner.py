@@ -46,14 +46,25 @@ from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import (
-    STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_state_key, study_trials_prefix,
+    STUDY_EXPERIMENT,
+    RunLayout,
+    study_name,
+    study_prefix,
+    study_report_prefix,
+    study_state_key,
+    study_trials_prefix,
 )
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
 from dcgan_ray.train.driver import (
-    connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
+    connect_ray,
+    first_failure,
+    make_trainer,
+    our_error,
+    preflight,
+    s3_filesystem,
 )
 from dcgan_ray.train.placement import check_capacity
 from dcgan_ray.train.runlock import DriverLock
@@ -271,7 +282,7 @@ class StudyReport(tune.Callback):
         self.refreshes += 1
         return store.uri(f"{prefix}/index.html"), records
 
-    def record(self, trial: "_TrialView") -> TrialRecord | None:
+    def record(self, trial: _TrialView) -> TrialRecord | None:
         if trial.status not in ("TERMINATED", "ERROR"):
             return None
         job = trial_job(self.base, trial.config)
@@ -414,7 +425,7 @@ class _TrialView:
         self.trial_id, self.config, self.status, self.error = trial_id, config, status, error
 
     @classmethod
-    def of(cls, result: Any) -> "_TrialView":
+    def of(cls, result: Any) -> _TrialView:
         error = error_line(result.error) if result.error else None
         trial = result.config["trial"]
         return cls(trial_name(trial), trial, "ERROR" if result.error else "TERMINATED", error)

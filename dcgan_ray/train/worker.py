@@ -21,16 +21,24 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointUploadMode
 import torch
+from ray.train import CheckpointUploadMode
 
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.errors import DcganError
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.gan.step import (EpochStats, load_optimizer_state, make_optimizers, noise_generator, prepare_models,
-                                rank_batches, run_epoch, unwrap)
+from dcgan_ray.gan.step import (
+    EpochStats,
+    load_optimizer_state,
+    make_optimizers,
+    noise_generator,
+    prepare_models,
+    rank_batches,
+    run_epoch,
+    unwrap,
+)
 from dcgan_ray.gan.sync import average, average_bn_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
