@@ -174,6 +174,7 @@ TABLE_HEAD = (" batch  options              img/s/dev  x eager  TFLOP/s   loss_d
 def ray_train(steps: int, threads: int) -> float:
     """(c) A 1-worker Ray Train run of the project, S3 and all; the images/s of its last epoch."""
     import ray
+
     from dcgan_ray.config import config_from_dict
     from dcgan_ray.data.svhn import prepare_split
     from dcgan_ray.data.synth import synth_svhn_mat

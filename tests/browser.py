@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from dcgan_ray.dev.processes import stop_process_group
 
 INSTALL = ("chromium is not installed: `apt-get install -y chromium` (scripts/setup.sh does it as root when it "

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import CheckpointError
 from dcgan_ray.storage.checkpoint import (
@@ -16,8 +18,6 @@ from dcgan_ray.storage.checkpoint import (
     save_checkpoint,
 )
 from dcgan_ray.storage.layout import RunLayout
-
-from conftest import make_config
 
 
 def tiny_state(epoch: int) -> dict:

@@ -4,11 +4,13 @@ it: Fréchet distance of its features, inception score and class histogram."""
 from __future__ import annotations
 
 import io
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dcgan_ray.data.synth import render_digits
 from dcgan_ray.errors import CheckpointError
 from dcgan_ray.gan.step import to_model_input
@@ -72,7 +74,7 @@ def test_classify_gives_features_and_distributions(model, test_set):
 def test_training_is_deterministic_for_a_seed(train_set):
     images, labels = train_set[0][:256], train_set[1][:256]
     a, b, c = (train_classifier(images, labels, epochs=1, batch_size=64, seed=s) for s in (7, 7, 8))
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
 
@@ -138,7 +140,7 @@ def test_frechet_distance_grows_with_noise_and_blur(model, test_set):
     blurred = [frechet_from_stats(reference, _stats(model, _blur(half_b, s))) for s in (1.0, 1.5, 2.0)]
 
     for name, values in (("noise", noisy), ("blur", blurred)):
-        assert all(a < b for a, b in zip(values, values[1:])), f"{name}: {values}"
+        assert all(a < b for a, b in pairwise(values)), f"{name}: {values}"
         assert clean < values[0], f"clean halves {clean} vs {name} {values}"
 
 

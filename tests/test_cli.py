@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
 from dcgan_ray.errors import ClusterError
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import ray
+
+from conftest import TrainInThread, run_cfg
 from dcgan_ray.dev.ray_nodes import RayHead, RayNode
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import JOB_SLOT, list_jobs, submit
@@ -26,8 +28,6 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
-
-from conftest import TrainInThread, run_cfg
 
 pytestmark = pytest.mark.ray
 

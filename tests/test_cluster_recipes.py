@@ -24,9 +24,10 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from packaging.specifiers import SpecifierSet
+
 from dcgan_ray.config import load_config
 from dcgan_ray.ray_internals import validate_cluster_launcher_config
-from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

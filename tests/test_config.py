@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from dcgan_ray.config import JobConfig, load_config, parse_override
 from dcgan_ray.errors import ConfigError
 

@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 import scipy.io
+
 from dcgan_ray.data.svhn import OFFICIAL, fetch, load_split, prepare_split, read_mat, read_split_manifest
 from dcgan_ray.errors import DatasetError, DatasetMissing
 from dcgan_ray.storage.layout import split_prefix

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import make_config, run_cfg
 from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import DatasetError, StorageUnreachable
 from dcgan_ray.storage.checkpoint import read_checkpoint_dir
@@ -16,8 +18,6 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
-
-from conftest import make_config, run_cfg
 
 pytestmark = pytest.mark.ray
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
 from dcgan_ray.config import SpeedSection, config_from_dict
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import make_optimizers, noise_generator, train_step
-from torch.nn.parallel import DistributedDataParallel
 
 Z, BATCH, STEPS = 16, 8, 4
 VARIANTS = {

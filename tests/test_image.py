@@ -11,11 +11,11 @@ import tomllib
 
 import pytest
 import yaml
-from dcgan_ray.ray_internals import SUPPORTED_RAY
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from conftest import REPO
+from dcgan_ray.ray_internals import SUPPORTED_RAY
 from test_cluster_recipes import secret_hits
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()

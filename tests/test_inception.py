@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dcgan_ray.quality.inception import InceptionV3Pool3, WeightsError, fetch_weights, load_inception
 from dcgan_ray.storage.files import file_hash
 

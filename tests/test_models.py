@@ -1,4 +1,5 @@
 import torch
+
 from dcgan_ray.gan.models import Discriminator, Generator, build_models, count_parameters
 from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch, to_model_input, train_step
 
@@ -46,8 +47,8 @@ def test_train_step_changes_both_networks():
     d0 = [p.clone() for p in netD.parameters()]
     real = to_model_input(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
     stats = train_step(netG, netD, optG, optD, real, torch.randn(8, 100))
-    assert all(not torch.equal(a, b) for a, b in zip(g0, netG.parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(d0, netD.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(g0, netG.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, netD.parameters(), strict=True))
     assert torch.isfinite(stats.loss_d) and torch.isfinite(stats.loss_g)
     assert 0 < stats.d_real.item() < 1 and 0 < stats.d_fake.item() < 1
     assert all(p.requires_grad for p in netD.parameters())  # G phase's freeze is undone

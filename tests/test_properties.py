@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from dcgan_ray.config import JobConfig, config_from_dict, load_config
 from dcgan_ray.config.sections import is_name
 from dcgan_ray.data.svhn import IMAGE_BYTES, check_split_manifest
@@ -28,8 +31,6 @@ from dcgan_ray.storage.checkpoint import CHECKPOINT_FILE, manifest_bytes, verify
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import check_result, check_run_manifest
 from dcgan_ray.study.tuner import check_study_state
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 EXAMPLES = 300
 """Per property; the eight properties below run 2,400 examples together (about 20 s here)."""

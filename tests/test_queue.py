@@ -12,6 +12,8 @@ import time
 import uuid
 
 import pytest
+
+from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import list_jobs, submit
@@ -19,8 +21,6 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
-
-from conftest import make_config
 
 pytestmark = pytest.mark.ray
 
@@ -59,7 +59,7 @@ def test_three_jobs_queue_one_at_a_time(ray_head, s3_server, data_prefix, capsys
     capsys.readouterr()
     assert cli_main(["jobs", "--address", ray_head.dashboard_url]) == 0
     table = capsys.readouterr().out
-    for submission_id, name in zip(ids, names):
+    for submission_id, name in zip(ids, names, strict=True):
         line = next(line for line in table.splitlines() if line.startswith(submission_id))
         assert name in line and "finished" in line and "1/1" in line
 

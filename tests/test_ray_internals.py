@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import ray
-from dcgan_ray import ray_internals
-from dcgan_ray.ray_internals import SUPPORTED_RAY, UnsupportedRay, check_ray_version
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from conftest import REPO
+from dcgan_ray import ray_internals
+from dcgan_ray.ray_internals import SUPPORTED_RAY, UnsupportedRay, check_ray_version
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
 

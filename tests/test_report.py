@@ -10,6 +10,8 @@ import re
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
+
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.study.outcomes import (
     Thresholds,
@@ -22,7 +24,6 @@ from dcgan_ray.study.outcomes import (
     trials_table,
 )
 from dcgan_ray.study.report import write_report
-from PIL import Image
 
 METRIC = "digit_fd"
 LR, BETA1 = "train.lr_d", "train.beta1"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dcgan_ray.config import config_from_dict
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models, count_parameters

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dcgan_ray.config import JobConfig, SpeedSection, config_from_dict, load_config
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models

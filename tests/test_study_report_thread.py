@@ -5,8 +5,9 @@ import threading
 import time
 from types import SimpleNamespace
 
-import dcgan_ray.study.tuner as tuner
 import pytest
+
+import dcgan_ray.study.tuner as tuner
 from dcgan_ray.study.tuner import StudyReport
 
 

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+
 from dcgan_ray.config import config_from_dict
 from dcgan_ray.errors import StorageError
 from dcgan_ray.storage.layout import study_state_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.io
+
 from dcgan_ray.data import synth
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from conftest import REPO, TrainInThread, make_config, run_cfg
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
@@ -18,9 +21,6 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
-from PIL import Image
-
-from conftest import REPO, TrainInThread, make_config, run_cfg
 
 pytestmark = pytest.mark.ray
 

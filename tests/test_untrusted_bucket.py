@@ -9,10 +9,12 @@ import json
 import logging
 import re
 
-import dcgan_ray.data.svhn as svhn
 import numpy as np
 import pytest
 import scipy.io
+
+import dcgan_ray.data.svhn as svhn
+from conftest import make_config
 from dcgan_ray.cli import _eval_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import StorageSection
@@ -22,8 +24,6 @@ from dcgan_ray.storage.checkpoint import MANIFEST_FILE, Checkpointer, save_check
 from dcgan_ray.storage.files import cache_dir
 from dcgan_ray.storage.layout import RunLayout, split_manifest_key
 from dcgan_ray.storage.runs import RunManifestError, merge_results, read_run_manifest
-
-from conftest import make_config
 from test_checkpoint import tiny_state
 
 

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from browser import Chromium
+from conftest import REPO, TEST_KEY, TEST_SECRET, make_config, run_cfg
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.dev.tensorboard import TensorBoardServer, command_line
 from dcgan_ray.storage.layout import RunLayout, runs_prefix, study_trials_prefix
@@ -26,10 +30,6 @@ from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.events import STEP_KEYS
 from dcgan_ray.train.watch import RunWatch
-from PIL import Image
-
-from browser import Chromium
-from conftest import REPO, TEST_KEY, TEST_SECRET, make_config, run_cfg
 
 SCREENSHOT = REPO / "docs" / "tensorboard-images.png"
 
@@ -316,8 +316,9 @@ def test_local_sh_tensorboard_starts_it_on_loopback_and_down_stops_it(watched, s
 # --- a run by its name: stop (queued and running), logs, resubmission -----------------------------------
 
 def test_stop_logs_and_a_resubmission_that_resumes(ray_head, s3_server, data_prefix, tmp_path, capsys):
-    from dcgan_ray.jobs import submit
     from ray.job_submission import JobSubmissionClient
+
+    from dcgan_ray.jobs import submit
 
     def job(name: str, epochs: int):
         overrides = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test",

@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -308,8 +309,8 @@ class Store:
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]
-            self._call("delete", chunk[0]["Key"], lambda: self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
+            self._call("delete", chunk[0]["Key"], partial(self.client.delete_objects,
+                                                          Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
 
 
 class _Unreachable(Exception):

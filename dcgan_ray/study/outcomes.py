@@ -253,7 +253,7 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
               fmt(t.best)] + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
              for t in trials]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *cells]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *cells]]
     counts = Counter(t.status for t in trials)
     lines.append("")
     lines.append("trials per status: " + ", ".join(f"{s}: {counts[s]}" for s in STATUSES if counts[s]))

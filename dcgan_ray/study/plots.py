@@ -289,7 +289,7 @@ def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> 
     cell_w, cell_h = TILE_PX + 2 * pad, TILE_PX + caption_px + 2 * pad
     canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, ((t, image), caption) in enumerate(zip(tiles, captions)):
+    for k, ((t, image), caption) in enumerate(zip(tiles, captions, strict=True)):
         row, col = divmod(k, columns)
         x, y = col * cell_w + pad, row * cell_h + pad
         colour = STATUS_COLOURS[t.status]
