@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value, f"{key}.", where)
         else:
             kwargs[name] = _convert(value, annotation, key, where)
@@ -200,7 +201,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config", overrides: list[str] = ()) -> JobConfig:
+def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Sequence[str] = ()) -> JobConfig:
     data = apply_overrides(copy.deepcopy(data), list(overrides))
     where = f"{where} (with --set {' '.join(overrides)})" if overrides else where
     cfg = _build(JobConfig, data, "", where)
@@ -208,7 +209,7 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: lis
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """Load a job YAML (and the file it extends), apply `key=value` overrides, check every value."""
     return config_from_dict(_read_job_yaml(Path(path)), str(path), overrides)
 

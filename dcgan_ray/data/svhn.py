@@ -351,7 +351,7 @@ def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_image
         if start < end:
             with open(cached_object(store, obj, node), "rb") as f:
                 wanted = (end - start) * IMAGE_BYTES
-                if f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES])) != wanted:
+                if f.readinto(flat[start * IMAGE_BYTES:end * IMAGE_BYTES].data) != wanted:
                     raise DatasetError(f"the cached copy of {store.uri(obj['key'])} is shorter than its manifest "
                                        f"says; delete {cache_dir('objects', node)} and start again")
         start += obj["count"]

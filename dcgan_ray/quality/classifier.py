@@ -63,7 +63,8 @@ class DigitClassifier(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(feature_dim, NUM_CLASSES)  # -> 10 logits
-        self.to(memory_format=torch.channels_last)
+        # torch's stubs leave out the memory_format keyword that Module.to takes (and documents).
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim) of x, float (N, 3, 32, 32) in [-1, 1]."""

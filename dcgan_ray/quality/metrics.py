@@ -19,7 +19,7 @@ import hashlib
 import io
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_di
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
 from dcgan_ray.storage.layout import classifier_key, reference_stats_key
 from dcgan_ray.storage.s3 import Store
+
+if TYPE_CHECKING:  # the module itself is imported only when the inception extractor is used
+    from dcgan_ray.quality.inception import InceptionV3Pool3
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class DigitExtractor(Extractor):
 class InceptionExtractor(Extractor):
     name = "inception"
 
-    def __init__(self, model: torch.nn.Module, ident: str):
+    def __init__(self, model: InceptionV3Pool3, ident: str):
         self.model, self.ident, self.feature_dim = model, ident, model.feature_dim
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -122,9 +125,9 @@ def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[
     if "inception" in cfg.eval.extractors:
         from dcgan_ray.quality.inception import load_inception
 
-        model = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
+        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
         ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
-        extractors.append(InceptionExtractor(model, ident))
+        extractors.append(InceptionExtractor(inception, ident))
     return extractors
 
 

@@ -22,7 +22,7 @@ def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, sc
         canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = arr[i].transpose(1, 2, 0)
     image = Image.fromarray(canvas, "RGB")
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     return image
 
 

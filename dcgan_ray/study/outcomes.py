@@ -16,7 +16,7 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 # Display order: the outcome a person hopes for first, then failures from "trained but poor" to "broken".
 STATUSES = ("converged", "mode_collapse", "d_won", "diverged", "error", "no_data")
@@ -76,7 +76,7 @@ def entry_value(entry: dict[str, float], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _is_finite(value: float | None) -> bool:
+def _is_finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
@@ -232,7 +232,7 @@ def pick_best(trials: list[AssessedTrial], metric: str) -> tuple[AssessedTrial |
         pool, note = scored, "no trial converged; this is the best by metric among all trials, and it failed too"
     else:
         return None, f"no trial reported a finite {metric}; this is the base configuration unchanged"
-    return min(pool, key=lambda t: t.best), note
+    return min(pool, key=lambda t: cast(float, t.best)), note  # `scored` keeps only trials with a best
 
 
 def fmt(value: Any) -> str:

@@ -249,7 +249,7 @@ def plot_learning_curves(trials: list[AssessedTrial], metric: str, path: Path) -
     fig.savefig(path, dpi=100)
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> str:
     """Cut `text` to `width` pixels so a long value does not run into the neighbouring tile."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -268,7 +268,7 @@ def _sample_image(record: TrialRecord) -> Image.Image | None:
                     type(e).__name__)
         return None
     # One tile size keeps the mosaic a regular grid even if a run used another sample.scale.
-    return image if image.size == (TILE_PX, TILE_PX) else image.resize((TILE_PX, TILE_PX), Image.NEAREST)
+    return image if image.size == (TILE_PX, TILE_PX) else image.resize((TILE_PX, TILE_PX), Image.Resampling.NEAREST)
 
 
 def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> None:
