@@ -29,7 +29,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dcgan_ray.config import JobConfig, StorageSection, load_config
 from dcgan_ray.errors import ConfigError, DcganError
@@ -192,7 +192,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
                              batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device, min_steps=c.min_steps)
     accuracy = evaluate_accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels).long())
     steps_per_epoch = len(train.images) // c.batch_size
-    meta = {"test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
+    meta: dict[str, Any] = {"test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
             "train_split": cfg.data.split, "test_split": c.test_split,
             "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)), "batch_size": c.batch_size,
             "seconds": time.perf_counter() - start,

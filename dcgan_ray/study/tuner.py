@@ -30,6 +30,7 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,10 @@ def expand_trials(cfg: JobConfig) -> list[dict[str, Any]]:
     grid = {k: v["grid"] for k, v in cfg.tune.space.items() if "grid" in v}
     random_forms = {k: v for k, v in cfg.tune.space.items() if "grid" not in v}
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big"))
-    points = [{}]
+    points: list[dict[str, Any]] = [{}]
     for key, values in grid.items():
         points = [{**p, key: v} for p in points for v in values]
-    trials = []
+    trials: list[dict[str, Any]] = []
     for point in points:
         for _ in range(cfg.tune.num_samples if random_forms else 1):
             drawn = {key: _draw(rng, spec) for key, spec in random_forms.items()}
@@ -209,7 +210,7 @@ class StudyReport(tune.Callback):
     logged and never fails the study.
     """
 
-    def __init__(self, base: dict[str, Any], earlier: list[_TrialView] = ()):
+    def __init__(self, base: dict[str, Any], earlier: Sequence[_TrialView] = ()):
         self.base = base
         self.earlier = list(earlier)  # trials that ended in an earlier run of the study
         self.trials: list[_TrialView] = list(earlier)
@@ -389,7 +390,7 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
             log.info("study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
                      study_name(cfg), len(earlier), len(pending))
         report = StudyReport(base, earlier)
-        results = []
+        results: list[Any] | tune.ResultGrid = []
         if pending:
             scheduler = None
             if cfg.tune.scheduler == "asha":
@@ -412,7 +413,8 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
                 results = tuner.fit()
             finally:
                 report.close()
-        report.trials = earlier + [_TrialView.of(result) for result in results]
+        # ResultGrid iterates through __getitem__ (the old sequence protocol), which mypy does not count.
+        report.trials = earlier + [_TrialView.of(result) for result in results]  # type: ignore[union-attr]
         uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}

@@ -119,10 +119,11 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         validation_config=validation_config(cfg) if cfg.eval.in_task else None,
         train_loop_per_worker=train_worker,
         train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ray.train.ScalingConfig(
+        # mypy sees Train v1's ScalingConfig; ray.train picks v2's (elastic num_workers, the monitor interval).
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
             # place when a node is lost and grows back when capacity returns.
-            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else
+            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else  # type: ignore[arg-type]
             (cfg.scaling.min_workers, cfg.scaling.max_workers),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,

@@ -101,6 +101,8 @@ class Worker:
         # [1] Build, move to the device, apply speed.* (memory format, compile), make optimizers, load
         # state (Adam's follows its parameters).
         torch.manual_seed(cfg.train.seed)
+        netG: torch.nn.Module
+        netD: torch.nn.Module
         netG, netD = (net.to(device) for net in build_models(cfg.model.z_dim, cfg.model.g_features,
                                                              cfg.model.d_features, cfg.model.alpha))
         prepare_models(netG, netD, cfg.speed)
