@@ -121,7 +121,8 @@ def table(runs: list[dict], header: str) -> str:
             continue
         rates = " ".join(f"{v:7.0f}" for v in r["img_per_s_by_epoch"])
         lines.append(f"{r['name']:46s}  {rates:34s}  {r['loss_d']:6.3f}  {r['loss_g']:6.3f}  "
-                     f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  {r['train_s']:7.1f}  {r['eval_s']:6.1f}")
+                     f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  "
+                     f"{r['train_s']:7.1f}  {r['eval_s']:6.1f}")
     return "\n".join(lines)
 
 

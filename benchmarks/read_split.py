@@ -50,7 +50,8 @@ def main() -> None:
         start = time.perf_counter()
         parts = [np.frombuffer(store.client.get_object(Bucket="bench", Key=o["key"])["Body"].read(), np.uint8)
                  for o in manifest["objects"]]
-        labels = np.frombuffer(store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8)
+        labels = np.frombuffer(
+            store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8)
         base_images = np.concatenate(parts).reshape(-1, 3, 32, 32)
         base = time.perf_counter() - start
 

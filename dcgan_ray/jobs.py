@@ -49,7 +49,8 @@ def _client(address: str | None):
         return JobSubmissionClient(address), address
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"cannot reach Ray's job API at {address} ({str(e).splitlines()[0][:200]}): is the "
-                           "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS") from None
+                           "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
+                           ) from None
 
 
 def _offers_job_slot(address: str) -> bool:

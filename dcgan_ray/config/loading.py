@@ -3,9 +3,9 @@
 Precedence, lowest to highest: the defaults in `sections`, the file the YAML `extends` (if any), the YAML
 file, then command-line overrides (`--set train.epochs=2`). `extends: PATH` (relative to the file) lets a
 site keep only what differs, e.g. a cluster's storage on top of jobs/svhn.yaml (cluster/k8s-job.yaml):
-mappings merge key by key, any other value replaces the base's. Unknown keys, wrong types and values out of range raise `ConfigError` naming
-the key, the file and what is allowed. Secrets never live here: S3 credentials come from the
-environment only (see `dcgan_ray.storage.s3`).
+mappings merge key by key, any other value replaces the base's. Unknown keys, wrong types and values out of
+range raise `ConfigError` naming the key, the file and what is allowed. Secrets never live here: S3
+credentials come from the environment only (see `dcgan_ray.storage.s3`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _validate(value, where, f"{prefix}{f.name}.")
         elif "rule" in f.metadata and not f.metadata["rule"][0](value):
-            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; expected {f.metadata['rule'][1]}")
+            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; "
+                              f"expected {f.metadata['rule'][1]}")
     if prefix:
         return
     needed = METRICS[cfg.eval.metric]

@@ -128,7 +128,8 @@ def status() -> bool:
     ray_pid = _pid_alive(stack_dir() / "ray.pid")
     ray_ok = bool(ray_pid) and http_answers(f"http://127.0.0.1:{DASHBOARD_PORT}")
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
-    print(f"Ray head:       {f'up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}' if ray_ok else 'down'}"
+    ray_state = f"up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}" if ray_ok else "down"
+    print(f"Ray head:       {ray_state}"
           + (f" (pid {ray_pid})" if ray_pid else ""))
     tb_pid = _pid_alive(stack_dir() / "tensorboard.pid")
     if tb_pid:

@@ -195,7 +195,8 @@ def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
     return torch.cat(features), torch.cat(probs)
 
 
-def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
+                      batch_size: int = 512) -> float:
     """Fraction of uint8 (N, 3, 32, 32) images whose most likely class is their digit label."""
     _check_labelled(images, labels)
     if images.shape[0] == 0:

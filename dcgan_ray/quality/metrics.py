@@ -110,7 +110,8 @@ def check_classifier(store: Store, cfg: JobConfig) -> dict | None:
     accuracy = meta.get("test_accuracy")
     if accuracy is None or accuracy < cfg.eval.min_classifier_accuracy:
         raise DcganError(
-            f"the digit classifier at {meta['uri']} has test accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} "
+            f"the digit classifier at {meta['uri']} has test accuracy "
+            f"{accuracy if accuracy is None else f'{accuracy:.3f}'} "
             f"on {meta.get('test_images', '?')} images, below eval.min_classifier_accuracy="
             f"{cfg.eval.min_classifier_accuracy:g}: its digit_fd would rank samples by features that do not tell "
             f"digits apart. {MORE_CLASSIFIER_TRAINING}")
@@ -125,7 +126,8 @@ def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[
     if "inception" in cfg.eval.extractors:
         from dcgan_ray.quality.inception import load_inception
 
-        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
+        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage,
+                                   device=device)
         ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
         extractors.append(InceptionExtractor(inception, ident))
     return extractors
@@ -166,7 +168,8 @@ class SampleStats:
 
     def to_tensor(self) -> torch.Tensor:
         device = self.features.device
-        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device), self._neg_entropy_sum.to(device).reshape(1)])
+        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device),
+                          self._neg_entropy_sum.to(device).reshape(1)])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> SampleStats:

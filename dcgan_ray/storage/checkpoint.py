@@ -293,8 +293,8 @@ class Checkpointer:
         # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
         # so a reader sees a torn checkpoint, never a wrong one.
         self.store.put_bytes(self.layout.best_key, data)
-        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}", manifest_bytes({CHECKPOINT_FILE: data}, epoch),
-                             "application/json")
+        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
+                             manifest_bytes({CHECKPOINT_FILE: data}, epoch), "application/json")
         record = {"uri": self.store.uri(self.layout.best_dir_key), "epoch": epoch,
                   "metric": self.metric, "value": value}
         log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])

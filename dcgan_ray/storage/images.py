@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 
-def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1, pad: int = 0) -> Image.Image:
+def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1,
+               pad: int = 0) -> Image.Image:
     """uint8 images (N, 3, H, W) -> one RGB image of `columns` tiles per row, upscaled `scale` times."""
     arr = np.asarray(pixels)
     n, _, h, w = arr.shape

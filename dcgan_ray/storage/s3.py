@@ -192,7 +192,8 @@ class Store:
             ) from None
         except botocore.exceptions.SSLError as e:
             raise StorageError(f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
-                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate") from None
+                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate"
+                               ) from None
         except _TRANSIENT as e:
             raise _Unreachable(type(e).__name__) from None
         except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as e:

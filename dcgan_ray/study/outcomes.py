@@ -248,7 +248,8 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
     """A fixed-width table for the job log, the counts per status, then the best configuration."""
     trials = assess(records, metric, thresholds)
     params = param_names(records)
-    header = ["trial", *params, "seed", "status", f"best {metric}"] + (["classifier accuracy"] if metric == "digit_fd" else [])
+    header = (["trial", *params, "seed", "status", f"best {metric}"]
+              + (["classifier accuracy"] if metric == "digit_fd" else []))
     cells = [[t.record.trial_id, *(fmt(t.record.params.get(p)) for p in params), str(t.record.seed), t.status,
               fmt(t.best)] + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
              for t in trials]

@@ -248,7 +248,8 @@ def describe(manifest: dict) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
     ep = f" --endpoint-url {endpoint}" if endpoint else ""
     lines = [
-        f"run:               {manifest.get('run_uri')}  ({manifest.get('epochs_completed')}/{manifest.get('epochs_total')} epochs, {manifest.get('status')})",
+        f"run:               {manifest.get('run_uri')}  "
+        f"({manifest.get('epochs_completed')}/{manifest.get('epochs_total')} epochs, {manifest.get('status')})",
         f"latest samples:    {samples.get('latest')}",
         f"animation:         {samples.get('gif')}",
         f"latest checkpoint: {ckpt}",
