@@ -135,7 +135,8 @@ def test_frechet_distance_grows_with_noise_and_blur(model, test_set):
     clean = frechet_from_stats(reference, _stats(model, half_b))
 
     noise = torch.Generator().manual_seed(0)
-    noisy = [frechet_from_stats(reference, _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1)))
+    noisy = [frechet_from_stats(reference,
+                                _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1)))
              for s in (0.15, 0.3, 0.6)]
     blurred = [frechet_from_stats(reference, _stats(model, _blur(half_b, s))) for s in (1.0, 1.5, 2.0)]
 

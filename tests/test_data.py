@@ -139,7 +139,8 @@ def http_source():
 def test_official_download_with_wrong_md5_leaves_nothing(http_source, tmp_path, svhn_dir):
     server, url = http_source
     _Handler.body, _Handler.claimed_length = (svhn_dir / "test_32x32.mat").read_bytes(), None
-    with pytest.raises(DatasetError, match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
+    with pytest.raises(DatasetError,
+                       match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
         fetch("test", tmp_path, url)
     assert list(tmp_path.iterdir()) == []
 

@@ -118,7 +118,8 @@ def test_bf16_autocast_stays_near_fp32():
 def test_channels_last_changes_layout_not_results():
     seen = []
     stats, netG, netD = train(SpeedSection(channels_last=True))
-    netD.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    netD.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     run_epoch(netG, netD, *make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999), images(),
               rank_batches(IMAGES, BATCH, 0, 1, 0, 1), Z, noise_generator(0, 1, 0, torch.device("cpu")),
               speed=SpeedSection(channels_last=True))
