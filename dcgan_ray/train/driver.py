@@ -123,8 +123,9 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
             # place when a node is lost and grows back when capacity returns.
-            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else  # type: ignore[arg-type]
-            (cfg.scaling.min_workers, cfg.scaling.max_workers),
+            num_workers=(
+                cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else  # type: ignore[arg-type]
+                (cfg.scaling.min_workers, cfg.scaling.max_workers)),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,
             placement_strategy=placement_strategy(cfg.scaling),
