@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dcgan_ray.gan.models import build_models  # noqa: E402
+from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch  # noqa: E402
 from dcgan_ray.quality.classifier import DigitClassifier  # noqa: E402
 from dcgan_ray.quality.fid import frechet_from_stats  # noqa: E402
 from dcgan_ray.quality.inception import InceptionV3Pool3  # noqa: E402
-from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.quality.metrics import DigitExtractor, InceptionExtractor, generated_batches, image_stats  # noqa: E402
-from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch  # noqa: E402
 
 SVHN_TRAIN = 73_257
 
@@ -65,7 +65,8 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads")
     print(f"training: {train_ips:.0f} img/s -> one epoch of SVHN train ({SVHN_TRAIN} images) ~ {epoch_s:.0f} s")
     print(f"eval, digit classifier, {args.num_samples} samples: {digit_s:.1f} s = {digit_s / epoch_s:.3f} of an epoch")
-    print(f"eval, Inception (FID), {args.num_samples} samples: ~{inception_s:.0f} s = {inception_s / epoch_s:.2f} of an epoch "
+    print(f"eval, Inception (FID), {args.num_samples} samples: ~{inception_s:.0f} s = "
+          f"{inception_s / epoch_s:.2f} of an epoch "
           f"(extrapolated from {args.inception_images} images)")
 
 

@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgan_ray.config import SpeedSection  # noqa: E402
 from dcgan_ray.data.synth import render_digits  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
-from dcgan_ray.gan.step import (make_optimizers, noise_generator, prepare_models, rank_batches,  # noqa: E402
-                                run_epoch, to_model_input)
+from dcgan_ray.gan.step import make_optimizers, noise_generator, prepare_models, rank_batches, run_epoch, to_model_input  # noqa: E402
 from dcgan_ray.quality.classifier import DigitClassifier, classify, evaluate_accuracy, train_classifier  # noqa: E402
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats  # noqa: E402
 
@@ -122,7 +121,8 @@ def table(runs: list[dict], header: str) -> str:
             continue
         rates = " ".join(f"{v:7.0f}" for v in r["img_per_s_by_epoch"])
         lines.append(f"{r['name']:46s}  {rates:34s}  {r['loss_d']:6.3f}  {r['loss_g']:6.3f}  "
-                     f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  {r['train_s']:7.1f}  {r['eval_s']:6.1f}")
+                     f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  "
+                     f"{r['train_s']:7.1f}  {r['eval_s']:6.1f}")
     return "\n".join(lines)
 
 

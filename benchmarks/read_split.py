@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcgan_ray.config import config_from_dict  # noqa: E402
 from dcgan_ray.data.svhn import load_split, prepare_split  # noqa: E402
+from dcgan_ray.data.synth import render_digits, write_svhn_mat  # noqa: E402
 from dcgan_ray.dev.seaweed import scratch_server  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
-from dcgan_ray.data.synth import render_digits, write_svhn_mat  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,8 @@ def main() -> None:
         start = time.perf_counter()
         parts = [np.frombuffer(store.client.get_object(Bucket="bench", Key=o["key"])["Body"].read(), np.uint8)
                  for o in manifest["objects"]]
-        labels = np.frombuffer(store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8)
+        labels = np.frombuffer(
+            store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8)
         base_images = np.concatenate(parts).reshape(-1, 3, 32, 32)
         base = time.perf_counter() - start
 

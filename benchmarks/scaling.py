@@ -220,7 +220,8 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
     bus = allreduce_seconds(gradient_bytes, n, Link("x", 1.0, 0.0, "")) / allreduce["float32"]
     base_link = LINKS["nvlink" if args.device == "cuda" else "loopback"]
     measured_link = Link("measured", bus, base_link.latency_us, "the fp32 all-reduce row")
-    say(); say(f"all-reduce of one step's gradients ({gradient_bytes / 1e6:.1f} MB in fp32) over {n} workers, alone "
+    say()
+    say(f"all-reduce of one step's gradients ({gradient_bytes / 1e6:.1f} MB in fp32) over {n} workers, alone "
           "(medians):")
     for name, s in allreduce.items():
         say(f"  {name:9s} {s * 1e3:8.1f} ms   ({allreduce['float32'] / s:4.2f}x as fast as fp32)")
@@ -264,7 +265,7 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
     ind = rows[(INDEPENDENT[0].name, args.batch)]["median_s"]
     if args.device == "cpu" and ind is not None:
         solo = rows[("1 worker", args.batch)]
-        share = statistics.median(c / w for c, w in zip(solo["cpu_seconds"], solo["seconds"]))
+        share = statistics.median(c / w for c, w in zip(solo["cpu_seconds"], solo["seconds"], strict=True))
         say(f"\nthe 1-worker step had {share:.0%} of a core ({args.threads} thread(s)) "
             + ("" if share > 0.9 * args.threads else "(other processes held the rest) ")
             + f"and each of {n} independent workers' steps took {ind / base:.2f}x as long as it alone: "

@@ -177,9 +177,9 @@ def ray_train(steps: int, threads: int) -> float:
 
     from dcgan_ray.config import config_from_dict
     from dcgan_ray.data.svhn import prepare_split
+    from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.dev.seaweed import scratch_server
     from dcgan_ray.storage.s3 import Store
-    from dcgan_ray.data.synth import synth_svhn_mat
     from dcgan_ray.train.driver import train
 
     with scratch_server("bench") as (server, tmp):
@@ -223,7 +223,8 @@ def main() -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name}), torch {torch.__version__}, {threads} threads, {args.steps} steps at batch {BATCH}")
+    print(f"device {device} ({name}), torch {torch.__version__}, {threads} threads, "
+          f"{args.steps} steps at batch {BATCH}")
     images = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, device=device)
     if args.table:
         sizes = [int(b) for b in (args.batch_sizes or ("128,1024" if device.type == "cuda" else "128")).split(",")]
@@ -233,7 +234,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
         if device.type != "cuda" and CUDA_ONLY & set(names):
-            raise SystemExit(f"--configs: {', '.join(sorted(CUDA_ONLY & set(names)))} record CUDA graphs: use --device cuda")
+            raise SystemExit(f"--configs: {', '.join(sorted(CUDA_ONLY & set(names)))} record CUDA graphs: "
+                             "use --device cuda")
         if "eager" not in names:
             names.insert(0, "eager")  # the baseline of every ratio
         print(TABLE_HEAD)

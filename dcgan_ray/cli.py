@@ -29,7 +29,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dcgan_ray.config import JobConfig, StorageSection, load_config
 from dcgan_ray.errors import ConfigError, DcganError
@@ -149,9 +149,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from dcgan_ray.gan.step import to_pixels
     from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_uri
     from dcgan_ray.storage.images import grid_image
-    from dcgan_ray.gan.step import to_pixels
 
     state = read_checkpoint_uri(args.checkpoint, _storage_for_uri(args))
     netG, cfg = generator_from_checkpoint(state)
@@ -192,11 +192,12 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
                              batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device, min_steps=c.min_steps)
     accuracy = evaluate_accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels).long())
     steps_per_epoch = len(train.images) // c.batch_size
-    meta = {"test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
-            "train_split": cfg.data.split, "test_split": c.test_split,
-            "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)), "batch_size": c.batch_size,
-            "seconds": time.perf_counter() - start,
-            "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]}}
+    meta: dict[str, Any] = {
+        "test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
+        "train_split": cfg.data.split, "test_split": c.test_split,
+        "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)), "batch_size": c.batch_size,
+        "seconds": time.perf_counter() - start,
+        "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]}}
     meta["steps"] = meta["epochs"] * steps_per_epoch
     buf = io.BytesIO()
     torch.save({"model": save_state(model.cpu()), "meta": meta}, buf)
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
     p.add_argument("--n", type=_bounded(1, 4096), default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=None, help="noise seed (default: the run's fixed noise)")
+    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=None,
+                   help="noise seed (default: the run's fixed noise)")
     p.add_argument("--scale", type=_bounded(1, 16), default=2, help="upscaling of the PNG (default 2)")
     p.add_argument("--config", default=None, help="job YAML whose storage settings to use for s3:// URIs")
     p.add_argument("--endpoint", type=_endpoint, default=None,

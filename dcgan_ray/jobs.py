@@ -49,7 +49,8 @@ def _client(address: str | None):
         return JobSubmissionClient(address), address
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"cannot reach Ray's job API at {address} ({str(e).splitlines()[0][:200]}): is the "
-                           "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS") from None
+                           "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
+                           ) from None
 
 
 def _offers_job_slot(address: str) -> bool:
@@ -177,7 +178,7 @@ def format_jobs(rows: list[JobRow]) -> str:
     header = ("SUBMISSION", "KIND", "NAME", "STATE", "EPOCH", "BEST", "ARTIFACTS")
     table = [header] + [(r.submission_id, r.kind, r.name, r.state, r.progress, r.best, r.uri) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines += [f"  {r.submission_id}: {r.message}" for r in rows if r.message]
     return "\n".join(lines) if rows else "no dcgan-ray jobs on this cluster"
 

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import ray
 from packaging.specifiers import SpecifierSet
@@ -110,8 +110,9 @@ class TorchTrainerStoppingOn(TorchTrainer):
 def autoscaling_state() -> Any | None:
     """Autoscaler v2's state (an `autoscaler_pb2.AutoscalingState`), or None where the cluster has no v2
     autoscaler. Its `infeasible_gang_resource_requests` name placement groups no node type can hold."""
-    from ray._raylet import GcsClient
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+    # Ray's stub of its compiled _raylet and its generated protobuf modules leave these names out.
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply  # type: ignore[attr-defined]
 
     reply = GetClusterStatusReply()
     try:
@@ -139,7 +140,8 @@ def has_launching_autoscaler() -> bool:
 def largest_possible_resources() -> dict[str, float] | None:
     """The most of each resource the cluster could ever have, where it publishes its node types (KubeRay
     reports them to the GCS); None where it does not."""
-    return ray._private.state.state.get_max_resources_from_cluster_config() or None
+    # Ray annotates the amounts as int; they are resource amounts like ray.cluster_resources()'s floats.
+    return cast(dict[str, float] | None, ray._private.state.state.get_max_resources_from_cluster_config() or None)
 
 
 # --- Ray Tune ---------------------------------------------------------------------------------------------
@@ -162,7 +164,9 @@ def stop_tune_copying_env_vars(names: Iterable[str]) -> None:
 
 def session_dir() -> str:
     """This process's Ray session folder (the logs of every Ray process of a local cluster)."""
-    return ray._private.worker._global_node.get_session_dir_path()
+    node = ray._private.worker._global_node
+    assert node is not None, "session_dir() is called after ray.init()"
+    return node.get_session_dir_path()
 
 
 def validate_cluster_launcher_config(config: dict) -> dict:
@@ -189,7 +193,9 @@ FAKE_PROVIDER_CREATE_NODE = "_create_node_with_resources_and_labels"
 def signatures() -> dict[str, inspect.Signature]:
     """The signatures this module relies on, for tests/test_ray_internals.py."""
     return {
-        "TorchTrainer._initialize_and_run_controller": inspect.signature(TorchTrainer._initialize_and_run_controller),
+        # mypy sees Train v1's TorchTrainer; ray.train.torch picks v2's (which has this method) at import.
+        "TorchTrainer._initialize_and_run_controller": inspect.signature(
+            TorchTrainer._initialize_and_run_controller),  # type: ignore[attr-defined]
         "DefaultFailurePolicy.__init__": inspect.signature(DefaultFailurePolicy.__init__),
         "DefaultFailurePolicy.make_decision": inspect.signature(DefaultFailurePolicy.make_decision),
         "UserExceptionWithTraceback.__init__": inspect.signature(UserExceptionWithTraceback.__init__),

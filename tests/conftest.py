@@ -17,16 +17,16 @@ import pytest
 # Ray reads its auth mode once per process, so this must be set before anything imports ray.
 os.environ["RAY_AUTH_MODE"] = "token"
 
+from dcgan_ray.cli import main as cli_main  # noqa: E402
 from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
+from dcgan_ray.data.svhn import prepare_split  # noqa: E402
+from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.layout import RunLayout  # noqa: E402
 from dcgan_ray.storage.runs import read_run_manifest  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
-from dcgan_ray.cli import main as cli_main  # noqa: E402
-from dcgan_ray.data.svhn import prepare_split  # noqa: E402
-from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 
 TEST_KEY = "dcgan-test-key"
 TEST_SECRET = "dcgan-test-secret-0123456789"

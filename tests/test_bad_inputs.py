@@ -12,9 +12,9 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -115,14 +115,16 @@ ROWS = [
         lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train", "--from", str(c.tmp / "none.mat")],
         r"--from .*none.mat: no such file"),
     Row("from-not-a-mat", "`--from` a file that is not a .mat",
-        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train", "--from", c.text("notes.mat", "hello")],
+        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train",
+                   "--from", c.text("notes.mat", "hello")],
         r"is not a readable MATLAB .mat file"),
     Row("mat-float-pixels", "a .mat whose pixels are floats",
         lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train",
                    "--from", c.mat("float.mat", X=GOOD_X.astype(np.float64), y=GOOD_Y)],
         r"X is float64 \(32, 32, 3, 5\); SVHN's format 2 needs uint8 \(32, 32, 3, N\)"),
     Row("mat-no-labels", "a .mat without labels",
-        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train", "--from", c.mat("nolabels.mat", X=GOOD_X)],
+        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train",
+                   "--from", c.mat("nolabels.mat", X=GOOD_X)],
         r"has no variable 'y'"),
     Row("mat-labels-out-of-range", "a .mat with labels outside 1..10",
         lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train",
@@ -137,7 +139,8 @@ ROWS = [
                    "--from", c.mat("one.mat", X=GOOD_X, y=GOOD_Y)],
         r"is one file but 2 splits were asked for"),
     Row("from-url-404", "`--from` a URL that answers 404",
-        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train", "--from", f"{c.not_s3}/train_32x32.mat"],
+        lambda c: ["data", "prepare", c.job("bad-inputs-new"), "--split", "train",
+                   "--from", f"{c.not_s3}/train_32x32.mat"],
         r"cannot download http://127\.0\.0\.1:\d+/train_32x32.mat: HTTP 404"),
     Row("other-source-without-force", "a different file for a split already in the bucket",
         lambda c: ["data", "prepare", c.job(), "--split", "train", "--from", str(c.tmp / "other_train.mat")],
@@ -147,7 +150,8 @@ ROWS = [
         r"manifest.json is not a split manifest this code can use \(it is not JSON \(JSONDecodeError\)\); "
         r"run `dcgan-ray data prepare .*job-\d+.yaml --split train --force`"),
     # URIs and checkpoints
-    Row("uri-without-bucket", "an s3:// URI without a bucket", lambda c: ["sample", "s3:///runs/x", "--endpoint", c.endpoint],
+    Row("uri-without-bucket", "an s3:// URI without a bucket",
+        lambda c: ["sample", "s3:///runs/x", "--endpoint", c.endpoint],
         r"'s3:///runs/x' names no bucket \(expected s3://BUCKET/KEY\)"),
     Row("uri-nothing-there", "a checkpoint URI with nothing there",
         lambda c: ["sample", c.uri("bad-inputs/runs/never"), "--endpoint", c.endpoint],
@@ -173,13 +177,17 @@ ROWS = [
     Row("endpoint-unreachable", "an endpoint where nothing listens",
         lambda c: ["train", c.job(storage={"endpoint": f"http://127.0.0.1:{SeaweedPorts.free().s3}"})],
         r"cannot reach the S3 endpoint http://127\.0\.0\.1:\d+ \(tried 3 times\) while trying to open bucket"),
-    Row("endpoint-not-a-url", "an endpoint without http://", lambda c: ["train", c.job(text="storage:\n  endpoint: 127.0.0.1:8333\n")],
+    Row("endpoint-not-a-url", "an endpoint without http://",
+        lambda c: ["train", c.job(text="storage:\n  endpoint: 127.0.0.1:8333\n")],
         r"`storage.endpoint` = '127.0.0.1:8333' is not allowed; expected null \(AWS\) or an http\(s\):// URL"),
-    Row("endpoint-not-s3", "an endpoint that is some other web server", lambda c: ["train", c.job(storage={"endpoint": c.not_s3})],
+    Row("endpoint-not-s3", "an endpoint that is some other web server",
+        lambda c: ["train", c.job(storage={"endpoint": c.not_s3})],
         r"storage.endpoint http://127\.0\.0\.1:\d+ is not an S3 endpoint: listing bucket 'dcgan-test' got HTTP 404"),
-    Row("bucket-missing", "a bucket that does not exist", lambda c: ["train", c.job(storage={"bucket": "no-such-bucket"})],
+    Row("bucket-missing", "a bucket that does not exist",
+        lambda c: ["train", c.job(storage={"bucket": "no-such-bucket"})],
         r"bucket 'no-such-bucket' does not exist on .*: create it .* or set storage.create_bucket: true"),
-    Row("bucket-bad-name", "a bucket name S3 does not allow", lambda c: ["train", c.job(text="storage:\n  bucket: My_Bucket\n")],
+    Row("bucket-bad-name", "a bucket name S3 does not allow",
+        lambda c: ["train", c.job(text="storage:\n  bucket: My_Bucket\n")],
         r"`storage.bucket` = 'My_Bucket' is not allowed; expected an S3 bucket name"),
     # what a run needs in the bucket
     Row("train-without-data", "training before `data prepare`", lambda c: ["train", c.job("bad-inputs-empty")],
@@ -199,7 +207,8 @@ ROWS = [
         r"`scaling.num_workers` = 0 is not allowed; expected an integer >= 1"),
     Row("more-workers-than-cpus", "more workers than the cluster has CPUs",
         lambda c: ["train", c.job(scaling={"num_workers": 64}), "--address", c.ray_address],
-        r"the job needs 64 worker\(s\) x 1 CPU = 64 CPU, but the cluster has 4 CPU; lower scaling.num_workers", ray=True),
+        r"the job needs 64 worker\(s\) x 1 CPU = 64 CPU, but the cluster has 4 CPU; lower scaling.num_workers",
+        ray=True),
     Row("gpus-on-a-cpu-cluster", "GPU workers on a cluster without GPUs",
         lambda c: ["train", c.job(scaling={"use_gpu": True}), "--address", c.ray_address],
         r"the job needs 1 worker\(s\) x 1 CPU, 1 GPU = 1 CPU, 1 GPU, but the cluster has 4 CPU, 0 GPU; .*"
@@ -228,7 +237,8 @@ ROWS = [
         r"10 train images cannot fill one batch of classifier.batch_size=64; lower it or use more data"),
     Row("classifier-test-split-missing", "a classifier test split that was never prepared",
         lambda c: ["classifier", "train", c.job(classifier={"test_split": "extra"})],
-        r"the extra split of svhn is not in .*; put it there with: dcgan-ray data prepare .*job-\d+.yaml --split extra"),
+        r"the extra split of svhn is not in .*; put it there with: "
+        r"dcgan-ray data prepare .*job-\d+.yaml --split extra"),
     Row("min-accuracy-out-of-range", "a minimum accuracy above 1",
         lambda c: ["train", c.job(eval={"min_classifier_accuracy": 90})],
         r"`eval.min_classifier_accuracy` = 90.0 is not allowed; expected a number in \[0, 1\]"),

@@ -10,7 +10,12 @@ from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import CheckpointError
 from dcgan_ray.storage.checkpoint import (
-    CHECKPOINT_FILE, MANIFEST_FILE, Checkpointer, read_checkpoint_dir, read_checkpoint_uri, save_checkpoint,
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    Checkpointer,
+    read_checkpoint_dir,
+    read_checkpoint_uri,
+    save_checkpoint,
 )
 from dcgan_ray.storage.layout import RunLayout
 

@@ -4,12 +4,16 @@ it: Fréchet distance of its features, inception score and class histogram."""
 from __future__ import annotations
 
 import io
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dcgan_ray.data.synth import render_digits
+from dcgan_ray.errors import CheckpointError
+from dcgan_ray.gan.step import to_model_input
 from dcgan_ray.quality.classifier import (
     DigitClassifier,
     classify,
@@ -20,10 +24,7 @@ from dcgan_ray.quality.classifier import (
     save_state,
     train_classifier,
 )
-from dcgan_ray.errors import CheckpointError
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
-from dcgan_ray.gan.step import to_model_input
-from dcgan_ray.data.synth import render_digits
 from dcgan_ray.quality.metrics import SampleStats
 
 
@@ -73,7 +74,7 @@ def test_classify_gives_features_and_distributions(model, test_set):
 def test_training_is_deterministic_for_a_seed(train_set):
     images, labels = train_set[0][:256], train_set[1][:256]
     a, b, c = (train_classifier(images, labels, epochs=1, batch_size=64, seed=s) for s in (7, 7, 8))
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
 
@@ -134,12 +135,13 @@ def test_frechet_distance_grows_with_noise_and_blur(model, test_set):
     clean = frechet_from_stats(reference, _stats(model, half_b))
 
     noise = torch.Generator().manual_seed(0)
-    noisy = [frechet_from_stats(reference, _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1)))
+    noisy = [frechet_from_stats(reference,
+                                _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1)))
              for s in (0.15, 0.3, 0.6)]
     blurred = [frechet_from_stats(reference, _stats(model, _blur(half_b, s))) for s in (1.0, 1.5, 2.0)]
 
     for name, values in (("noise", noisy), ("blur", blurred)):
-        assert all(a < b for a, b in zip(values, values[1:])), f"{name}: {values}"
+        assert all(a < b for a, b in pairwise(values)), f"{name}: {values}"
         assert clean < values[0], f"clean halves {clean} vs {name} {values}"
 
 

@@ -189,7 +189,8 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
         done = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     python = home / "venv" / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import dcgan_ray, dcgan_ray.ray_internals, torch, ray; print(ray.__version__, dcgan_ray.__file__)"],
+    check = subprocess.run([str(python), "-c", "import dcgan_ray, dcgan_ray.ray_internals, torch, ray; "
+                            "print(ray.__version__, dcgan_ray.__file__)"],
                            cwd=home, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert check[0] == ray.__version__ and check[1].startswith(str(home / "dcgan-ray"))
     cli = subprocess.run([str(home / "venv" / "bin" / "dcgan-ray"), "paths", str(home / "dcgan-ray/jobs/svhn.yaml")],
@@ -260,7 +261,8 @@ def test_rayjob_gpu_workers(name):
     assert job.scaling.use_gpu and job.scaling.one_node
 
     def pod_gpus(g: dict) -> float:
-        return max(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in g["template"]["spec"]["containers"])
+        return max(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+                   for c in g["template"]["spec"]["containers"])
 
     # scaling.one_node: one running pod (one node) must hold every worker of the job.
     assert any(g["replicas"] >= 1 and pod_gpus(g) >= job.scaling.num_workers for g in gpu_groups), \
@@ -331,7 +333,8 @@ def test_recipes_state_the_models_predictions():
     assert f"2 workers {said(2, 'pcie')}" in aws and f"4 workers {said(4, 'pcie')}" in aws
     for name in RAYJOB_FILES:
         text = (CLUSTER / name).read_text()
-        assert f"over PCIe, {said(2, 'pcie')} scaling efficiency" in text and f"10 Gb/s: {said(2, 'ethernet_10g')}" in text
+        assert f"over PCIe, {said(2, 'pcie')} scaling efficiency" in text
+        assert f"10 Gb/s: {said(2, 'ethernet_10g')}" in text
     svhn = (REPO / "jobs" / "svhn.yaml").read_text()
     assert f"{said(2, 'pcie')} scaling efficiency" in svhn and f"against {said(2, 'ethernet_10g')}" in svhn
 
@@ -650,8 +653,8 @@ $defs:
                     other: [mountPropagation, readOnly, recursiveReadOnly, subPath, subPathExpr]
                     additionalProperties: false
               other: [args, command, envFrom, imagePullPolicy, lifecycle, livenessProbe, readinessProbe, resizePolicy,
-                restartPolicy, restartPolicyRules, securityContext, startupProbe, stdin, stdinOnce, terminationMessagePath,
-                terminationMessagePolicy, tty, volumeDevices, workingDir]
+                restartPolicy, restartPolicyRules, securityContext, startupProbe, stdin, stdinOnce,
+                terminationMessagePath, terminationMessagePolicy, tty, volumeDevices, workingDir]
               additionalProperties: false
           tolerations:
             type: array
@@ -694,7 +697,7 @@ $defs:
     anyOf:
     - {type: integer}
     - {type: string, pattern: '^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$'}
-""")
+""")  # noqa: E501 (the CRD's quantity pattern, verbatim: a YAML scalar with no place to break)
 
 
 def _expand(node):

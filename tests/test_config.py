@@ -17,8 +17,8 @@ def test_shipped_jobs_load(path):
 
 def test_seed_hyperparameters_in_svhn_job():
     cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "svhn.yaml")
-    assert (cfg.model.z_dim, cfg.train.lr, cfg.train.beta1, cfg.train.batch_size, cfg.train.epochs, cfg.model.alpha) == (
-        100, 2e-4, 0.5, 128, 25, 0.2)
+    assert (cfg.model.z_dim, cfg.train.lr, cfg.train.beta1, cfg.train.batch_size, cfg.train.epochs,
+            cfg.model.alpha) == (100, 2e-4, 0.5, 128, 25, 0.2)
     # The keys docs and tests rely on exist under these names.
     for key in ("name", "train.epochs", "train.batch_size", "train.lr", "train.beta1", "model.z_dim", "model.alpha",
                 "scaling.num_workers", "scaling.use_gpu", "storage.endpoint", "storage.bucket", "storage.prefix"):

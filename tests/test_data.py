@@ -6,8 +6,8 @@ import pytest
 import scipy.io
 
 from dcgan_ray.data.svhn import OFFICIAL, fetch, load_split, prepare_split, read_mat, read_split_manifest
-from dcgan_ray.storage.layout import split_prefix
 from dcgan_ray.errors import DatasetError, DatasetMissing
+from dcgan_ray.storage.layout import split_prefix
 
 
 @pytest.fixture
@@ -139,7 +139,8 @@ def http_source():
 def test_official_download_with_wrong_md5_leaves_nothing(http_source, tmp_path, svhn_dir):
     server, url = http_source
     _Handler.body, _Handler.claimed_length = (svhn_dir / "test_32x32.mat").read_bytes(), None
-    with pytest.raises(DatasetError, match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
+    with pytest.raises(DatasetError,
+                       match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
         fetch("test", tmp_path, url)
     assert list(tmp_path.iterdir()) == []
 

@@ -53,7 +53,7 @@ def test_project_step_updates_like_the_textbook_step():
         loss_d, loss_g = textbook_step(*twins, *twin_opts, real, z)
         assert torch.allclose(ours.loss_d, loss_d, atol=1e-6) and torch.allclose(ours.loss_g, loss_g, atol=1e-6)
     for mine, theirs in ((netG, twins[0]), (netD, twins[1])):
-        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values()):
+        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
             assert torch.allclose(p.float(), q.float(), atol=1e-5), name
     assert all(p.requires_grad for p in netD.parameters())
 

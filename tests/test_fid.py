@@ -212,7 +212,7 @@ def test_device_class_statistics_match_the_numpy_path(device):
     probs = [rng.dirichlet(np.ones(10), m).astype(np.float32) for m in (40, 23)]
     probs[1][0] = np.eye(10)[3]  # exact zeros: p log p must be 0 there, not nan
     s = SampleStats.empty(6)
-    for f, p in zip(feats, probs):
+    for f, p in zip(feats, probs, strict=True):
         s.update(torch.from_numpy(f).to(device), torch.from_numpy(p).to(device))
     p64 = np.concatenate(probs).astype(np.float64)
     np.testing.assert_allclose(s.prob_sum, p64.sum(0), rtol=1e-12)

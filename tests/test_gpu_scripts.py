@@ -4,13 +4,14 @@ so a GPU session never finds it broken."""
 
 from __future__ import annotations
 
-import pytest
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 

@@ -55,7 +55,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(directory: Path) -> Iterator[str]:
     """A real HTTP server on a free loopback port serving `directory`; yields its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -125,10 +126,12 @@ def test_wrong_sha256_names_both_hashes_and_keeps_nothing(weights, tmp_path):
     cache = tmp_path / "cache"
     wrong = "0" * 64
     with serve(weights.path.parent) as base:
-        with pytest.raises(WeightsError, match=rf"sha256 {weights.sha256}, expected {wrong} \(the download was deleted\)"):
+        with pytest.raises(WeightsError,
+                           match=rf"sha256 {weights.sha256}, expected {wrong} \(the download was deleted\)"):
             fetch_weights(f"{base}/{weights.path.name}", cache, wrong)
     assert weight_files(cache) == []
-    with pytest.raises(WeightsError, match=rf"sha256 {weights.sha256}, expected {wrong} \(the file was left in place\)"):
+    with pytest.raises(WeightsError,
+                       match=rf"sha256 {weights.sha256}, expected {wrong} \(the file was left in place\)"):
         load_inception(str(weights.path), sha256=wrong, cache_dir=cache)
     assert weights.path.is_file()
 

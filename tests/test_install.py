@@ -36,7 +36,8 @@ def test_every_dependency_is_locked_at_a_version_it_allows():
                 continue
             assert req.name.lower() in locked, f"{lock} lacks {req.name}: run `bash scripts/lock.sh`"
             assert Version(locked[req.name.lower()]) in req.specifier, \
-                f"{lock} pins {req.name}=={locked[req.name.lower()]}, pyproject asks {req.specifier}: run `bash scripts/lock.sh`"
+                f"{lock} pins {req.name}=={locked[req.name.lower()]}, pyproject asks {req.specifier}: " \
+                "run `bash scripts/lock.sh`"
 
 
 def test_the_test_lock_is_the_runtime_lock_plus_the_test_tools():

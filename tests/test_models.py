@@ -1,7 +1,7 @@
 import torch
 
 from dcgan_ray.gan.models import Discriminator, Generator, build_models, count_parameters
-from dcgan_ray.gan.step import make_optimizers, rank_batches, run_epoch, noise_generator, to_model_input, train_step
+from dcgan_ray.gan.step import make_optimizers, noise_generator, rank_batches, run_epoch, to_model_input, train_step
 
 
 def test_shapes_and_parameter_counts():
@@ -47,8 +47,8 @@ def test_train_step_changes_both_networks():
     d0 = [p.clone() for p in netD.parameters()]
     real = to_model_input(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
     stats = train_step(netG, netD, optG, optD, real, torch.randn(8, 100))
-    assert all(not torch.equal(a, b) for a, b in zip(g0, netG.parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(d0, netD.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(g0, netG.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, netD.parameters(), strict=True))
     assert torch.isfinite(stats.loss_d) and torch.isfinite(stats.loss_g)
     assert 0 < stats.d_real.item() < 1 and 0 < stats.d_fake.item() < 1
     assert all(p.requires_grad for p in netD.parameters())  # G phase's freeze is undone
@@ -77,7 +77,8 @@ def test_run_epoch_reports_means():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     logs = []
     stats = run_epoch(netG, netD, optG, optD, images, rank_batches(64, 8, 0, 1, 0, 0), 16,
-                      noise_generator(0, 0, 0, torch.device("cpu")), log_every=4, on_log=lambda i, m: logs.append((i, m)))
+                      noise_generator(0, 0, 0, torch.device("cpu")), log_every=4,
+                      on_log=lambda i, m: logs.append((i, m)))
     assert stats.steps == 8 and stats.images == 64
     assert [i for i, _ in logs] == [4, 8]
     assert all(m["images_per_s"] > 0 for _, m in logs)

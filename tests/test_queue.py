@@ -59,7 +59,7 @@ def test_three_jobs_queue_one_at_a_time(ray_head, s3_server, data_prefix, capsys
     capsys.readouterr()
     assert cli_main(["jobs", "--address", ray_head.dashboard_url]) == 0
     table = capsys.readouterr().out
-    for submission_id, name in zip(ids, names):
+    for submission_id, name in zip(ids, names, strict=True):
         line = next(line for line in table.splitlines() if line.startswith(submission_id))
         assert name in line and "finished" in line and "1/1" in line
 

@@ -32,7 +32,8 @@ def test_the_installed_ray_is_the_supported_one():
 def test_another_ray_is_refused_in_one_line_naming_the_range(monkeypatch):
     monkeypatch.delenv(ray_internals.UNSUPPORTED_RAY_OPT_IN, raising=False)
     for version in ("2.61.0", "2.59.1", "3.0.0"):
-        with pytest.raises(UnsupportedRay, match=rf"needs Ray >=2\.60,<2\.61 .* but Ray {re.escape(version)} is installed"
+        with pytest.raises(UnsupportedRay, match=r"needs Ray >=2\.60,<2\.61 .* "
+                                                 rf"but Ray {re.escape(version)} is installed"
                                                  r": install the pinned one with `pip install --require-hashes -r "
                                                  r"requirements/runtime\.lock`") as e:
             check_ray_version(version)

@@ -14,7 +14,14 @@ from PIL import Image
 
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.study.outcomes import (
-    Thresholds, TrialRecord, best_value, classify, final_value, is_hopeless, summary_text, trials_table,
+    Thresholds,
+    TrialRecord,
+    best_value,
+    classify,
+    final_value,
+    is_hopeless,
+    summary_text,
+    trials_table,
 )
 from dcgan_ray.study.report import write_report
 

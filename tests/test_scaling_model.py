@@ -12,8 +12,17 @@ import pytest
 from dcgan_ray.config import config_from_dict
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models, count_parameters
-from dcgan_ray.gan.scaling import (D_PARAMS, G_PARAMS, LINKS, STEP_ESTIMATES, allreduce_seconds, ddp_buckets,
-                                   describe_job, predict, predict_job)
+from dcgan_ray.gan.scaling import (
+    D_PARAMS,
+    G_PARAMS,
+    LINKS,
+    STEP_ESTIMATES,
+    allreduce_seconds,
+    ddp_buckets,
+    describe_job,
+    predict,
+    predict_job,
+)
 
 A10G_NODE = {"CPU": 4.0, "GPU": 1.0, "memory": 1e10, "accelerator_type:A10G": 1.0}  # g5.xlarge
 A10G_X4_NODE = {"CPU": 48.0, "GPU": 4.0, "accelerator_type:A10G": 1.0}  # g5.12xlarge

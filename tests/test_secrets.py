@@ -100,8 +100,8 @@ def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, d
     job = tmp_path / "study.yaml"
     job.write_text(study.to_yaml())
     ids = [f"{run}-train", f"{run}-study"]
-    outputs = [submit(ray_head, ids[0], "train", str(REPO / "jobs/smoke.yaml"), *[a for s in sets for a in ("--set", s)],
-                      "--set", f"name={run}", "--set", "data.max_images=64"),
+    outputs = [submit(ray_head, ids[0], "train", str(REPO / "jobs/smoke.yaml"),
+                      *[a for s in sets for a in ("--set", s)], "--set", f"name={run}", "--set", "data.max_images=64"),
                submit(ray_head, ids[1], "tune", str(job))]
     assert "latest checkpoint: s3://" in outputs[0] and "report: s3://" in outputs[1]
 

@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from dcgan_ray.config import JobConfig, SpeedSection, config_from_dict, load_config
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.gan.step import (load_optimizer_state, make_optimizers, noise_generator, prepare_models, rank_batches,
-                                run_epoch, to_model_input)
+from dcgan_ray.gan.step import (
+    load_optimizer_state,
+    make_optimizers,
+    noise_generator,
+    prepare_models,
+    rank_batches,
+    run_epoch,
+    to_model_input,
+)
 
 Z, BATCH, IMAGES = 16, 8, 32  # 4 steps of a small G and D: enough to compound round-off, quick on 2 cores
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +118,8 @@ def test_bf16_autocast_stays_near_fp32():
 def test_channels_last_changes_layout_not_results():
     seen = []
     stats, netG, netD = train(SpeedSection(channels_last=True))
-    netD.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    netD.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     run_epoch(netG, netD, *make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999), images(),
               rank_batches(IMAGES, BATCH, 0, 1, 0, 1), Z, noise_generator(0, 1, 0, torch.device("cpu")),
               speed=SpeedSection(channels_last=True))

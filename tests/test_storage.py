@@ -24,7 +24,8 @@ def test_unreachable_endpoint_is_bounded_and_named():
     port = SeaweedPorts.free().s3  # nothing listens there
     store = Store(make_config(f"http://127.0.0.1:{port}", "p").storage)
     start = time.monotonic()
-    with pytest.raises(StorageUnreachable, match=rf"cannot reach the S3 endpoint http://127.0.0.1:{port} \(tried 3 times\)"):
+    with pytest.raises(StorageUnreachable,
+                       match=rf"cannot reach the S3 endpoint http://127.0.0.1:{port} \(tried 3 times\)"):
         store.check()
     assert time.monotonic() - start < 30
 
@@ -100,7 +101,8 @@ def test_an_outage_is_waited_out_and_logged_once(private_s3, prefix, caplog):
     assert store.get_bytes(f"{prefix}/during") == b"written"
     started, ended = outage_lines(caplog)
     assert len(started) == 1 and len(ended) == 1, started + ended
-    assert "while trying to read s3://" in started[0] and "retrying for up to 60 s (storage.retry_budget_s)" in started[0]
+    assert "while trying to read s3://" in started[0]
+    assert "retrying for up to 60 s (storage.retry_budget_s)" in started[0]
     assert re.search(r"answers again after \d+\.\d s \(\d+ retries\)", ended[0])
 
 
@@ -110,8 +112,9 @@ def test_an_outage_past_the_budget_is_one_clear_error(private_s3, prefix, caplog
     private_s3.stop()
     try:
         start = time.monotonic()
-        with pytest.raises(StorageUnreachable, match=r"did not answer for [34] s \(storage.retry_budget_s = 3\) "
-                                                     r"while trying to read s3://dcgan-test/.*/x.*run the command again"):
+        with pytest.raises(StorageUnreachable,
+                           match=r"did not answer for [34] s \(storage.retry_budget_s = 3\) "
+                                 r"while trying to read s3://dcgan-test/.*/x.*run the command again"):
             store.get_bytes(f"{prefix}/x")
         assert time.monotonic() - start < 15
     finally:

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TrainInThread, make_config, run_cfg
-from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
 from dcgan_ray.cli import main as cli_main
-from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
 from dcgan_ray.dev.seaweed import SeaweedPorts
+from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
+from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
@@ -148,7 +148,8 @@ def test_more_workers_than_the_cluster_can_place(ray_head, s3_server, data_prefi
 def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "gpu")
     cfg.scaling.use_gpu = True
-    with pytest.raises(ClusterError, match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, but the cluster has .*set scaling.use_gpu=false"):
+    with pytest.raises(ClusterError, match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, "
+                                           r"but the cluster has .*set scaling.use_gpu=false"):
         train(cfg)
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import scipy.io
 
+import dcgan_ray.data.svhn as svhn
 from conftest import make_config
 from dcgan_ray.cli import _eval_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import StorageSection
-import dcgan_ray.data.svhn as svhn
 from dcgan_ray.data.svhn import cached_object, load_split, prepare_split, read_mat
 from dcgan_ray.errors import DatasetError
 from dcgan_ray.storage.checkpoint import MANIFEST_FILE, Checkpointer, save_checkpoint
@@ -93,7 +93,8 @@ def test_a_checkpoint_manifest_that_lists_files_as_a_list_is_torn_and_skipped(cf
         save_checkpoint(tmp_path / f"e{epoch}", tiny_state(epoch))
         checkpointer.upload(tmp_path / f"e{epoch}", checkpointer.dir_name(epoch))
     newest = layout.checkpoint_dir_key("checkpoint_epoch_0002")
-    store.put_bytes(f"{newest}/{MANIFEST_FILE}", json.dumps({"format": 1, "epoch": 2, "files": ["checkpoint.pt"]}).encode())
+    store.put_bytes(f"{newest}/{MANIFEST_FILE}",
+                    json.dumps({"format": 1, "epoch": 2, "files": ["checkpoint.pt"]}).encode())
     with caplog.at_level(logging.WARNING):
         state, uri = checkpointer.restore(f"{layout.bucket}/{newest}")
     assert state["epoch"] == 1 and uri.endswith("checkpoint_epoch_0001")
@@ -115,8 +116,8 @@ def test_eval_takes_only_the_models_shape_from_a_checkpoint(cfg, tmp_path):
     """A shared checkpoint must not decide where credentials go, what is written where, or where weights
     are fetched from: those come from --config (or the command line's URI and endpoint)."""
     hostile = make_config("http://127.0.0.9:1", "elsewhere", name="theirs", model={"g_features": 16, "z_dim": 8},
-                          eval={"inception_weights": "http://127.0.0.9:1/steal.pth", "extractors": ["digit", "inception"],
-                                "metric": "fid"})
+                          eval={"inception_weights": "http://127.0.0.9:1/steal.pth",
+                                "extractors": ["digit", "inception"], "metric": "fid"})
     job = tmp_path / "mine.yaml"
     job.write_text(cfg.to_yaml())
     args = argparse.Namespace(config=str(job), endpoint=None, num_samples=64, extractors=None,
@@ -128,7 +129,8 @@ def test_eval_takes_only_the_models_shape_from_a_checkpoint(cfg, tmp_path):
     bare = argparse.Namespace(config=None, endpoint=None, num_samples=None, extractors=None,
                               checkpoint="s3://mybucket/team/a/runs/theirs/best")
     mine = _eval_config(bare, StorageSection(endpoint="http://127.0.0.1:8333"), hostile)
-    assert (mine.storage.endpoint, mine.storage.bucket, mine.storage.prefix) == ("http://127.0.0.1:8333", "mybucket", "team/a")
+    assert (mine.storage.endpoint, mine.storage.bucket, mine.storage.prefix) == (
+        "http://127.0.0.1:8333", "mybucket", "team/a")
     assert mine.eval.extractors == ["digit"] and "127.0.0.9" not in mine.eval.inception_weights
 
 
@@ -136,7 +138,8 @@ def test_eval_takes_only_the_models_shape_from_a_checkpoint(cfg, tmp_path):
     (["sample", "x.pt", "--n", "0"], r"argument --n: 0 is not in \[1, 4096\]"),
     (["sample", "x.pt", "--scale", "100"], r"argument --scale: 100 is not in \[1, 16\]"),
     (["eval", "x.pt", "--num-samples", "0"], r"argument --num-samples: 0 is not in \[2, 1000000\]"),
-    (["eval", "x.pt", "--endpoint", "localhost:9000"], r"argument --endpoint: 'localhost:9000' is not an http\(s\):// URL"),
+    (["eval", "x.pt", "--endpoint", "localhost:9000"],
+     r"argument --endpoint: 'localhost:9000' is not an http\(s\):// URL"),
     (["data", "synth", "out.mat", "--n", "-1"], r"argument --n: -1 is not in \[1, 10000000\]"),
 ])
 def test_bad_arguments_end_in_one_usage_error(argv, error, capsys):

@@ -380,7 +380,7 @@ def test_stop_logs_and_a_resubmission_that_resumes(ray_head, s3_server, data_pre
     follow = subprocess.run([sys.executable, "-m", "dcgan_ray", "logs", "stop-running", "-f", *where],
                             capture_output=True, text=True, timeout=600)
     assert follow.returncode == 0, follow.stderr[-3000:]
-    assert "training finished" in follow.stdout and f"resuming s3://dcgan-test/watch-tests/jobs/stop-running" \
+    assert "training finished" in follow.stdout and "resuming s3://dcgan-test/watch-tests/jobs/stop-running" \
         in follow.stdout
     assert client.get_job_status(again).value == "SUCCEEDED"
     finished = read_run_manifest(store, layout)

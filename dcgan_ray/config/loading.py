@@ -3,9 +3,9 @@
 Precedence, lowest to highest: the defaults in `sections`, the file the YAML `extends` (if any), the YAML
 file, then command-line overrides (`--set train.epochs=2`). `extends: PATH` (relative to the file) lets a
 site keep only what differs, e.g. a cluster's storage on top of jobs/svhn.yaml (cluster/k8s-job.yaml):
-mappings merge key by key, any other value replaces the base's. Unknown keys, wrong types and values out of range raise `ConfigError` naming
-the key, the file and what is allowed. Secrets never live here: S3 credentials come from the
-environment only (see `dcgan_ray.storage.s3`).
+mappings merge key by key, any other value replaces the base's. Unknown keys, wrong types and values out of
+range raise `ConfigError` naming the key, the file and what is allowed. Secrets never live here: S3
+credentials come from the environment only (see `dcgan_ray.storage.s3`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value, f"{key}.", where)
         else:
             kwargs[name] = _convert(value, annotation, key, where)
@@ -91,7 +92,8 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _validate(value, where, f"{prefix}{f.name}.")
         elif "rule" in f.metadata and not f.metadata["rule"][0](value):
-            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; expected {f.metadata['rule'][1]}")
+            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; "
+                              f"expected {f.metadata['rule'][1]}")
     if prefix:
         return
     needed = METRICS[cfg.eval.metric]
@@ -200,7 +202,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config", overrides: list[str] = ()) -> JobConfig:
+def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Sequence[str] = ()) -> JobConfig:
     data = apply_overrides(copy.deepcopy(data), list(overrides))
     where = f"{where} (with --set {' '.join(overrides)})" if overrides else where
     cfg = _build(JobConfig, data, "", where)
@@ -208,7 +210,7 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: lis
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """Load a job YAML (and the file it extends), apply `key=value` overrides, check every value."""
     return config_from_dict(_read_job_yaml(Path(path)), str(path), overrides)
 

@@ -68,9 +68,11 @@ class ModelSection:
     """Length of the noise vector z. Seed: 100."""
     alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
     """Leaky-ReLU negative slope in G and D. Seed: 0.2."""
-    g_features: int = field(default=128, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (G grows with its square)"))
+    g_features: int = field(default=128, metadata=rule(lambda v: 1 <= v <= 512,
+                                                       "an integer in [1, 512] (G grows with its square)"))
     """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Seed: 512 at 4x4."""
-    d_features: int = field(default=64, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (D grows with its square)"))
+    d_features: int = field(default=64, metadata=rule(lambda v: 1 <= v <= 512,
+                                                      "an integer in [1, 512] (D grows with its square)"))
     """Channels of D's first conv; the next double it (64 -> 128 -> 256). Seed: 64."""
 
 
@@ -78,7 +80,8 @@ class ModelSection:
 class TrainSection:
     epochs: int = field(default=25, metadata=rule(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"))
     """Passes over the training split. Seed: 25."""
-    batch_size: int = field(default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
+    batch_size: int = field(default=128,
+                            metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
     """Images per worker per step (the seed's 128 is one device's batch). The global batch is
     batch_size x scaling.num_workers; the job logs both."""
     lr: float = field(default=2e-4, metadata=POSITIVE)
@@ -113,7 +116,9 @@ class DataSection:
     """Name of the dataset folder in the bucket (`<storage.prefix>/data/<dataset>/<split>/`)."""
     split: str = field(default="train", metadata=SPLIT)
     """Split trained on: train, test or extra."""
-    prepare_splits: list[str] = field(default_factory=lambda: ["train"], metadata=rule(lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"))
+    prepare_splits: list[str] = field(
+        default_factory=lambda: ["train"],
+        metadata=rule(lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"))
     """Splits `dcgan-ray data prepare` puts into the bucket (also: test, extra)."""
     source_url: str = "http://ufldl.stanford.edu/housenumbers/"
     """Where the official SVHN format-2 files are downloaded from (checked against the official md5)."""
@@ -152,7 +157,9 @@ class EvalSection:
     to compare with papers (TTUR's DCGAN on SVHN: FID 21.4)."""
     metric: str = field(default="digit_fd", metadata=rule(lambda v: v in METRICS, "digit_fd or fid"))
     """The number that picks the best checkpoint and ranks a study's trials (lower is better): digit_fd or fid."""
-    extractors: list[str] = field(default_factory=lambda: ["digit"], metadata=rule(lambda v: bool(v) and all(e in METRICS.values() for e in v), "a list from digit, inception"))
+    extractors: list[str] = field(
+        default_factory=lambda: ["digit"],
+        metadata=rule(lambda v: bool(v) and all(e in METRICS.values() for e in v), "a list from digit, inception"))
     """Feature extractors evaluated: digit (our classifier; no outside weights) and/or inception (FID:
     the 2015 Inception v3, ~5.7 GFLOP per image at 299x299 -- meant for GPUs)."""
     inception_weights: str = INCEPTION_URL
@@ -255,14 +262,16 @@ class SpeedSection:
     parameter tensor, which matters when the step is launch-bound (batch 128 on a GPU). Same update up
     to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel; 0.6-1.06x of fp32 here,
     within noise). A resumed run uses this run's setting, not the checkpoint's."""
-    compile: str = field(default="none", metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
+    compile: str = field(default="none",
+                         metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
     """torch.compile G and D with this mode (none: eager). default fuses BatchNorm, leaky ReLU and
     tanh into a few generated kernels between the convolutions (cuDNN still runs those); reduce-overhead also replays
     each step's kernels as CUDA graphs, removing the per-kernel launch cost that bounds eager batch-128
     steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
     The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
     more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
-    grad_compression: str = field(default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
+    grad_compression: str = field(
+        default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
     """With more than one worker: all-reduce the gradients in bf16 or fp16 (PyTorch's DDP
     `bf16_compress_hook` / `fp16_compress_hook`: each bucket is cast down, summed, cast back) instead of
     fp32. It halves the ~23.9 MB every step sends (G 19.7 MB, D 4.1 MB), which is what limits scaling
@@ -327,9 +336,14 @@ class ScalingSection:
 
 @dataclass
 class StorageSection:
-    endpoint: str | None = field(default="http://127.0.0.1:8333", metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"))
+    endpoint: str | None = field(
+        default="http://127.0.0.1:8333",
+        metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"))
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
-    bucket: str = field(default="dcgan-ray", metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v, "an S3 bucket name (3-63 lower-case characters, no '/')"))
+    bucket: str = field(
+        default="dcgan-ray",
+        metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v,
+                      "an S3 bucket name (3-63 lower-case characters, no '/')"))
     """Bucket holding data, runs and reports."""
     prefix: str = field(default="dcgan-ray", metadata=PREFIX)
     """Key prefix of everything this project writes: <prefix>/data/..., <prefix>/runs/<name>/..."""
@@ -339,7 +353,8 @@ class StorageSection:
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
     runs_prefix: str | None = field(default=None, metadata=NULL_OR_PREFIX)
     """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
-    retry_budget_s: float = field(default=300.0, metadata=rule(lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"))
+    retry_budget_s: float = field(default=300.0,
+                                  metadata=rule(lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"))
     """How long (seconds) a storage outage may last before a read or write gives up. Every read and
     write of the driver and the workers (data, checkpoints, samples, run.json, reports, Ray Train's
     own files) retries with backoff for up to this long, so a restarting S3 server or a short network

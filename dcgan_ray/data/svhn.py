@@ -116,7 +116,8 @@ def fetch(split: str, workdir: Path, source_url: str, from_: str | None = None) 
     if path.is_dir():
         path = path / official.filename
     if not path.is_file():
-        raise DatasetError(f"--from {from_}: no such file {path} (expected SVHN's {official.filename} or a path to a .mat file)")
+        raise DatasetError(f"--from {from_}: no such file {path} "
+                           f"(expected SVHN's {official.filename} or a path to a .mat file)")
     return Source(path, str(path.resolve()), official=False)
 
 
@@ -215,7 +216,8 @@ def check_split_manifest(manifest: Any, prefix: str) -> dict[str, Any]:
     return m
 
 
-def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path, existing: set[str]) -> dict[str, Any]:
+def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path,
+                  existing: set[str]) -> dict[str, Any]:
     path = tmp / stem
     data.tofile(path)
     digest = file_hash(path)
@@ -318,7 +320,8 @@ def cached_object(store: Store, obj: dict[str, Any], node: str | None = None) ->
     # The name is a checked digest (check_split_manifest), so the path stays in the cache; a file found
     # there is used only if it still has that digest.
     return fetch_once(cache_dir("objects", node) / checks.sha256(obj["sha256"], "sha256"), download,
-                      ready=lambda p: p.is_file() and p.stat().st_size == obj["bytes"] and file_hash(p) == obj["sha256"])
+                      ready=lambda p: (p.is_file() and p.stat().st_size == obj["bytes"]
+                                       and file_hash(p) == obj["sha256"]))
 
 
 def _split_of(obj: dict[str, Any]) -> str:
@@ -351,7 +354,7 @@ def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_image
         if start < end:
             with open(cached_object(store, obj, node), "rb") as f:
                 wanted = (end - start) * IMAGE_BYTES
-                if f.readinto(memoryview(flat[start * IMAGE_BYTES:end * IMAGE_BYTES])) != wanted:
+                if f.readinto(flat[start * IMAGE_BYTES:end * IMAGE_BYTES].data) != wanted:
                     raise DatasetError(f"the cached copy of {store.uri(obj['key'])} is shorter than its manifest "
                                        f"says; delete {cache_dir('objects', node)} and start again")
         start += obj["count"]

@@ -188,13 +188,15 @@ def _glyph_mask(layout: _Layout) -> np.ndarray:
     font = _font(layout.font, layout.size)
     image = Image.new("L", (_CANVAS, _CANVAS), 0)
     draw = ImageDraw.Draw(image)
-    text_kw = dict(font=font, fill=255, stroke_width=layout.stroke, stroke_fill=255)
+
+    def ink(x: float, y: float, text: str) -> None:
+        draw.text((x, y), text, font=font, fill=255, stroke_width=layout.stroke, stroke_fill=255)
 
     # Centre the digit's ink box (not its advance box) on the canvas.
     left, top, right, bottom = font.getbbox(str(layout.digit), stroke_width=layout.stroke)
     x = (_CANVAS - (left + right)) / 2
     y = (_CANVAS - (top + bottom)) / 2
-    draw.text((x, y), str(layout.digit), **text_kw)
+    ink(x, y, str(layout.digit))
 
     # Neighbours share the baseline and sit one gap away from the centre ink,
     # but are pushed out until at most about half of them shows, so the label
@@ -202,12 +204,12 @@ def _glyph_mask(layout: _Layout) -> np.ndarray:
     if layout.left is not None:
         n_left, _, n_right, _ = font.getbbox(str(layout.left), stroke_width=layout.stroke)
         x_left = min(x + left - layout.gap - n_right, _NEIGHBOUR_INSET - (n_left + n_right) / 2)
-        draw.text((x_left, y), str(layout.left), **text_kw)
+        ink(x_left, y, str(layout.left))
     if layout.right is not None:
         n_left, _, n_right, _ = font.getbbox(str(layout.right), stroke_width=layout.stroke)
         x_right = max(x + right + layout.gap - n_left,
                       _CANVAS - _NEIGHBOUR_INSET - (n_left + n_right) / 2)
-        draw.text((x_right, y), str(layout.right), **text_kw)
+        ink(x_right, y, str(layout.right))
 
     image = image.transform((_CANVAS, _CANVAS), Image.Transform.AFFINE,
                             _inverse_affine(layout), resample=Image.Resampling.BILINEAR)

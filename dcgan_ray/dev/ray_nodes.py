@@ -57,8 +57,8 @@ class _RayProcess:
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ClusterError(f"{what} exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+            if self._launched.poll() is not None:
+                raise ClusterError(f"{what} exited with {self._launched.returncode}:\n{tail(self.log_path)}")
             if ready():
                 return
             time.sleep(0.5)
@@ -67,7 +67,12 @@ class _RayProcess:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._launched.pid
+
+    @property
+    def _launched(self) -> subprocess.Popen:
+        assert self.proc is not None, "the node's process was not launched"
+        return self.proc
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -132,7 +137,7 @@ class RayHead(_RayProcess):
         if self.autoscaling is not None:
             config = self.log_path.with_suffix(".autoscaler.json")
             config.parent.mkdir(parents=True, exist_ok=True)
-            config.write_text(json.dumps(self._autoscaling_config()))
+            config.write_text(json.dumps(self._autoscaling_config(self.autoscaling)))
             args.append(f"--autoscaling-config={config}")
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         # The helper ports are picked free just before `ray start` binds them; on a busy machine another
@@ -144,17 +149,17 @@ class RayHead(_RayProcess):
                 self._wait(lambda: http_answers(self.dashboard_url), timeout_s, "the Ray head")
                 return
             except ClusterError:
-                if attempt == 2 or self.proc.poll() is None:
+                if attempt == 2 or self._launched.poll() is None:
                     raise
                 args = [a for a in args if not a.startswith(("--ray-client-server-port", "--dashboard-agent-listen"))]
                 args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
 
-    def _autoscaling_config(self) -> dict[str, Any]:
+    def _autoscaling_config(self, autoscaling: dict[str, Any]) -> dict[str, Any]:
         """A whole cluster config for the fake multi-node provider (its example.yaml is not in the wheel)."""
         head_resources = {"CPU": self.num_cpus or 0, **self.resources}
         return {
             "cluster_name": "dcgan-ray-local",
-            "max_workers": sum(t["max_workers"] for t in self.autoscaling.values()),
+            "max_workers": sum(t["max_workers"] for t in autoscaling.values()),
             "idle_timeout_minutes": 5,
             "provider": {"type": "external", "module": "dcgan_ray.dev.loopback_provider.LoopbackFakeProvider",
                          "gcs_address": self.address, "disable_launch_config_check": True,
@@ -164,7 +169,7 @@ class RayHead(_RayProcess):
             "head_node_type": "ray.head.default",
             "available_node_types": {
                 "ray.head.default": {"resources": head_resources, "node_config": {}, "max_workers": 0},
-                **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in self.autoscaling.items()},
+                **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in autoscaling.items()},
             },
             "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
             "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],

@@ -47,7 +47,7 @@ class SeaweedPorts:
         return http + [p + GRPC_OFFSET for p in http]
 
     @classmethod
-    def free(cls, attempts: int = 200) -> "SeaweedPorts":
+    def free(cls, attempts: int = 200) -> SeaweedPorts:
         """Six HTTP ports (and their gRPC twins) that are free right now, for tests."""
         import random
 

@@ -70,6 +70,7 @@ def up(num_cpus: int | None, job_slots: int = 1, queue_timeout_s: int = 3600) ->
     else:
         server = SeaweedServer(base / "seaweedfs", ports, base / "seaweedfs.log", buckets=(DEV_BUCKET,))
         server.start(detach=True)
+        assert server.proc is not None  # start() launched it or raised
         (base / "seaweedfs.pid").write_text(str(server.proc.pid))
         print(f"S3 (SeaweedFS) up at {endpoint}, bucket {DEV_BUCKET!r}, data in {base / 'seaweedfs'}")
     if _pid_alive(base / "ray.pid"):
@@ -81,7 +82,7 @@ def up(num_cpus: int | None, job_slots: int = 1, queue_timeout_s: int = 3600) ->
                        resources={JOB_SLOT: job_slots}, env={"RAY_JOB_START_TIMEOUT_SECONDS": str(queue_timeout_s)},
                        temp_dir=Path(tempfile.gettempdir()) / "ray")
         head.start()
-        (base / "ray.pid").write_text(str(head.proc.pid))
+        (base / "ray.pid").write_text(str(head.pid))
         print(f"Ray head up at {HEAD_IP}:{RAY_PORT} with {job_slots} job slot(s), dashboard and job API at "
               f"http://127.0.0.1:{DASHBOARD_PORT}")
     print("clients need: source cluster/dev.env  (AWS_* credentials, AWS_ENDPOINT_URL, RAY_AUTH_MODE=token)")
@@ -98,6 +99,7 @@ def tensorboard(logdir: str, port: int) -> None:
         return
     server = TensorBoardServer(logdir, endpoint, base / "tensorboard.log", port=port)
     server.start()
+    assert server.proc is not None  # start() launched it or raised
     pid_file.write_text(str(server.proc.pid))
     (base / "tensorboard.port").write_text(str(port))
     print(f"TensorBoard up at {server.url} over {logdir} (log {base / 'tensorboard.log'}); by hand it is:\n"
@@ -126,7 +128,8 @@ def status() -> bool:
     ray_pid = _pid_alive(stack_dir() / "ray.pid")
     ray_ok = bool(ray_pid) and http_answers(f"http://127.0.0.1:{DASHBOARD_PORT}")
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
-    print(f"Ray head:       {f'up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}' if ray_ok else 'down'}"
+    ray_state = f"up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}" if ray_ok else "down"
+    print(f"Ray head:       {ray_state}"
           + (f" (pid {ray_pid})" if ray_pid else ""))
     tb_pid = _pid_alive(stack_dir() / "tensorboard.pid")
     if tb_pid:

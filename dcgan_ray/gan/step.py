@@ -46,7 +46,8 @@ def prepare_models(netG: nn.Module, netD: nn.Module, speed: SpeedSection) -> Non
     """
     for net in (netG, netD):
         if speed.channels_last:
-            net.to(memory_format=torch.channels_last)
+            # torch's stubs leave out the memory_format keyword that Module.to takes (and documents).
+            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if speed.compile != "none":
             net.compile(mode=speed.compile)
 

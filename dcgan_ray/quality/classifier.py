@@ -63,7 +63,8 @@ class DigitClassifier(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(feature_dim, NUM_CLASSES)  # -> 10 logits
-        self.to(memory_format=torch.channels_last)
+        # torch's stubs leave out the memory_format keyword that Module.to takes (and documents).
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim) of x, float (N, 3, 32, 32) in [-1, 1]."""
@@ -194,7 +195,8 @@ def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
     return torch.cat(features), torch.cat(probs)
 
 
-def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
+                      batch_size: int = 512) -> float:
     """Fraction of uint8 (N, 3, 32, 32) images whose most likely class is their digit label."""
     _check_labelled(images, labels)
     if images.shape[0] == 0:

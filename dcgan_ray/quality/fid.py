@@ -82,7 +82,8 @@ class FeatureStats:
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         """Add a (batch, d) block of features, accumulating in float64 on the features' device."""
-        x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features))
+        x = (features.detach() if isinstance(features, torch.Tensor)
+             else torch.from_numpy(np.ascontiguousarray(features)))
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (batch, {self.dim}), got shape {tuple(x.shape)}")
         x = x.to(torch.float64)
@@ -182,7 +183,8 @@ def frechet_distance(
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(
-            f"need means (d,) and covariances (d, d) of one d; got {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}"
+            f"need means (d,) and covariances (d, d) of one d; "
+            f"got {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}"
         )
 
     covmean, residual = _sqrtm(sigma1 @ sigma2)

@@ -19,20 +19,22 @@ import hashlib
 import io
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
-from dcgan_ray.config import JobConfig
-from dcgan_ray.config import METRICS
+from dcgan_ray.config import METRICS, JobConfig
 from dcgan_ray.errors import CheckpointError, DcganError, ObjectMissing
 from dcgan_ray.gan.step import to_model_input, unwrap
 from dcgan_ray.gan.sync import all_reduce_sum, broadcast_from_rank_zero
+from dcgan_ray.quality.classifier import DigitClassifier, classify, histogram_distance, load_classifier
 from dcgan_ray.quality.fid import FeatureStats, frechet_from_stats
 from dcgan_ray.storage.layout import classifier_key, reference_stats_key
 from dcgan_ray.storage.s3 import Store
+
+if TYPE_CHECKING:  # the module itself is imported only when the inception extractor is used
+    from dcgan_ray.quality.inception import InceptionV3Pool3
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class DigitExtractor(Extractor):
 class InceptionExtractor(Extractor):
     name = "inception"
 
-    def __init__(self, model: torch.nn.Module, ident: str):
+    def __init__(self, model: InceptionV3Pool3, ident: str):
         self.model, self.ident, self.feature_dim = model, ident, model.feature_dim
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -108,7 +110,8 @@ def check_classifier(store: Store, cfg: JobConfig) -> dict | None:
     accuracy = meta.get("test_accuracy")
     if accuracy is None or accuracy < cfg.eval.min_classifier_accuracy:
         raise DcganError(
-            f"the digit classifier at {meta['uri']} has test accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} "
+            f"the digit classifier at {meta['uri']} has test accuracy "
+            f"{accuracy if accuracy is None else f'{accuracy:.3f}'} "
             f"on {meta.get('test_images', '?')} images, below eval.min_classifier_accuracy="
             f"{cfg.eval.min_classifier_accuracy:g}: its digit_fd would rank samples by features that do not tell "
             f"digits apart. {MORE_CLASSIFIER_TRAINING}")
@@ -123,9 +126,10 @@ def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[
     if "inception" in cfg.eval.extractors:
         from dcgan_ray.quality.inception import load_inception
 
-        model = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device)
+        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage,
+                                   device=device)
         ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
-        extractors.append(InceptionExtractor(model, ident))
+        extractors.append(InceptionExtractor(inception, ident))
     return extractors
 
 
@@ -141,7 +145,7 @@ class SampleStats:
         self._neg_entropy_sum = torch.as_tensor(neg_entropy_sum, dtype=torch.float64)  # () sum over x of sum_y p log p
 
     @classmethod
-    def empty(cls, dim: int, device: torch.device | str = "cpu") -> "SampleStats":
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> SampleStats:
         return cls(FeatureStats.empty(dim, device), torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device),
                    torch.zeros((), dtype=torch.float64, device=device))
 
@@ -164,10 +168,11 @@ class SampleStats:
 
     def to_tensor(self) -> torch.Tensor:
         device = self.features.device
-        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device), self._neg_entropy_sum.to(device).reshape(1)])
+        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device),
+                          self._neg_entropy_sum.to(device).reshape(1)])
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "SampleStats":
+    def from_tensor(cls, t: torch.Tensor) -> SampleStats:
         t = t.cpu()  # at the end of an evaluation: one transfer to the host
         return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].clone(), t[-1].clone())
 
@@ -187,7 +192,7 @@ class SampleStats:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SampleStats":
+    def from_bytes(cls, data: bytes) -> SampleStats:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         return cls(FeatureStats.from_bytes(z["features"].tobytes()), z["prob_sum"], float(z["neg_entropy_sum"]))
 

@@ -157,7 +157,8 @@ def _status_lines(manifest: dict[str, Any], metric: str) -> list[str]:
 
 def render(manifest: dict[str, Any], run_uri: str, curves_name: str, tensorboard_logdir: str) -> str:
     """index.html of the run."""
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    raw_config = manifest.get("config")
+    config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
     metric = str(config.get("eval", {}).get("metric", "digit_fd")) if isinstance(config.get("eval"), dict) \
         else "digit_fd"
     history = [h for h in manifest.get("history", []) if isinstance(h, dict)]
@@ -203,7 +204,8 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em;
 def write_run_page(manifest: dict[str, Any], run_uri: str, out_dir: Path, tensorboard_logdir: str) -> list[Path]:
     """Write report/index.html and curves.png into `out_dir` (created); returns them, index.html last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    raw_config = manifest.get("config")
+    config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
     metric = str((config.get("eval") or {}).get("metric", "digit_fd"))
     curves = out_dir / "curves.png"
     plot_run_curves([h for h in manifest.get("history", []) if isinstance(h, dict)], metric, curves)

@@ -49,5 +49,5 @@ def format_runs(rows: list[RunRow], where: str) -> str:
     header = ("NAME", "STATUS", "EPOCHS", "BEST", "UPDATED", "SUBMISSION")
     table = [header] + [(r.name, r.status, r.epochs, r.best, r.updated, r.submission) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     return "\n".join([f"runs under {where}:", *lines])

@@ -150,7 +150,7 @@ def read_checkpoint_uri(uri: str, storage: StorageSection) -> dict[str, Any]:
             return load_checkpoint(path)
         files = {CHECKPOINT_FILE: _read_local(path / CHECKPOINT_FILE)}
         verify(files, _read_local(path / MANIFEST_FILE), str(path))
-        return load_checkpoint(files[CHECKPOINT_FILE], str(path / CHECKPOINT_FILE))
+        return load_checkpoint(_verified(files), str(path / CHECKPOINT_FILE))
     bucket, key = parse_s3_uri(uri)
     store = Store(dataclasses.replace(storage, bucket=bucket))
     if key.endswith(".pt"):
@@ -173,7 +173,14 @@ def read_checkpoint_dir(store: Store, folder: str) -> dict[str, Any]:
     """The checkpoint in the bucket folder `folder`, checked against its manifest (CheckpointError if torn)."""
     files = {CHECKPOINT_FILE: _get_or_none(store, f"{folder}/{CHECKPOINT_FILE}")}
     verify(files, _get_or_none(store, f"{folder}/{MANIFEST_FILE}"), store.uri(folder))
-    return load_checkpoint(files[CHECKPOINT_FILE], store.uri(f"{folder}/{CHECKPOINT_FILE}"))
+    return load_checkpoint(_verified(files), store.uri(f"{folder}/{CHECKPOINT_FILE}"))
+
+
+def _verified(files: dict[str, bytes | None]) -> bytes:
+    """The checkpoint's bytes from `files` once `verify` passed (it raises when a listed file is missing)."""
+    data = files[CHECKPOINT_FILE]
+    assert data is not None
+    return data
 
 
 def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> None:
@@ -286,8 +293,8 @@ class Checkpointer:
         # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
         # so a reader sees a torn checkpoint, never a wrong one.
         self.store.put_bytes(self.layout.best_key, data)
-        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}", manifest_bytes({CHECKPOINT_FILE: data}, epoch),
-                             "application/json")
+        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
+                             manifest_bytes({CHECKPOINT_FILE: data}, epoch), "application/json")
         record = {"uri": self.store.uri(self.layout.best_dir_key), "epoch": epoch,
                   "metric": self.metric, "value": value}
         log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])

@@ -72,7 +72,8 @@ def download_url(url: str, part: Path, expected_size: int | None = None, timeout
         raise DownloadError(f"HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         part.unlink(missing_ok=True)
-        raise DownloadError(str(e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}")) from None
+        reason = e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
+        raise DownloadError(str(reason)) from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 
-def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1, pad: int = 0) -> Image.Image:
+def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1,
+               pad: int = 0) -> Image.Image:
     """uint8 images (N, 3, H, W) -> one RGB image of `columns` tiles per row, upscaled `scale` times."""
     arr = np.asarray(pixels)
     n, _, h, w = arr.shape
@@ -22,7 +23,7 @@ def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, sc
         canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = arr[i].transpose(1, 2, 0)
     image = Image.fromarray(canvas, "RGB")
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     return image
 
 

@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -191,7 +192,8 @@ class Store:
             ) from None
         except botocore.exceptions.SSLError as e:
             raise StorageError(f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
-                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate") from None
+                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate"
+                               ) from None
         except _TRANSIENT as e:
             raise _Unreachable(type(e).__name__) from None
         except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as e:
@@ -308,8 +310,8 @@ class Store:
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]
-            self._call("delete", chunk[0]["Key"], lambda: self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
+            self._call("delete", chunk[0]["Key"], partial(self.client.delete_objects,
+                                                          Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
 
 
 class _Unreachable(Exception):

@@ -16,7 +16,7 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 # Display order: the outcome a person hopes for first, then failures from "trained but poor" to "broken".
 STATUSES = ("converged", "mode_collapse", "d_won", "diverged", "error", "no_data")
@@ -26,7 +26,7 @@ ACCURACY = "classifier_accuracy"
 """The digit classifier's test accuracy, reported with every digit_fd: what that distance is worth."""
 
 
-def classifier_accuracy(record: "TrialRecord", metric: str) -> float | None:
+def classifier_accuracy(record: TrialRecord, metric: str) -> float | None:
     """The accuracy of the classifier behind the trial's digit_fd (None for other metrics)."""
     return final_value(record.history, ACCURACY) if metric == "digit_fd" else None
 
@@ -76,7 +76,7 @@ def entry_value(entry: dict[str, float], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _is_finite(value: float | None) -> bool:
+def _is_finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
@@ -232,7 +232,7 @@ def pick_best(trials: list[AssessedTrial], metric: str) -> tuple[AssessedTrial |
         pool, note = scored, "no trial converged; this is the best by metric among all trials, and it failed too"
     else:
         return None, f"no trial reported a finite {metric}; this is the base configuration unchanged"
-    return min(pool, key=lambda t: t.best), note
+    return min(pool, key=lambda t: cast(float, t.best)), note  # `scored` keeps only trials with a best
 
 
 def fmt(value: Any) -> str:
@@ -248,12 +248,13 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
     """A fixed-width table for the job log, the counts per status, then the best configuration."""
     trials = assess(records, metric, thresholds)
     params = param_names(records)
-    header = ["trial", *params, "seed", "status", f"best {metric}"] + (["classifier accuracy"] if metric == "digit_fd" else [])
+    header = (["trial", *params, "seed", "status", f"best {metric}"]
+              + (["classifier accuracy"] if metric == "digit_fd" else []))
     cells = [[t.record.trial_id, *(fmt(t.record.params.get(p)) for p in params), str(t.record.seed), t.status,
               fmt(t.best)] + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
              for t in trials]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *cells]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *cells]]
     counts = Counter(t.status for t in trials)
     lines.append("")
     lines.append("trials per status: " + ", ".join(f"{s}: {counts[s]}" for s in STATUSES if counts[s]))

@@ -31,7 +31,13 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from dcgan_ray.study.outcomes import (
-    DIRECTION, STATUSES, AssessedTrial, TrialRecord, entry_value, fmt, fmt_short,
+    DIRECTION,
+    STATUSES,
+    AssessedTrial,
+    TrialRecord,
+    entry_value,
+    fmt,
+    fmt_short,
 )
 
 log = logging.getLogger(__name__)
@@ -243,7 +249,7 @@ def plot_learning_curves(trials: list[AssessedTrial], metric: str, path: Path) -
     fig.savefig(path, dpi=100)
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> str:
     """Cut `text` to `width` pixels so a long value does not run into the neighbouring tile."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -262,7 +268,7 @@ def _sample_image(record: TrialRecord) -> Image.Image | None:
                     type(e).__name__)
         return None
     # One tile size keeps the mosaic a regular grid even if a run used another sample.scale.
-    return image if image.size == (TILE_PX, TILE_PX) else image.resize((TILE_PX, TILE_PX), Image.NEAREST)
+    return image if image.size == (TILE_PX, TILE_PX) else image.resize((TILE_PX, TILE_PX), Image.Resampling.NEAREST)
 
 
 def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> None:
@@ -283,7 +289,7 @@ def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> 
     cell_w, cell_h = TILE_PX + 2 * pad, TILE_PX + caption_px + 2 * pad
     canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, ((t, image), caption) in enumerate(zip(tiles, captions)):
+    for k, ((t, image), caption) in enumerate(zip(tiles, captions, strict=True)):
         row, col = divmod(k, columns)
         x, y = col * cell_w + pad, row * cell_h + pad
         colour = STATUS_COLOURS[t.status]

@@ -31,11 +31,27 @@ import yaml
 from dcgan_ray.config import config_from_dict, set_dotted
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.study.outcomes import (
-    DIRECTION, STATUSES, AssessedTrial, Thresholds, TrialRecord, assess, classifier_accuracy, epochs_reported,
-    final_value, first_line, fmt, param_names, pick_best, table_rows,
+    DIRECTION,
+    STATUSES,
+    AssessedTrial,
+    Thresholds,
+    TrialRecord,
+    assess,
+    classifier_accuracy,
+    epochs_reported,
+    final_value,
+    first_line,
+    fmt,
+    param_names,
+    pick_best,
+    table_rows,
 )
 from dcgan_ray.study.plots import (
-    STATUS_COLOURS, plot_heatmap, plot_learning_curves, plot_metric_vs_param, write_mosaic,
+    STATUS_COLOURS,
+    plot_heatmap,
+    plot_learning_curves,
+    plot_metric_vs_param,
+    write_mosaic,
 )
 
 log = logging.getLogger(__name__)

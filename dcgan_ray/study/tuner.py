@@ -30,6 +30,7 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,25 @@ from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import (
-    STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_state_key, study_trials_prefix,
+    STUDY_EXPERIMENT,
+    RunLayout,
+    study_name,
+    study_prefix,
+    study_report_prefix,
+    study_state_key,
+    study_trials_prefix,
 )
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
 from dcgan_ray.train.driver import (
-    connect_ray, first_failure, make_trainer, our_error, preflight, s3_filesystem,
+    connect_ray,
+    first_failure,
+    make_trainer,
+    our_error,
+    preflight,
+    s3_filesystem,
 )
 from dcgan_ray.train.placement import check_capacity
 from dcgan_ray.train.runlock import DriverLock
@@ -76,10 +88,10 @@ def expand_trials(cfg: JobConfig) -> list[dict[str, Any]]:
     grid = {k: v["grid"] for k, v in cfg.tune.space.items() if "grid" in v}
     random_forms = {k: v for k, v in cfg.tune.space.items() if "grid" not in v}
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big"))
-    points = [{}]
+    points: list[dict[str, Any]] = [{}]
     for key, values in grid.items():
         points = [{**p, key: v} for p in points for v in values]
-    trials = []
+    trials: list[dict[str, Any]] = []
     for point in points:
         for _ in range(cfg.tune.num_samples if random_forms else 1):
             drawn = {key: _draw(rng, spec) for key, spec in random_forms.items()}
@@ -198,7 +210,7 @@ class StudyReport(tune.Callback):
     logged and never fails the study.
     """
 
-    def __init__(self, base: dict[str, Any], earlier: list[_TrialView] = ()):
+    def __init__(self, base: dict[str, Any], earlier: Sequence[_TrialView] = ()):
         self.base = base
         self.earlier = list(earlier)  # trials that ended in an earlier run of the study
         self.trials: list[_TrialView] = list(earlier)
@@ -271,7 +283,7 @@ class StudyReport(tune.Callback):
         self.refreshes += 1
         return store.uri(f"{prefix}/index.html"), records
 
-    def record(self, trial: "_TrialView") -> TrialRecord | None:
+    def record(self, trial: _TrialView) -> TrialRecord | None:
         if trial.status not in ("TERMINATED", "ERROR"):
             return None
         job = trial_job(self.base, trial.config)
@@ -378,7 +390,7 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
             log.info("study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
                      study_name(cfg), len(earlier), len(pending))
         report = StudyReport(base, earlier)
-        results = []
+        results: list[Any] | tune.ResultGrid = []
         if pending:
             scheduler = None
             if cfg.tune.scheduler == "asha":
@@ -401,7 +413,8 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
                 results = tuner.fit()
             finally:
                 report.close()
-        report.trials = earlier + [_TrialView.of(result) for result in results]
+        # ResultGrid iterates through __getitem__ (the old sequence protocol), which mypy does not count.
+        report.trials = earlier + [_TrialView.of(result) for result in results]  # type: ignore[union-attr]
         uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}
@@ -414,7 +427,7 @@ class _TrialView:
         self.trial_id, self.config, self.status, self.error = trial_id, config, status, error
 
     @classmethod
-    def of(cls, result: Any) -> "_TrialView":
+    def of(cls, result: Any) -> _TrialView:
         error = error_line(result.error) if result.error else None
         trial = result.config["trial"]
         return cls(trial_name(trial), trial, "ERROR" if result.error else "TERMINATED", error)

@@ -23,8 +23,7 @@ from dcgan_ray.gan.scaling import describe_job
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
-from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
-                                    write_run_manifest)
+from dcgan_ray.storage.runs import merge_results, read_run_manifest, set_run_status, unscored_epochs, write_run_manifest
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
 from dcgan_ray.train.runlock import DriverLock
@@ -120,11 +119,13 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         validation_config=validation_config(cfg) if cfg.eval.in_task else None,
         train_loop_per_worker=train_worker,
         train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ray.train.ScalingConfig(
+        # mypy sees Train v1's ScalingConfig; ray.train picks v2's (elastic num_workers, the monitor interval).
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
             # place when a node is lost and grows back when capacity returns.
-            num_workers=cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else
-            (cfg.scaling.min_workers, cfg.scaling.max_workers),
+            num_workers=(
+                cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else  # type: ignore[arg-type]
+                (cfg.scaling.min_workers, cfg.scaling.max_workers)),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,
             placement_strategy=placement_strategy(cfg.scaling),
@@ -248,7 +249,8 @@ def describe(manifest: dict) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
     ep = f" --endpoint-url {endpoint}" if endpoint else ""
     lines = [
-        f"run:               {manifest.get('run_uri')}  ({manifest.get('epochs_completed')}/{manifest.get('epochs_total')} epochs, {manifest.get('status')})",
+        f"run:               {manifest.get('run_uri')}  "
+        f"({manifest.get('epochs_completed')}/{manifest.get('epochs_total')} epochs, {manifest.get('status')})",
         f"latest samples:    {samples.get('latest')}",
         f"animation:         {samples.get('gif')}",
         f"latest checkpoint: {ckpt}",

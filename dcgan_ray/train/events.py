@@ -147,6 +147,7 @@ class EventLog:
         if self.writer is None:
             return None
         self.writer.close()
+        assert self.file_dir is not None  # `_open` sets it with the writer
         files = list(self.file_dir.glob("events.out.tfevents.*"))
         self.writer = None
         return files[0] if files else None

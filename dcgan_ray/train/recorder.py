@@ -12,20 +12,26 @@ import io
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.gan.step import to_pixels, unwrap
+from dcgan_ray.quality.metrics import describe_metrics
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.images import gif_bytes, grid_image, png_bytes
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.quality.metrics import describe_metrics
-from dcgan_ray.storage.runs import (discard_results_after, merge_results, new_run_manifest, read_run_manifest,
-                                    write_run_manifest)
+from dcgan_ray.storage.runs import (
+    discard_results_after,
+    merge_results,
+    new_run_manifest,
+    read_run_manifest,
+    write_run_manifest,
+)
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.watch import RunWatch
 

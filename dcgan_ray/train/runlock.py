@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -67,7 +67,9 @@ class DriverLock:
         deadline = time.monotonic() + GONE_HOLDER_WAIT_S
         while True:
             try:
-                self.actor = _LockHolder.options(name=self.name, namespace=NAMESPACE).remote(me)
+                # Ray's stubs type a @ray.remote class as the class itself, not the ActorClass it becomes.
+                self.actor = _LockHolder.options(  # type: ignore[attr-defined]
+                    name=self.name, namespace=NAMESPACE).remote(me)
                 return self
             except ValueError:  # Ray: the name is taken
                 holder = self._holder()
@@ -82,7 +84,8 @@ class DriverLock:
     def _holder(self) -> dict[str, Any] | None:
         """Who holds the name, or None when its holder is gone (or going) and the name will be free."""
         try:
-            return ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(), timeout=20)
+            # An actor handle's method returns an untyped ObjectRef; `who` returns this dict.
+            return cast(dict[str, Any], ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(), timeout=20))
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return None
 

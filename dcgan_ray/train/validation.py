@@ -57,7 +57,8 @@ def validation_config(cfg: JobConfig) -> ValidationConfig:
     come from the nodes' environment), on a CPU or, with scaling.use_gpu, a GPU (eval.task_gpus)."""
     need = task_resources(cfg)
     return ValidationConfig(
-        score_checkpoint,
+        # Ray's ValidationFn protocol asks for **kwargs; Ray calls it with fn_kwargs, here config= alone.
+        score_checkpoint,  # type: ignore[arg-type]
         task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}, timeout_s=cfg.eval.task_timeout_s),
         ray_remote_kwargs={"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0.0)},
     )

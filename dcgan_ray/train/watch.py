@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ class RunWatch:
                         "go up after the next epoch", self.layout.uri, type(e).__name__, str(e).splitlines()[0])
 
 
-def publish_after_training(cfg: JobConfig, manifest: dict[str, Any], scored_late: list[int] = ()) -> None:
+def publish_after_training(cfg: JobConfig, manifest: dict[str, Any], scored_late: Sequence[int] = ()) -> None:
     """The driver's last word on a run, once its workers are gone: the run page with the final status,
     and, with eval.in_task, the quality metrics of the epochs whose scoring tasks reported after the
     workers had ended (`scored_late`) as one more event file. Never raises: the run is done either way."""

@@ -21,16 +21,24 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointUploadMode
 import torch
+from ray.train import CheckpointUploadMode
 
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.errors import DcganError
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.gan.step import (EpochStats, load_optimizer_state, make_optimizers, noise_generator, prepare_models,
-                                rank_batches, run_epoch, unwrap)
+from dcgan_ray.gan.step import (
+    EpochStats,
+    load_optimizer_state,
+    make_optimizers,
+    noise_generator,
+    prepare_models,
+    rank_batches,
+    run_epoch,
+    unwrap,
+)
 from dcgan_ray.gan.sync import average, average_bn_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
@@ -93,6 +101,8 @@ class Worker:
         # [1] Build, move to the device, apply speed.* (memory format, compile), make optimizers, load
         # state (Adam's follows its parameters).
         torch.manual_seed(cfg.train.seed)
+        netG: torch.nn.Module
+        netD: torch.nn.Module
         netG, netD = (net.to(device) for net in build_models(cfg.model.z_dim, cfg.model.g_features,
                                                              cfg.model.d_features, cfg.model.alpha))
         prepare_models(netG, netD, cfg.speed)
