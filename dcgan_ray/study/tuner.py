@@ -38,7 +38,7 @@ from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_
 from dcgan_ray.storage.layout import (
     STUDY_EXPERIMENT, RunLayout, study_name, study_prefix, study_report_prefix, study_trials_prefix,
 )
-from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
@@ -92,7 +92,7 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = trial_job(base, trial_config, trial_id)
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     done = read_run_manifest(store, layout)
-    if done and done.get("epochs_completed", 0) >= cfg.train.epochs and done["history"]:
+    if done and epochs_durable(done) >= cfg.train.epochs and done["history"]:
         # A resubmitted study may hand us a trial that finished after Tune last saved its state.
         tune.report(done["history"][-1])
         return

@@ -22,8 +22,8 @@ from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnrea
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
-from dcgan_ray.storage.runs import (merge_results, read_run_manifest, set_run_status, unscored_epochs,
-                                    write_run_manifest)
+from dcgan_ray.storage.runs import (epochs_durable, merge_results, read_run_manifest, set_run_status,
+                                    unscored_epochs, write_run_manifest)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable
 from dcgan_ray.train.runlock import DriverLock
@@ -143,7 +143,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     store = preflight(cfg)
     layout = RunLayout.of(cfg)
     previous = read_run_manifest(store, layout)
-    if previous and previous.get("epochs_completed", 0) >= cfg.train.epochs:
+    if previous and epochs_durable(previous) >= cfg.train.epochs:
         if previous.get("status") == "scoring":  # a driver that stopped before it merged the last scores
             previous = finish_scored_run(store, layout, cfg, previous)
         log.info("run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
