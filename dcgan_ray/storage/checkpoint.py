@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from dcgan_ray import faults
 from dcgan_ray.config import JobConfig, StorageConfig, config_from_dict
 from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
@@ -179,9 +180,12 @@ def read_checkpoint_dir(store: Store, folder: str) -> dict[str, Any]:
 def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> None:
     """Upload a folder written by `save_checkpoint`: every file first, its manifest last."""
     listed = json.loads((local_dir / MANIFEST_FILE).read_bytes())["files"]
-    for name in listed:
-        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}")
+    for name, entry in listed.items():
+        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}",
+                          on_bytes=faults.halfway("upload_checkpoint_file", entry["bytes"]))
+    faults.reached("before_manifest")
     store.put_bytes(f"{folder}/{MANIFEST_FILE}", (local_dir / MANIFEST_FILE).read_bytes(), "application/json")
+    faults.reached("after_manifest")
 
 
 def _get_or_none(store: Store, key: str) -> bytes | None:

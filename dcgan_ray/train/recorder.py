@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from dcgan_ray import faults
 from dcgan_ray.config import JobConfig
 from dcgan_ray.gan.step import to_pixels, unwrap
 from dcgan_ray.storage.checkpoint import Checkpointer
@@ -132,6 +133,7 @@ class RunRecorder(Silent):
         log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
                  done, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
                  metrics["d_real"], metrics["d_fake"], metrics["images_per_s"], sample_uri)
+        faults.reached("record_epoch")
         best = self.checkpointer.keep_if_best(self.manifest["checkpoints"].get("best"), done,
                                               metrics.get(self.cfg.eval.metric), state)
         checkpoint_dir = None
