@@ -162,6 +162,16 @@ def stop_tune_copying_env_vars(names: Iterable[str]) -> None:
 
 # --- The session, the fake autoscaler and the launcher's validation (tests and the dev stack) -------------
 
+def elastic_view_refresh_s() -> float:
+    """How often Ray Train's elastic policy sees the cluster's nodes anew, in seconds: it counts the
+    resources that Ray Data's autoscaling coordinator reserved for it, from the nodes the coordinator saw
+    when it last looked (once per tick). A test that brings a lost node back waits this long before a run
+    that should count it."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+
+    return float(_AutoscalingCoordinatorActor.TICK_INTERVAL_S)
+
+
 def session_dir() -> str:
     """This process's Ray session folder (the logs of every Ray process of a local cluster)."""
     node = ray._private.worker._global_node

@@ -6,7 +6,9 @@ Ray head (and so every worker) inherits. Each test gets its own key prefix in th
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from dcgan_ray.data.svhn import prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
+from dcgan_ray.faults import FAULT_FILE_ENV  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.layout import RunLayout  # noqa: E402
 from dcgan_ray.storage.runs import read_run_manifest  # noqa: E402
@@ -58,6 +61,8 @@ def test_env(tmp_path_factory):
         "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
         "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
+        # Read by every Ray process the tests start (they inherit this environment): see the `fault` fixture.
+        FAULT_FILE_ENV: str(tmp_path_factory.mktemp("faults") / "fault.json"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     })
     for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -209,3 +214,96 @@ class TrainInThread:
         assert not self.thread.is_alive(), f"train() still running after {timeout_s:.0f} s"
         assert "error" not in self.result, f"train() raised in the driver: {self.result.get('error')!r}"
         return self.result["manifest"]
+
+
+class Fault:
+    """A fault for the next Ray process that reaches `step` at an epoch's end (see dcgan_ray.faults): it
+    kills itself, or holds still for the test to take its node down."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def set(self, step: str, action: str) -> None:
+        part = self.path.with_suffix(".part")
+        part.write_text(json.dumps({"step": step, "action": action}))
+        part.rename(self.path)
+
+    @property
+    def fired(self) -> bool:
+        return Path(f"{self.path}.fired").exists()
+
+    def held_on(self, timeout_s: float = 300) -> str:
+        """The Ray node id of the process that holds at the step, once one does."""
+        held = Path(f"{self.path}.held")
+        deadline = time.monotonic() + timeout_s
+        while not held.exists():
+            assert time.monotonic() < deadline, f"no process reached the fault's step in {timeout_s:.0f} s"
+            time.sleep(0.05)
+        return held.read_text()
+
+    def clear(self) -> None:
+        for path in (self.path, Path(f"{self.path}.fired"), Path(f"{self.path}.held")):
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def fault() -> Fault:
+    f = Fault(Path(os.environ[FAULT_FILE_ENV]))
+    f.clear()
+    yield f
+    f.clear()
+
+
+def fault_cfg(endpoint: str, prefix: str, name: str) -> JobConfig:
+    """The run the fault tests lose rank 0 of: 2 epochs of 2 steps on 2 workers, with the reference
+    network's real 68 MiB checkpoints (a multipart upload), uploaded in the background."""
+    cfg = run_cfg(endpoint, prefix, name, epochs=2)
+    cfg.data.max_images = 64
+    return cfg
+
+
+EPOCH_RESUMED_AFTER = {
+    "record_epoch": 0,  # epoch 1's run.json entry was never written, nor its checkpoint
+    "upload_checkpoint_file": 0,  # run.json says epoch 1 was trained; its checkpoint never made it
+    "before_manifest": 0,  # the same, and checkpoint.pt without its manifest is left in the bucket
+    "after_manifest": 1,  # the checkpoint is durable, though Ray Train had not registered it
+}
+"""The epoch a 2-epoch run resumes from when rank 0 is lost at each step of epoch 1's end."""
+
+
+def log_messages(log: str, text: str) -> set[str]:
+    """The distinct lines of a driver's log that contain `text`, without Ray's prefix (the process and the
+    node it was read on) and its `[repeated Nx across cluster]`: raylets sharing one machine share one
+    session folder, so each forwards every worker's lines."""
+    messages = set()
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines():
+        if text in line:
+            messages.add(re.sub(r"^\(.*?\) ", "", line).split(" [repeated ")[0])
+    return messages
+
+
+def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_before: int,
+                     world_after: int) -> None:
+    """A run of 2 epochs (2 workers) whose rank 0 was lost at `step` of epoch 1's end finished all its epochs
+    once, says in run.json how it restarted and resized, and in its log, in one line each, what it did."""
+    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    assert manifest["status"] == "finished"
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    assert all(h["checkpoint_durable"] for h in manifest["history"])
+    assert manifest["checkpoints"]["durable_epoch"] == 2 and manifest["checkpoints"]["latest"].endswith("_0002")
+    (restart,) = manifest["restarts"]
+    resumed = EPOCH_RESUMED_AFTER[step]
+    assert restart["to_epoch"] == resumed, restart
+    assert [h["epoch"] for h in restart["redone"]] == list(range(resumed + 1, restart["from_epoch"] + 1)), restart
+    assert (restart["world_size_before"], restart["world_size_after"]) == (world_before, world_after)
+    resizes = [(r["from"], r["to"]) for r in manifest.get("resizes", [])]
+    assert resizes == ([(world_before, world_after)] if world_before != world_after else [])
+    assert manifest["history"][-1]["world_size"] == world_after
+    (restarted,) = log_messages(log, f"run {layout.uri} restarted: ")
+    assert (f"resumes from {layout.uri}/checkpoint_epoch_0001 (epoch 1)" if resumed else "starts over from epoch 0") \
+        in restarted, restarted
+    assert len(log_messages(log, f"{layout.uri}/checkpoint_epoch_0001 has no manifest.json: its upload was cut")) \
+        == (step == "before_manifest")
+    # Nothing torn is left behind for a later restore to trip on.
+    for folder in store.list_keys(f"{layout.prefix}/checkpoint_epoch_"):
+        assert store.exists(f"{folder.rsplit('/', 1)[0]}/manifest.json"), folder

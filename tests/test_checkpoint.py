@@ -1,5 +1,6 @@
 """Checkpoint folders in the real SeaweedFS: a manifest written last, verified on every load; torn ones
-are skipped for the previous intact one, with a warning, and never taken for good."""
+are skipped for the previous intact one, with a warning, and never taken for good; an upload that was
+cut (no manifest, newer than anything known durable) is removed, and only damage refuses a restart."""
 
 import json
 
@@ -18,6 +19,7 @@ from dcgan_ray.storage.checkpoint import (
     save_checkpoint,
 )
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import write_run_manifest
 
 
 def tiny_state(epoch: int) -> dict:
@@ -67,28 +69,75 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_one(run, store, tear, cap
     state, uri = run.restore(handed(run, 3))
     assert state["epoch"] == 2 and uri.endswith("checkpoint_epoch_0002")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("checkpoint_epoch_0003 is torn" in w for w in warnings), warnings
-    assert any("resuming from the older checkpoint" in w for w in warnings)
+    assert [w for w in warnings if "checkpoint_epoch_0003 is torn" in w and "trying the run's older" in w], warnings
+    assert len(warnings) == 1, warnings
+    # Ray registered epoch 3, so it was durable: its missing manifest is damage, and the folder stays.
+    assert store.list_keys(f"{folder}/")
     with pytest.raises(CheckpointError, match="is torn"):
         read_checkpoint_dir(store, folder)
 
 
-def test_checkpoints_ray_never_registered_are_still_resumed(run, store, cfg, caplog):
-    # Ray's record of its checkpoints can be missing (its write failed in an outage): the run folder's
-    # intact checkpoints still count, so a resubmission never starts over.
+def test_checkpoints_ray_never_registered_are_still_resumed(run, store, cfg):
+    # Ray's record of its checkpoints can be missing (its write failed in an outage, or the upload ended
+    # just before its worker was lost): the run folder's intact checkpoints still count.
     state, uri = run.restore(None)
     assert state["epoch"] == 3 and uri.endswith("checkpoint_epoch_0003")
-    assert any("has no checkpoint of run" in r.getMessage() for r in caplog.records)
     empty = Checkpointer(store, RunLayout(cfg.storage.bucket, f"{cfg.storage.prefix}/runs/never-ran"), cfg.eval.metric)
     assert empty.restore(None) == (None, None)
 
 
-def test_no_intact_checkpoint_refuses_to_start_over(run, store):
+def record_durable(store, checkpointer: Checkpointer, epoch: int) -> None:
+    """run.json as the recorder leaves it once the checkpoint of `epoch` is durable."""
+    latest = store.uri(checkpointer.layout.checkpoint_dir_key(f"checkpoint_epoch_{epoch:04d}"))
+    write_run_manifest(store, checkpointer.layout, {"checkpoints": {"latest": latest, "durable_epoch": epoch}})
+
+
+@pytest.mark.parametrize("registered", [2, None])
+def test_a_cut_upload_is_removed_with_one_warning(run, store, registered, caplog):
+    """Epoch 4's upload cut between checkpoint.pt and its manifest: it is removed with one warning, and the
+    run resumes from the newest intact checkpoint, whether or not Ray had registered that one."""
+    cut = run.layout.checkpoint_dir_key("checkpoint_epoch_0004")
+    store.put_bytes(f"{cut}/{CHECKPOINT_FILE}", store.get_bytes(f"{run.folders()[0]}/{CHECKPOINT_FILE}"))
+    state, uri = run.restore(handed(run, registered) if registered else None)
+    assert state["epoch"] == (registered or 3) and uri.endswith(f"checkpoint_epoch_{registered or 3:04d}")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "checkpoint_epoch_0004 has no manifest.json: its upload was cut" in warnings[0]
+    assert store.list_keys(f"{cut}/") == []
+    assert run.dir_name(4) == "checkpoint_epoch_0004"  # the name is free again for the epoch trained again
+
+
+def test_only_cut_uploads_start_over_with_a_warning(cfg, store, caplog):
+    """The first checkpoint's upload cut: nothing intact, nothing damaged, so the run starts over."""
+    store.check()
+    layout = RunLayout(cfg.storage.bucket, f"{cfg.storage.prefix}/runs/first")
+    checkpointer = Checkpointer(store, layout, cfg.eval.metric)
+    store.put_bytes(checkpointer.layout.checkpoint_dir_key("checkpoint_epoch_0001") + f"/{CHECKPOINT_FILE}", b"x")
+    assert checkpointer.restore(None) == (None, None)
+    assert any("checkpoint_epoch_0001 has no manifest.json: its upload was cut" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    assert checkpointer.folders() == []
+
+
+@pytest.mark.parametrize("known_durable", ["registered by Ray", "recorded in run.json"])
+def test_no_intact_checkpoint_refuses_to_start_over(run, store, known_durable):
+    """Manifests gone from checkpoints known to have been durable: damage, not a cut upload."""
     for folder in run.folders():
         store.delete([f"{folder}/{MANIFEST_FILE}"])
-    for handed_by_ray in (handed(run, 3), None):
-        with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
-            run.restore(handed_by_ray)
+    if known_durable == "recorded in run.json":
+        record_durable(store, run, 3)
+    with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
+        run.restore(handed(run, 3) if known_durable == "registered by Ray" else None)
+    assert len(run.folders()) == 3  # nothing removed
+
+
+def test_a_cut_upload_after_damaged_checkpoints_still_refuses(run, store):
+    """Epoch 4's upload was cut, and the checkpoints before it rotted: the cut one goes, the refusal stays."""
+    store.put_bytes(f"{run.layout.checkpoint_dir_key('checkpoint_epoch_0004')}/{CHECKPOINT_FILE}", b"x")
+    for folder in run.folders()[1:]:
+        store.put_bytes(f"{folder}/{CHECKPOINT_FILE}", b"rotted")
+    with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
+        run.restore(None)
+    assert [f.rsplit("/", 1)[-1] for f in run.folders()] == [f"checkpoint_epoch_000{e}" for e in (3, 2, 1)]
 
 
 def test_sample_reads_checked_folders_and_refuses_torn_ones(run, store, cfg, tmp_path, capsys):

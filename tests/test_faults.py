@@ -1,5 +1,7 @@
 """Faults on the real local Ray cluster: an S3 server stopped mid-run (waited out, or past the budget
-and resumed by a resubmission), and a worker's own error reaching the user as its one line."""
+and resumed by a resubmission), a worker's own error reaching the user as its one line, and rank 0's
+worker process killed at each step of an epoch's end while its checkpoint uploads in the background.
+(Its node lost at the same steps: tests/test_cluster.py.)"""
 
 import re
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, run_cfg
+from conftest import EPOCH_RESUMED_AFTER, assert_recovered, fault_cfg, make_config, run_cfg
 from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import DatasetError, StorageUnreachable
 from dcgan_ray.storage.checkpoint import read_checkpoint_dir
@@ -172,3 +174,19 @@ def test_a_workers_error_in_ray_job_logs_is_one_line(ray_head, shard_deleted):
                       "--split train --force`"}, output[-4000:]
     assert "dcgan_ray.errors." not in output and "exit code 2" in output
     assert not [line for line in output.splitlines() if "RayTrainWorker" in line and "Traceback" in line]
+
+
+@pytest.mark.parametrize("step", list(EPOCH_RESUMED_AFTER))
+def test_rank_0_killed_at_the_end_of_an_epoch(ray_head, s3_server, data_prefix, fault, step, capfd):
+    """Rank 0's process SIGKILLs itself at `step` of epoch 1's end (the upload runs in Ray's background
+    thread, checkpoint.async_upload): Ray restarts the workers once, and the run finishes both epochs."""
+    cfg = fault_cfg(s3_server.endpoint, data_prefix, f"killed-at-{step}".replace("_", "-"))
+    cfg.scaling.max_failures = 1
+    assert cfg.checkpoint.async_upload
+    fault.set(step, "kill")
+    start = time.monotonic()
+    manifest = train(cfg)
+    assert fault.fired
+    log = capfd.readouterr()
+    assert_recovered(cfg, manifest, log.out + log.err, step, world_before=2, world_after=2)
+    print(f"killed at {step}: run finished in {time.monotonic() - start:.0f} s")

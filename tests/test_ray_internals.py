@@ -143,3 +143,13 @@ def test_the_autoscaler_and_state_names_exist():
     assert format_readonly_node_type("abc") != "abc"
     assert callable(ray._private.state.state.get_max_resources_from_cluster_config)
     assert hasattr(ray._private.worker, "_global_node")
+
+
+def test_the_elastic_policy_sees_nodes_through_the_coordinators_ticks():
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client, elastic
+
+    assert ray_internals.elastic_view_refresh_s() == 20.0
+    assert "self.TICK_INTERVAL_S" in inspect.getsource(coordinator._AutoscalingCoordinatorActor)
+    assert "_AutoscalingCoordinatorActor" in inspect.getsource(autoscaling_coordinator_client)
+    assert "get_reserved_resources" in inspect.getsource(elastic.ElasticScalingPolicy)

@@ -12,6 +12,13 @@ come from generators seeded by (seed, epoch, rank), so no global RNG state needs
 back to the previous intact one when it is torn or damaged), `dir_name` (a folder name never used
 twice), `save`, `upload` (rank 0's upload, with the store's outage retries, manifest last) and
 `keep_if_best` (the best checkpoint by the quality metric, kept apart at <run>/best/).
+
+A folder without its manifest is one of two things. Newer than every checkpoint known to have been
+durable (one with a manifest, the one Ray Train registered, the one run.json records as durable), it is
+an upload that was cut: its worker or node was lost at the end of an epoch, which is what an elastic run
+exists to survive. `restore` removes it with one warning and goes on. Anywhere else its manifest went
+missing later, as did the bytes of a checkpoint that fails its manifest's checks: that is damage, and a
+run whose every checkpoint is damaged is refused rather than silently started over.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ from typing import Any
 
 import torch
 
+from dcgan_ray import faults
 from dcgan_ray.config import JobConfig, StorageSection, config_from_dict
 from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
 from dcgan_ray.gan.sync import broadcast_from_rank_zero
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -186,9 +194,12 @@ def _verified(files: dict[str, bytes | None]) -> bytes:
 def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> None:
     """Upload a folder written by `save_checkpoint`: every file first, its manifest last."""
     listed = json.loads((local_dir / MANIFEST_FILE).read_bytes())["files"]
-    for name in listed:
-        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}")
+    for name, entry in listed.items():
+        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}",
+                          on_bytes=faults.halfway("upload_checkpoint_file", entry["bytes"]))
+    faults.reached("before_manifest")
     store.put_bytes(f"{folder}/{MANIFEST_FILE}", (local_dir / MANIFEST_FILE).read_bytes(), "application/json")
+    faults.reached("after_manifest")
 
 
 def _get_or_none(store: Store, key: str) -> bytes | None:
@@ -221,10 +232,12 @@ class Checkpointer:
 
         `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme), or None
         when Ray has none registered; intact folders of the run are used then too (Ray's record of them
-        may not have been written, e.g. in a storage outage). Rank 0 picks: a torn or damaged checkpoint
-        is skipped for the previous intact one with a warning, and if checkpoints exist but none is intact
-        it stops (starting from scratch would silently overwrite a run). The other ranks then load the
-        very checkpoint rank 0 picked (a collective): ranks that resumed from different epochs would
+        may not have been written, e.g. in a storage outage, or the upload ended just before the worker
+        was lost). Rank 0 picks: uploads that were cut are removed with a warning (see the module's
+        docstring); a damaged checkpoint is skipped for the previous intact one with a warning; and if
+        checkpoints exist but every one is damaged it stops (starting from scratch would silently
+        overwrite a run). What it resumed from, the recorder says in one line. The other ranks then load
+        the very checkpoint rank 0 picked (a collective): ranks that resumed from different epochs would
         deadlock in their first all-reduce.
         """
         if rank == 0:
@@ -239,9 +252,9 @@ class Checkpointer:
 
     def _newest_intact(self, first: str | None) -> tuple[dict[str, Any] | None, str | None]:
         folders = self.folders()
+        for folder in self._remove_cut_uploads(folders, first):
+            folders.remove(folder)
         candidates = [first] + [f for f in folders if f != first] if first is not None else folders
-        if not candidates:
-            return None, None
         for folder in candidates:
             try:
                 state = read_checkpoint_dir(self.store, folder)
@@ -249,16 +262,42 @@ class Checkpointer:
                 log.warning("%s; trying the run's older checkpoints", e)
                 continue
             if first is None:
-                log.warning("Ray Train has no checkpoint of run %s registered; resuming from its newest intact "
-                            "checkpoint %s (epoch %d)", self.layout.uri, self.store.uri(folder), state["epoch"])
-            elif folder != first:
-                log.warning("resuming from the older checkpoint %s (epoch %d)", self.store.uri(folder),
-                            state["epoch"])
+                log.debug("Ray Train has no checkpoint of run %s registered; its newest intact one is %s",
+                          self.layout.uri, self.store.uri(folder))
             return state, folder
-        raise CheckpointError(
-            f"run {self.layout.uri} has checkpoints but none is intact; refusing to start over and overwrite it. "
-            "Delete the torn checkpoint folders or choose a new `name`"
-        )
+        if candidates:
+            raise CheckpointError(
+                f"run {self.layout.uri} has checkpoints but none is intact; refusing to start over and overwrite "
+                "it. Delete the torn checkpoint folders or choose a new `name`")
+        return None, None
+
+    def _remove_cut_uploads(self, folders: list[str], first: str | None) -> list[str]:
+        """Remove the manifest-less folders newer than every checkpoint known durable; returns them.
+
+        Known durable: Ray's registered `first`, the one run.json records as durable, and any folder with
+        a manifest (intact or not). `folders` is newest first; one upload runs at a time, so a cut upload
+        is the newest folder, or a few of them if the run was cut again while redoing an epoch.
+        """
+        durable = [k for k in (first, self._recorded_durable()) if k is not None]
+        cut = []
+        for folder in folders:
+            if any(folder <= known for known in durable) or self.store.exists(f"{folder}/{MANIFEST_FILE}"):
+                break
+            cut.append(folder)
+        for folder in cut:
+            self.store.delete(self.store.list_keys(f"{folder}/"))
+            log.warning("checkpoint %s has no %s: its upload was cut (its worker or node was lost at the end of "
+                        "epoch %d); removed it, and that epoch is trained again", self.store.uri(folder),
+                        MANIFEST_FILE, epoch_of_key(folder))
+        return cut
+
+    def _recorded_durable(self) -> str | None:
+        """The key of the checkpoint run.json records as durable (None for none, or a run.json from before
+        those records, whose `latest` was written before its upload)."""
+        checkpoints = (read_run_manifest(self.store, self.layout) or {}).get("checkpoints") or {}
+        if not checkpoints.get("durable_epoch") or not checkpoints.get("latest"):
+            return None
+        return parse_s3_uri(checkpoints["latest"])[1]
 
     def dir_name(self, epoch: int) -> str:
         """checkpoint_epoch_NNNN, or checkpoint_epoch_NNNN_rK when a run resumed from an older checkpoint

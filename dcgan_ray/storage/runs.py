@@ -2,6 +2,13 @@
 
 Rank 0 of a training run writes it (through `dcgan_ray.train.recorder`); the driver, `dcgan-ray jobs`
 and the study report read it. Where it lives: `dcgan_ray.storage.layout.RunLayout`.
+
+It never claims more than is durable. An epoch's entry in `history` is written when the epoch is trained;
+on checkpoint epochs its `checkpoint_durable` is false until the checkpoint's manifest is in the bucket.
+`checkpoints.latest` and `checkpoints.durable_epoch` name the newest durable checkpoint only, and
+`status` becomes `finished` once the last one is durable. Every restart of the workers (or resubmission)
+appends to `restarts` (when, from which recorded epoch to which resumed one, why, the world size before
+and after, and the history entries of the epochs trained again); a changed world size also to `resizes`.
 """
 
 from __future__ import annotations
@@ -80,8 +87,15 @@ def new_run_manifest(cfg: JobConfig, layout: RunLayout) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "history": [],
         "samples": {"latest": None, "epochs": [], "gif": None},
-        "checkpoints": {"latest": None},
+        "checkpoints": {"latest": None, "durable_epoch": 0},
     }
+
+
+def epochs_durable(manifest: dict[str, Any]) -> int:
+    """Epochs a restart would not train again: the newest durable checkpoint's epoch (`epochs_completed`
+    for a run.json written before durability was recorded)."""
+    checkpoints = manifest.get("checkpoints") or {}
+    return checkpoints.get("durable_epoch", manifest.get("epochs_completed", 0))
 
 
 def set_run_status(store: Store, layout: RunLayout, status: str) -> None:

@@ -271,13 +271,22 @@ class Store:
         self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
                                                                 ContentType=content_type))
 
-    def upload_file(self, path: str | Path, key: str, label: str | None = None) -> None:
-        """Upload with multipart for big files and a progress line."""
+    def upload_file(self, path: str | Path, key: str, label: str | None = None,
+                    on_bytes: Callable[[int], None] | None = None) -> None:
+        """Upload with multipart for big files and a progress line; `on_bytes` also sees each count of bytes sent."""
         size = os.path.getsize(path)
 
         def upload() -> None:
             progress = Progress(label or f"upload {Path(path).name}", size)
-            self.client.upload_file(str(path), self.bucket, key, Config=TRANSFER, Callback=progress)
+            callback: Callable[[int], None] = progress
+            if on_bytes is not None:
+                also = on_bytes
+
+                def callback(count: int) -> None:
+                    progress(count)
+                    also(count)
+
+            self.client.upload_file(str(path), self.bucket, key, Config=TRANSFER, Callback=callback)
 
         self._call("write", key, upload)
 

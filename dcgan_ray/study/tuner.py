@@ -55,7 +55,7 @@ from dcgan_ray.storage.layout import (
     study_state_key,
     study_trials_prefix,
 )
-from dcgan_ray.storage.runs import read_run_manifest
+from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
@@ -133,7 +133,7 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = trial_job(base, trial_config["trial"])
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     done = read_run_manifest(store, layout)
-    if done and done.get("epochs_completed", 0) >= cfg.train.epochs and done["history"]:
+    if done and epochs_durable(done) >= cfg.train.epochs and done["history"]:
         # A resubmitted study may hand us a trial that finished after the study last saved its state.
         tune.report(done["history"][-1])
         return

@@ -23,7 +23,14 @@ from dcgan_ray.gan.scaling import describe_job
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
-from dcgan_ray.storage.runs import merge_results, read_run_manifest, set_run_status, unscored_epochs, write_run_manifest
+from dcgan_ray.storage.runs import (
+    epochs_durable,
+    merge_results,
+    read_run_manifest,
+    set_run_status,
+    unscored_epochs,
+    write_run_manifest,
+)
 from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
 from dcgan_ray.train.runlock import DriverLock
@@ -119,7 +126,7 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         validation_config=validation_config(cfg) if cfg.eval.in_task else None,
         train_loop_per_worker=train_worker,
         train_loop_config={"config": cfg.to_dict()},
-        # mypy sees Train v1's ScalingConfig; ray.train picks v2's (elastic num_workers, the monitor interval).
+        # mypy sees Train v1's ScalingSection; ray.train picks v2's (elastic num_workers, the monitor interval).
         scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
             # place when a node is lost and grows back when capacity returns.
@@ -156,7 +163,7 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
     store = preflight(cfg)
     layout = RunLayout.of(cfg)
     previous = read_run_manifest(store, layout)
-    if previous and previous.get("epochs_completed", 0) >= cfg.train.epochs:
+    if previous and epochs_durable(previous) >= cfg.train.epochs:
         if previous.get("status") == "scoring":  # a driver that stopped before it merged the last scores
             previous = finish_scored_run(store, layout, cfg, previous)
         elif previous.get("status") != "finished":  # e.g. `queued` by a resubmission of a finished run

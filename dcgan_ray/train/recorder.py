@@ -1,9 +1,11 @@
 """Rank 0's side effects of a training run, behind one object: the run manifest, sample grids, the
 animation, the best checkpoint, the checkpoint handed to Ray.
 
-`recorder_for(rank, ...)` gives rank 0 a `RunRecorder` and every other rank a `Silent` one whose
+`recorder_for(rank, ...)` gives rank 0 a `RunRecorder` and every other rank a plain `Recorder` whose
 methods do nothing, so the training loop has no `if rank == 0:` branches. Nothing here is a
-collective: rank 0 may take as long as it needs while the others wait at the next `report`.
+collective: rank 0 may take as long as it needs while the others wait at the next `report`. With
+asynchronous uploads `checkpoint_durable` comes from Ray's upload thread while the loop goes on, so every
+change to run.json is made under one lock.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dcgan_ray import faults
 from dcgan_ray.config import JobConfig
 from dcgan_ray.gan.step import to_pixels, unwrap
 from dcgan_ray.quality.metrics import describe_metrics
@@ -41,7 +45,7 @@ State = Callable[[], dict[str, Any]]
 """Builds the checkpoint state on demand (only rank 0 ever calls it)."""
 
 
-class Silent:
+class Recorder:
     """The recorder of ranks other than 0: every method is a no-op."""
 
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
@@ -56,6 +60,9 @@ class Silent:
     def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
                    checkpoint: bool) -> Path | None:
         return None
+
+    def checkpoint_durable(self, epoch: int, uri: str) -> None:
+        pass
 
     def finished(self) -> None:
         pass
@@ -72,7 +79,7 @@ def gif_epochs(epochs: int) -> list[int]:
     return sorted({round(i * epochs / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
 
 
-class RunRecorder(Silent):
+class RunRecorder(Recorder):
     """Rank 0: keeps run.json current and writes every artifact a person looks at."""
 
     def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor,
@@ -81,19 +88,16 @@ class RunRecorder(Silent):
         self.layout = RunLayout.of(cfg)
         self.manifest: dict[str, Any] = {}
         self.watch = RunWatch(cfg, start_step)  # TensorBoard events and the run page, published off the path
+        self._lock = threading.Lock()
+        self._trained = False  # every epoch trained; the run is finished once the last checkpoint is durable
 
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
         cfg, layout = self.cfg, self.layout
         m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
-        if origin is not None and m.get("world_size") not in (None, world):
-            # An elastic run restarted with another number of workers (a node lost or back).
-            m.setdefault("resizes", []).append({"epoch": start_epoch, "from": m["world_size"], "to": world,
-                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            log.warning("run %s goes on from epoch %d with %d worker(s) instead of %d: global batch %d", layout.uri,
-                        start_epoch, world, m["world_size"], cfg.train.batch_size * world)
+        if m.get("world_size") is not None or origin is not None:  # workers of this run have started before
+            self._record_restart(m, start_epoch, world, origin)
         m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
-                 global_batch=cfg.train.batch_size * world)
-        m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]
+                 global_batch=cfg.train.batch_size * world, epochs_completed=start_epoch)
         if cfg.eval.in_task:
             discard_results_after(self.store, layout, start_epoch)
         if origin is not None:
@@ -103,8 +107,38 @@ class RunRecorder(Silent):
         self.store.put_bytes(layout.config_key, cfg.to_yaml().encode(), "text/yaml")
         log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
                  cfg.train.batch_size, cfg.train.batch_size * world, steps_per_epoch)
-        if origin is not None:
-            log.info("resuming %s at epoch %d/%d", layout.uri, start_epoch + 1, cfg.train.epochs)
+
+    def _record_restart(self, m: dict[str, Any], start_epoch: int, world: int, origin: str | None) -> None:
+        """A restart (Ray restarting the workers, or a resubmission): a record in `restarts` instead of
+        overwritten history, a resize if the world size changed, and one line saying what it resumed from."""
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        before, recorded = m.get("world_size"), m.get("epochs_completed", 0)
+        redone = [h for h in m["history"] if h["epoch"] > start_epoch]
+        m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]
+        m.setdefault("checkpoints", {}).update(latest=origin, durable_epoch=start_epoch if origin else 0)
+        if origin is not None:  # (its upload may have ended after run.json was last written)
+            for h in m["history"]:
+                if h["epoch"] == start_epoch:
+                    h["checkpoint_durable"] = True
+        reason = None
+        if redone:
+            epoch, durable = redone[-1]["epoch"], redone[-1].get("checkpoint_durable", "unrecorded")
+            reason = {False: f"the checkpoint of epoch {epoch} never finished uploading",
+                      True: f"the checkpoint of epoch {epoch} is damaged",
+                      None: f"epoch {epoch} had no checkpoint (checkpoint.every_epochs)",
+                      "unrecorded": f"the checkpoint of epoch {epoch} was not durable"}[durable]
+        m.setdefault("restarts", []).append({
+            "at": at, "from_epoch": recorded, "to_epoch": start_epoch, "checkpoint": origin, "reason": reason,
+            "world_size_before": before, "world_size_after": world, "redone": redone})
+        resized = before not in (None, world)
+        if resized:  # an elastic run going on after a node was lost or came back
+            m.setdefault("resizes", []).append({"epoch": start_epoch, "from": before, "to": world, "at": at})
+        source = f"resumes from {origin} (epoch {start_epoch})" if origin else "starts over from epoch 0"
+        workers = f"{world} worker(s)" + (f" instead of {before}" if resized else "")
+        lost = (f"epoch(s) {', '.join(str(h['epoch']) for h in redone)} recorded before are trained again: {reason}"
+                if redone else "no epoch recorded in run.json is trained again")
+        log.log(logging.WARNING if redone or resized else logging.INFO, "run %s restarted: %s with %s, at epoch "
+                "%d/%d; %s", self.layout.uri, source, workers, start_epoch + 1, self.cfg.train.epochs, lost)
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         """A logged step's numbers (the progress line's), for TensorBoard."""
@@ -121,41 +155,65 @@ class RunRecorder(Silent):
                    checkpoint: bool) -> Path | None:
         """Samples, the best copy, run.json; with `checkpoint`, the checkpoint in a fresh local folder,
         whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name). The
-        upload removes the folder (`Worker.upload_checkpoint`)."""
-        m, done = self.manifest, metrics["epoch"]
+        upload removes the folder (`Worker.upload_checkpoint`) and then calls `checkpoint_durable`."""
+        done = metrics["epoch"]
         sample_uri = self._write_grid(netG, done)
         log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
                  done, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
                  metrics["d_real"], metrics["d_fake"], metrics["images_per_s"], sample_uri)
-        best = self.checkpointer.keep_if_best(m["checkpoints"].get("best"), done, metrics.get(self.cfg.eval.metric),
-                                              state)
-        if best is not None:
-            m["checkpoints"]["best"] = best
-        m["history"].append(metrics)
-        m["epochs_completed"] = done
-        m["samples"]["latest"] = self.store.uri(self.layout.latest_sample_key)
-        m["samples"]["epochs"] = sorted({*m["samples"]["epochs"], sample_uri})
+        faults.reached("record_epoch")
+        best = self.checkpointer.keep_if_best(self.manifest["checkpoints"].get("best"), done,
+                                              metrics.get(self.cfg.eval.metric), state)
         checkpoint_dir = None
         if checkpoint:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(done)
             self.checkpointer.save(checkpoint_dir, state())
-            m["checkpoints"]["latest"] = f"{self.layout.uri}/{checkpoint_dir.name}"
-        self._merge_scores()
-        self._save()
-        self.watch.epoch_done(self.manifest)
+        with self._lock:
+            m = self.manifest
+            if best is not None:
+                m["checkpoints"]["best"] = best
+            m["history"].append({**metrics, "checkpoint_durable": False if checkpoint else None})
+            m["epochs_completed"] = done
+            m["samples"]["latest"] = self.store.uri(self.layout.latest_sample_key)
+            m["samples"]["epochs"] = sorted({*m["samples"]["epochs"], sample_uri})
+            self._merge_scores()
+            self._save()
+            self.watch.epoch_done(m)
         return checkpoint_dir
 
+    def checkpoint_durable(self, epoch: int, uri: str) -> None:
+        """The checkpoint of `epoch` is in the bucket with its manifest (called by the upload, in Ray's
+        background thread by default): mark it so in run.json, and finish the run if it was the last."""
+        with self._lock:
+            m = self.manifest
+            for h in m["history"]:
+                if h["epoch"] == epoch:
+                    h["checkpoint_durable"] = True
+            if epoch >= m["checkpoints"].get("durable_epoch", 0):
+                m["checkpoints"].update(latest=uri, durable_epoch=epoch)
+            self._finish_if_durable()
+            self._save()
+
     def finished(self) -> None:
-        m = self.manifest
         frames = [Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
                   for e in gif_epochs(self.cfg.train.epochs)]
         self.store.put_bytes(self.layout.gif_key, gif_bytes(frames), "image/gif")
-        m["samples"]["gif"] = self.store.uri(self.layout.gif_key)
-        self._merge_scores()
-        # With eval.in_task the last scores may still be coming: the driver marks the run finished once
-        # Ray has waited for them and it has merged them.
+        with self._lock:
+            self.manifest["samples"]["gif"] = self.store.uri(self.layout.gif_key)
+            self._merge_scores()
+            self._trained = True
+            self._finish_if_durable()
+            self._save()
+
+    def _finish_if_durable(self) -> None:
+        """Once every epoch is trained and the last checkpoint is durable: the run's final status. (With
+        eval.in_task the last scores may still be coming: the driver marks the run finished once Ray has
+        waited for them and it has merged them.)"""
+        m = self.manifest
+        if not self._trained or m["checkpoints"].get("durable_epoch") != self.cfg.train.epochs \
+                or m.get("status") in ("finished", "scoring"):  # (already finished by the other caller)
+            return
         m["status"] = "scoring" if self.cfg.eval.in_task else "finished"
-        self._save()
         self.watch.finished(m)
         log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
                  self.cfg.train.epochs, m["samples"]["latest"], m["samples"]["gif"], m["checkpoints"]["latest"])
@@ -185,5 +243,5 @@ class RunRecorder(Silent):
 
 
 def recorder_for(rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer,
-                 fixed_noise: torch.Tensor, start_step: int = 0) -> Silent:
-    return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Silent()
+                 fixed_noise: torch.Tensor, start_step: int = 0) -> Recorder:
+    return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Recorder()

@@ -7,8 +7,8 @@ validation_manager.py and checkpoint_manager.py):
   is uploaded; the controller runs `fn(checkpoint, **fn_kwargs)` as a Ray task with `ray_remote_kwargs`,
   one at a time (MAX_IN_FLIGHT_VALIDATIONS = 1) in report order, started and polled from its control loop.
 - The dict `fn` returns is merged into that checkpoint's metrics in Ray's own records (what
-  ray.train.CheckpointConfig's checkpoint_score_attribute ranks by); a checkpoint waiting for its validation is not
-  deleted by num_to_keep.
+  ray.train.CheckpointConfig's checkpoint_score_attribute ranks by); a checkpoint waiting for its
+  validation is not deleted by num_to_keep.
 - A task that raises is logged and marked VALIDATION_FAILED; one past `timeout_s` (counted from its launch,
   waiting for resources included) is cancelled (VALIDATION_TIMEOUT). Neither fails the run.
 - When the workers are done, the controller waits for every queued and running validation before `fit()`

@@ -45,8 +45,9 @@ from dcgan_ray.quality.metrics import Evaluator
 from dcgan_ray.ray_internals import RAY_TRAIN_FUNCTION_ERRORS_LOGGER
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.runs import epoch_of_key
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.train.recorder import Silent, recorder_for
+from dcgan_ray.train.recorder import Recorder, recorder_for
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Worker:
     start_epoch: int
     step: int
     evaluator: Evaluator | None
-    recorder: Silent
+    recorder: Recorder
     checkpointer: Checkpointer
 
     @classmethod
@@ -184,10 +185,12 @@ class Worker:
                          validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(done)))
 
     def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        """Ray's `checkpoint_upload_fn`: upload the local folder, return it as a checkpoint in the run's storage."""
+        """Ray's `checkpoint_upload_fn`: upload the local folder, mark it durable in run.json, return it as a
+        checkpoint in the run's storage."""
         local = Path(checkpoint.path)
         folder = self.checkpointer.upload(local, dir_name)
         shutil.rmtree(local.parent, ignore_errors=True)  # the recorder's temporary folder around it
+        self.recorder.checkpoint_durable(epoch_of_key(folder), self.checkpointer.store.uri(folder))
         return ray.train.Checkpoint(f"{self.cfg.storage.bucket}/{folder}",
                                     filesystem=ray.train.get_context().get_storage().storage_filesystem)
 

@@ -1,0 +1,73 @@
+"""Fault injection for the fault-tolerance tests: a process stops itself, or holds still, at a named step
+of an epoch's end, where timing a kill from outside could not hit the moment.
+
+The Ray nodes' environment names a file in DCGAN_RAY_FAULT_FILE (users never set it; then every call here
+costs one environment lookup). A test writes `{"step": STEP, "action": ACTION}` into that file. The first
+process to reach STEP claims the fault by renaming the file to `<file>.fired`, so it fires once and the
+restarted workers pass the step unharmed. Then, by ACTION:
+
+  kill   SIGKILL to itself: a worker process lost, with no clean-up;
+  hold   its Ray node id into `<file>.held`, then wait forever, so the test can take that node down
+         while the process stands at exactly this step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+FAULT_FILE_ENV = "DCGAN_RAY_FAULT_FILE"
+
+STEPS = {
+    "record_epoch": "rank 0 wrote the epoch's sample grid and not yet run.json",
+    "upload_checkpoint_file": "half of checkpoint.pt is sent",
+    "before_manifest": "checkpoint.pt is in the bucket, its manifest.json not yet",
+    "after_manifest": "manifest.json is in the bucket; Ray Train has not registered the checkpoint yet",
+}
+
+
+def reached(step: str) -> None:
+    """Fire the fault set for `step`, if one is set and no process claimed it yet."""
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path:
+        return
+    try:
+        fault = json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):  # none set, or the test is still writing it
+        return
+    if fault.get("step") != step:
+        return
+    try:
+        os.rename(path, f"{path}.fired")
+    except FileNotFoundError:  # another process claimed it first
+        return
+    if fault["action"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    import ray  # only here: the storage modules that call this work without Ray
+
+    part = Path(f"{path}.held.part")  # renamed into place: the test never reads half a node id
+    part.write_text(ray.get_runtime_context().get_node_id())
+    part.rename(f"{path}.held")
+    while True:
+        time.sleep(60)
+
+
+def halfway(step: str, total_bytes: int) -> Callable[[int], None] | None:
+    """A callback counting bytes sent that reaches `step` once half of `total_bytes` went out; None when no
+    fault is set for `step` (the upload then has no callback of ours at all)."""
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    sent = 0
+
+    def on_bytes(count: int) -> None:
+        nonlocal sent
+        sent += count
+        if sent >= total_bytes // 2:
+            reached(step)
+
+    return on_bytes
