@@ -20,7 +20,7 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
-from dcgan_ray.faults import FAULT_FILE_ENV  # noqa: E402
+from dcgan_ray.faults import FAULT_FILE_ENV, STEPS  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
@@ -254,6 +254,7 @@ EPOCH_RESUMED_AFTER = {
     "after_manifest": 1,  # the checkpoint is durable, though Ray Train had not registered it
 }
 """The epoch a 2-epoch run resumes from when rank 0 is lost at each step of epoch 1's end."""
+assert list(EPOCH_RESUMED_AFTER) == list(STEPS), "a fault step without its expected outcome, or the other way"
 
 
 def log_messages(log: str, text: str) -> set[str]:
