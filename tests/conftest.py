@@ -25,7 +25,7 @@ from dcgan_ray.data.svhn import prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
-from dcgan_ray.faults import FAULT_FILE_ENV  # noqa: E402
+from dcgan_ray.faults import FAULT_FILE_ENV, STEPS  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.layout import RunLayout  # noqa: E402
 from dcgan_ray.storage.runs import read_run_manifest  # noqa: E402
@@ -269,6 +269,7 @@ EPOCH_RESUMED_AFTER = {
     "after_manifest": 1,  # the checkpoint is durable, though Ray Train had not registered it
 }
 """The epoch a 2-epoch run resumes from when rank 0 is lost at each step of epoch 1's end."""
+assert list(EPOCH_RESUMED_AFTER) == list(STEPS), "a fault step without its expected outcome, or the other way"
 
 
 def log_messages(log: str, text: str) -> set[str]:
