@@ -94,7 +94,8 @@ def test_an_outage_delays_the_events_and_never_training(private_s3, prefix, tmp_
     try:
         with caplog.at_level(logging.WARNING, logger="dcgan_ray"):
             waited = epoch(1)
-            wait_until(lambda: watch.failures == 1, what="the publisher giving up on epoch 1")
+            # (a bound, not a timing: under load each try of the 3 s budget can take long to be refused)
+            wait_until(lambda: watch.failures == 1, timeout_s=240, what="the publisher giving up on epoch 1")
     finally:
         private_s3.start()
     # Handing the epoch over never waited for the bucket (a put would have waited out the 3 s budget).

@@ -1,7 +1,7 @@
 """Rank 0's side effects of a training run, behind one object: the run manifest, sample grids, the
 animation, the best checkpoint, the checkpoint handed to Ray.
 
-`recorder_for(rank, ...)` gives rank 0 a `RunRecorder` and every other rank a `Silent` one whose
+`recorder_for(rank, ...)` gives rank 0 a `RunRecorder` and every other rank a plain `Recorder` whose
 methods do nothing, so the training loop has no `if rank == 0:` branches. Nothing here is a
 collective: rank 0 may take as long as it needs while the others wait at the next `report`.
 """
@@ -41,7 +41,7 @@ State = Callable[[], dict[str, Any]]
 """Builds the checkpoint state on demand (only rank 0 ever calls it)."""
 
 
-class Silent:
+class Recorder:
     """The recorder of ranks other than 0: every method is a no-op."""
 
     def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
@@ -72,7 +72,7 @@ def gif_epochs(epochs: int) -> list[int]:
     return sorted({round(i * epochs / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
 
 
-class RunRecorder(Silent):
+class RunRecorder(Recorder):
     """Rank 0: keeps run.json current and writes every artifact a person looks at."""
 
     def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor,
@@ -185,5 +185,5 @@ class RunRecorder(Silent):
 
 
 def recorder_for(rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer,
-                 fixed_noise: torch.Tensor, start_step: int = 0) -> Silent:
-    return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Silent()
+                 fixed_noise: torch.Tensor, start_step: int = 0) -> Recorder:
+    return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Recorder()

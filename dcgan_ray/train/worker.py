@@ -46,7 +46,7 @@ from dcgan_ray.ray_internals import RAY_TRAIN_FUNCTION_ERRORS_LOGGER
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.train.recorder import Silent, recorder_for
+from dcgan_ray.train.recorder import Recorder, recorder_for
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Worker:
     start_epoch: int
     step: int
     evaluator: Evaluator | None
-    recorder: Silent
+    recorder: Recorder
     checkpointer: Checkpointer
 
     @classmethod
