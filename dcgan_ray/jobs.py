@@ -265,7 +265,7 @@ def _refresh_page(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> 
     from dcgan_ray.report.run_page import publish_run_page
 
     try:
-        publish_run_page(store, layout, manifest, f"s3://{layout.bucket}/{layout.prefix.rsplit('/', 1)[0]}")
+        publish_run_page(store, layout, manifest, layout.runs_uri)
     except DcganError as e:
         log.warning("the run page of %s still shows its last epoch's state: %s", layout.uri, e)
 
