@@ -257,7 +257,7 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
             if ind is not None:
                 # The same all-reduce after the step each worker takes while N share the machine.
                 shared = one / (ind + predict(n, ind, measured_link, batch, v.compression, bucket).allreduce_s)
-                row["model_shared_efficiency"] = shared
+                row["model_shared_efficiency"], row["independent_s"] = shared, ind
                 model += f"   {shared:12.1%}   {shared / row['efficiency']:14.2f}"
         say(f"{v.name:26s} {batch:5d}  {one * 1e3:16.1f} {s * 1e3:9.1f}  {row['images_per_s']:10.1f}  "
             f"{row['vs_one_worker']:10.2f}x  {row['efficiency']:9.1%}   {model}")

@@ -60,7 +60,7 @@ def _bounded(low: int, high: int):
 
 
 def _endpoint(text: str) -> str:
-    if not text.startswith(("http://", "https://")) or "://" not in text or not text.split("://", 1)[1]:
+    if not text.startswith(("http://", "https://")) or not text.split("://", 1)[1]:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s):// URL, e.g. http://127.0.0.1:8333")
     return text
 
@@ -308,7 +308,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     store, layout = _run_layout(args)
     store.check()
     out = Path(args.out or Path("run-pages") / args.name)
-    index = download_run_page(store, layout, out, f"s3://{layout.bucket}/{layout.prefix.rsplit('/', 1)[0]}")
+    index = download_run_page(store, layout, out, layout.runs_uri)
     print(f"run page of {layout.uri}: {index}  (open it in a browser; the copy in the bucket: "
           f"s3://{layout.bucket}/{layout.report_key})")
 

@@ -152,23 +152,25 @@ def list_jobs(address: str | None = None) -> list[JobRow]:
     return rows
 
 
-def _record_end_in_queue(meta: dict[str, str], run: dict[str, Any], state: str) -> dict[str, Any]:
+def _run_location(meta: dict[str, str]) -> tuple[Store, RunLayout]:
+    """The run's store and folder, with the endpoint the job was submitted with and this process's credentials."""
     bucket, prefix = parse_s3_uri(meta[RUN_URI])
+    return Store(StorageSection(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)), RunLayout(bucket, prefix)
+
+
+def _record_end_in_queue(meta: dict[str, str], run: dict[str, Any], state: str) -> dict[str, Any]:
     run["status"] = state
     try:
-        write_run_manifest(Store(StorageSection(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
-                           RunLayout(bucket, prefix), run)
+        write_run_manifest(*_run_location(meta), run)
     except DcganError as e:
         log.warning("cannot mark %s/run.json %s: %s", meta[RUN_URI], state, e)
     return run
 
 
 def _run_manifest(meta: dict[str, str]) -> dict[str, Any] | None:
-    """The run's run.json, read with the endpoint the job was submitted with and this process's credentials."""
-    bucket, prefix = parse_s3_uri(meta[RUN_URI])
+    """The run's run.json (see `_run_location`)."""
     try:
-        return read_run_manifest(Store(StorageSection(endpoint=meta.get(ENDPOINT) or None, bucket=bucket)),
-                                 RunLayout(bucket, prefix))
+        return read_run_manifest(*_run_location(meta))
     except DcganError as e:  # storage unreachable from here: the table still shows Ray's view
         log.warning("cannot read %s/run.json: %s", meta[RUN_URI], e)
         return None
@@ -263,7 +265,7 @@ def _refresh_page(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> 
     from dcgan_ray.report.run_page import publish_run_page
 
     try:
-        publish_run_page(store, layout, manifest, f"s3://{layout.bucket}/{layout.prefix.rsplit('/', 1)[0]}")
+        publish_run_page(store, layout, manifest, layout.runs_uri)
     except DcganError as e:
         log.warning("the run page of %s still shows its last epoch's state: %s", layout.uri, e)
 

@@ -25,7 +25,7 @@ from conftest import EPOCH_RESUMED_AFTER, TrainInThread, assert_recovered, fault
 from dcgan_ray.dev.ray_nodes import RayHead, RayNode
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import JOB_SLOT, list_jobs, submit
-from dcgan_ray.ray_internals import elastic_view_refresh_s
+from dcgan_ray.ray_internals import elastic_view_refresh_s, has_launching_autoscaler
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
@@ -205,6 +205,12 @@ def autoscaling_head(tmp_path_factory, test_env):
     head.start()
     try:
         with driver_on(head.address):
+            # The head answers before its autoscaler has reported; until then the cluster looks fixed (and
+            # empty) to any driver. On a real cluster that is the first seconds of its life.
+            deadline = time.monotonic() + 60
+            while not has_launching_autoscaler():
+                assert time.monotonic() < deadline, "the head's autoscaler did not report within 60 s"
+                time.sleep(0.5)
             yield head
     finally:
         head.stop()

@@ -5,14 +5,11 @@ processes on loopback."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dcgan_ray.gan.models import build_models
@@ -20,6 +17,7 @@ from dcgan_ray.gan.step import make_optimizers, train_step
 from dcgan_ray.gan.sync import average, average_bn_buffers, broadcast_from_rank_zero
 from dcgan_ray.quality.fid import frechet_from_stats
 from dcgan_ray.quality.metrics import SampleStats, stats_from_tensor, stats_to_tensor
+from gloo import on_gloo_ranks
 
 
 def textbook_step(netG, netD, optG, optD, real, z):
@@ -58,57 +56,36 @@ def test_project_step_updates_like_the_textbook_step():
     assert all(p.requires_grad for p in netD.parameters())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, queue) -> None:
+def _rank_work(rank: int, world: int) -> tuple:
     """One rank of a real two-process gloo group on 127.0.0.1: each holds half of the data."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        rng = np.random.default_rng(7)
-        features = rng.standard_normal((200, 6))
-        probs = rng.dirichlet(np.ones(10), 200)
-        mine = SampleStats.empty(6)
-        mine.update(torch.from_numpy(features[rank::world]), torch.from_numpy(probs[rank::world]))
-        total = stats_to_tensor({"digit": mine}, ["digit"])
-        dist.all_reduce(total)
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((200, 6))
+    probs = rng.dirichlet(np.ones(10), 200)
+    mine = SampleStats.empty(6)
+    mine.update(torch.from_numpy(features[rank::world]), torch.from_numpy(probs[rank::world]))
+    total = stats_to_tensor({"digit": mine}, ["digit"])
+    dist.all_reduce(total)
 
-        class Extractor:  # what stats_from_tensor needs to cut the flat tensor
-            name, feature_dim = "digit", 6
+    class Extractor:  # what stats_from_tensor needs to cut the flat tensor
+        name, feature_dim = "digit", 6
 
-        summed = stats_from_tensor(total, [Extractor()])["digit"]
+    summed = stats_from_tensor(total, [Extractor()])["digit"]
 
-        torch.manual_seed(rank)  # ranks' BatchNorm buffers drift apart under broadcast_buffers=False
-        netG, _ = build_models(100, 16, 8, 0.2)
-        netG.train()
-        netG(torch.randn(4, 100))
-        # numpy, not tensors, through the queue: a tensor there is shared memory that dies with this process
-        before = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
-        average_bn_buffers(netG)
-        after = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
-        queue.put((rank, summed.to_bytes(), before, after, average([float(rank), 10.0 * rank], torch.device("cpu")),
-                   broadcast_from_rank_zero(f"name-from-{rank}")))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(rank)  # ranks' BatchNorm buffers drift apart under broadcast_buffers=False
+    netG, _ = build_models(100, 16, 8, 0.2)
+    netG.train()
+    netG(torch.randn(4, 100))
+    # numpy, not tensors, through the queue: a tensor there is shared memory that dies with this process
+    before = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
+    average_bn_buffers(netG)
+    after = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
+    return (summed.to_bytes(), before, after, average([float(rank), 10.0 * rank], torch.device("cpu")),
+            broadcast_from_rank_zero(f"name-from-{rank}"))
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return on_gloo_ranks(_rank_work, timeout_s=120)
 
 
 def test_quality_statistics_survive_an_all_reduce(two_ranks):

@@ -41,7 +41,10 @@ def test_gpu_sh_runs_on_cpu_quick(tmp_path):
         assert "error" not in row, row
         assert row["step_s"] > 0 and 0 < row["efficiency"] and math.isfinite(row["losses"][0]), row
         if not name.startswith("independent"):
-            assert 0 < row["model_efficiency"] <= 1 and 0 < row["model_shared_efficiency"] <= 1, row
+            assert 0 < row["model_efficiency"] <= 1, row
+            # From the independent step, which noise can make shorter than the 1-worker one: above 1 is
+            # possible, but the all-reduce always costs something on top of that step.
+            assert 0 < row["model_shared_efficiency"] < row["one_worker_s"] / row["independent_s"], row
     assert rows["ddp, 2x batch per worker"]["batch"] == 2 * rows["ddp (defaults)"]["batch"]
     assert scaling["bus_gb_s"] > 0
 

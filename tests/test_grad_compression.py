@@ -4,14 +4,9 @@ round-off only and keep the ranks' weights identical; the bucket size changes no
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from dcgan_ray.config import SpeedSection, config_from_dict
@@ -19,6 +14,7 @@ from dcgan_ray.errors import ConfigError
 from dcgan_ray.gan.ddp import compress_gradients, ddp_kwargs
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.gan.step import make_optimizers, noise_generator, train_step
+from gloo import on_gloo_ranks
 
 Z, BATCH, STEPS = 16, 8, 4
 VARIANTS = {
@@ -29,12 +25,6 @@ VARIANTS = {
     # small net in one), so the all-reduces are split differently; the sums must not change.
     "small buckets": SpeedSection(ddp_bucket_mb=0.01),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(rank: int, speed: SpeedSection) -> dict:
@@ -56,29 +46,14 @@ def _train(rank: int, speed: SpeedSection) -> dict:
     return {"losses": losses, "weights": weights, "bucket_bytes_cap": netD.bucket_bytes_cap}
 
 
-def _rank_main(rank: int, world: int, port: int, queue) -> None:
+def _rank_work(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        queue.put((rank, {name: _train(rank, speed) for name, speed in VARIANTS.items()}))
-    finally:
-        dist.destroy_process_group()
+    return {name: _train(rank, speed) for name, speed in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return on_gloo_ranks(_rank_work)
 
 
 @pytest.mark.parametrize("compression", ["bf16", "fp16"])

@@ -100,6 +100,11 @@ class RunLayout:
         return f"s3://{self.bucket}/{self.prefix}"
 
     @property
+    def runs_uri(self) -> str:
+        """The folder holding this run and its siblings: TensorBoard's --logdir for them."""
+        return f"s3://{self.bucket}/{self.prefix.rsplit('/', 1)[0]}"
+
+    @property
     def manifest_key(self) -> str:
         return f"{self.prefix}/run.json"
 

@@ -379,11 +379,11 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
     # One driver per study: two `tune` runs of one study would train the same trials into the same folders.
     with DriverLock("study", f"s3://{path}"):
-        trials = expand_trials(cfg)
+        trials = {trial_name(t): t for t in expand_trials(cfg)}
         ended = read_study_state(Store(cfg.storage), cfg)
-        earlier = [_TrialView(trial_name(t), t, "TERMINATED", None) for t in trials
-                   if ended.get(trial_name(t), {}).get("state") == "TERMINATED"]
-        pending = [t for t in trials if trial_name(t) not in {v.trial_id for v in earlier}]
+        done = {name for name in trials if ended.get(name, {}).get("state") == "TERMINATED"}
+        earlier = [_TrialView(name, t, "TERMINATED", None) for name, t in trials.items() if name in done]
+        pending = [t for name, t in trials.items() if name not in done]
         concurrent = max_concurrent(cfg, len(pending))
         log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
         if earlier:
