@@ -243,21 +243,26 @@ def stop_run(store: Store, layout: RunLayout, address: str | None = None,
 
 
 def _wait_until_gone(client: Any, address: str, job: Any, wait_s: float) -> None:
-    """Until Ray says the job ended and no actor of it (the Train controller, the workers) is alive."""
+    """Until Ray says the job ended and no actor of it (the Train controller, the workers) is alive; detached
+    actors, which live as long as the cluster, do not count."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + wait_s
     while True:
         info = client.get_job_info(job.submission_id)
         ended = info.status.value not in ACTIVE
-        alive = list_actors(address=address, filters=[("job_id", "=", info.job_id), ("state", "=", "ALIVE")]) \
-            if ended and info.job_id else []
+        # Detached actors outlive the job that created them by design (Ray Train's elastic policy creates
+        # Ray Data's cluster-wide AutoscalingCoordinator in the first job that asks for it).
+        alive = [a for a in list_actors(address=address, filters=[("job_id", "=", info.job_id),
+                                                                  ("state", "=", "ALIVE")], detail=True)
+                 if not a.is_detached] if ended and info.job_id else []
         if ended and not alive:
             return
         if time.monotonic() > deadline:
+            actors = ", ".join(sorted(f"{a.class_name} (pid {a.pid})" for a in alive))
             raise ClusterError(f"asked Ray to stop {job.submission_id}, but after {wait_s:.0f} s it is "
                                f"{STATES.get(info.status.value, info.status.value)} with {len(alive)} of its actors "
-                               f"alive; see `ray job status {job.submission_id}` and `ray list actors`")
+                               f"alive ({actors}); see `ray job status {job.submission_id}` and `ray list actors`")
         time.sleep(0.5)
 
 
