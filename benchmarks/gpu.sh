@@ -2,7 +2,7 @@
 # Everything GPU-relevant, without Ray, on one GPU machine in under 8 minutes (budgeted for an H100):
 #   [1] the step table: the project's step with each speed.* option alone and all together, against
 #       eager fp32 in the same run, at batch 128 and 1024 per GPU (benchmarks/train_step.py --table);
-#   [2] a short training of the seed network on device-resident synthetic digits, eager fp32 and with
+#   [2] a short training of the reference network on device-resident synthetic digits, eager fp32 and with
 #       every option, scored on the device by the digit Fréchet distance (benchmarks/gpu_train.py);
 #   [3] scaling (benchmarks/scaling.py): with 2 or more GPUs, NCCL's all-reduce of a step's gradients
 #       and 2 DDP workers against 1 with each DDP option and compression hook; with one GPU, its step

@@ -1,7 +1,7 @@
-"""A short training of the seed network on one device, scored on that device: no Ray, S3 or boto3.
+"""A short training of the reference network on one device, scored on that device: no Ray, S3 or boto3.
 
 Renders synthetic SVHN-format digits (`dcgan_ray.data.synth`), trains the digit classifier on them
-(`dcgan_ray.quality.classifier`), then trains the seed's DCGAN twice from the same seed on the same
+(`dcgan_ray.quality.classifier`), then trains the reference DCGAN twice from the same seed on the same
 device-resident uint8 digits, eager fp32 and with every `speed` option on, and scores each G by the
 digit Fréchet distance (`dcgan_ray.quality.fid`) of its samples to the real digits, before and after
 training. Prints one table: images/s per epoch (the first one includes compiling), mean losses of the

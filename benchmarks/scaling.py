@@ -1,4 +1,4 @@
-"""Does a second worker pay on the seed network? Step time, the DDP all-reduce per step, DDP's options,
+"""Does a second worker pay on the reference network? Step time, the DDP all-reduce per step, DDP's options,
 and the scaling model's prediction beside each measurement, in one run.
 
 Spawns --workers processes (default 2) in one process group on 127.0.0.1: gloo on CPU, where each
@@ -352,7 +352,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch", type=int, default=128, help="per-worker batch (the seed's 128)")
+    parser.add_argument("--batch", type=int, default=128, help="per-worker batch (the reference network's 128)")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per row, rows taking turns step by step; each row reports its median")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per worker")

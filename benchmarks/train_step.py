@@ -1,8 +1,8 @@
-"""Training throughput: does the framework add anything to the seed network's step, and what do the
+"""Training throughput: does the framework add anything to the reference network's step, and what do the
 `speed.*` options give?
 
 Measures images/s, in one run, of
-  (a) a plain single-process PyTorch loop of the seed's step, written here (pytorch/examples style),
+  (a) a plain single-process PyTorch loop of the reference network's step, written here (pytorch/examples style),
   (b) the project's step (`dcgan_ray.gan.step.run_epoch` / `train_step`), same process, same data,
   (c) a 1-worker Ray Train run of the project (`--ray`; starts a private SeaweedFS and a local Ray),
 and prints b/a and c/a. (a) and (b) need no Ray, so they also run on a GPU machine without it.
@@ -40,7 +40,7 @@ from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, noise_generator, prepare_models, run_epoch  # noqa: E402
 
 BATCH, Z = 128, 100
-GFLOP_PER_IMAGE = 1.14  # one step of the seed network, forward + backward (NOTES.md)
+GFLOP_PER_IMAGE = 1.14  # one step of the reference network, forward + backward (NOTES.md)
 ALL_GPU = SpeedSection(autocast_bf16=True, channels_last=True, fused_adam=True, compile="reduce-overhead")
 CONFIGS = {
     "eager": SpeedSection(),

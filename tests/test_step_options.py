@@ -46,7 +46,7 @@ def train(speed: SpeedSection | None):
 
 
 def plain_epoch():
-    """The seed's step as the project wrote it before the options existed: no autocast, default Adam."""
+    """The reference network's step as the project wrote it before the options existed: no autocast, default Adam."""
     torch.manual_seed(0)
     netG, netD = build_models(Z, 16, 8, 0.2)
     optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))

@@ -65,37 +65,37 @@ LINKS = ("auto", "nvlink", "pcie", "efa", "ethernet_100g", "ethernet_25g", "ethe
 @dataclass
 class ModelSection:
     z_dim: int = field(default=100, metadata=rule(lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"))
-    """Length of the noise vector z. Seed: 100."""
+    """Length of the noise vector z. Reference: 100."""
     alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
-    """Leaky-ReLU negative slope in G and D. Seed: 0.2."""
+    """Leaky-ReLU negative slope in G and D. Reference: 0.2."""
     g_features: int = field(default=128, metadata=rule(lambda v: 1 <= v <= 512,
                                                        "an integer in [1, 512] (G grows with its square)"))
-    """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Seed: 512 at 4x4."""
+    """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Reference: 512 at 4x4."""
     d_features: int = field(default=64, metadata=rule(lambda v: 1 <= v <= 512,
                                                       "an integer in [1, 512] (D grows with its square)"))
-    """Channels of D's first conv; the next double it (64 -> 128 -> 256). Seed: 64."""
+    """Channels of D's first conv; the next double it (64 -> 128 -> 256). Reference: 64."""
 
 
 @dataclass
 class TrainSection:
     epochs: int = field(default=25, metadata=rule(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"))
-    """Passes over the training split. Seed: 25."""
+    """Passes over the training split. Reference: 25."""
     batch_size: int = field(default=128,
                             metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
-    """Images per worker per step (the seed's 128 is one device's batch). The global batch is
+    """Images per worker per step (the reference network's 128 is one device's batch). The global batch is
     batch_size x scaling.num_workers; the job logs both."""
     lr: float = field(default=2e-4, metadata=POSITIVE)
-    """Adam learning rate of both networks unless lr_g / lr_d set one apart. Seed: 0.0002."""
+    """Adam learning rate of both networks unless lr_g / lr_d set one apart. Reference: 0.0002."""
     lr_g: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
     """Generator learning rate; null means `lr`. Two-time-scale runs (TTUR) set it apart from lr_d."""
     lr_d: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
     """Discriminator learning rate; null means `lr`."""
     beta1: float = field(default=0.5, metadata=UNIT_INTERVAL)
-    """Adam beta1 of both optimizers. Seed: 0.5 (Radford et al. found 0.9 unstable)."""
+    """Adam beta1 of both optimizers. Reference: 0.5 (Radford et al. found 0.9 unstable)."""
     beta2: float = field(default=0.999, metadata=UNIT_INTERVAL)
-    """Adam beta2. Seed: the framework default 0.999."""
+    """Adam beta2. Reference: the framework default 0.999."""
     label_smoothing: float = field(default=0.0, metadata=rule(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"))
-    """Real-label target is 1 - label_smoothing in D's loss. Seed: 0 (no smoothing)."""
+    """Real-label target is 1 - label_smoothing in D's loss. Reference: 0 (no smoothing)."""
     seed: int = field(default=0, metadata=SEED)
     """Seeds the weights, the fixed sample noise and each epoch's permutation."""
     log_every_steps: int = field(default=50, metadata=AT_LEAST_1)
@@ -190,7 +190,7 @@ class EvalSection:
     """Training and studies that evaluate with the digit classifier refuse to start when its stored test
     accuracy is below this: a classifier near chance (0.1) has features that say nothing about digits,
     and a digit_fd measured in them ranks runs at random. 0.9: what a few hundred steps on SVHN reach
-    (187 steps of batch 128 gave 0.948)."""
+    (docs/quality.md)."""
 
 
 @dataclass
@@ -239,52 +239,48 @@ class TuneSection:
 
 @dataclass
 class SpeedSection:
-    """How the training step runs on the device; the GAN math stays the seed's. Every switch is off by
-    default, so a job trains exactly as the seed's plain fp32 PyTorch loop does until it opts in.
-    Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone and
-    all together, against eager fp32 in the same run), and the all-reduce switches (grad_compression,
-    ddp_bucket_mb) with `benchmarks/scaling.py`."""
+    """How the training step runs on the device; the GAN math stays the reference network's. Every switch
+    is off by default, so a job trains exactly as the reference's plain fp32 PyTorch loop does until it
+    opts in. Measure a choice on your card with `bash benchmarks/gpu.sh` (step table: each switch alone
+    and all together, against eager fp32 in the same run), and the all-reduce switches (grad_compression,
+    ddp_bucket_mb) with `benchmarks/scaling.py`; what they measured here is in docs/model.md."""
 
     autocast_bf16: bool = False
     """Run G's and D's forwards under torch.autocast in bfloat16 (convolutions and matmuls in bf16;
     BatchNorm's statistics, the losses and Adam in fp32; no loss scaling, as bf16 has fp32's range).
     Expected on recent NVIDIA GPUs: the largest single gain, as the step's ~1.14 GFLOP per image then
-    runs on bf16 tensor cores. Losses differ from fp32 by bf16 round-off (~1e-2 relative). Allowed on CPU, where
-    its speed depends on the CPU: 1.6-1.85x of fp32 measured on this project's 2-core AMD EPYC, which
-    has AVX512-BF16 (`benchmarks/train_step.py --table`); CPUs without native bf16 may be slower."""
+    runs on bf16 tensor cores. Losses differ from fp32 by bf16 round-off. Allowed on CPU, where its speed
+    depends on the CPU: it gains on CPUs with native bf16 (AVX512-BF16, AMX) and may lose elsewhere."""
     channels_last: bool = False
     """Keep G's and D's weights and the input batches in torch.channels_last (NHWC) memory format,
     the layout cuDNN's tensor-core convolutions use natively (no transposes around each conv). Same
-    results up to float round-off. Expected to help mostly together with autocast_bf16. On this
-    project's CPU it measured 0.5-1.0x of fp32, within the shared machine's noise or worse."""
+    results up to float round-off. Expected to help mostly together with autocast_bf16; no gain on CPU."""
     fused_adam: bool = False
     """torch.optim.Adam(fused=True): one fused kernel per optimizer step instead of several per
     parameter tensor, which matters when the step is launch-bound (batch 128 on a GPU). Same update up
-    to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel; 0.6-1.06x of fp32 here,
-    within noise). A resumed run uses this run's setting, not the checkpoint's."""
+    to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel). A resumed run uses this
+    run's setting, not the checkpoint's."""
     compile: str = field(default="none",
                          metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
     """torch.compile G and D with this mode (none: eager). default fuses BatchNorm, leaky ReLU and
     tanh into a few generated kernels between the convolutions (cuDNN still runs those); reduce-overhead also replays
     each step's kernels as CUDA graphs, removing the per-kernel launch cost that bounds eager batch-128
     steps (GPU only); max-autotune-no-cudagraphs also benchmarks kernel choices (slow to compile).
-    The first steps of a run compile (~30 s on 2 CPU cores); evaluation in eval mode compiles once
-    more. Works on CPU with a C++ compiler (mode default: 0.92x of eager measured here, no gain)."""
+    The first steps of a run compile (tens of seconds); evaluation in eval mode compiles once more.
+    Works on CPU with a C++ compiler."""
     grad_compression: str = field(
         default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
     """With more than one worker: all-reduce the gradients in bf16 or fp16 (PyTorch's DDP
     `bf16_compress_hook` / `fp16_compress_hook`: each bucket is cast down, summed, cast back) instead of
-    fp32. It halves the ~23.9 MB every step sends (G 19.7 MB, D 4.1 MB), which is what limits scaling
-    between nodes (docs/scaling.md). Off by default: the averaged gradients carry bf16/fp16 round-off,
-    so the losses differ from fp32's (4 steps of a small G and D on 2 gloo ranks: 4.5e-4 relative with
-    bf16, 2.5e-4 with fp16; tests/test_grad_compression.py). Both hooks divide by the world size before
-    the cast; bf16 keeps fp32's range, fp16 three more bits of precision. benchmarks/scaling.py measures
-    both against fp32."""
+    fp32. It halves the gradient bytes every step sends, which is what limits scaling between nodes
+    (docs/scaling.md). Off by default: the averaged gradients carry bf16/fp16 round-off, so the losses
+    differ slightly from fp32's (tests/test_grad_compression.py bounds the difference). Both hooks divide
+    by the world size before the cast; bf16 keeps fp32's range, fp16 three more bits of precision.
+    benchmarks/scaling.py measures both against fp32."""
     ddp_bucket_mb: float = field(default=25.0, metadata=POSITIVE)
-    """MiB of gradients per DDP all-reduce bucket (DDP's `bucket_cap_mb`). 25 is DDP's own default, with
-    which D's 4.1 MB and G's 19.7 MB each go in about two all-reduces (DDP's first bucket is 1 MiB);
-    smaller buckets start all-reducing earlier in the backward but pay a link latency each. The sums
-    are the same, so results are too."""
+    """MiB of gradients per DDP all-reduce bucket (DDP's `bucket_cap_mb`; 25 is DDP's own default).
+    Smaller buckets start all-reducing earlier in the backward but pay a link latency each. The sums are
+    the same, so results are too."""
 
 
 @dataclass

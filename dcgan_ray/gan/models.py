@@ -1,4 +1,4 @@
-"""The seed's DCGAN for 32x32x3 images (Radford et al. 2015, as in the seed's SVHN network).
+"""The reference DCGAN for 32x32x3 images (Radford et al. 2015, as in the reference network's SVHN network).
 
 G: z -> dense 4x4x(8f) -> BN, lrelu -> 5x5 stride-2 transposed convs 8f -> 4f -> 2f (BN, lrelu) -> 3, tanh
 D: 3 -> 5x5 stride-2 convs f -> 2f -> 4f, lrelu (BN on all but the first) -> dense -> 1 logit
@@ -6,7 +6,7 @@ with f = d_features = 64 and 2f = g_features = 128 by default, so G reaches 512 
 
 Parameter counts with the defaults: G 4,935,171, D 1,033,729. D's second and third convs carry no
 bias: BatchNorm subtracts the batch mean right after them, which cancels any bias (as in
-pytorch/examples' DCGAN); G keeps every bias the seed's layers have.
+pytorch/examples' DCGAN); G keeps every bias the reference network's layers have.
 """
 
 from __future__ import annotations

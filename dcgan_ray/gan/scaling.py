@@ -1,4 +1,4 @@
-"""What N data-parallel workers gain on the seed's network: a model of images/s and scaling efficiency.
+"""What N data-parallel workers gain on the reference network: a model of images/s and scaling efficiency.
 
 No Ray, no torch: the driver calls it before training (`describe_job`), docs/scaling.md tabulates it,
 and benchmarks/scaling.py checks it against what it measures.
@@ -25,7 +25,7 @@ from dcgan_ray.config import JobConfig
 
 D_PARAMS = 1_033_729
 G_PARAMS = 4_935_171
-"""The seed network's gradient counts with the default sizes (tests/test_models.py pins them)."""
+"""The reference network's gradient counts with the default sizes (tests/test_models.py pins them)."""
 MIB = 2**20
 DDP_FIRST_BUCKET_BYTES = 1 * MIB
 """DDP puts the first gradients of a backward in a 1 MiB bucket, so the first all-reduce starts early

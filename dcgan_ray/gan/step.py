@@ -3,7 +3,7 @@
 Nothing here imports Ray: the step is tested and benchmarked on its own, also on a GPU machine
 without Ray. `dcgan_ray.train.worker` wraps it for Ray Train workers.
 
-The step reads like the seed and pytorch/examples' DCGAN:
+The step reads like the reference network and pytorch/examples' DCGAN:
   D phase: D on a real batch and on a detached fake batch, BCE on logits, one Adam step.
   G phase: the same fake batch through the updated D, BCE against "real", one Adam step.
 
@@ -110,13 +110,13 @@ def train_step(
     back to fp32 before the losses, so losses, gradients' accumulation and Adam stay fp32.
     """
     # Convolutions and matmuls in bf16 where autocast allows them. Off, a null context: not even
-    # autocast's enter/exit (microseconds, three times a step) is added to the seed's step.
+    # autocast's enter/exit (microseconds, three times a step) is added to the reference network's step.
     forwards = (lambda: torch.autocast(real.device.type, dtype=torch.bfloat16)) if autocast_bf16 else nullcontext
 
     with forwards():
         fake = netG(z)
 
-    # D phase: real and detached fake through D (two forwards, so BatchNorm sees the seed's
+    # D phase: real and detached fake through D (two forwards, so BatchNorm sees the reference network's
     # separate real and fake batches), one backward.
     optD.zero_grad(set_to_none=True)
     with forwards():
