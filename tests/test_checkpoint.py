@@ -41,7 +41,7 @@ def run(cfg, store, tmp_path):
     return checkpointer
 
 
-def handed(checkpointer: Checkpointer, epoch: int) -> str:
+def registered_by_ray(checkpointer: Checkpointer, epoch: int) -> str:
     return f"{checkpointer.layout.bucket}/{checkpointer.layout.checkpoint_dir_key(f'checkpoint_epoch_{epoch:04d}')}"
 
 
@@ -51,7 +51,7 @@ def test_upload_writes_a_manifest_that_lists_every_file(run, store):
     assert manifest["epoch"] == 3 and set(manifest["files"]) == {CHECKPOINT_FILE}
     assert manifest["files"][CHECKPOINT_FILE]["bytes"] == store.head(f"{folder}/{CHECKPOINT_FILE}")["ContentLength"]
     assert read_checkpoint_dir(store, folder)["epoch"] == 3
-    assert run.restore(handed(run, 3))[0]["epoch"] == 3
+    assert run.restore(registered_by_ray(run, 3))[0]["epoch"] == 3
 
 
 @pytest.mark.parametrize("tear", ["truncated", "missing file", "no manifest", "bytes changed"])
@@ -66,7 +66,7 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_one(run, store, tear, cap
         store.delete([f"{folder}/{MANIFEST_FILE}"])
     else:  # same size, one byte flipped: still a readable zip, so only the sha256 can tell
         store.put_bytes(f"{folder}/{CHECKPOINT_FILE}", data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
-    state, uri = run.restore(handed(run, 3))
+    state, uri = run.restore(registered_by_ray(run, 3))
     assert state["epoch"] == 2 and uri.endswith("checkpoint_epoch_0002")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [w for w in warnings if "checkpoint_epoch_0003 is torn" in w and "trying the run's older" in w], warnings
@@ -98,7 +98,7 @@ def test_a_cut_upload_is_removed_with_one_warning(run, store, registered, caplog
     run resumes from the newest intact checkpoint, whether or not Ray had registered that one."""
     cut = run.layout.checkpoint_dir_key("checkpoint_epoch_0004")
     store.put_bytes(f"{cut}/{CHECKPOINT_FILE}", store.get_bytes(f"{run.folders()[0]}/{CHECKPOINT_FILE}"))
-    state, uri = run.restore(handed(run, registered) if registered else None)
+    state, uri = run.restore(registered_by_ray(run, registered) if registered else None)
     assert state["epoch"] == (registered or 3) and uri.endswith(f"checkpoint_epoch_{registered or 3:04d}")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "checkpoint_epoch_0004 has no manifest.json: its upload was cut" in warnings[0]
@@ -126,7 +126,7 @@ def test_no_intact_checkpoint_refuses_to_start_over(run, store, known_durable):
     if known_durable == "recorded in run.json":
         record_durable(store, run, 3)
     with pytest.raises(CheckpointError, match="none is intact; refusing to start over"):
-        run.restore(handed(run, 3) if known_durable == "registered by Ray" else None)
+        run.restore(registered_by_ray(run, 3) if known_durable == "registered by Ray" else None)
     assert len(run.folders()) == 3  # nothing removed
 
 

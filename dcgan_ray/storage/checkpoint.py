@@ -227,10 +227,10 @@ class Checkpointer:
         keys = self.store.list_keys(f"{self.layout.prefix}/{RunLayout.CHECKPOINT_DIR_PREFIX}")
         return sorted({k.rsplit("/", 1)[0] for k in keys}, reverse=True)
 
-    def restore(self, handed: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
+    def restore(self, registered: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
         """The newest intact checkpoint and its folder URI, or (None, None) for a fresh run.
 
-        `handed` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme), or None
+        `registered` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme), or None
         when Ray has none registered; intact folders of the run are used then too (Ray's record of them
         may not have been written, e.g. in a storage outage, or the upload ended just before the worker
         was lost). Rank 0 picks: uploads that were cut are removed with a warning (see the module's
@@ -241,7 +241,7 @@ class Checkpointer:
         deadlock in their first all-reduce.
         """
         if rank == 0:
-            first = handed.split("/", 1)[1].rstrip("/") if handed is not None else None
+            first = registered.split("/", 1)[1].rstrip("/") if registered is not None else None
             state, folder = self._newest_intact(first)
         folder = broadcast_from_rank_zero(folder if rank == 0 else None)
         if folder is None:

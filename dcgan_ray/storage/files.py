@@ -54,16 +54,16 @@ def download_url(url: str, part: Path, expected_size: int | None = None, timeout
             if total > max_bytes:
                 raise DownloadError(f"it announces {total} bytes, more than the {max_bytes} accepted")
             progress = Progress(f"download {url.rsplit('/', 1)[-1]}", total) if total else None
-            done = 0
+            received = 0
             while block := resp.read(4 * 2**20):
-                done += len(block)
-                if done > max_bytes:
+                received += len(block)
+                if received > max_bytes:
                     raise DownloadError(f"it sends more than the {max_bytes} bytes accepted")
                 out.write(block)
                 if progress:
                     progress(len(block))
-        if total and done != total:
-            raise DownloadError(f"the download is truncated: got {done} of {total} bytes")
+        if total and received != total:
+            raise DownloadError(f"the download is truncated: got {received} of {total} bytes")
     except DownloadError:
         part.unlink(missing_ok=True)
         raise
@@ -107,16 +107,16 @@ class Progress:
 
     def __init__(self, label: str, total: int, every_s: float = 2.0):
         self.label, self.total, self.every_s = label, total, every_s
-        self.done = 0
+        self.transferred = 0
         self._lock = threading.Lock()
         self._start = self._last = time.monotonic()
 
     def __call__(self, nbytes: int) -> None:
         with self._lock:
-            self.done += nbytes
+            self.transferred += nbytes
             now = time.monotonic()
-            if now - self._last >= self.every_s or self.done >= self.total:
+            if now - self._last >= self.every_s or self.transferred >= self.total:
                 self._last = now
-                rate = self.done / max(now - self._start, 1e-9) / 2**20
-                log.info("%s: %.1f/%.1f MiB (%3.0f%%, %.0f MiB/s)", self.label, self.done / 2**20,
-                         self.total / 2**20, 100 * self.done / max(self.total, 1), rate)
+                rate = self.transferred / max(now - self._start, 1e-9) / 2**20
+                log.info("%s: %.1f/%.1f MiB (%3.0f%%, %.0f MiB/s)", self.label, self.transferred / 2**20,
+                         self.total / 2**20, 100 * self.transferred / max(self.total, 1), rate)

@@ -147,8 +147,8 @@ class Store:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _call(self, what: str, key: str | None, request: Callable[[], Any], patient: bool = True) -> Any:
-        """`request()`, with botocore's failures translated and, when `patient`, outages waited out
+    def _call(self, what: str, key: str | None, request: Callable[[], Any], wait_out_outages: bool = True) -> Any:
+        """`request()`, with botocore's failures translated and, when `wait_out_outages`, outages waited out
         (see the module's docstring)."""
         attempt = 0
         while True:
@@ -158,18 +158,19 @@ class Store:
             except _Unreachable as e:
                 target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
                 wait = (_outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
-                        if patient else None)
+                        if wait_out_outages else None)
                 if wait is None:
-                    raise StorageUnreachable(self._unreachable_message(what, key, e.failure, patient)) from None
+                    message = self._unreachable_message(what, key, e.failure, wait_out_outages)
+                    raise StorageUnreachable(message) from None
                 time.sleep(wait)
                 attempt += 1
                 continue
             _outage_over(self.endpoint)
             return result
 
-    def _unreachable_message(self, what: str, key: str | None, failure: str, patient: bool) -> str:
+    def _unreachable_message(self, what: str, key: str | None, failure: str, wait_out_outages: bool) -> str:
         target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
-        if not patient:
+        if not wait_out_outages:
             return (f"cannot reach the S3 endpoint {self.endpoint} (tried {CONNECT_ATTEMPTS} times) while trying "
                     f"to {what} {target}: {failure}. Is the server up (`cluster/local.sh status` for the dev "
                     "stack) and is storage.endpoint right?")
@@ -246,7 +247,7 @@ class Store:
                 raise StorageError(self._not_s3_message("a reply that is not an S3 listing"))
             return True
 
-        if self._call("open", None, bucket_exists, patient=False):
+        if self._call("open", None, bucket_exists, wait_out_outages=False):
             return
         if not self.cfg.create_bucket:
             raise BucketMissing(self._bucket_missing_message())

@@ -132,10 +132,10 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
     setup_logging()
     cfg = trial_job(base, trial_config["trial"])
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    done = read_run_manifest(store, layout)
-    if done and epochs_durable(done) >= cfg.train.epochs and done["history"]:
+    finished = read_run_manifest(store, layout)
+    if finished and epochs_durable(finished) >= cfg.train.epochs and finished["history"]:
         # A resubmitted study may hand us a trial that finished after the study last saved its state.
-        tune.report(done["history"][-1])
+        tune.report(finished["history"][-1])
         return
     try:
         make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
@@ -381,9 +381,9 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     with DriverLock("study", f"s3://{path}"):
         trials = {trial_name(t): t for t in expand_trials(cfg)}
         ended = read_study_state(Store(cfg.storage), cfg)
-        done = {name for name in trials if ended.get(name, {}).get("state") == "TERMINATED"}
-        earlier = [_TrialView(name, t, "TERMINATED", None) for name, t in trials.items() if name in done]
-        pending = [t for name, t in trials.items() if name not in done]
+        terminated = {name for name in trials if ended.get(name, {}).get("state") == "TERMINATED"}
+        earlier = [_TrialView(name, t, "TERMINATED", None) for name, t in trials.items() if name in terminated]
+        pending = [t for name, t in trials.items() if name not in terminated]
         concurrent = max_concurrent(cfg, len(pending))
         log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
         if earlier:

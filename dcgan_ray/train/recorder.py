@@ -48,7 +48,7 @@ State = Callable[[], dict[str, Any]]
 class Recorder:
     """The recorder of ranks other than 0: every method is a no-op."""
 
-    def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
+    def started(self, start_epoch: int, world: int, resumed_from: str | None, steps_per_epoch: int) -> None:
         pass
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -91,32 +91,32 @@ class RunRecorder(Recorder):
         self._lock = threading.Lock()
         self._trained = False  # every epoch trained; the run is finished once the last checkpoint is durable
 
-    def started(self, start_epoch: int, world: int, origin: str | None, steps_per_epoch: int) -> None:
+    def started(self, start_epoch: int, world: int, resumed_from: str | None, steps_per_epoch: int) -> None:
         cfg, layout = self.cfg, self.layout
         m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
-        if m.get("world_size") is not None or origin is not None:  # workers of this run have started before
-            self._record_restart(m, start_epoch, world, origin)
+        if m.get("world_size") is not None or resumed_from is not None:  # workers of this run have started before
+            self._record_restart(m, start_epoch, world, resumed_from)
         m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
                  global_batch=cfg.train.batch_size * world, epochs_completed=start_epoch)
         if cfg.eval.in_task:
             discard_results_after(self.store, layout, start_epoch)
-        if origin is not None:
-            m["resumed_from"] = {"epoch": start_epoch, "checkpoint": origin}
+        if resumed_from is not None:
+            m["resumed_from"] = {"epoch": start_epoch, "checkpoint": resumed_from}
         self.manifest = m
         self._save()
         self.store.put_bytes(layout.config_key, cfg.to_yaml().encode(), "text/yaml")
         log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
                  cfg.train.batch_size, cfg.train.batch_size * world, steps_per_epoch)
 
-    def _record_restart(self, m: dict[str, Any], start_epoch: int, world: int, origin: str | None) -> None:
+    def _record_restart(self, m: dict[str, Any], start_epoch: int, world: int, resumed_from: str | None) -> None:
         """A restart (Ray restarting the workers, or a resubmission): a record in `restarts` instead of
         overwritten history, a resize if the world size changed, and one line saying what it resumed from."""
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         before, recorded = m.get("world_size"), m.get("epochs_completed", 0)
         redone = [h for h in m["history"] if h["epoch"] > start_epoch]
         m["history"] = [h for h in m["history"] if h["epoch"] <= start_epoch]
-        m.setdefault("checkpoints", {}).update(latest=origin, durable_epoch=start_epoch if origin else 0)
-        if origin is not None:  # (its upload may have ended after run.json was last written)
+        m.setdefault("checkpoints", {}).update(latest=resumed_from, durable_epoch=start_epoch if resumed_from else 0)
+        if resumed_from is not None:  # (its upload may have ended after run.json was last written)
             for h in m["history"]:
                 if h["epoch"] == start_epoch:
                     h["checkpoint_durable"] = True
@@ -128,12 +128,12 @@ class RunRecorder(Recorder):
                       None: f"epoch {epoch} had no checkpoint (checkpoint.every_epochs)",
                       "unrecorded": f"the checkpoint of epoch {epoch} was not durable"}[durable]
         m.setdefault("restarts", []).append({
-            "at": at, "from_epoch": recorded, "to_epoch": start_epoch, "checkpoint": origin, "reason": reason,
+            "at": at, "from_epoch": recorded, "to_epoch": start_epoch, "checkpoint": resumed_from, "reason": reason,
             "world_size_before": before, "world_size_after": world, "redone": redone})
         resized = before not in (None, world)
         if resized:  # an elastic run going on after a node was lost or came back
             m.setdefault("resizes", []).append({"epoch": start_epoch, "from": before, "to": world, "at": at})
-        source = f"resumes from {origin} (epoch {start_epoch})" if origin else "starts over from epoch 0"
+        source = f"resumes from {resumed_from} (epoch {start_epoch})" if resumed_from else "starts over from epoch 0"
         workers = f"{world} worker(s)" + (f" instead of {before}" if resized else "")
         lost = (f"epoch(s) {', '.join(str(h['epoch']) for h in redone)} recorded before are trained again: {reason}"
                 if redone else "no epoch recorded in run.json is trained again")
@@ -156,24 +156,24 @@ class RunRecorder(Recorder):
         """Samples, the best copy, run.json; with `checkpoint`, the checkpoint in a fresh local folder,
         whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name). The
         upload removes the folder (`Worker.upload_checkpoint`) and then calls `checkpoint_durable`."""
-        done = metrics["epoch"]
-        sample_uri = self._write_grid(netG, done)
+        completed = metrics["epoch"]
+        sample_uri = self._write_grid(netG, completed)
         log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
-                 done, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
+                 completed, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
                  metrics["d_real"], metrics["d_fake"], metrics["images_per_s"], sample_uri)
         faults.reached("record_epoch")
-        best = self.checkpointer.keep_if_best(self.manifest["checkpoints"].get("best"), done,
+        best = self.checkpointer.keep_if_best(self.manifest["checkpoints"].get("best"), completed,
                                               metrics.get(self.cfg.eval.metric), state)
         checkpoint_dir = None
         if checkpoint:
-            checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(done)
+            checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(completed)
             self.checkpointer.save(checkpoint_dir, state())
         with self._lock:
             m = self.manifest
             if best is not None:
                 m["checkpoints"]["best"] = best
             m["history"].append({**metrics, "checkpoint_durable": False if checkpoint else None})
-            m["epochs_completed"] = done
+            m["epochs_completed"] = completed
             m["samples"]["latest"] = self.store.uri(self.layout.latest_sample_key)
             m["samples"]["epochs"] = sorted({*m["samples"]["epochs"], sample_uri})
             self._merge_scores()

@@ -112,8 +112,8 @@ class Worker:
         fixed_noise = torch.randn(cfg.sample.grid_size**2, cfg.model.z_dim,
                                   generator=torch.Generator().manual_seed(cfg.train.seed))
         checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
-        handed = ray.train.get_checkpoint()
-        state, origin = checkpointer.restore(handed.path if handed is not None else None, rank)
+        registered = ray.train.get_checkpoint()
+        state, resumed_from = checkpointer.restore(registered.path if registered is not None else None, rank)
         start_epoch, step = 0, 0
         if state is not None:
             netG.load_state_dict(state["netG"])
@@ -134,7 +134,7 @@ class Worker:
         inline = cfg.eval.every_epochs and not cfg.eval.in_task
         evaluator = Evaluator(store, cfg, images, device, rank, world) if inline else None
         recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device), start_step=step)
-        recorder.started(start_epoch, world, origin, len(images) // (world * cfg.train.batch_size))
+        recorder.started(start_epoch, world, resumed_from, len(images) // (world * cfg.train.batch_size))
         return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
                    step, evaluator, recorder, checkpointer)
 
@@ -157,22 +157,23 @@ class Worker:
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
         """Agree on the epoch's numbers and BatchNorm statistics, evaluate, record, report (with a
         checkpoint on checkpoint epochs). Every step up to `report` is a collective."""
-        cfg, done = self.cfg, epoch + 1
+        cfg, completed = self.cfg, epoch + 1
         self.step += stats.steps
         loss_d, loss_g, d_real, d_fake, seconds = average(
             [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.seconds], self.device)
         average_bn_buffers(self.netG, self.netD)
         metrics = {
-            "epoch": done, "step": self.step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
+            "epoch": completed, "step": self.step,
+            "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
             "images_per_s": stats.images * self.world / seconds, "epoch_seconds": seconds,
             "world_size": self.world, "global_batch": cfg.train.batch_size * self.world,
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
-        last = done == cfg.train.epochs
-        if self.evaluator is not None and cfg.is_eval_epoch(done):
+        last = completed == cfg.train.epochs
+        if self.evaluator is not None and cfg.is_eval_epoch(completed):
             metrics.update(self.evaluate())
-        save_now = done % cfg.checkpoint.every_epochs == 0 or last
-        saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(done), save_now)
+        save_now = completed % cfg.checkpoint.every_epochs == 0 or last
+        saved = self.recorder.epoch_done(metrics, self.netG, lambda: self.state(completed), save_now)
         # Every rank reports (it is a barrier); only rank 0 hands over a checkpoint, uploaded by our store
         # (outage retries, manifest last) rather than by Ray's pyarrow copy, in the background by default.
         # With eval.in_task, eval epochs' checkpoints (the config makes them checkpoint epochs) are scored
@@ -182,7 +183,7 @@ class Worker:
                          checkpoint_dir_name=saved.name if saved else None, checkpoint_upload_mode=mode,
                          checkpoint_upload_fn=self.upload_checkpoint if saved else None,
                          delete_local_checkpoint_after_upload=False,
-                         validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(done)))
+                         validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(completed)))
 
     def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         """Ray's `checkpoint_upload_fn`: upload the local folder, mark it durable in run.json, return it as a
