@@ -85,9 +85,13 @@ class DriverLock:
         """Who holds the name, or None when its holder is gone (or going) and the name will be free."""
         try:
             # An actor handle's method returns an untyped ObjectRef; `who` returns this dict.
-            return cast(dict[str, Any], ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(), timeout=20))
+            holder = cast(dict[str, Any], ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(),
+                                                  timeout=20))
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return None
+        # A driver on this machine that has died: its lock answers until Ray notices (seconds, more on a
+        # busy head), and then goes.
+        return None if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")) else holder
 
     def _refusal(self, holder: dict[str, Any]) -> str:
         who = (f"submission {holder['submission_id']}" if holder.get("submission_id")
@@ -100,3 +104,16 @@ class DriverLock:
         if self.actor is not None:
             ray.kill(self.actor)
             self.actor = None
+
+
+def _alive(pid: Any) -> bool:
+    """Whether a process `pid` exists on this machine."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
