@@ -6,11 +6,7 @@ Ray head (and so every worker) inherits. Each test gets its own key prefix in th
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,22 +16,15 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 from dcgan_ray.cli import main as cli_main  # noqa: E402
-from dcgan_ray.config import JobConfig, config_from_dict  # noqa: E402
+from dcgan_ray.config import JobConfig  # noqa: E402
 from dcgan_ray.data.svhn import prepare_split  # noqa: E402
 from dcgan_ray.data.synth import synth_svhn_mat  # noqa: E402
 from dcgan_ray.dev.ray_nodes import RayHead  # noqa: E402
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
-from dcgan_ray.faults import FAULT_FILE_ENV, STEPS  # noqa: E402
+from dcgan_ray.faults import FAULT_FILE_ENV  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
-from dcgan_ray.storage.layout import RunLayout  # noqa: E402
-from dcgan_ray.storage.runs import read_run_manifest  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
-
-TEST_KEY = "dcgan-test-key"
-TEST_SECRET = "dcgan-test-secret-0123456789"
-BUCKET = "dcgan-test"
-REPO = Path(__file__).resolve().parents[1]
-
+from helpers import BUCKET, REPO, TEST_KEY, TEST_SECRET, Fault, make_config  # noqa: E402
 
 S3_FIXTURES = {"s3_server", "private_s3"}
 
@@ -90,24 +79,6 @@ def private_s3(tmp_path_factory) -> SeaweedServer:
     server.start()
     yield server
     server.stop()
-
-
-def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
-    data = {
-        "name": "test-run",
-        "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 2},
-        "storage": {"endpoint": endpoint, "bucket": BUCKET, "prefix": prefix},
-        "scaling": {"num_workers": 1, "use_gpu": False},
-        "eval": {"every_epochs": 0, "num_samples": 256, "batch_size": 256},
-        # 150 steps: ~0.97 test accuracy on the synthetic digits (2 epochs of 1,200 alone give ~0.6).
-        "classifier": {"epochs": 2, "batch_size": 64, "min_steps": 150},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return config_from_dict(data, "test config")
 
 
 @pytest.fixture
@@ -169,83 +140,6 @@ def data_prefix(s3_server, svhn_dir, tmp_path_factory):
     return prefix
 
 
-def run_cfg(endpoint, prefix, name, eval_every=0, **train):
-    """A small 2-worker training job on the shared data (256 images, batch 16: 8 steps an epoch)."""
-    return make_config(
-        endpoint, prefix, name=name,
-        train={"epochs": 2, "batch_size": 16, "log_every_steps": 4, **train},
-        data={"max_images": 256},
-        checkpoint={"keep": 2},
-        scaling={"num_workers": 2, "use_gpu": False, "max_failures": 0},
-        eval={"every_epochs": eval_every},
-    )
-
-
-class TrainInThread:
-    """`train(cfg)` on a thread of the test, so the test can act on the cluster mid-run (kill a worker,
-    lose a node) and then check what the driver returned."""
-
-    def __init__(self, cfg: JobConfig):
-        from dcgan_ray.train.driver import train
-
-        self.store, self.layout, self.result = Store(cfg.storage), RunLayout.of(cfg), {}
-
-        def run() -> None:
-            try:
-                self.result["manifest"] = train(cfg)
-            except BaseException as e:  # shown by finished(), not lost in the thread
-                self.result["error"] = e
-
-        self.thread = threading.Thread(target=run)
-        self.thread.start()
-
-    def wait_for_epochs(self, epochs: int, timeout_s: float = 300) -> int:
-        """Until run.json records `epochs` epochs (rank 0 records epoch n only after epoch n-1's report
-        returned, so Ray has registered that checkpoint); the count it then records."""
-        deadline = time.monotonic() + timeout_s
-        while (done := (read_run_manifest(self.store, self.layout) or {}).get("epochs_completed", 0)) < epochs:
-            assert time.monotonic() < deadline, f"run.json still records {done} epochs after {timeout_s:.0f} s"
-            time.sleep(0.2)
-        return done
-
-    def finished(self, timeout_s: float = 600) -> dict:
-        """The run manifest train() returned; fails the test if it raised or is still running."""
-        self.thread.join(timeout=timeout_s)
-        assert not self.thread.is_alive(), f"train() still running after {timeout_s:.0f} s"
-        assert "error" not in self.result, f"train() raised in the driver: {self.result.get('error')!r}"
-        return self.result["manifest"]
-
-
-class Fault:
-    """A fault for the next Ray process that reaches `step` at an epoch's end (see dcgan_ray.faults): it
-    kills itself, or holds still for the test to take its node down."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def set(self, step: str, action: str) -> None:
-        part = self.path.with_suffix(".part")
-        part.write_text(json.dumps({"step": step, "action": action}))
-        part.rename(self.path)
-
-    @property
-    def fired(self) -> bool:
-        return Path(f"{self.path}.fired").exists()
-
-    def held_on(self, timeout_s: float = 300) -> str:
-        """The Ray node id of the process that holds at the step, once one does."""
-        held = Path(f"{self.path}.held")
-        deadline = time.monotonic() + timeout_s
-        while not held.exists():
-            assert time.monotonic() < deadline, f"no process reached the fault's step in {timeout_s:.0f} s"
-            time.sleep(0.05)
-        return held.read_text()
-
-    def clear(self) -> None:
-        for path in (self.path, Path(f"{self.path}.fired"), Path(f"{self.path}.held")):
-            path.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def fault() -> Fault:
     f = Fault(Path(os.environ[FAULT_FILE_ENV]))
@@ -254,57 +148,3 @@ def fault() -> Fault:
     f.clear()
 
 
-def fault_cfg(endpoint: str, prefix: str, name: str) -> JobConfig:
-    """The run the fault tests lose rank 0 of: 2 epochs of 2 steps on 2 workers, with the reference
-    network's real 68 MiB checkpoints (a multipart upload), uploaded in the background."""
-    cfg = run_cfg(endpoint, prefix, name, epochs=2)
-    cfg.data.max_images = 64
-    return cfg
-
-
-EPOCH_RESUMED_AFTER = {
-    "record_epoch": 0,  # epoch 1's run.json entry was never written, nor its checkpoint
-    "upload_checkpoint_file": 0,  # run.json says epoch 1 was trained; its checkpoint never made it
-    "before_manifest": 0,  # the same, and checkpoint.pt without its manifest is left in the bucket
-    "after_manifest": 1,  # the checkpoint is durable, though Ray Train had not registered it
-}
-"""The epoch a 2-epoch run resumes from when rank 0 is lost at each step of epoch 1's end."""
-assert list(EPOCH_RESUMED_AFTER) == list(STEPS), "a fault step without its expected outcome, or the other way"
-
-
-def log_messages(log: str, text: str) -> set[str]:
-    """The distinct lines of a driver's log that contain `text`, without Ray's prefix (the process and the
-    node it was read on) and its `[repeated Nx across cluster]`: raylets sharing one machine share one
-    session folder, so each forwards every worker's lines."""
-    messages = set()
-    for line in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines():
-        if text in line:
-            messages.add(re.sub(r"^\(.*?\) ", "", line).split(" [repeated ")[0])
-    return messages
-
-
-def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_before: int,
-                     world_after: int) -> None:
-    """A run of 2 epochs (2 workers) whose rank 0 was lost at `step` of epoch 1's end finished all its epochs
-    once, says in run.json how it restarted and resized, and in its log, in one line each, what it did."""
-    store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    assert manifest["status"] == "finished"
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
-    assert all(h["checkpoint_durable"] for h in manifest["history"])
-    assert manifest["checkpoints"]["durable_epoch"] == 2 and manifest["checkpoints"]["latest"].endswith("_0002")
-    (restart,) = manifest["restarts"]
-    resumed = EPOCH_RESUMED_AFTER[step]
-    assert restart["to_epoch"] == resumed, restart
-    assert [h["epoch"] for h in restart["redone"]] == list(range(resumed + 1, restart["from_epoch"] + 1)), restart
-    assert (restart["world_size_before"], restart["world_size_after"]) == (world_before, world_after)
-    resizes = [(r["from"], r["to"]) for r in manifest.get("resizes", [])]
-    assert resizes == ([(world_before, world_after)] if world_before != world_after else [])
-    assert manifest["history"][-1]["world_size"] == world_after
-    (restarted,) = log_messages(log, f"run {layout.uri} restarted: ")
-    assert (f"resumes from {layout.uri}/checkpoint_epoch_0001 (epoch 1)" if resumed else "starts over from epoch 0") \
-        in restarted, restarted
-    assert len(log_messages(log, f"{layout.uri}/checkpoint_epoch_0001 has no manifest.json: its upload was cut")) \
-        == (step == "before_manifest")
-    # Nothing torn is left behind for a later restore to trip on.
-    for folder in store.list_keys(f"{layout.prefix}/checkpoint_epoch_"):
-        assert store.exists(f"{folder.rsplit('/', 1)[0]}/manifest.json"), folder

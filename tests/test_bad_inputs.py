@@ -22,7 +22,6 @@ import scipy.io
 import torch
 import yaml
 
-from conftest import BUCKET, REPO, make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.data.synth import synth_svhn_mat
@@ -31,6 +30,7 @@ from dcgan_ray.quality.classifier import DigitClassifier, save_state
 from dcgan_ray.storage.checkpoint import save_checkpoint
 from dcgan_ray.storage.layout import classifier_key, split_manifest_key
 from dcgan_ray.storage.s3 import Store
+from helpers import BUCKET, REPO, make_config
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import CheckpointError
 from dcgan_ray.storage.checkpoint import (
@@ -20,6 +19,7 @@ from dcgan_ray.storage.checkpoint import (
 )
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import write_run_manifest
+from helpers import make_config
 
 
 def tiny_state(epoch: int) -> dict:

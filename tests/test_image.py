@@ -14,8 +14,8 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conftest import REPO
 from dcgan_ray.ray_internals import SUPPORTED_RAY
+from helpers import REPO
 from test_cluster_recipes import secret_hits
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()

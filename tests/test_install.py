@@ -9,7 +9,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from conftest import REPO
+from helpers import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 

@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 
-from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import list_jobs, submit
@@ -21,6 +20,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
+from helpers import make_config
 
 pytestmark = pytest.mark.ray
 

@@ -18,9 +18,9 @@ import ray
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conftest import REPO
 from dcgan_ray import ray_internals
 from dcgan_ray.ray_internals import SUPPORTED_RAY, UnsupportedRay, check_ray_version
+from helpers import REPO
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
 

@@ -6,12 +6,12 @@ import logging
 
 import torch
 
-from conftest import make_config
 from dcgan_ray.gan.models import build_models
 from dcgan_ray.storage.checkpoint import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.train.recorder import RunRecorder
+from helpers import make_config
 
 
 def recorder_and_netG(cfg, store):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, REPO, TEST_KEY, TEST_SECRET, make_config
 from dcgan_ray.ray_internals import session_dir
 from dcgan_ray.storage.checkpoint import load_checkpoint
 from dcgan_ray.storage.s3 import Store
+from helpers import BUCKET, REPO, TEST_KEY, TEST_SECRET, make_config
 
 pytestmark = pytest.mark.ray
 

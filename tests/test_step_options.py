@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ from dcgan_ray.gan.step import (
     run_epoch,
     to_model_input,
 )
+from helpers import REPO
 
 Z, BATCH, IMAGES = 16, 8, 32  # 4 steps of a small G and D: enough to compound round-off, quick on 2 cores
-REPO = Path(__file__).resolve().parents[1]
 
 
 def images() -> torch.Tensor:

@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from conftest import BUCKET, TEST_SECRET, make_config
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageUnreachable
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
+from helpers import BUCKET, TEST_SECRET, make_config
 
 
 def test_round_trip(store):

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import make_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import config_from_dict, load_config
 from dcgan_ray.data.svhn import prepare_split
@@ -22,6 +21,7 @@ from dcgan_ray.errors import ConfigError
 from dcgan_ray.storage.layout import study_report_prefix, study_trials_prefix
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.tuner import run_study
+from helpers import make_config
 
 pytestmark = pytest.mark.ray
 

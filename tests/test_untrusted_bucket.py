@@ -14,7 +14,6 @@ import pytest
 import scipy.io
 
 import dcgan_ray.data.svhn as svhn
-from conftest import make_config
 from dcgan_ray.cli import _eval_config
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import StorageSection
@@ -24,6 +23,7 @@ from dcgan_ray.storage.checkpoint import MANIFEST_FILE, Checkpointer, save_check
 from dcgan_ray.storage.files import cache_dir
 from dcgan_ray.storage.layout import RunLayout, split_manifest_key
 from dcgan_ray.storage.runs import RunManifestError, merge_results, read_run_manifest
+from helpers import make_config
 from test_checkpoint import tiny_state
 
 

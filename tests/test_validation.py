@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from conftest import run_cfg
 from dcgan_ray.storage.checkpoint import read_checkpoint_dir
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
 from dcgan_ray.train.validation import scoring_room
+from helpers import run_cfg
 
 pytestmark = pytest.mark.ray
 
