@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TrainInThread, make_config, run_cfg
 from dcgan_ray.cli import main as cli_main
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
@@ -21,6 +20,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
+from helpers import REPO, TrainInThread, make_config, run_cfg
 
 pytestmark = pytest.mark.ray
 
@@ -31,7 +31,8 @@ def png(store, key):
 
 @pytest.fixture(scope="module")
 def resume_run(ray_head, s3_server, data_prefix):
-    """One 2-epoch run with evaluation that the tests below inspect, resume and damage, in file order."""
+    """One 2-epoch run with evaluation, which the tests below only read (the ones that resume or damage a
+    run train their own, so no test depends on another's order)."""
     cfg = run_cfg(s3_server.endpoint, data_prefix, "resume", eval_every=1)
     manifest = train(cfg)
     return cfg, Store(cfg.storage), RunLayout.of(cfg), manifest
@@ -62,16 +63,25 @@ def test_train_writes_artifacts(resume_run):
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0002")
 
 
-def test_resubmission_resumes_then_is_a_no_op(resume_run):
-    cfg, store, layout, _ = resume_run
+def small_run(endpoint: str, prefix: str, name: str, epochs: int):
+    """A run of its own for a test to resume or damage: 64 images (2 steps an epoch), no evaluation."""
+    cfg = run_cfg(endpoint, prefix, name, epochs=epochs)
+    cfg.data.max_images = 64
+    manifest = train(cfg)
+    assert manifest["status"] == "finished" and manifest["epochs_completed"] == epochs
+    return cfg, Store(cfg.storage), RunLayout.of(cfg)
+
+
+def test_resubmission_resumes_then_is_a_no_op(ray_head, s3_server, data_prefix):
+    cfg, store, layout = small_run(s3_server.endpoint, data_prefix, "resubmitted", epochs=2)
     ckpt2 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0002/checkpoint.pt"))
     # Resubmitting the same name with more epochs continues where it stopped.
     cfg.train.epochs = 3
     manifest = train(cfg)
-    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
     assert manifest["resumed_from"]["epoch"] == 2
     ckpt3 = load_checkpoint(store.get_bytes(f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"))
-    assert ckpt3["step"] == 3 * 8
+    assert ckpt3["step"] == 3 * 2
     assert torch.equal(ckpt3["fixed_noise"], ckpt2["fixed_noise"])
     assert not store.exists(f"{layout.prefix}/checkpoint_epoch_0001/checkpoint.pt")  # checkpoint.keep = 2
 
@@ -98,17 +108,15 @@ def test_sample_and_eval_without_ray(resume_run, s3_server, tmp_path, capsys):
     assert measured["epoch"] == best["epoch"] and np.isfinite(measured["digit_fd"]) and measured["digit_fd"] > 0
 
 
-def test_damaged_checkpoints_never_start_over(resume_run):
-    cfg, store, layout, _ = resume_run
-    cfg.train.epochs = 3
-    train(cfg)  # (a no-op once the resume test ran; it runs epoch 3 when this test runs alone)
+def test_damaged_checkpoints_never_start_over(ray_head, s3_server, data_prefix):
+    cfg, store, layout = small_run(s3_server.endpoint, data_prefix, "damaged", epochs=3)
     # A damaged latest checkpoint: resume from the previous one, with a warning, never from scratch.
     key3 = f"{layout.prefix}/checkpoint_epoch_0003/checkpoint.pt"
     store.put_bytes(key3, store.get_bytes(key3)[:5000])
     cfg.train.epochs = 4
     manifest = train(cfg)
     assert manifest["resumed_from"]["epoch"] == 2
-    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3, 4]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
     # The new epoch-3 checkpoint went to a fresh folder; Ray's retention (keep 2) removed the damaged one.
     assert manifest["checkpoints"]["latest"].endswith("checkpoint_epoch_0004")
     checkpoints = Checkpointer(store, layout, cfg.eval.metric)
