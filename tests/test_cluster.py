@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import ray
 
-from conftest import EPOCH_RESUMED_AFTER, TrainInThread, assert_recovered, fault_cfg, run_cfg
 from dcgan_ray.dev.ray_nodes import RayHead, RayNode
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import JOB_SLOT, list_jobs, submit
@@ -30,6 +29,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
+from helpers import EPOCH_RESUMED_AFTER, TrainInThread, assert_recovered, fault_cfg, run_cfg
 
 pytestmark = pytest.mark.ray
 
@@ -200,8 +200,12 @@ def autoscaling_head(tmp_path_factory, test_env):
     slot, and a queue deadline of 5 s."""
     head = RayHead(tmp_path_factory.mktemp("autoscaling") / "head.log", num_cpus=0, resources={JOB_SLOT: 1},
                    autoscaling={"cpu1": {"resources": {"CPU": 1}, "max_workers": 2}},
+                   # The head's cloud instance and node type, as Ray's fake provider gives the nodes it
+                   # launches. Without the type, an autoscaler that sees the head's raylet before its
+                   # provider's list takes it for an unmanaged node it cannot record, and never reports.
                    env={"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
-                        "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID, "RAY_JOB_START_TIMEOUT_SECONDS": "5"})
+                        "RAY_NODE_TYPE_NAME": "ray.head.default", "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,
+                        "RAY_JOB_START_TIMEOUT_SECONDS": "5"})
     head.start()
     try:
         with driver_on(head.address):
