@@ -13,6 +13,8 @@ from dcgan_ray.storage.checkpoint import (
     CHECKPOINT_FILE,
     MANIFEST_FILE,
     Checkpointer,
+    checkpoint_bytes,
+    load_checkpoint,
     read_checkpoint_dir,
     read_checkpoint_uri,
     save_checkpoint,
@@ -154,3 +156,55 @@ def test_sample_reads_checked_folders_and_refuses_torn_ones(run, store, cfg, tmp
     (local / CHECKPOINT_FILE).write_bytes((local / CHECKPOINT_FILE).read_bytes()[:100])
     with pytest.raises(CheckpointError, match="is torn"):
         read_checkpoint_uri(str(local), cfg.storage)
+
+
+# --- The format on local folders (no S3 server: in the fast lane) ------------------------------------------
+
+def test_a_saved_folder_reads_back_checked_against_its_manifest(tmp_path):
+    save_checkpoint(tmp_path / "c", tiny_state(4))
+    manifest = json.loads((tmp_path / "c" / MANIFEST_FILE).read_text())
+    assert manifest["epoch"] == 4 and set(manifest["files"]) == {CHECKPOINT_FILE}
+    state = read_checkpoint_uri(str(tmp_path / "c"), make_config("http://127.0.0.1:1", "p").storage)
+    assert state["epoch"] == 4 and torch.equal(state["netG"]["w"], torch.full((3,), 4.0))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [CHECKPOINT_FILE, MANIFEST_FILE]  # no temp files
+
+
+@pytest.mark.parametrize("tear, error", [
+    ("no manifest", "it has no manifest.json, which is written last"),
+    ("truncated", "checkpoint.pt has 100 bytes and another sha256"),
+    ("bytes changed", r"checkpoint.pt has (\d+) bytes and another sha256 than the \1 bytes its manifest lists"),
+    ("manifest not JSON", "its manifest.json cannot be read"),
+    ("manifest lists another file", "its manifest.json cannot be read .*it lists"),
+])
+def test_a_torn_local_folder_is_refused_with_what_is_wrong(tmp_path, tear, error):
+    folder = tmp_path / "c"
+    save_checkpoint(folder, tiny_state(1))
+    data, manifest = (folder / CHECKPOINT_FILE).read_bytes(), json.loads((folder / MANIFEST_FILE).read_text())
+    if tear == "no manifest":
+        (folder / MANIFEST_FILE).unlink()
+    elif tear == "truncated":
+        (folder / CHECKPOINT_FILE).write_bytes(data[:100])
+    elif tear == "bytes changed":
+        (folder / CHECKPOINT_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif tear == "manifest not JSON":
+        (folder / MANIFEST_FILE).write_text("{")
+    else:
+        manifest["files"] = {"other.pt": manifest["files"][CHECKPOINT_FILE]}
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {folder} is torn .*: {error}"):
+        read_checkpoint_uri(str(folder), make_config("http://127.0.0.1:1", "p").storage)
+
+
+def test_a_checkpoint_file_that_is_not_ours_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "netG": {}}, path)
+    with pytest.raises(CheckpointError, match="lacks .*: not a dcgan-ray checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} is not a dcgan-ray checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(checkpoint_bytes(tiny_state(1))[:1000])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} is damaged or truncated and cannot be read"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

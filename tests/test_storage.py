@@ -6,6 +6,7 @@ import pytest
 
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageUnreachable
+from dcgan_ray.storage.layout import RunLayout, classifier_key, split_manifest_key, study_state_key
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 from helpers import BUCKET, TEST_SECRET, make_config
 
@@ -162,3 +163,22 @@ def test_anonymous_and_wrong_key_access_are_refused(store, monkeypatch):
     with pytest.raises(StorageAuthError, match=r"rejected the credentials \(AWS_ACCESS_KEY_ID=wron\.\.\.\)") as e:
         Store(store.cfg).get_bytes("private/obj")
     assert TEST_SECRET not in str(e.value)
+
+
+def test_the_layout_of_a_run_and_a_study():
+    # The bucket's layout is the contract between training, studies, `dcgan-ray runs` and TensorBoard: pinned.
+    cfg = make_config("http://127.0.0.1:1", "team/dcgan", name="r1")
+    layout = RunLayout.of(cfg)
+    assert (layout.uri, layout.runs_uri) == (f"s3://{BUCKET}/team/dcgan/runs/r1", f"s3://{BUCKET}/team/dcgan/runs")
+    assert [layout.manifest_key, layout.config_key, layout.sample_key(3), layout.latest_sample_key, layout.gif_key,
+            layout.best_key, layout.validation_key(2), layout.report_key, layout.checkpoint_dir_key("c")] == [
+        "team/dcgan/runs/r1/run.json", "team/dcgan/runs/r1/config.yaml", "team/dcgan/runs/r1/samples/epoch_0003.png",
+        "team/dcgan/runs/r1/samples/latest.png", "team/dcgan/runs/r1/samples/progress.gif",
+        "team/dcgan/runs/r1/best/checkpoint.pt", "team/dcgan/runs/r1/validations/epoch_0002.json",
+        "team/dcgan/runs/r1/report/index.html", "team/dcgan/runs/r1/c"]
+    assert split_manifest_key(cfg, "test") == "team/dcgan/data/svhn/test/manifest.json"
+    assert classifier_key(cfg) == "team/dcgan/models/classifier-svhn.pt"
+    assert study_state_key(cfg) == "team/dcgan/studies/r1-study/state.json"
+    elsewhere = make_config("http://127.0.0.1:1", "team/dcgan", name="t-1", storage={"runs_prefix": "team/s/trials"})
+    assert RunLayout.of(elsewhere).prefix == "team/s/trials/t-1"
+    assert RunLayout.of(elsewhere).runs_uri == f"s3://{BUCKET}/team/s/trials"
