@@ -27,11 +27,10 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 
 from dcgan_ray.errors import DcganError, ObjectMissing
+from dcgan_ray.report.style import PAGE_CSS, new_figure
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
-from dcgan_ray.study.plots import new_figure
-from dcgan_ray.study.report import PAGE_CSS
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,13 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.patheffects import withStroke
 from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from dcgan_ray.report.style import new_figure
 from dcgan_ray.study.outcomes import (
     DIRECTION,
     STATUSES,
@@ -73,14 +72,6 @@ def _level_index(value: Any, levels: list[Any]) -> int:
 def _position(value: Any, levels: list[Any]) -> float:
     """Where a value sits on a plot axis: itself on a numeric axis, its category's index otherwise."""
     return float(value) if _is_numeric(levels) else float(_level_index(value, levels))
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas, laid out by matplotlib (the study report and the run page draw on these)."""
-    # No pyplot: its global figure registry and backend switch do not belong in a long-lived driver process.
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _label_axis(axis: Any, levels: list[Any]) -> None:
