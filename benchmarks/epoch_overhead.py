@@ -63,11 +63,15 @@ def main() -> None:
     args = parser.parse_args()
     with scratch_server("bench") as (server, tmp):
         os.environ["DCGAN_RAY_CACHE"] = str(tmp / "cache")
-        cfg = config_from_dict({
-            "name": "overhead", "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
-            "data": {"prepare_splits": ["train", "test"]}, "eval": {"num_samples": args.num_samples},
-            "classifier": {"epochs": 2},
-        })
+        cfg = config_from_dict(
+            {
+                "name": "overhead",
+                "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
+                "data": {"prepare_splits": ["train", "test"]},
+                "eval": {"num_samples": args.num_samples},
+                "classifier": {"epochs": 2},
+            }
+        )
         for split, n, seed in (("train", 4096, 1), ("test", 1024, 2)):
             synth_svhn_mat(tmp / f"{split}_32x32.mat", n, seed=seed)
         store = Store(cfg.storage)
@@ -84,15 +88,32 @@ def main() -> None:
         # One step, so both Adams hold their moments: the checkpoint has its real size.
         train_step(netG, netD, optG, optD, to_model_input(images[:16]), torch.randn(16, cfg.model.z_dim))
         fixed = torch.randn(64, cfg.model.z_dim)
-        state = lambda: {"netG": netG.state_dict(), "netD": netD.state_dict(), "optG": optG.state_dict(),  # noqa: E731
-                         "optD": optD.state_dict(), "epoch": 1, "step": 1, "fixed_noise": fixed,
-                         "config": cfg.to_dict()}
+
+        def state():
+            return {
+                "netG": netG.state_dict(),
+                "netD": netD.state_dict(),
+                "optG": optG.state_dict(),
+                "optD": optD.state_dict(),
+                "epoch": 1,
+                "step": 1,
+                "fixed_noise": fixed,
+                "config": cfg.to_dict(),
+            }
+
         checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
         recorder = RunRecorder(store, cfg, checkpointer, fixed)
         recorder.started(0, 1, None, 1)
         evaluator = Evaluator(store, cfg, images, device)  # reference statistics computed here, once
-        metrics = {"epoch": 1, "epoch_seconds": 1.0, "loss_d": 1.0, "loss_g": 1.0, "d_real": 0.5,
-                   "d_fake": 0.5, "images_per_s": 1.0}
+        metrics = {
+            "epoch": 1,
+            "epoch_seconds": 1.0,
+            "loss_d": 1.0,
+            "loss_g": 1.0,
+            "d_real": 0.5,
+            "d_fake": 0.5,
+            "images_per_s": 1.0,
+        }
 
         t_eval = timed(lambda: metrics.update(evaluator(netG, seed=0)))
         t_record = timed(lambda: recorder.epoch_done(dict(metrics), netG, state, checkpoint=False))
@@ -105,32 +126,46 @@ def main() -> None:
         task_cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "in_task": True}})
         task_recorder = RunRecorder(store, task_cfg, checkpointer, fixed)
         task_recorder.started(0, 1, None, 1)
-        plain = {k: v for k, v in metrics.items() if k in ("epoch", "epoch_seconds", "loss_d", "loss_g", "d_real",
-                                                             "d_fake", "images_per_s")}
+        plain = {
+            k: v
+            for k, v in metrics.items()
+            if k in ("epoch", "epoch_seconds", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s")
+        }
         t_task_record = timed(lambda: task_recorder.epoch_done(dict(plain), netG, state, checkpoint=False))
 
         def score_in_task() -> None:  # what dcgan_ray.train.validation.score_checkpoint does, without Ray
             scored_state = read_checkpoint_dir(store, checkpointer.layout.checkpoint_dir_key(folder.name))
             netG_task, _ = generator_from_checkpoint(scored_state)
             Evaluator(store, task_cfg, images, device)(netG_task, seed=0)
+
         t_task = timed(score_in_task)
 
     epoch = SVHN_TRAIN / args.gpu_img_per_s
     sync = t_eval + t_record + t_save + t_upload
     new = t_eval + t_record + t_save + max(0.0, t_upload - epoch)
-    print(f"eval {args.num_samples} samples {t_eval:6.2f} s | record {t_record:5.2f} s | save {size_mb:.0f} MB "
-          f"{t_save:5.2f} s | upload {t_upload:5.2f} s   (this machine: {torch.get_num_threads()} threads, CPU)")
+    print(
+        f"eval {args.num_samples} samples {t_eval:6.2f} s | record {t_record:5.2f} s | save {size_mb:.0f} MB "
+        f"{t_save:5.2f} s | upload {t_upload:5.2f} s   (this machine: {torch.get_num_threads()} threads, CPU)"
+    )
     print(f"projected GPU epoch: {SVHN_TRAIN} images / {args.gpu_img_per_s:,.0f} img/s = {epoch:.2f} s")
     print(f"(sync)  the loop waits {sync:6.2f} s per epoch = {sync / epoch:6.1f} x the projected epoch")
-    print(f"(async) the loop waits {new:6.2f} s per epoch = {new / epoch:6.1f} x the projected epoch   "
-          f"async/sync = {new / sync:.2f}")
+    print(
+        f"(async) the loop waits {new:6.2f} s per epoch = {new / epoch:6.1f} x the projected epoch   "
+        f"async/sync = {new / sync:.2f}"
+    )
     in_task = t_task_record + t_save + max(0.0, t_upload - epoch)
-    print(f"(task)  the loop waits {in_task:6.2f} s per epoch = {in_task / epoch:6.1f} x the projected epoch   "
-          f"task/sync = {in_task / sync:.2f}   (record {t_task_record:.2f} s)")
-    print(f"        off the path: the scoring task {t_task:.2f} s per eval epoch = {t_task / epoch:.1f} x the epoch "
-          "(Ray runs one at a time: a task longer than the epoch makes scores lag and the run's end wait for them)")
-    print(f"without eval: sync {t_record + t_save + t_upload:5.2f} s, async {t_record + t_save:5.2f} s "
-          f"({(t_record + t_save) / epoch:.1f} x the epoch); goal: <= 0.1 x")
+    print(
+        f"(task)  the loop waits {in_task:6.2f} s per epoch = {in_task / epoch:6.1f} x the projected epoch   "
+        f"task/sync = {in_task / sync:.2f}   (record {t_task_record:.2f} s)"
+    )
+    print(
+        f"        off the path: the scoring task {t_task:.2f} s per eval epoch = {t_task / epoch:.1f} x the epoch "
+        "(Ray runs one at a time: a task longer than the epoch makes scores lag and the run's end wait for them)"
+    )
+    print(
+        f"without eval: sync {t_record + t_save + t_upload:5.2f} s, async {t_record + t_save:5.2f} s "
+        f"({(t_record + t_save) / epoch:.1f} x the epoch); goal: <= 0.1 x"
+    )
 
 
 if __name__ == "__main__":

@@ -65,9 +65,11 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads")
     print(f"training: {train_ips:.0f} img/s -> one epoch of SVHN train ({SVHN_TRAIN} images) ~ {epoch_s:.0f} s")
     print(f"eval, digit classifier, {args.num_samples} samples: {digit_s:.1f} s = {digit_s / epoch_s:.3f} of an epoch")
-    print(f"eval, Inception (FID), {args.num_samples} samples: ~{inception_s:.0f} s = "
-          f"{inception_s / epoch_s:.2f} of an epoch "
-          f"(extrapolated from {args.inception_images} images)")
+    print(
+        f"eval, Inception (FID), {args.num_samples} samples: ~{inception_s:.0f} s = "
+        f"{inception_s / epoch_s:.2f} of an epoch "
+        f"(extrapolated from {args.inception_images} images)"
+    )
 
 
 if __name__ == "__main__":

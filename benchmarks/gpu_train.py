@@ -53,10 +53,10 @@ class Sizes:
     samples: int  # generated images per digit FD; a multiple of EVAL_BATCH keeps G's shapes static
 
 
-FULL = Sizes(images=8192, test_images=2048, epochs=3, batch=128, classifier_epochs=3, classifier_batch=128,
-             samples=4096)
-QUICK = Sizes(images=256, test_images=128, epochs=2, batch=32, classifier_epochs=1, classifier_batch=32,
-              samples=512)
+FULL = Sizes(
+    images=8192, test_images=2048, epochs=3, batch=128, classifier_epochs=3, classifier_batch=128, samples=4096
+)
+QUICK = Sizes(images=256, test_images=128, epochs=2, batch=32, classifier_epochs=1, classifier_batch=32, samples=512)
 
 
 def digits(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +88,14 @@ def samples(netG: torch.nn.Module, count: int, device: torch.device) -> Iterator
         netG.train()
 
 
-def train_gan(name: str, speed: SpeedSection, images: torch.Tensor, sizes: Sizes, classifier: DigitClassifier,
-              reference: FeatureStats) -> dict:
+def train_gan(
+    name: str,
+    speed: SpeedSection,
+    images: torch.Tensor,
+    sizes: Sizes,
+    classifier: DigitClassifier,
+    reference: FeatureStats,
+) -> dict:
     device = images.device
     torch._dynamo.reset()  # a fresh compile per run, as a new job would get
     torch.manual_seed(0)
@@ -99,30 +105,59 @@ def train_gan(name: str, speed: SpeedSection, images: torch.Tensor, sizes: Sizes
     fd_before = frechet_from_stats(feature_stats(classifier, samples(netG, sizes.samples, device)), reference)
     per_epoch, start = [], time.perf_counter()
     for epoch in range(sizes.epochs):
-        stats = run_epoch(netG, netD, optG, optD, images, rank_batches(len(images), sizes.batch, 0, 1, 0, epoch), Z,
-                          noise_generator(0, epoch, 0, device), speed=speed)
+        stats = run_epoch(
+            netG,
+            netD,
+            optG,
+            optD,
+            images,
+            rank_batches(len(images), sizes.batch, 0, 1, 0, epoch),
+            Z,
+            noise_generator(0, epoch, 0, device),
+            speed=speed,
+        )
         per_epoch.append(stats.images / stats.seconds)
-        logging.info("%s: epoch %d/%d  %.0f img/s  loss_d %.3f  loss_g %.3f", name, epoch + 1, sizes.epochs,
-                     per_epoch[-1], stats.loss_d, stats.loss_g)
+        logging.info(
+            "%s: epoch %d/%d  %.0f img/s  loss_d %.3f  loss_g %.3f",
+            name,
+            epoch + 1,
+            sizes.epochs,
+            per_epoch[-1],
+            stats.loss_d,
+            stats.loss_g,
+        )
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     fd_after = frechet_from_stats(feature_stats(classifier, samples(netG, sizes.samples, device)), reference)
-    return {"name": name, **dataclasses.asdict(speed), "img_per_s_by_epoch": per_epoch, "train_s": train_s,
-            "loss_d": stats.loss_d, "loss_g": stats.loss_g, "digit_fd_before": fd_before, "digit_fd_after": fd_after,
-            "eval_s": time.perf_counter() - start}
+    return {
+        "name": name,
+        **dataclasses.asdict(speed),
+        "img_per_s_by_epoch": per_epoch,
+        "train_s": train_s,
+        "loss_d": stats.loss_d,
+        "loss_g": stats.loss_g,
+        "digit_fd_before": fd_before,
+        "digit_fd_after": fd_after,
+        "eval_s": time.perf_counter() - start,
+    }
 
 
 def table(runs: list[dict], header: str) -> str:
-    lines = [header, f"{'options':46s}  {'img/s by epoch (1st: + compile)':34s}  loss_d  loss_g  "
-                     f"digit FD before -> after  train s  eval s"]
+    lines = [
+        header,
+        f"{'options':46s}  {'img/s by epoch (1st: + compile)':34s}  loss_d  loss_g  "
+        f"digit FD before -> after  train s  eval s",
+    ]
     for r in runs:
         if "error" in r:
             lines.append(f"{r['name']:46s}  failed: {r['error']}")
             continue
         rates = " ".join(f"{v:7.0f}" for v in r["img_per_s_by_epoch"])
-        lines.append(f"{r['name']:46s}  {rates:34s}  {r['loss_d']:6.3f}  {r['loss_g']:6.3f}  "
-                     f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  "
-                     f"{r['train_s']:7.1f}  {r['eval_s']:6.1f}")
+        lines.append(
+            f"{r['name']:46s}  {rates:34s}  {r['loss_d']:6.3f}  {r['loss_g']:6.3f}  "
+            f"{r['digit_fd_before']:10.2f} -> {r['digit_fd_after']:8.2f}  "
+            f"{r['train_s']:7.1f}  {r['eval_s']:6.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -147,33 +182,51 @@ def main() -> None:
     start = time.perf_counter()
     classifier = train_classifier(images, labels, sizes.classifier_epochs, sizes.classifier_batch, device=device)
     accuracy = evaluate_accuracy(classifier, test_images, test_labels)
-    reference = feature_stats(classifier, (to_model_input(images[i:i + EVAL_BATCH])
-                                           for i in range(0, len(images), EVAL_BATCH)))
+    reference = feature_stats(
+        classifier, (to_model_input(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH))
+    )
     classifier_s = time.perf_counter() - start
 
     # CUDA graphs are GPU-only (the job config refuses them on CPU); compile `default` stands in there.
-    every_option = SpeedSection(autocast_bf16=True, channels_last=True, fused_adam=True,
-                               compile="reduce-overhead" if device.type == "cuda" else "default")
+    every_option = SpeedSection(
+        autocast_bf16=True,
+        channels_last=True,
+        fused_adam=True,
+        compile="reduce-overhead" if device.type == "cuda" else "default",
+    )
     runs = []
-    for name, speed in (("eager fp32 (all options off)", SpeedSection()),
-                        (f"bf16+channels_last+fused_adam+{every_option.compile}", every_option)):
+    for name, speed in (
+        ("eager fp32 (all options off)", SpeedSection()),
+        (f"bf16+channels_last+fused_adam+{every_option.compile}", every_option),
+    ):
         try:
             runs.append(train_gan(name, speed, images, sizes, classifier, reference))
         except Exception as e:  # one failed run must not hide the other's numbers: report it in the table
             logging.exception("%s failed", name)
             runs.append({"name": name, **dataclasses.asdict(speed), "error": f"{type(e).__name__}: {e}"[:200]})
-    header = (f"device {device} ({device_name}), torch {torch.__version__}: {sizes.images} synthetic digits, "
-              f"{sizes.epochs} epochs at batch {sizes.batch}; digit classifier {accuracy:.3f} accurate on "
-              f"{sizes.test_images} held-out digits; digit FD of {sizes.samples} samples; "
-              f"render {render_s:.0f} s, classifier {classifier_s:.0f} s")
+    header = (
+        f"device {device} ({device_name}), torch {torch.__version__}: {sizes.images} synthetic digits, "
+        f"{sizes.epochs} epochs at batch {sizes.batch}; digit classifier {accuracy:.3f} accurate on "
+        f"{sizes.test_images} held-out digits; digit FD of {sizes.samples} samples; "
+        f"render {render_s:.0f} s, classifier {classifier_s:.0f} s"
+    )
     text = table(runs, header)
     print(text)
     if args.out_table:
         Path(args.out_table).write_text(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name, "torch": torch.__version__,
-                                               "sizes": dataclasses.asdict(sizes), "classifier_accuracy": accuracy,
-                                               "runs": runs}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "sizes": dataclasses.asdict(sizes),
+                    "classifier_accuracy": accuracy,
+                    "runs": runs,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -40,18 +40,21 @@ def main() -> None:
         # Pixels of a few thousand rendered digits, tiled: the read path does not care what they show.
         X, y = render_digits(min(args.images, 5000), seed=0)
         reps = -(-args.images // X.shape[3])
-        X = np.concatenate([X] * reps, axis=3)[..., :args.images]
-        y = np.concatenate([y] * reps)[:args.images]
+        X = np.concatenate([X] * reps, axis=3)[..., : args.images]
+        y = np.concatenate([y] * reps)[: args.images]
         write_svhn_mat(tmp / "train_32x32.mat", X, y)
         manifest = prepare_split(store, cfg, "train", from_=str(tmp / "train_32x32.mat"))
         total = sum(o["bytes"] for o in manifest["objects"]) + manifest["labels"]["bytes"]
         mb = total / 1e6
 
         start = time.perf_counter()
-        parts = [np.frombuffer(store.client.get_object(Bucket="bench", Key=o["key"])["Body"].read(), np.uint8)
-                 for o in manifest["objects"]]
+        parts = [
+            np.frombuffer(store.client.get_object(Bucket="bench", Key=o["key"])["Body"].read(), np.uint8)
+            for o in manifest["objects"]
+        ]
         labels = np.frombuffer(
-            store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8)
+            store.client.get_object(Bucket="bench", Key=manifest["labels"]["key"])["Body"].read(), np.uint8
+        )
         base_images = np.concatenate(parts).reshape(-1, 3, 32, 32)
         base = time.perf_counter() - start
 

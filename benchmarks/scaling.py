@@ -156,8 +156,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, barrier, queue) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # Loopback only: the rendezvous, gloo's pairs and NCCL's bootstrap all on lo / 127.0.0.1.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                      NCCL_SOCKET_IFNAME="lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=args.workers)
     try:
         sizes = [count_parameters(net) for net in reversed(build_models(Z, 128, 64, 0.2))]  # D's, then G's
@@ -180,7 +179,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, barrier, queue) ->
                 barrier.wait()
                 turn = [r for r in shared if r.batch == batch]
                 # Each step starts the turn at another row, so no row always follows the same one.
-                for row in turn[step % len(turn):] + turn[:step % len(turn)]:
+                for row in turn[step % len(turn) :] + turn[: step % len(turn)]:
                     dist.barrier()  # every rank starts the row together
                     row.step(timed)
             if rank == 0 and timed:
@@ -200,10 +199,22 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, barrier, queue) ->
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             allreduce[name] = t.tolist()
         if rank == 0:
-            queue.put({"allreduce": allreduce, "rows": [
-                {"row": r.name, "batch": r.batch, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
-                 "error": r.error, "losses": r.losses}
-                for r in [*solo.values(), *shared]]})
+            queue.put(
+                {
+                    "allreduce": allreduce,
+                    "rows": [
+                        {
+                            "row": r.name,
+                            "batch": r.batch,
+                            "seconds": r.seconds,
+                            "cpu_seconds": r.cpu_seconds,
+                            "error": r.error,
+                            "losses": r.losses,
+                        }
+                        for r in [*solo.values(), *shared]
+                    ],
+                }
+            )
     finally:
         dist.destroy_process_group()
 
@@ -221,19 +232,26 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
     base_link = LINKS["nvlink" if args.device == "cuda" else "loopback"]
     measured_link = Link("measured", bus, base_link.latency_us, "the fp32 all-reduce row")
     say()
-    say(f"all-reduce of one step's gradients ({gradient_bytes / 1e6:.1f} MB in fp32) over {n} workers, alone "
-          "(medians):")
+    say(
+        f"all-reduce of one step's gradients ({gradient_bytes / 1e6:.1f} MB in fp32) over {n} workers, alone (medians):"
+    )
     for name, s in allreduce.items():
         say(f"  {name:9s} {s * 1e3:8.1f} ms   ({allreduce['float32'] / s:4.2f}x as fast as fp32)")
     say(f"  => bus bandwidth {bus:.2f} GB/s (the model's link below)")
 
     base = rows[("1 worker", args.batch)]["median_s"]
-    say(f"\nmedians of {args.steps} interleaved steps; efficiency = 1-worker step / {n}-worker step at the same "
-        "per-worker batch.")
-    say(f"model: from the 1-worker step (each worker with a device of its own, as on GPUs); model, shared: from "
-        f"the independent step (each worker's step while {n} share this machine)")
-    say(f"{'':26s} batch  ms/step: 1 worker  {n} workers  img/s ({n})  vs 1 worker  efficiency   model  "
-        "model, shared  shared/measured")
+    say(
+        f"\nmedians of {args.steps} interleaved steps; efficiency = 1-worker step / {n}-worker step at the same "
+        "per-worker batch."
+    )
+    say(
+        f"model: from the 1-worker step (each worker with a device of its own, as on GPUs); model, shared: from "
+        f"the independent step (each worker's step while {n} share this machine)"
+    )
+    say(
+        f"{'':26s} batch  ms/step: 1 worker  {n} workers  img/s ({n})  vs 1 worker  efficiency   model  "
+        "model, shared  shared/measured"
+    )
     table = []
     for v in [*INDEPENDENT, *VARIANTS]:
         batch = args.batch * v.batch_factor
@@ -246,8 +264,13 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
             table.append(row)
             continue
         s = r["median_s"]
-        row.update(step_s=s, seconds=r["seconds"], images_per_s=n * batch / s,
-                   vs_one_worker=(n * batch / s) / (args.batch / base), efficiency=one / s)
+        row.update(
+            step_s=s,
+            seconds=r["seconds"],
+            images_per_s=n * batch / s,
+            vs_one_worker=(n * batch / s) / (args.batch / base),
+            efficiency=one / s,
+        )
         model = ""
         if v.ddp is not None:
             bucket = (v.ddp or {}).get("bucket_cap_mb", 25.0)
@@ -259,30 +282,48 @@ def report(measured: dict, args: argparse.Namespace) -> dict:
                 shared = one / (ind + predict(n, ind, measured_link, batch, v.compression, bucket).allreduce_s)
                 row["model_shared_efficiency"], row["independent_s"] = shared, ind
                 model += f"   {shared:12.1%}   {shared / row['efficiency']:14.2f}"
-        say(f"{v.name:26s} {batch:5d}  {one * 1e3:16.1f} {s * 1e3:9.1f}  {row['images_per_s']:10.1f}  "
-            f"{row['vs_one_worker']:10.2f}x  {row['efficiency']:9.1%}   {model}")
+        say(
+            f"{v.name:26s} {batch:5d}  {one * 1e3:16.1f} {s * 1e3:9.1f}  {row['images_per_s']:10.1f}  "
+            f"{row['vs_one_worker']:10.2f}x  {row['efficiency']:9.1%}   {model}"
+        )
         table.append(row)
     ind = rows[(INDEPENDENT[0].name, args.batch)]["median_s"]
     if args.device == "cpu" and ind is not None:
         solo = rows[("1 worker", args.batch)]
         share = statistics.median(c / w for c, w in zip(solo["cpu_seconds"], solo["seconds"], strict=True))
-        say(f"\nthe 1-worker step had {share:.0%} of a core ({args.threads} thread(s)) "
+        say(
+            f"\nthe 1-worker step had {share:.0%} of a core ({args.threads} thread(s)) "
             + ("" if share > 0.9 * args.threads else "(other processes held the rest) ")
             + f"and each of {n} independent workers' steps took {ind / base:.2f}x as long as it alone: "
-            + ("sharing this machine, not communication, sets the 2-worker wall time" if ind > 1.25 * base
-               else "the machine has a core per worker"))
+            + (
+                "sharing this machine, not communication, sets the 2-worker wall time"
+                if ind > 1.25 * base
+                else "the machine has a core per worker"
+            )
+        )
     ddps = [rows[(v.name, args.batch)]["median_s"] for v in VARIANTS if v.batch_factor == 1 and v.compression == "none"]
     ddps = [t for t in ddps if t is not None]
     if ind is not None and ddps:
         # Communication alone: the fp32 DDP rows (options that move the same bytes) against the independent step.
         ddp = statistics.median(ddps)
         p = predict(n, ind, measured_link, args.batch)
-        say(f"communication alone: the fp32 DDP rows' median step {ddp * 1e3:.1f} ms against the independent "
+        say(
+            f"communication alone: the fp32 DDP rows' median step {ddp * 1e3:.1f} ms against the independent "
             f"{ind * 1e3:.1f} ms is {ind / ddp:.1%} efficiency; the model's all-reduce "
             f"({p.allreduce_s * 1e3:.1f} ms) gives {p.efficiency:.1%} "
-            f"(model/measured {p.efficiency / (ind / ddp):.2f})")
-    return {"workers": n, "batch": args.batch, "steps": args.steps, "device": args.device, "threads": args.threads,
-            "torch": torch.__version__, "allreduce_s": allreduce, "bus_gb_s": bus, "rows": table}
+            f"(model/measured {p.efficiency / (ind / ddp):.2f})"
+        )
+    return {
+        "workers": n,
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "allreduce_s": allreduce,
+        "bus_gb_s": bus,
+        "rows": table,
+    }
 
 
 def one_gpu(args: argparse.Namespace) -> dict:
@@ -307,8 +348,15 @@ def one_gpu(args: argparse.Namespace) -> dict:
             for n in (2, 4, 8):
                 p = predict(n, step_s, link, batch)
                 cells.append(f"{p.efficiency:11.0%}")
-                preds.append({"link": link.name, "workers": n, "batch": batch, "efficiency": p.efficiency,
-                              "images_per_s": p.images_per_s})
+                preds.append(
+                    {
+                        "link": link.name,
+                        "workers": n,
+                        "batch": batch,
+                        "efficiency": p.efficiency,
+                        "images_per_s": p.images_per_s,
+                    }
+                )
         say(f"{link.name:14s} {link.bus_gb_s:6.2f}  " + "  ".join(cells))
     return {"device": name, "torch": torch.__version__, "step_s": steps, "predictions": preds}
 
@@ -337,15 +385,19 @@ and a few for comparison."""
 
 def predict_table() -> None:
     """docs/scaling.md's table: the model's predictions for RECIPE_SETUPS (no measurement)."""
-    say("| setup | link | batch per worker | compression | step (ms) | all-reduce (ms) | img/s | efficiency "
-        "| vs one device at batch 128 |")
+    say(
+        "| setup | link | batch per worker | compression | step (ms) | all-reduce (ms) | img/s | efficiency "
+        "| vs one device at batch 128 |"
+    )
     say("|---|---|---|---|---|---|---|---|---|")
     for setup, device, n, link, batch, compression in RECIPE_SETUPS:
         cost = CPU_CORE if device == "CPU" else STEP_ESTIMATES[device]
         p = predict(n, cost.seconds(batch), LINKS[link], batch, compression)
         one = 128 / cost.seconds(128)
-        say(f"| {setup} | {link if n > 1 else '-'} | {batch} | {compression} | {p.step_s * 1e3:.1f} | "
-            f"{p.allreduce_s * 1e3:.1f} | {p.images_per_s:,.0f} | {p.efficiency:.0%} | {p.images_per_s / one:.2f}x |")
+        say(
+            f"| {setup} | {link if n > 1 else '-'} | {batch} | {compression} | {p.step_s * 1e3:.1f} | "
+            f"{p.allreduce_s * 1e3:.1f} | {p.images_per_s:,.0f} | {p.efficiency:.0%} | {p.images_per_s / one:.2f}x |"
+        )
 
 
 def main() -> None:
@@ -353,22 +405,31 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=128, help="per-worker batch (the reference network's 128)")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="timed steps per row, rows taking turns step by step; each row reports its median")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed steps per row, rows taking turns step by step; each row reports its median",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per worker")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--out-table", default=None, help="also write the printed report to this file")
-    parser.add_argument("--predict", action="store_true",
-                        help="print the model's table for the recipes' node types (docs/scaling.md) and stop")
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="print the model's table for the recipes' node types (docs/scaling.md) and stop",
+    )
     args = parser.parse_args()
     if args.predict:
         predict_table()
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
-    say(f"{args.workers} workers, {args.device}"
+    say(
+        f"{args.workers} workers, {args.device}"
         + (f" ({args.threads} thread(s) each, gloo on 127.0.0.1)" if args.device == "cpu" else " (NCCL)")
-        + f", torch {torch.__version__}, per-worker batch {args.batch}, {args.steps} steps per row")
+        + f", torch {torch.__version__}, per-worker batch {args.batch}, {args.steps} steps per row"
+    )
     if args.device == "cuda" and torch.cuda.device_count() < args.workers:
         result = one_gpu(args) if torch.cuda.device_count() == 1 else None
         if result is None:
@@ -376,8 +437,9 @@ def main() -> None:
     else:
         ctx = mp.get_context("spawn")
         barrier, queue = ctx.Barrier(args.workers), ctx.Queue()
-        procs = mp.start_processes(rank_main, args=(args, free_port(), barrier, queue), nprocs=args.workers,
-                                   start_method="spawn", join=False)
+        procs = mp.start_processes(
+            rank_main, args=(args, free_port(), barrier, queue), nprocs=args.workers, start_method="spawn", join=False
+        )
         while True:
             try:
                 measured = queue.get(timeout=5)

@@ -78,8 +78,9 @@ def plain_loop(images: torch.Tensor, steps: int, device: torch.device) -> float:
         fake = netG(torch.randn(BATCH, Z, device=device))
         netD.zero_grad()
         out_real, out_fake = netD(real), netD(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real))
-                  + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
+        loss_d = F.binary_cross_entropy_with_logits(
+            out_real, torch.ones_like(out_real)
+        ) + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
         loss_d.backward()
         optD.step()
         netG.zero_grad()
@@ -129,12 +130,17 @@ def options_step(images: torch.Tensor, batch: int, steps: int, speed: SpeedSecti
     run_epoch(netG, netD, optG, optD, images, warm, Z, noise, speed=speed)  # reads losses back: synced
     warm_s = time.perf_counter() - start
     stats = run_epoch(netG, netD, optG, optD, images, batches, Z, noise, speed=speed)  # synced at its end
-    return {"img_per_s": stats.images / stats.seconds, "loss_d": stats.loss_d, "loss_g": stats.loss_g,
-            "warmup_s": warm_s}
+    return {
+        "img_per_s": stats.images / stats.seconds,
+        "loss_d": stats.loss_d,
+        "loss_g": stats.loss_g,
+        "warmup_s": warm_s,
+    }
 
 
-def options_table(images: torch.Tensor, batch_sizes: list[int], steps_at_128: int, names: list[str],
-                  budget_s: float | None) -> list[dict]:
+def options_table(
+    images: torch.Tensor, batch_sizes: list[int], steps_at_128: int, names: list[str], budget_s: float | None
+) -> list[dict]:
     """One row per (option set, batch), sorted by batch; a row that fails records its error and the
     table goes on; rows that would start after `budget_s` seconds are recorded as skipped."""
     rows, start = [], time.perf_counter()
@@ -163,12 +169,16 @@ def format_row(row: dict, rows: list[dict]) -> str:
         return f"{head}  skipped: {row['skipped']}"
     ratio = f"{row['img_per_s'] / base['img_per_s']:6.2f}x" if base else "      -"
     tflops = row["img_per_s"] * GFLOP_PER_IMAGE / 1e3
-    return (f"{head}  {row['img_per_s']:10.0f}  {ratio}  {tflops:7.1f}  {row['loss_d']:7.4f}  {row['loss_g']:7.4f}"
-            f"  {row['warmup_s']:7.1f}")
+    return (
+        f"{head}  {row['img_per_s']:10.0f}  {ratio}  {tflops:7.1f}  {row['loss_d']:7.4f}  {row['loss_g']:7.4f}"
+        f"  {row['warmup_s']:7.1f}"
+    )
 
 
-TABLE_HEAD = (" batch  options              img/s/dev  x eager  TFLOP/s   loss_d   loss_g  warm-up s\n"
-              "                                                     (1.14 GFLOP/img)  (timed steps' means)")
+TABLE_HEAD = (
+    " batch  options              img/s/dev  x eager  TFLOP/s   loss_d   loss_g  warm-up s\n"
+    "                                                     (1.14 GFLOP/img)  (timed steps' means)"
+)
 
 
 def ray_train(steps: int, threads: int) -> float:
@@ -187,12 +197,16 @@ def ray_train(steps: int, threads: int) -> float:
         try:
             images = steps * BATCH
             synth_svhn_mat(tmp / "train_32x32.mat", images, seed=0)
-            cfg = config_from_dict({
-                "name": "bench", "train": {"epochs": 2, "batch_size": BATCH, "log_every_steps": 10**6},
-                "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
-                "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": threads},
-                "checkpoint": {"every_epochs": 100}, "eval": {"every_epochs": 0},
-            })
+            cfg = config_from_dict(
+                {
+                    "name": "bench",
+                    "train": {"epochs": 2, "batch_size": BATCH, "log_every_steps": 10**6},
+                    "storage": {"endpoint": server.endpoint, "bucket": "bench", "prefix": "bench"},
+                    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": threads},
+                    "checkpoint": {"every_epochs": 100},
+                    "eval": {"every_epochs": 0},
+                }
+            )
             prepare_split(Store(cfg.storage), cfg, "train", from_=str(tmp / "train_32x32.mat"))
             ray.init(address="local", num_cpus=threads, logging_level="ERROR", include_dashboard=False)
             manifest = train(cfg)
@@ -207,42 +221,60 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ray", action="store_true", help="also measure (c), a 1-worker Ray Train run")
     parser.add_argument("--table", action="store_true", help="measure the speed options instead of a, b, c")
-    parser.add_argument("--batch-sizes", default=None,
-                        help="--table: comma-separated batches per device (default 128,1024 on cuda, 128 on cpu); "
-                             "each row trains on --steps x 128 images")
-    parser.add_argument("--configs", default=None,
-                        help=f"--table: comma-separated rows from {', '.join(CONFIGS)} (default: all that the "
-                             f"device runs; {', '.join(sorted(CUDA_ONLY))} need cuda)")
+    parser.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="--table: comma-separated batches per device (default 128,1024 on cuda, 128 on cpu); "
+        "each row trains on --steps x 128 images",
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"--table: comma-separated rows from {', '.join(CONFIGS)} (default: all that the "
+        f"device runs; {', '.join(sorted(CUDA_ONLY))} need cuda)",
+    )
     parser.add_argument("--json", default=None, help="--table: also write the rows to this file")
     parser.add_argument("--out-table", default=None, help="--table: also write the printed table to this file")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="--table: start no row after this many seconds (later rows are listed as skipped)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="--table: start no row after this many seconds (later rows are listed as skipped)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name}), torch {torch.__version__}, {threads} threads, "
-          f"{args.steps} steps at batch {BATCH}")
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {threads} threads, {args.steps} steps at batch {BATCH}"
+    )
     images = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, device=device)
     if args.table:
         sizes = [int(b) for b in (args.batch_sizes or ("128,1024" if device.type == "cuda" else "128")).split(",")]
-        names = args.configs.split(",") if args.configs else [
-            n for n in CONFIGS if device.type == "cuda" or n not in CUDA_ONLY]
+        names = (
+            args.configs.split(",")
+            if args.configs
+            else [n for n in CONFIGS if device.type == "cuda" or n not in CUDA_ONLY]
+        )
         unknown = sorted(set(names) - set(CONFIGS))
         if unknown:
             raise SystemExit(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
         if device.type != "cuda" and CUDA_ONLY & set(names):
-            raise SystemExit(f"--configs: {', '.join(sorted(CUDA_ONLY & set(names)))} record CUDA graphs: "
-                             "use --device cuda")
+            raise SystemExit(
+                f"--configs: {', '.join(sorted(CUDA_ONLY & set(names)))} record CUDA graphs: use --device cuda"
+            )
         if "eager" not in names:
             names.insert(0, "eager")  # the baseline of every ratio
         print(TABLE_HEAD)
         rows = options_table(images, sizes, args.steps, names, args.budget_s)
         best = max((r for r in rows if "img_per_s" in r), key=lambda r: r["img_per_s"], default=None)
-        fastest = (f"fastest: {best['config']} at batch {best['batch']}: {best['img_per_s']:.0f} img/s per device "
-                   f"({name})" if best else "no row measured")
+        fastest = (
+            f"fastest: {best['config']} at batch {best['batch']}: {best['img_per_s']:.0f} img/s per device ({name})"
+            if best
+            else "no row measured"
+        )
         print(fastest)
         if args.out_table:
             lines = [f"step table, {name}, torch {torch.__version__}, {args.steps * BATCH} images per row", TABLE_HEAD]

@@ -42,12 +42,19 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `dcgan-ra
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job YAML, e.g. jobs/svhn.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
 
 
 def _bounded(low: int, high: int):
     """An argparse type: an integer in [low, high] (argparse prints the one-line error and exits 2)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -56,6 +63,7 @@ def _bounded(low: int, high: int):
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
         return value
+
     return parse
 
 
@@ -100,8 +108,10 @@ def _runs_location(args: argparse.Namespace) -> tuple[StorageSection, str]:
     if args.runs:
         storage.bucket, prefix = parse_s3_uri(args.runs)
         if not prefix:
-            raise DcganError(f"--runs {args.runs} names no folder: give the runs folder, e.g. "
-                             f"s3://{storage.bucket}/{cfg.storage.prefix}/runs")
+            raise DcganError(
+                f"--runs {args.runs} names no folder: give the runs folder, e.g. "
+                f"s3://{storage.bucket}/{cfg.storage.prefix}/runs"
+            )
         return storage, prefix
     return storage, runs_prefix(cfg)
 
@@ -129,8 +139,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     splits = args.split or cfg.data.prepare_splits
     if args.from_ and len(splits) > 1 and not Path(args.from_).is_dir():
-        raise DcganError(f"--from {args.from_} is one file but {len(splits)} splits were asked for; "
-                         "give one --split, or a directory holding SVHN's file names")
+        raise DcganError(
+            f"--from {args.from_} is one file but {len(splits)} splits were asked for; "
+            "give one --split, or a directory holding SVHN's file names"
+        )
     store = Store(cfg.storage)
     store.check()
     for split in splits:
@@ -184,30 +196,49 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     train = load_split(store, cfg, cfg.data.split, max_images=c.max_images)
     test = load_split(store, cfg, c.test_split)
     if len(train.images) < c.batch_size:
-        raise ConfigError(f"{len(train.images)} {cfg.data.split} images cannot fill one batch of "
-                          f"classifier.batch_size={c.batch_size}; lower it or use more data (classifier.max_images)")
+        raise ConfigError(
+            f"{len(train.images)} {cfg.data.split} images cannot fill one batch of "
+            f"classifier.batch_size={c.batch_size}; lower it or use more data (classifier.max_images)"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    model = train_classifier(torch.from_numpy(train.images), torch.from_numpy(train.labels).long(), epochs=c.epochs,
-                             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=device, min_steps=c.min_steps)
+    model = train_classifier(
+        torch.from_numpy(train.images),
+        torch.from_numpy(train.labels).long(),
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        seed=c.seed,
+        device=device,
+        min_steps=c.min_steps,
+    )
     accuracy = evaluate_accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels).long())
     steps_per_epoch = len(train.images) // c.batch_size
     meta: dict[str, Any] = {
-        "test_accuracy": accuracy, "train_images": len(train.images), "test_images": len(test.images),
-        "train_split": cfg.data.split, "test_split": c.test_split,
-        "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)), "batch_size": c.batch_size,
+        "test_accuracy": accuracy,
+        "train_images": len(train.images),
+        "test_images": len(test.images),
+        "train_split": cfg.data.split,
+        "test_split": c.test_split,
+        "epochs": max(c.epochs, -(-c.min_steps // steps_per_epoch)),
+        "batch_size": c.batch_size,
         "seconds": time.perf_counter() - start,
-        "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]}}
+        "data_sha256": {"train": train.manifest["source"]["sha256"], "test": test.manifest["source"]["sha256"]},
+    }
     meta["steps"] = meta["epochs"] * steps_per_epoch
     buf = io.BytesIO()
     torch.save({"model": save_state(model.cpu()), "meta": meta}, buf)
     store.put_bytes(classifier_key(cfg), buf.getvalue())
-    print(f"digit classifier: test accuracy {accuracy:.4f} on {len(test.images)} {c.test_split} images after "
-          f"{meta['steps']} steps ({meta['seconds']:.0f} s); stored at {store.uri(classifier_key(cfg))}")
+    print(
+        f"digit classifier: test accuracy {accuracy:.4f} on {len(test.images)} {c.test_split} images after "
+        f"{meta['steps']} steps ({meta['seconds']:.0f} s); stored at {store.uri(classifier_key(cfg))}"
+    )
     if accuracy < cfg.eval.min_classifier_accuracy:
-        print(f"warning: that is below eval.min_classifier_accuracy={cfg.eval.min_classifier_accuracy:g}, so "
-              f"training and studies that evaluate with it will refuse to start. {MORE_CLASSIFIER_TRAINING}",
-              file=sys.stderr)
+        print(
+            f"warning: that is below eval.min_classifier_accuracy={cfg.eval.min_classifier_accuracy:g}, so "
+            f"training and studies that evaluate with it will refuse to start. {MORE_CLASSIFIER_TRAINING}",
+            file=sys.stderr,
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -228,8 +259,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     store = Store(cfg.storage)
     real = load_split(store, cfg, max_images=cfg.data.max_images)
     quality = Evaluator(store, cfg, real.images, device)(netG.to(device), seed=args.seed)
-    print(json.dumps({"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples,
-                      **quality}, indent=2))
+    print(
+        json.dumps(
+            {"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": cfg.eval.num_samples, **quality},
+            indent=2,
+        )
+    )
 
 
 def _eval_config(args: argparse.Namespace, storage: StorageSection, trained: JobConfig) -> JobConfig:
@@ -309,8 +344,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     store.check()
     out = Path(args.out or Path("run-pages") / args.name)
     index = download_run_page(store, layout, out, layout.runs_uri)
-    print(f"run page of {layout.uri}: {index}  (open it in a browser; the copy in the bucket: "
-          f"s3://{layout.bucket}/{layout.report_key})")
+    print(
+        f"run page of {layout.uri}: {index}  (open it in a browser; the copy in the bucket: "
+        f"s3://{layout.bucket}/{layout.report_key})"
+    )
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
@@ -331,11 +368,21 @@ def cmd_logs(args: argparse.Namespace) -> None:
 
 def _add_runs_location(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="job YAML whose storage settings (bucket, prefix, endpoint) to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override --config's values, e.g. --set storage.endpoint=null for AWS (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override --config's values, e.g. --set storage.endpoint=null for AWS (repeatable)",
+    )
     p.add_argument("--runs", default=None, metavar="S3_URI", help="the runs folder, e.g. s3://BUCKET/PREFIX/runs")
-    p.add_argument("--endpoint", type=_endpoint, default=None,
-                   help="S3 endpoint URL (default: --config's, else AWS_ENDPOINT_URL, else the dev stack's)")
+    p.add_argument(
+        "--endpoint",
+        type=_endpoint,
+        default=None,
+        help="S3 endpoint URL (default: --config's, else AWS_ENDPOINT_URL, else the dev stack's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,40 +399,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     p = data_sub.add_parser("prepare", help="fetch SVHN, validate it, store it in the bucket")
     _add_config(p)
-    p.add_argument("--split", action="append", choices=["train", "test", "extra"],
-                   help="split to prepare (repeatable; default: the config's data.prepare_splits)")
-    p.add_argument("--from", dest="from_", metavar="PATH_OR_URL",
-                   help="take the .mat file from here instead of the official URL (any SVHN-format file)")
+    p.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "test", "extra"],
+        help="split to prepare (repeatable; default: the config's data.prepare_splits)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="PATH_OR_URL",
+        help="take the .mat file from here instead of the official URL (any SVHN-format file)",
+    )
     p.add_argument("--force", action="store_true", help="replace a split that is already in the bucket")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train (or resume) the job on Ray Train")
     _add_config(p)
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` node, or a new local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` node, or a new local Ray)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate a grid PNG from a checkpoint (no Ray needed)")
     p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
     p.add_argument("--n", type=_bounded(1, 4096), default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=None,
-                   help="noise seed (default: the run's fixed noise)")
+    p.add_argument(
+        "--seed", type=_bounded(*SEED_RANGE), default=None, help="noise seed (default: the run's fixed noise)"
+    )
     p.add_argument("--scale", type=_bounded(1, 16), default=2, help="upscaling of the PNG (default 2)")
     p.add_argument("--config", default=None, help="job YAML whose storage settings to use for s3:// URIs")
-    p.add_argument("--endpoint", type=_endpoint, default=None,
-                   help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)")
+    p.add_argument(
+        "--endpoint", type=_endpoint, default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL or the dev stack)"
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="quality metrics of a checkpoint's generator (no Ray needed)")
     p.add_argument("checkpoint", help="s3://... or local path: checkpoint.pt, its folder, or a run folder")
-    p.add_argument("--num-samples", type=_bounded(2, 1_000_000), default=None,
-                   help="generated images (default: --config's eval.num_samples, else 10000)")
-    p.add_argument("--extractors", nargs="+", choices=["digit", "inception"], default=None,
-                   help="feature extractors (default: --config's eval.extractors, else digit)")
+    p.add_argument(
+        "--num-samples",
+        type=_bounded(2, 1_000_000),
+        default=None,
+        help="generated images (default: --config's eval.num_samples, else 10000)",
+    )
+    p.add_argument(
+        "--extractors",
+        nargs="+",
+        choices=["digit", "inception"],
+        default=None,
+        help="feature extractors (default: --config's eval.extractors, else digit)",
+    )
     p.add_argument("--seed", type=_bounded(*SEED_RANGE), default=12345, help="noise seed of the evaluated samples")
-    p.add_argument("--config", default=None,
-                   help="job YAML whose data, eval and storage settings to use (the checkpoint gives only G's shape)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="job YAML whose data, eval and storage settings to use (the checkpoint gives only G's shape)",
+    )
     p.add_argument("--endpoint", type=_endpoint, default=None, help="S3 endpoint URL for s3:// URIs")
     p.set_defaults(func=cmd_eval)
 

@@ -48,9 +48,10 @@ def _client(address: str | None):
     try:
         return JobSubmissionClient(address), address
     except (ConnectionError, RuntimeError) as e:
-        raise ClusterError(f"cannot reach Ray's job API at {address} ({str(e).splitlines()[0][:200]}): is the "
-                           "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
-                           ) from None
+        raise ClusterError(
+            f"cannot reach Ray's job API at {address} ({str(e).splitlines()[0][:200]}): is the "
+            "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
+        ) from None
 
 
 def _offers_job_slot(address: str) -> bool:
@@ -66,31 +67,51 @@ def _tracked_name(cfg: JobConfig, kind: str) -> tuple[str, str]:
     return cfg.name, RunLayout.of(cfg).uri
 
 
-def submit(cfg: JobConfig, config_path: str, overrides: list[str], kind: str = "train",
-           address: str | None = None, queue: bool = True) -> str:
+def submit(
+    cfg: JobConfig,
+    config_path: str,
+    overrides: list[str],
+    kind: str = "train",
+    address: str | None = None,
+    queue: bool = True,
+) -> str:
     """Submit the job (kind train) or study (kind tune); returns the submission id."""
     client, address = _client(address)
     path = Path(config_path).resolve()
     if not path.is_relative_to(REPO):
-        raise DcganError(f"{config_path} is outside the checkout ({REPO}) that is uploaded as the job's working "
-                         "dir; copy it under jobs/ and submit that")
+        raise DcganError(
+            f"{config_path} is outside the checkout ({REPO}) that is uploaded as the job's working "
+            "dir; copy it under jobs/ and submit that"
+        )
     name, uri = _tracked_name(cfg, kind)
     # A queued job that `dcgan-ray stop` stopped stays PENDING in Ray until it would start (see stop_run).
     run = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg)) if kind == "train" else None
     stopped = run.get("submission_id") if run and run.get("status") == "stopped" else None
-    active = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_URI) == uri
-              and j.status.value in ("PENDING", "RUNNING") and j.submission_id != stopped]
+    active = [
+        j
+        for j in client.list_jobs()
+        if (j.metadata or {}).get(RUN_URI) == uri
+        and j.status.value in ("PENDING", "RUNNING")
+        and j.submission_id != stopped
+    ]
     if active:
         j = active[0]
         stop = f"dcgan-ray stop {name}" if kind == "train" else f"ray job stop {j.submission_id}"
-        raise ClusterError(f"{name} already has an active submission {j.submission_id} "
-                           f"({STATES[j.status.value]}); wait for it, stop it with `{stop}`, or choose another name")
+        raise ClusterError(
+            f"{name} already has an active submission {j.submission_id} "
+            f"({STATES[j.status.value]}); wait for it, stop it with `{stop}`, or choose another name"
+        )
     slot = queue and _offers_job_slot(address)
     if queue and not slot:
-        log.warning("the cluster offers no %s resource: the job starts at once instead of queueing "
-                    "(start the head with `--resources='{\"%s\": 1}'`, as cluster/ does)", JOB_SLOT, JOB_SLOT)
-    entrypoint = shlex.join(["python", "-m", "dcgan_ray", kind, str(path.relative_to(REPO)),
-                             *[a for o in overrides for a in ("--set", o)]])
+        log.warning(
+            "the cluster offers no %s resource: the job starts at once instead of queueing "
+            "(start the head with `--resources='{\"%s\": 1}'`, as cluster/ does)",
+            JOB_SLOT,
+            JOB_SLOT,
+        )
+    entrypoint = shlex.join(
+        ["python", "-m", "dcgan_ray", kind, str(path.relative_to(REPO)), *[a for o in overrides for a in ("--set", o)]]
+    )
     submission_id = client.submit_job(
         entrypoint=entrypoint,
         submission_id=f"dcgan-{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -138,8 +159,12 @@ def list_jobs(address: str | None = None) -> list[JobRow]:
         progress = best = ""
         if meta[KIND] == "train":
             run = _run_manifest(meta)
-            if run and run.get("status") == "queued" and run.get("submission_id") == j.submission_id \
-                    and j.status.value in ("FAILED", "STOPPED"):
+            if (
+                run
+                and run.get("status") == "queued"
+                and run.get("submission_id") == j.submission_id
+                and j.status.value in ("FAILED", "STOPPED")
+            ):
                 # The job ended before its driver started (a queue deadline, `ray job stop` while pending):
                 # nothing else will ever update run.json, so say what became of it.
                 run = _record_end_in_queue(meta, run, state)
@@ -147,8 +172,11 @@ def list_jobs(address: str | None = None) -> list[JobRow]:
                 progress = f"{run.get('epochs_completed', 0)}/{run.get('epochs_total', '?')}"
                 b = (run.get("checkpoints") or {}).get("best")
                 best = f"{b['metric']} {b['value']:.2f}" if b else ""
-        rows.append(JobRow(j.submission_id, meta[KIND], meta.get(RUN, ""), state, progress, best,
-                           meta.get(RUN_URI, ""), message))
+        rows.append(
+            JobRow(
+                j.submission_id, meta[KIND], meta.get(RUN, ""), state, progress, best, meta.get(RUN_URI, ""), message
+            )
+        )
     return rows
 
 
@@ -197,20 +225,26 @@ def run_submissions(client: Any, layout: RunLayout, manifest: dict[str, Any] | N
     """The run's Ray jobs, newest first: those `dcgan-ray submit` tagged with the run's URI, and the one
     run.json names (`submission_id`)."""
     named = (manifest or {}).get("submission_id")
-    jobs = [j for j in client.list_jobs()
-            if (j.metadata or {}).get(RUN_URI) == layout.uri or (named and j.submission_id == named)]
+    jobs = [
+        j
+        for j in client.list_jobs()
+        if (j.metadata or {}).get(RUN_URI) == layout.uri or (named and j.submission_id == named)
+    ]
     # run.json's own submission first: the newest `dcgan-ray submit` of the run, even before Ray has started it.
     return sorted(jobs, key=lambda j: (j.submission_id == named, j.start_time or 0), reverse=True)
 
 
 def _no_job_message(layout: RunLayout, address: str) -> str:
-    return (f"no Ray job of the run {layout.uri} on {address}: a run is found by name when `dcgan-ray submit` "
-            "submitted it (a job submitted with `ray job submit` goes by its submission id: `ray job logs ID`, "
-            "`ray job stop ID`); check --address (or RAY_API_SERVER_ADDRESS) and the run's name")
+    return (
+        f"no Ray job of the run {layout.uri} on {address}: a run is found by name when `dcgan-ray submit` "
+        "submitted it (a job submitted with `ray job submit` goes by its submission id: `ray job logs ID`, "
+        "`ray job stop ID`); check --address (or RAY_API_SERVER_ADDRESS) and the run's name"
+    )
 
 
-def stop_run(store: Store, layout: RunLayout, address: str | None = None,
-             wait_s: float = STOP_WAIT_S) -> list[tuple[str, str]]:
+def stop_run(
+    store: Store, layout: RunLayout, address: str | None = None, wait_s: float = STOP_WAIT_S
+) -> list[tuple[str, str]]:
     """Stop the run's queued or running job(s), wait until a running one's training processes are gone,
     then mark run.json `stopped` (a resubmission resumes from the last checkpoint). Returns (submission id,
     the state it was stopped in) for each.
@@ -224,8 +258,10 @@ def stop_run(store: Store, layout: RunLayout, address: str | None = None,
     if not active:
         if manifest is None:
             raise DcganError(_no_job_message(layout, address))
-        raise DcganError(f"the run {layout.uri} has no queued or running job on {address} (run.json says "
-                         f"{manifest.get('status', '?')}): nothing to stop")
+        raise DcganError(
+            f"the run {layout.uri} has no queued or running job on {address} (run.json says "
+            f"{manifest.get('status', '?')}): nothing to stop"
+        )
     stopped = []
     for job in active:
         client.stop_job(job.submission_id)
@@ -253,16 +289,26 @@ def _wait_until_gone(client: Any, address: str, job: Any, wait_s: float) -> None
         ended = info.status.value not in ACTIVE
         # Detached actors outlive the job that created them by design (Ray Train's elastic policy creates
         # Ray Data's cluster-wide AutoscalingCoordinator in the first job that asks for it).
-        alive = [a for a in list_actors(address=address, filters=[("job_id", "=", info.job_id),
-                                                                  ("state", "=", "ALIVE")], detail=True)
-                 if not a.is_detached] if ended and info.job_id else []
+        alive = (
+            [
+                a
+                for a in list_actors(
+                    address=address, filters=[("job_id", "=", info.job_id), ("state", "=", "ALIVE")], detail=True
+                )
+                if not a.is_detached
+            ]
+            if ended and info.job_id
+            else []
+        )
         if ended and not alive:
             return
         if time.monotonic() > deadline:
             actors = ", ".join(sorted(f"{a.class_name} (pid {a.pid})" for a in alive))
-            raise ClusterError(f"asked Ray to stop {job.submission_id}, but after {wait_s:.0f} s it is "
-                               f"{STATES.get(info.status.value, info.status.value)} with {len(alive)} of its actors "
-                               f"alive ({actors}); see `ray job status {job.submission_id}` and `ray list actors`")
+            raise ClusterError(
+                f"asked Ray to stop {job.submission_id}, but after {wait_s:.0f} s it is "
+                f"{STATES.get(info.status.value, info.status.value)} with {len(alive)} of its actors "
+                f"alive ({actors}); see `ray job status {job.submission_id}` and `ray list actors`"
+            )
         time.sleep(0.5)
 
 

@@ -47,7 +47,8 @@ def check_ray_version(version: str | None = None) -> None:
     raise UnsupportedRay(
         f"dcgan-ray needs Ray {SUPPORTED_RAY} (it uses Ray internals checked against that range) but Ray {version} "
         f"is installed: install the pinned one with `pip install --require-hashes -r requirements/runtime.lock`, "
-        f"or to try this one set {UNSUPPORTED_RAY_OPT_IN}=1 and run `pytest tests/test_ray_internals.py` first")
+        f"or to try this one set {UNSUPPORTED_RAY_OPT_IN}=1 and run `pytest tests/test_ray_internals.py` first"
+    )
 
 
 check_ray_version()
@@ -107,6 +108,7 @@ class TorchTrainerStoppingOn(TorchTrainer):
 
 # --- The autoscaler's view of the cluster -----------------------------------------------------------------
 
+
 def autoscaling_state() -> Any | None:
     """Autoscaler v2's state (an `autoscaler_pb2.AutoscalingState`), or None where the cluster has no v2
     autoscaler. Its `infeasible_gang_resource_requests` name placement groups no node type can hold."""
@@ -146,6 +148,7 @@ def largest_possible_resources() -> dict[str, float] | None:
 
 # --- Ray Tune ---------------------------------------------------------------------------------------------
 
+
 def stop_tune_copying_env_vars(names: Iterable[str]) -> None:
     """Stop Ray Tune from copying these variables of the driver's environment into every trial's runtime env.
 
@@ -161,6 +164,7 @@ def stop_tune_copying_env_vars(names: Iterable[str]) -> None:
 
 
 # --- The session, the fake autoscaler and the launcher's validation (tests and the dev stack) -------------
+
 
 def elastic_view_refresh_s() -> float:
     """How often Ray Train's elastic policy sees the cluster's nodes anew, in seconds: it counts the
@@ -204,11 +208,11 @@ def signatures() -> dict[str, inspect.Signature]:
     """The signatures this module relies on, for tests/test_ray_internals.py."""
     return {
         # mypy sees Train v1's TorchTrainer; ray.train.torch picks v2's (which has this method) at import.
-        "TorchTrainer._initialize_and_run_controller": inspect.signature(
-            TorchTrainer._initialize_and_run_controller),  # type: ignore[attr-defined]
+        "TorchTrainer._initialize_and_run_controller": inspect.signature(TorchTrainer._initialize_and_run_controller),  # type: ignore[attr-defined]
         "DefaultFailurePolicy.__init__": inspect.signature(DefaultFailurePolicy.__init__),
         "DefaultFailurePolicy.make_decision": inspect.signature(DefaultFailurePolicy.make_decision),
         "UserExceptionWithTraceback.__init__": inspect.signature(UserExceptionWithTraceback.__init__),
-        "FakeMultiNodeProvider." + FAKE_PROVIDER_CREATE_NODE:
-            inspect.signature(getattr(fake_multinode_provider_class(), FAKE_PROVIDER_CREATE_NODE)),
+        "FakeMultiNodeProvider." + FAKE_PROVIDER_CREATE_NODE: inspect.signature(
+            getattr(fake_multinode_provider_class(), FAKE_PROVIDER_CREATE_NODE)
+        ),
     }

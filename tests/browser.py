@@ -24,8 +24,10 @@ import pytest
 
 from dcgan_ray.dev.processes import stop_process_group
 
-INSTALL = ("chromium is not installed: `apt-get install -y chromium` (scripts/setup.sh does it as root when it "
-           "installs the test tools)")
+INSTALL = (
+    "chromium is not installed: `apt-get install -y chromium` (scripts/setup.sh does it as root when it "
+    "installs the test tools)"
+)
 
 # Everything on the page, shadow roots included: its text and its images (src, loaded size).
 READ_PAGE = """(() => {
@@ -54,12 +56,27 @@ class Chromium:
     def __init__(self, width: int = 1400, height: int = 900):
         self.profile = Path(tempfile.mkdtemp(prefix="dcgan-chromium-"))
         self.proc = subprocess.Popen(
-            [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-default-apps", "--no-proxy-server", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                chromium_binary(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--no-proxy-server",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.loop = asyncio.new_event_loop()
         self.session = self.ws = None
         self.ids = 0

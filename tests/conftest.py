@@ -45,15 +45,17 @@ def pytest_collection_modifyitems(items):
 def test_env(tmp_path_factory):
     """Credentials and caches for the whole session; the real user's settings are put back after."""
     saved = dict(os.environ)
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": TEST_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
-        # Read by every Ray process the tests start (they inherit this environment): see the `fault` fixture.
-        FAULT_FILE_ENV: str(tmp_path_factory.mktemp("faults") / "fault.json"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    })
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": TEST_KEY,
+            "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "DCGAN_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
+            # Read by every Ray process the tests start (they inherit this environment): see the `fault` fixture.
+            FAULT_FILE_ENV: str(tmp_path_factory.mktemp("faults") / "fault.json"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+    )
     for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(var, None)
     yield
@@ -108,8 +110,12 @@ def svhn_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, test_env) -> RayHead:
     # One job slot: jobs submitted with `dcgan-ray submit` queue, one at a time (tests/test_queue.py).
-    head = RayHead(tmp_path_factory.mktemp("ray") / "head.log", num_cpus=4, resources={JOB_SLOT: 1},
-                   env={"RAY_JOB_START_TIMEOUT_SECONDS": "600"})
+    head = RayHead(
+        tmp_path_factory.mktemp("ray") / "head.log",
+        num_cpus=4,
+        resources={JOB_SLOT: 1},
+        env={"RAY_JOB_START_TIMEOUT_SECONDS": "600"},
+    )
     # Ray processes that use the state API without an address (Ray Train's PlacementGroupCleaner asks
     # it whether the controller lives) take RAY_API_SERVER_ADDRESS, else the machine's most recently
     # started Ray. On a machine shared with other Ray heads that was another cluster, which had never
@@ -146,5 +152,3 @@ def fault() -> Fault:
     f.clear()
     yield f
     f.clear()
-
-

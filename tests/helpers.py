@@ -55,7 +55,9 @@ def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
 def run_cfg(endpoint, prefix, name, eval_every=0, **train):
     """A small 2-worker training job on the shared data (256 images, batch 16: 8 steps an epoch)."""
     return make_config(
-        endpoint, prefix, name=name,
+        endpoint,
+        prefix,
+        name=name,
         train={"epochs": 2, "batch_size": 16, "log_every_steps": 4, **train},
         data={"max_images": 256},
         checkpoint={"keep": 2},
@@ -85,8 +87,11 @@ class TrainInThread:
     def wait_for_epochs(self, epochs: int, timeout_s: float = 300) -> int:
         """Until run.json records `epochs` epochs (rank 0 records epoch n only after epoch n-1's report
         returned, so Ray has registered that checkpoint); the count it then records."""
-        return wait_until(lambda: (recorded := self.epochs_recorded()) >= epochs and recorded, timeout_s,
-                          f"run.json recording {epochs} epoch(s)")
+        return wait_until(
+            lambda: (recorded := self.epochs_recorded()) >= epochs and recorded,
+            timeout_s,
+            f"run.json recording {epochs} epoch(s)",
+        )
 
     def epochs_recorded(self) -> int:
         """Epochs run.json records now; 0 while the bucket does not answer (the outage tests stop it)."""
@@ -167,8 +172,7 @@ def log_messages(log: str, text: str) -> set[str]:
     return messages
 
 
-def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_before: int,
-                     world_after: int) -> None:
+def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_before: int, world_after: int) -> None:
     """A run of 2 epochs (2 workers) whose rank 0 was lost at `step` of epoch 1's end finished all its epochs
     once, says in run.json how it restarted and resized, and in its log, in one line each, what it did."""
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
@@ -185,10 +189,12 @@ def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_
     assert resizes == ([(world_before, world_after)] if world_before != world_after else [])
     assert manifest["history"][-1]["world_size"] == world_after
     (restarted,) = log_messages(log, f"run {layout.uri} restarted: ")
-    assert (f"resumes from {layout.uri}/checkpoint_epoch_0001 (epoch 1)" if resumed else "starts over from epoch 0") \
-        in restarted, restarted
-    assert len(log_messages(log, f"{layout.uri}/checkpoint_epoch_0001 has no manifest.json: its upload was cut")) \
-        == (step == "before_manifest")
+    assert (
+        f"resumes from {layout.uri}/checkpoint_epoch_0001 (epoch 1)" if resumed else "starts over from epoch 0"
+    ) in restarted, restarted
+    assert len(log_messages(log, f"{layout.uri}/checkpoint_epoch_0001 has no manifest.json: its upload was cut")) == (
+        step == "before_manifest"
+    )
     # Nothing torn is left behind for a later restore to trip on.
     for folder in store.list_keys(f"{layout.prefix}/checkpoint_epoch_"):
         assert store.exists(f"{folder.rsplit('/', 1)[0]}/manifest.json"), folder

@@ -27,8 +27,16 @@ from helpers import make_config
 def tiny_state(epoch: int) -> dict:
     """A checkpoint's fields with small tensors (the format does not care about their size)."""
     cfg = make_config("http://127.0.0.1:1", "p", model={"g_features": 8, "d_features": 8, "z_dim": 4})
-    return {"netG": {"w": torch.full((3,), float(epoch))}, "netD": {}, "optG": {}, "optD": {}, "epoch": epoch,
-            "step": 10 * epoch, "fixed_noise": torch.zeros(4, 4), "config": cfg.to_dict()}
+    return {
+        "netG": {"w": torch.full((3,), float(epoch))},
+        "netD": {},
+        "optG": {},
+        "optD": {},
+        "epoch": epoch,
+        "step": 10 * epoch,
+        "fixed_noise": torch.zeros(4, 4),
+        "config": cfg.to_dict(),
+    }
 
 
 @pytest.fixture
@@ -115,8 +123,11 @@ def test_only_cut_uploads_start_over_with_a_warning(cfg, store, caplog):
     checkpointer = Checkpointer(store, layout, cfg.eval.metric)
     store.put_bytes(checkpointer.layout.checkpoint_dir_key("checkpoint_epoch_0001") + f"/{CHECKPOINT_FILE}", b"x")
     assert checkpointer.restore(None) == (None, None)
-    assert any("checkpoint_epoch_0001 has no manifest.json: its upload was cut" in r.getMessage()
-               for r in caplog.records if r.levelname == "WARNING")
+    assert any(
+        "checkpoint_epoch_0001 has no manifest.json: its upload was cut" in r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING"
+    )
     assert checkpointer.folders() == []
 
 
@@ -160,6 +171,7 @@ def test_sample_reads_checked_folders_and_refuses_torn_ones(run, store, cfg, tmp
 
 # --- The format on local folders (no S3 server: in the fast lane) ------------------------------------------
 
+
 def test_a_saved_folder_reads_back_checked_against_its_manifest(tmp_path):
     save_checkpoint(tmp_path / "c", tiny_state(4))
     manifest = json.loads((tmp_path / "c" / MANIFEST_FILE).read_text())
@@ -169,13 +181,16 @@ def test_a_saved_folder_reads_back_checked_against_its_manifest(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [CHECKPOINT_FILE, MANIFEST_FILE]  # no temp files
 
 
-@pytest.mark.parametrize("tear, error", [
-    ("no manifest", "it has no manifest.json, which is written last"),
-    ("truncated", "checkpoint.pt has 100 bytes and another sha256"),
-    ("bytes changed", r"checkpoint.pt has (\d+) bytes and another sha256 than the \1 bytes its manifest lists"),
-    ("manifest not JSON", "its manifest.json cannot be read"),
-    ("manifest lists another file", "its manifest.json cannot be read .*it lists"),
-])
+@pytest.mark.parametrize(
+    "tear, error",
+    [
+        ("no manifest", "it has no manifest.json, which is written last"),
+        ("truncated", "checkpoint.pt has 100 bytes and another sha256"),
+        ("bytes changed", r"checkpoint.pt has (\d+) bytes and another sha256 than the \1 bytes its manifest lists"),
+        ("manifest not JSON", "its manifest.json cannot be read"),
+        ("manifest lists another file", "its manifest.json cannot be read .*it lists"),
+    ],
+)
 def test_a_torn_local_folder_is_refused_with_what_is_wrong(tmp_path, tear, error):
     folder = tmp_path / "c"
     save_checkpoint(folder, tiny_state(1))

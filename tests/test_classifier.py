@@ -105,8 +105,12 @@ def test_random_shift_moves_whole_images_by_at_most_two_pixels():
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     shifts = []
     for i in range(16):
-        found = [(dy, dx) for dy in range(5) for dx in range(5)
-                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 32, dx : dx + 32])
+        ]
         assert found, f"image {i} is not a window of its padded original"
         shifts.append(found[0])
     assert len(set(shifts)) > 1  # each image draws its own shift
@@ -115,7 +119,7 @@ def test_random_shift_moves_whole_images_by_at_most_two_pixels():
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of float (N, 3, H, W) images, edges replicated."""
     radius = 4
-    k = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma**2))
+    k = torch.exp(-(torch.arange(-radius, radius + 1.0) ** 2) / (2 * sigma**2))
     k = (k / k.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, 2r+1): one kernel per channel
     x = F.pad(x, (radius,) * 4, mode="replicate")
     x = F.conv2d(x, k, groups=3)
@@ -135,9 +139,12 @@ def test_frechet_distance_grows_with_noise_and_blur(model, test_set):
     clean = frechet_from_stats(reference, _stats(model, half_b))
 
     noise = torch.Generator().manual_seed(0)
-    noisy = [frechet_from_stats(reference,
-                                _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1)))
-             for s in (0.15, 0.3, 0.6)]
+    noisy = [
+        frechet_from_stats(
+            reference, _stats(model, (half_b + s * torch.randn(half_b.shape, generator=noise)).clamp(-1, 1))
+        )
+        for s in (0.15, 0.3, 0.6)
+    ]
     blurred = [frechet_from_stats(reference, _stats(model, _blur(half_b, s))) for s in (1.0, 1.5, 2.0)]
 
     for name, values in (("noise", noisy), ("blur", blurred)):

@@ -11,8 +11,9 @@ from dcgan_ray.errors import ClusterError
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "dcgan_ray", *args], capture_output=True, text=True, timeout=120,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan_ray", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_bad_yaml_key_is_one_clear_line(tmp_path):

@@ -106,8 +106,11 @@ def two_nodes(tmp_path_factory, test_env, data_prefix):
     dead after 3 missed health checks 1 s apart (Ray's defaults: 5, 3 s apart), so a restart after a lost
     node sees the cluster as it is sooner."""
     logs = tmp_path_factory.mktemp("two-nodes")
-    head = RayHead(logs / "head.log", num_cpus=0,
-                   env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+    head = RayHead(
+        logs / "head.log",
+        num_cpus=0,
+        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
+    )
     head.start()
     nodes = [RayNode(head, f"127.0.0.{3 + i}", logs / f"node{i}.log", num_cpus=1) for i in range(2)]
     try:
@@ -166,8 +169,7 @@ def read_split_objects(store, cfg) -> list[str]:
 
 
 @pytest.mark.parametrize("step", list(EPOCH_RESUMED_AFTER))
-def test_rank_0s_node_lost_at_the_end_of_an_epoch(two_nodes, s3_server, data_prefix, fault, step, capfd,
-                                                 monkeypatch):
+def test_rank_0s_node_lost_at_the_end_of_an_epoch(two_nodes, s3_server, data_prefix, fault, step, capfd, monkeypatch):
     """An elastic [1, 2] run loses the node of rank 0 at `step` of epoch 1's end (rank 0 holds there until
     its raylet and every process of the node are killed): it goes on with the worker that is left and
     finishes both epochs."""
@@ -201,14 +203,22 @@ def test_rank_0s_node_lost_at_the_end_of_an_epoch(two_nodes, s3_server, data_pre
 def autoscaling_head(tmp_path_factory, test_env):
     """A head with 0 CPUs and Ray's autoscaler (v2) over one node type: 1 CPU, at most 2 nodes; one job
     slot, and a queue deadline of 5 s."""
-    head = RayHead(tmp_path_factory.mktemp("autoscaling") / "head.log", num_cpus=0, resources={JOB_SLOT: 1},
-                   autoscaling={"cpu1": {"resources": {"CPU": 1}, "max_workers": 2}},
-                   # The head's cloud instance and node type, as Ray's fake provider gives the nodes it
-                   # launches. Without the type, an autoscaler that sees the head's raylet before its
-                   # provider's list takes it for an unmanaged node it cannot record, and never reports.
-                   env={"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
-                        "RAY_NODE_TYPE_NAME": "ray.head.default", "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,
-                        "RAY_JOB_START_TIMEOUT_SECONDS": "5"})
+    head = RayHead(
+        tmp_path_factory.mktemp("autoscaling") / "head.log",
+        num_cpus=0,
+        resources={JOB_SLOT: 1},
+        autoscaling={"cpu1": {"resources": {"CPU": 1}, "max_workers": 2}},
+        # The head's cloud instance and node type, as Ray's fake provider gives the nodes it
+        # launches. Without the type, an autoscaler that sees the head's raylet before its
+        # provider's list takes it for an unmanaged node it cannot record, and never reports.
+        env={
+            "RAY_enable_autoscaler_v2": "1",
+            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
+            "RAY_NODE_TYPE_NAME": "ray.head.default",
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,
+            "RAY_JOB_START_TIMEOUT_SECONDS": "5",
+        },
+    )
     head.start()
     try:
         with driver_on(head.address):
@@ -235,8 +245,10 @@ def test_the_autoscaler_places_a_job_from_zero_worker_nodes(autoscaling_head, s3
     assert len(workers) == 2 and all(ip.startswith("127.0.0.") for ip in workers)
     assert watch.off_loopback() == set(), f"connections off loopback: {watch.off_loopback()}"
     first_epoch = manifest["history"][0]["epoch_seconds"]
-    print(f"submit to finish on an autoscaling cluster: {time.monotonic() - start:.0f} s "
-          f"(one epoch {first_epoch:.1f} s); run {layout.uri}, {store.endpoint}")
+    print(
+        f"submit to finish on an autoscaling cluster: {time.monotonic() - start:.0f} s "
+        f"(one epoch {first_epoch:.1f} s); run {layout.uri}, {store.endpoint}"
+    )
 
 
 def test_a_job_no_node_type_can_hold_is_refused(autoscaling_head, s3_server, data_prefix):
@@ -260,8 +272,12 @@ def test_a_job_waiting_past_the_queue_deadline_fails_clearly(autoscaling_head, s
     holder = SlotHolder.remote()
     ray.get(holder.ready.remote())
     cfg = run_cfg(s3_server.endpoint, data_prefix, "never-starts", epochs=1)
-    overrides = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test",
-                 f"storage.prefix={data_prefix}", "name=never-starts"]
+    overrides = [
+        f"storage.endpoint={s3_server.endpoint}",
+        "storage.bucket=dcgan-test",
+        f"storage.prefix={data_prefix}",
+        "name=never-starts",
+    ]
     submission = submit(cfg, "jobs/smoke.yaml", overrides, address=autoscaling_head.dashboard_url)
     assert read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))["status"] == "queued"
     deadline = time.monotonic() + 120

@@ -42,6 +42,7 @@ SUBMITTER_REQUESTS = {"cpu": "500m", "memory": "200Mi"}
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any attempt to open a connection fails the test: these checks must stay offline."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
 
@@ -73,13 +74,24 @@ def walk(node, path=""):
 
 def quantity(value) -> float:
     """A Kubernetes quantity ("500m", "24Gi", 4) as a number of base units."""
-    units = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units = {
+        "m": 1e-3,
+        "": 1,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
     return float(number) * units[unit]
 
 
 # ---------------------------------------------------------------------------------------------- AWS launcher
+
 
 @pytest.fixture(scope="module")
 def aws():
@@ -107,8 +119,9 @@ def test_aws_node_types(aws):
     assert gpu, "no worker type with a GPU"
     for name, t in gpu.items():
         assert re.match(r"(g|p)\d+[a-z]*\.", t["node_config"]["InstanceType"]), f"{name} is not a GPU instance"
-    assert any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) > 0 for t in workers.values()), \
+    assert any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) > 0 for t in workers.values()), (
         "no CPU worker type"
+    )
     # jobs/svhn.yaml asks for scaling.num_workers GPU workers on one node (scaling.one_node): a GPU type
     # must hold them all, so their all-reduce stays off the network (docs/scaling.md).
     job = load_config(REPO / "jobs" / "svhn.yaml")
@@ -128,8 +141,9 @@ def test_aws_s3_access_is_an_instance_profile_never_keys(aws):
     for path, key, value in walk(aws):
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
-                assert not re.search(r"(?i)aws_(secret_access_key|access_key_id|session_token)\s*=", text), \
+                assert not re.search(r"(?i)aws_(secret_access_key|access_key_id|session_token)\s*=", text), (
                     f"credential assigned in {path}.{key}: {text!r}"
+                )
 
 
 # The Python of AWS's Deep Learning Base AMIs (AWS's release notes; NOTES.md): the recipe must name one whose
@@ -167,8 +181,13 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
     for target, source in aws["file_mounts"].items():
         here = home / Path(target).relative_to(node_home)
         if source == ".":
-            files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                                   capture_output=True, text=True, check=True).stdout.split()
+            files = subprocess.run(
+                ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             for f in files:
                 if (REPO / f).is_file():
                     (here / f).parent.mkdir(parents=True, exist_ok=True)
@@ -181,21 +200,39 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
     for tool in ("sudo", "apt-get", "apt"):
         (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/package-manager.log\n')
         (stubs / tool).chmod(0o755)
-    env = {**os.environ, "HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}",
-           # pip's downloads come from this machine's cache, not the throwaway home's empty one
-           "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        # pip's downloads come from this machine's cache, not the throwaway home's empty one
+        "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
+    }
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)
     for command in aws["setup_commands"]:
         done = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     python = home / "venv" / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import dcgan_ray, dcgan_ray.ray_internals, torch, ray; "
-                            "print(ray.__version__, dcgan_ray.__file__)"],
-                           cwd=home, env=env, capture_output=True, text=True, check=True).stdout.split()
+    check = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import dcgan_ray, dcgan_ray.ray_internals, torch, ray; print(ray.__version__, dcgan_ray.__file__)",
+        ],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert check[0] == ray.__version__ and check[1].startswith(str(home / "dcgan-ray"))
-    cli = subprocess.run([str(home / "venv" / "bin" / "dcgan-ray"), "paths", str(home / "dcgan-ray/jobs/svhn.yaml")],
-                         cwd=home, env=env, capture_output=True, text=True)
+    cli = subprocess.run(
+        [str(home / "venv" / "bin" / "dcgan-ray"), "paths", str(home / "dcgan-ray/jobs/svhn.yaml")],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0 and "s3://dcgan-ray/dcgan-ray/runs/svhn-dcgan" in cli.stdout, cli.stderr
     assert 'export PATH="$HOME/venv/bin:$PATH"' in (home / ".bashrc").read_text()
     for start in aws["head_start_ray_commands"]:
@@ -232,8 +269,9 @@ def test_documents_match_the_crd_schemas(name):
 def test_rayjob_lifecycle(name):
     job = rayjob(name)
     spec = job["spec"]
-    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", job["metadata"]["name"]), \
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", job["metadata"]["name"]), (
         "KubeRay wants a DNS-1035 RayJob name of at most 47 characters"
+    )
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 0
@@ -248,9 +286,14 @@ def test_rayjob_lifecycle(name):
 @pytest.mark.parametrize("name", RAYJOB_FILES)
 def test_rayjob_gpu_workers(name):
     rc = rayjob(name)["spec"]["rayClusterSpec"]
-    gpu_groups = [g for g in rc["workerGroupSpecs"]
-                  if any(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
-                         for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in rc["workerGroupSpecs"]
+        if any(
+            quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+            for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, "no worker group with an nvidia.com/gpu limit"
     for g in rc["workerGroupSpecs"]:
         assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], g["groupName"]
@@ -262,12 +305,14 @@ def test_rayjob_gpu_workers(name):
     assert job.scaling.use_gpu and job.scaling.one_node
 
     def pod_gpus(g: dict) -> float:
-        return max(quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0))
-                   for c in g["template"]["spec"]["containers"])
+        return max(
+            quantity(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in g["template"]["spec"]["containers"]
+        )
 
     # scaling.one_node: one running pod (one node) must hold every worker of the job.
-    assert any(g["replicas"] >= 1 and pod_gpus(g) >= job.scaling.num_workers for g in gpu_groups), \
+    assert any(g["replicas"] >= 1 and pod_gpus(g) >= job.scaling.num_workers for g in gpu_groups), (
         "no running pod holds jobs/svhn.yaml's scaling.num_workers GPUs"
+    )
     # Studies keep a group of 1-GPU pods (idle in this job: replicas 0).
     assert any(pod_gpus(g) == 1 and g["maxReplicas"] >= 2 for g in gpu_groups), "no 1-GPU group for studies"
 
@@ -286,8 +331,9 @@ def test_rayjob_s3_credentials_come_from_the_secret(name):
                 assert SECRET_NAME in from_secret, f"{c['name']}: {key} missing (env secretKeyRef or envFrom)"
         if "AWS_ENDPOINT_URL" in env:  # not needed (the job's storage.endpoint says it), but not a secret either
             endpoint = env["AWS_ENDPOINT_URL"]
-            assert "valueFrom" not in endpoint and str(endpoint.get("value", "")).startswith(("http://", "https://")), \
+            assert "valueFrom" not in endpoint and str(endpoint.get("value", "")).startswith(("http://", "https://")), (
                 f"{c['name']}: AWS_ENDPOINT_URL must be a plain http(s) value"
+            )
     # Anywhere in the document (containers added later included): no credential as a literal value.
     for path, key, value in walk(job):
         if key == "env":
@@ -312,8 +358,9 @@ def test_rayjob_trains_the_job_of_the_config_map(name):
     assert job_file.name in config_map["data"]
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     volumes = {v["name"]: v for v in head["volumes"]}
-    (mount,) = [m for c in head["containers"] for m in c.get("volumeMounts", [])
-                if Path(m["mountPath"]) == job_file.parent]
+    (mount,) = [
+        m for c in head["containers"] for m in c.get("volumeMounts", []) if Path(m["mountPath"]) == job_file.parent
+    ]
     assert volumes[mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
     # The image's tag is the package's version (Dockerfile, tests/test_image.py).
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -348,8 +395,9 @@ def test_kueue_queue_objects_are_linked():
     for group in cq["spec"]["resourceGroups"]:
         for flavor in group["flavors"]:
             assert flavor["name"] in flavors, f"ClusterQueue uses unknown flavor {flavor['name']}"
-            assert [r["name"] for r in flavor["resources"]] == group["coveredResources"], \
+            assert [r["name"] for r in flavor["resources"]] == group["coveredResources"], (
                 "a flavor must list coveredResources, in the same order"
+            )
     covered = {r for g in cq["spec"]["resourceGroups"] for r in g["coveredResources"]}
     assert {"cpu", "memory", "nvidia.com/gpu"} <= covered
     assert lq["spec"]["clusterQueue"] == cq["metadata"]["name"]
@@ -364,8 +412,12 @@ def test_kueue_queue_objects_are_linked():
 def test_kueue_quota_admits_the_job():
     docs = load_docs("kueue.yaml")
     cq, job = one(docs, "ClusterQueue"), one(docs, "RayJob")
-    quota = {r["name"]: quantity(r["nominalQuota"])
-             for g in cq["spec"]["resourceGroups"] for f in g["flavors"] for r in f["resources"]}
+    quota = {
+        r["name"]: quantity(r["nominalQuota"])
+        for g in cq["spec"]["resourceGroups"]
+        for f in g["flavors"]
+        for r in f["resources"]
+    }
     rc = job["spec"]["rayClusterSpec"]
     pods = [(1, rc["headGroupSpec"]), *[(g["replicas"], g) for g in rc["workerGroupSpecs"]]]
     need = {k: quantity(v) for k, v in SUBMITTER_REQUESTS.items()}
@@ -379,8 +431,9 @@ def test_kueue_quota_admits_the_job():
 
 def test_kueue_rayjob_is_the_kuberay_job():
     plain, queued = rayjob("kuberay.yaml"), rayjob("kueue.yaml")
-    assert {k: v for k, v in queued["spec"].items() if k != "suspend"} == plain["spec"], \
+    assert {k: v for k, v in queued["spec"].items() if k != "suspend"} == plain["spec"], (
         "kueue.yaml's RayJob must be kuberay.yaml's plus suspend (same image, entrypoint, Secret)"
+    )
 
 
 def test_readme_creates_the_secret_the_jobs_use():
@@ -400,7 +453,8 @@ ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b
 # (a Kubernetes env entry's `value:`).
 SECRET_VALUE = re.compile(
     r"(?i)(?:secret[_-]?access[_-]?key|secret[_-]?key|aws[_-]?secret)[\s\S]{0,80}?[:=]\s*[\"']?"
-    r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
+    r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
 
 
 def secret_hits(text: str) -> list[str]:
@@ -411,9 +465,12 @@ def test_secret_patterns_catch_keys():
     # AWS's documented example key pair, assembled here so that no file holds it whole.
     key_id, secret = "AKIA" + "IOSFODNN7" + "EXAMPLE", "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"
     assert secret_hits(f"export AWS_ACCESS_KEY_ID={key_id}") == [key_id]
-    for text in (f"AWS_SECRET_ACCESS_KEY={secret}", f'aws_secret_access_key: "{secret}"',
-                 f"--from-literal=AWS_SECRET_ACCESS_KEY={secret}",
-                 f"- name: AWS_SECRET_ACCESS_KEY\n  value: {secret}\n"):
+    for text in (
+        f"AWS_SECRET_ACCESS_KEY={secret}",
+        f'aws_secret_access_key: "{secret}"',
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={secret}",
+        f"- name: AWS_SECRET_ACCESS_KEY\n  value: {secret}\n",
+    ):
         assert secret_hits(text) == [secret], text
     assert secret_hits("AWS_SECRET_ACCESS_KEY=... dcgan-dev-secret") == []
 

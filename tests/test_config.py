@@ -17,11 +17,29 @@ def test_shipped_jobs_load(path):
 
 def test_seed_hyperparameters_in_svhn_job():
     cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "svhn.yaml")
-    assert (cfg.model.z_dim, cfg.train.lr, cfg.train.beta1, cfg.train.batch_size, cfg.train.epochs,
-            cfg.model.alpha) == (100, 2e-4, 0.5, 128, 25, 0.2)
+    assert (
+        cfg.model.z_dim,
+        cfg.train.lr,
+        cfg.train.beta1,
+        cfg.train.batch_size,
+        cfg.train.epochs,
+        cfg.model.alpha,
+    ) == (100, 2e-4, 0.5, 128, 25, 0.2)
     # The keys docs and tests rely on exist under these names.
-    for key in ("name", "train.epochs", "train.batch_size", "train.lr", "train.beta1", "model.z_dim", "model.alpha",
-                "scaling.num_workers", "scaling.use_gpu", "storage.endpoint", "storage.bucket", "storage.prefix"):
+    for key in (
+        "name",
+        "train.epochs",
+        "train.batch_size",
+        "train.lr",
+        "train.beta1",
+        "model.z_dim",
+        "model.alpha",
+        "scaling.num_workers",
+        "scaling.use_gpu",
+        "storage.endpoint",
+        "storage.bucket",
+        "storage.prefix",
+    ):
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
@@ -94,8 +112,11 @@ def test_lr_split():
 def test_scoring_in_a_task_needs_eval_epochs_to_be_checkpoint_epochs(tmp_path):
     # Eval every 3 epochs, checkpoints every 2: epoch 3 would have no checkpoint for the task to score.
     p = write(tmp_path, "eval:\n  in_task: true\n  every_epochs: 3\ncheckpoint:\n  every_epochs: 2\n")
-    with pytest.raises(ConfigError, match=r"job.yaml: `eval.in_task` scores checkpoints.*`eval.every_epochs` = 3 "
-                                          r"is not a multiple of `checkpoint.every_epochs` = 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"job.yaml: `eval.in_task` scores checkpoints.*`eval.every_epochs` = 3 "
+        r"is not a multiple of `checkpoint.every_epochs` = 2",
+    ):
         load_config(p)
     # The same on the command line; a multiple, evaluation off, or the inline path are all fine.
     with pytest.raises(ConfigError, match="eval.in_task"):
@@ -111,9 +132,13 @@ def test_a_job_extends_another_and_keeps_only_what_differs(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "svhn.yaml").write_text(
         "name: base\ntrain: {epochs: 25, lr: 0.0002}\nstorage: {bucket: base-bucket, prefix: p}\n"
-        "tune: {space: {train.lr: {grid: [0.0001]}}}\n")
-    site = write(tmp_path, "extends: base/svhn.yaml\nstorage: {bucket: site-bucket, endpoint: null}\n"
-                           "tune: {space: {model.alpha: {grid: [0.1]}}}\n")
+        "tune: {space: {train.lr: {grid: [0.0001]}}}\n"
+    )
+    site = write(
+        tmp_path,
+        "extends: base/svhn.yaml\nstorage: {bucket: site-bucket, endpoint: null}\n"
+        "tune: {space: {model.alpha: {grid: [0.1]}}}\n",
+    )
     cfg = load_config(site, ["train.epochs=3"])
     # Mappings merge key by key; a value replaces the base's; --set wins over both.
     assert (cfg.name, cfg.train.epochs, cfg.train.lr) == ("base", 3, 2e-4)
@@ -121,12 +146,15 @@ def test_a_job_extends_another_and_keeps_only_what_differs(tmp_path):
     assert set(cfg.tune.space) == {"train.lr", "model.alpha"}
 
 
-@pytest.mark.parametrize("text, error", [
-    ("extends: missing.yaml\n", r"job file .*missing\.yaml does not exist \(extended by .*job\.yaml\)"),
-    ("extends: job.yaml\n", r"job\.yaml: `extends: job\.yaml` makes a loop"),
-    ("extends: [a.yaml]\n", r"job\.yaml: `extends` must be the path of another job YAML, got \['a\.yaml'\]"),
-    ("extends: list.yaml\n", r"list\.yaml \(extended by .*job\.yaml\): the top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("extends: missing.yaml\n", r"job file .*missing\.yaml does not exist \(extended by .*job\.yaml\)"),
+        ("extends: job.yaml\n", r"job\.yaml: `extends: job\.yaml` makes a loop"),
+        ("extends: [a.yaml]\n", r"job\.yaml: `extends` must be the path of another job YAML, got \['a\.yaml'\]"),
+        ("extends: list.yaml\n", r"list\.yaml \(extended by .*job\.yaml\): the top level must be a mapping"),
+    ],
+)
 def test_a_bad_extends_names_the_files(tmp_path, text, error):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match=error):
@@ -149,33 +177,52 @@ def test_the_kubernetes_job_overlay_is_svhn_on_your_bucket(tmp_path):
     assert (cfg.model, cfg.train, cfg.scaling) == (svhn.model, svhn.train, svhn.scaling)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("name=..", "name"), ("name=.", "name"), (f"name={'a' * 101}", "name"), ("name=a/b", "name"),
-    ("name=-rf", "name"), ("data.dataset=../../etc", "data.dataset"), ("data.dataset=svhn/train", "data.dataset"),
-    ("storage.prefix=..", "storage.prefix"), ("storage.prefix=a//b", "storage.prefix"),
-    ("storage.prefix=a/../b", "storage.prefix"), ("storage.runs_prefix=x/.", "storage.runs_prefix"),
-    ("tune.study=a/b", "tune.study"), ("tune.study=..", "tune.study"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("name=..", "name"),
+        ("name=.", "name"),
+        (f"name={'a' * 101}", "name"),
+        ("name=a/b", "name"),
+        ("name=-rf", "name"),
+        ("data.dataset=../../etc", "data.dataset"),
+        ("data.dataset=svhn/train", "data.dataset"),
+        ("storage.prefix=..", "storage.prefix"),
+        ("storage.prefix=a//b", "storage.prefix"),
+        ("storage.prefix=a/../b", "storage.prefix"),
+        ("storage.runs_prefix=x/.", "storage.runs_prefix"),
+        ("tune.study=a/b", "tune.study"),
+        ("tune.study=..", "tune.study"),
+    ],
+)
 def test_names_and_prefixes_stay_in_their_folder(override, key):
-    with pytest.raises(ConfigError, match=rf"`{re.escape(key)}` = .* is not allowed; expected (null or )?a (name|key "
-                                          r"prefix)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"`{re.escape(key)}` = .* is not allowed; expected (null or )?a (name|key "
+        r"prefix)",
+    ):
         load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", [override])
 
 
-@pytest.mark.parametrize("override, allowed", [
-    ("storage.retry_budget_s=.inf", r"a number of seconds in \(0, 86400\]"),
-    ("storage.retry_budget_s=20400000", r"a number of seconds in \(0, 86400\]"),
-    ("train.seed=99999999999999999999", r"an integer in \[0, 2\*\*31\)"),
-    ("train.seed=-1", r"an integer in \[0, 2\*\*31\)"),
-    ("model.g_features=100000", r"an integer in \[1, 512\]"),
-    ("train.epochs=1000000", r"an integer in \[1, 10000\]"),
-])
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("storage.retry_budget_s=.inf", r"a number of seconds in \(0, 86400\]"),
+        ("storage.retry_budget_s=20400000", r"a number of seconds in \(0, 86400\]"),
+        ("train.seed=99999999999999999999", r"an integer in \[0, 2\*\*31\)"),
+        ("train.seed=-1", r"an integer in \[0, 2\*\*31\)"),
+        ("model.g_features=100000", r"an integer in \[1, 512\]"),
+        ("train.epochs=1000000", r"an integer in \[1, 10000\]"),
+    ],
+)
 def test_numbers_that_would_overflow_or_exhaust_memory_are_refused(override, allowed):
     with pytest.raises(ConfigError, match=rf"is not allowed; expected {allowed}"):
         load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", [override])
 
 
 def test_names_that_are_fine_load():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml",
-                      ["name=run_1.v2-b", "storage.prefix=team/a.b/runs-2", "tune.study=lr.sweep"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml",
+        ["name=run_1.v2-b", "storage.prefix=team/a.b/runs-2", "tune.study=lr.sweep"],
+    )
     assert (cfg.name, cfg.storage.prefix, cfg.tune.study) == ("run_1.v2-b", "team/a.b/runs-2", "lr.sweep")

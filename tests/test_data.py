@@ -92,13 +92,20 @@ def test_corrupt_object_in_bucket_is_detected(store, cfg, svhn_dir, node_cache):
     assert not [p for p in node_cache.iterdir() if p.name.endswith(".part")]
 
 
-@pytest.mark.parametrize("X, y, message", [
-    (np.zeros((32, 32, 3, 4), np.float32), np.ones((4, 1), np.uint8), r"X is float32 .* needs uint8 \(32, 32, 3, N\)"),
-    (np.zeros((28, 28, 3, 4), np.uint8), np.ones((4, 1), np.uint8), r"X is uint8 \(28, 28, 3, 4\)"),
-    (np.zeros((32, 32, 3, 4), np.uint8), np.ones((5, 1), np.uint8), r"y has shape \(5, 1\) but X holds 4 images"),
-    (np.zeros((32, 32, 3, 4), np.uint8), np.zeros((4, 1), np.uint8), r"labels span 0\.\.0; SVHN's are 1\.\.10"),
-    (np.zeros((32, 32, 3, 4), np.uint8), np.full((4, 1), 11, np.uint8), r"labels span 11\.\.11"),
-])
+@pytest.mark.parametrize(
+    "X, y, message",
+    [
+        (
+            np.zeros((32, 32, 3, 4), np.float32),
+            np.ones((4, 1), np.uint8),
+            r"X is float32 .* needs uint8 \(32, 32, 3, N\)",
+        ),
+        (np.zeros((28, 28, 3, 4), np.uint8), np.ones((4, 1), np.uint8), r"X is uint8 \(28, 28, 3, 4\)"),
+        (np.zeros((32, 32, 3, 4), np.uint8), np.ones((5, 1), np.uint8), r"y has shape \(5, 1\) but X holds 4 images"),
+        (np.zeros((32, 32, 3, 4), np.uint8), np.zeros((4, 1), np.uint8), r"labels span 0\.\.0; SVHN's are 1\.\.10"),
+        (np.zeros((32, 32, 3, 4), np.uint8), np.full((4, 1), 11, np.uint8), r"labels span 11\.\.11"),
+    ],
+)
 def test_misshaped_mat_files(tmp_path, X, y, message):
     path = tmp_path / "x.mat"
     scipy.io.savemat(path, {"X": X, "y": y})
@@ -139,8 +146,9 @@ def http_source():
 def test_official_download_with_wrong_md5_leaves_nothing(http_source, tmp_path, svhn_dir):
     server, url = http_source
     _Handler.body, _Handler.claimed_length = (svhn_dir / "test_32x32.mat").read_bytes(), None
-    with pytest.raises(DatasetError,
-                       match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"):
+    with pytest.raises(
+        DatasetError, match=rf"does not match the official SVHN test_32x32.mat.*expected md5 {OFFICIAL['test'].md5}"
+    ):
         fetch("test", tmp_path, url)
     assert list(tmp_path.iterdir()) == []
 

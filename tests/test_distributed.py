@@ -25,8 +25,9 @@ def textbook_step(netG, netD, optG, optD, real, z):
     fake = netG(z)
     optD.zero_grad()
     out_real, out_fake = netD(real), netD(fake.detach())
-    loss_d = (F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real))
-              + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
+    loss_d = F.binary_cross_entropy_with_logits(
+        out_real, torch.ones_like(out_real)
+    ) + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
     loss_d.backward()
     optD.step()
     optG.zero_grad()
@@ -79,8 +80,13 @@ def _rank_work(rank: int, world: int) -> tuple:
     before = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
     average_bn_buffers(netG)
     after = {k: v.numpy().copy() for k, v in netG.state_dict().items() if "running" in k or "batches" in k}
-    return (summed.to_bytes(), before, after, average([float(rank), 10.0 * rank], torch.device("cpu")),
-            broadcast_from_rank_zero(f"name-from-{rank}"))
+    return (
+        summed.to_bytes(),
+        before,
+        after,
+        average([float(rank), 10.0 * rank], torch.device("cpu")),
+        broadcast_from_rank_zero(f"name-from-{rank}"),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -83,8 +83,9 @@ def test_an_outage_past_the_budget_stops_and_the_resubmission_resumes(ray_head, 
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     run = TrainInThread(cfg)
     try:
-        wait_until(lambda: store.exists(f"{layout.prefix}/checkpoint_epoch_0001/manifest.json"), 300,
-                   "epoch 1's checkpoint")
+        wait_until(
+            lambda: store.exists(f"{layout.prefix}/checkpoint_epoch_0001/manifest.json"), 300, "epoch 1's checkpoint"
+        )
         private_s3.stop()
         start = time.monotonic()
         run.thread.join(timeout=300)
@@ -108,8 +109,13 @@ def test_an_outage_past_the_budget_stops_and_the_resubmission_resumes(ray_head, 
 def shard_deleted(s3_server, svhn_dir, tmp_path_factory):
     """A split prepared into the bucket, then one of its shards deleted: the driver's checks pass (the
     manifest is there), the workers' reads fail. Small shards, so no node cache already holds them."""
-    cfg = make_config(s3_server.endpoint, "noshard", name="noshard", data={"shard_images": 128, "max_images": 256},
-                      scaling={"num_workers": 2, "max_failures": 2})
+    cfg = make_config(
+        s3_server.endpoint,
+        "noshard",
+        name="noshard",
+        data={"shard_images": 128, "max_images": 256},
+        scaling={"num_workers": 2, "max_failures": 2},
+    )
     store = Store(cfg.storage)
     manifest = prepare_split(store, cfg, "train", from_=str(svhn_dir))
     store.delete([manifest["objects"][1]["key"]])
@@ -125,7 +131,8 @@ def test_a_workers_error_is_raised_as_is_without_restarts(ray_head, shard_delete
         train(cfg)
     assert str(info.value) == (
         f"s3://dcgan-test/{missing} is listed in the split's manifest but is not in the bucket (deleted since it was "
-        "prepared?): prepare the split again with `dcgan-ray data prepare {config} --split train --force`")
+        "prepared?): prepare the split again with `dcgan-ray data prepare {config} --split train --force`"
+    )
     log = capfd.readouterr()
     log = log.out + log.err
     assert "not restarting the workers: a restart cannot fix this" in log
@@ -136,14 +143,31 @@ def test_a_workers_error_is_raised_as_is_without_restarts(ray_head, shard_delete
 def test_a_workers_error_in_ray_job_logs_is_one_line(ray_head, shard_deleted):
     cfg, job, missing = shard_deleted
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--",
-         sys.executable, "-m", "dcgan_ray", "train", str(job)], capture_output=True, text=True, timeout=600)
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head.dashboard_url,
+            "--",
+            sys.executable,
+            "-m",
+            "dcgan_ray",
+            "train",
+            str(job),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     # `ray job submit` streams the logs, then repeats their end when the job fails: one distinct line.
     errors = {line for line in output.splitlines() if line.startswith("error: ")}
-    assert errors == {f"error: s3://dcgan-test/{missing} is listed in the split's manifest but is not in the bucket "
-                      f"(deleted since it was prepared?): prepare the split again with `dcgan-ray data prepare {job} "
-                      "--split train --force`"}, output[-4000:]
+    assert errors == {
+        f"error: s3://dcgan-test/{missing} is listed in the split's manifest but is not in the bucket "
+        f"(deleted since it was prepared?): prepare the split again with `dcgan-ray data prepare {job} "
+        "--split train --force`"
+    }, output[-4000:]
     assert "dcgan_ray.errors." not in output and "exit code 2" in output
     assert not [line for line in output.splitlines() if "RayTrainWorker" in line and "Traceback" in line]
 

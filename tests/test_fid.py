@@ -134,8 +134,13 @@ def _through_file(s: FeatureStats, path) -> FeatureStats:
 
 def _rank_main(rank: int, world_size: int, init_file: str, features_file: str, out_file: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would otherwise pick the host's non-loopback address
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         features = np.load(features_file)
         mine = np.array_split(features, world_size)[rank]
@@ -155,8 +160,9 @@ def test_all_reduce_across_two_processes_equals_single_process(tmp_path):
     features = rng.standard_normal((203, 16)) + 3.0
     np.save(tmp_path / "features.npy", features)
     out = tmp_path / "merged.npz"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "pg-init"), str(tmp_path / "features.npy"), str(out)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _rank_main, args=(2, str(tmp_path / "pg-init"), str(tmp_path / "features.npy"), str(out)), nprocs=2, join=True
+    )
 
     merged = FeatureStats.from_bytes(out.read_bytes())
     single = FeatureStats.empty(16)
@@ -232,8 +238,12 @@ def test_statistics_stored_before_the_device_path_still_load():
     inner = io.BytesIO()
     np.savez(inner, dim=np.int64(5), n=np.int64(64), total=x.sum(0), outer=x.T @ x)
     old = io.BytesIO()
-    np.savez(old, features=np.frombuffer(inner.getvalue(), dtype=np.uint8), prob_sum=np.arange(10.0),
-             neg_entropy_sum=np.array(-3.5))
+    np.savez(
+        old,
+        features=np.frombuffer(inner.getvalue(), dtype=np.uint8),
+        prob_sum=np.arange(10.0),
+        neg_entropy_sum=np.array(-3.5),
+    )
     loaded = SampleStats.from_bytes(old.getvalue())
     assert loaded.features.n == 64 and np.array_equal(loaded.features.outer, x.T @ x)
     assert np.array_equal(loaded.prob_sum, np.arange(10.0)) and loaded.neg_entropy_sum == -3.5

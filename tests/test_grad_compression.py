@@ -41,8 +41,12 @@ def _train(rank: int, speed: SpeedSection) -> dict:
         real = torch.rand(BATCH, 3, 32, 32, generator=gen) * 2 - 1
         s = train_step(netG, netD, optG, optD, real, torch.randn(BATCH, Z, generator=noise))
         losses.append([s.loss_d.item(), s.loss_g.item()])
-    weights = {f"{tag}.{k}": v.numpy().copy() for tag, net in (("G", netG), ("D", netD))
-               for k, v in net.module.state_dict().items() if "running" not in k and "batches" not in k}
+    weights = {
+        f"{tag}.{k}": v.numpy().copy()
+        for tag, net in (("G", netG), ("D", netD))
+        for k, v in net.module.state_dict().items()
+        if "running" not in k and "batches" not in k
+    }
     return {"losses": losses, "weights": weights, "bucket_bytes_cap": netD.bucket_bytes_cap}
 
 
@@ -95,12 +99,17 @@ def test_defaults_change_nothing():
     assert ddp_kwargs(speed) == {"broadcast_buffers": False, "bucket_cap_mb": 25.0}
 
 
-@pytest.mark.parametrize("speed, error", [
-    ({"grad_compression": "int8"},
-     r"`speed\.grad_compression` = 'int8' is not allowed; expected one of none, bf16, fp16"),
-    ({"ddp_bucket_mb": 0}, r"`speed\.ddp_bucket_mb` = 0\.0 is not allowed; expected a number > 0"),
-    ({"grad_compression": True}, r"`speed\.grad_compression` must be str"),
-])
+@pytest.mark.parametrize(
+    "speed, error",
+    [
+        (
+            {"grad_compression": "int8"},
+            r"`speed\.grad_compression` = 'int8' is not allowed; expected one of none, bf16, fp16",
+        ),
+        ({"ddp_bucket_mb": 0}, r"`speed\.ddp_bucket_mb` = 0\.0 is not allowed; expected a number > 0"),
+        ({"grad_compression": True}, r"`speed\.grad_compression` must be str"),
+    ],
+)
 def test_bad_values_name_the_key(speed, error):
     with pytest.raises(ConfigError, match=error):
         config_from_dict({"speed": speed})

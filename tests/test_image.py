@@ -78,16 +78,24 @@ def test_it_runs_as_a_user_and_holds_no_credentials():
 
 def context_files() -> list[str]:
     """What `docker build .` sends of this checkout."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return in_context(files)
 
 
 def in_context(files: list[str]) -> list[str]:
     """The files .dockerignore lets through (the last matching pattern wins; a path is excluded with its
     folder unless a later pattern takes it back)."""
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     kept = []
     for path in files:
         parts = path.split("/")
@@ -109,15 +117,26 @@ def test_the_context_holds_what_is_copied_and_nothing_else():
             *sources, _ = [a for a in args.split() if not a.startswith("--")]
             for source in sources:
                 assert (REPO / source).exists(), f"COPY {source}: no such file"
-                assert any(f == source.rstrip("/") or f.startswith(source) for f in context), \
+                assert any(f == source.rstrip("/") or f.startswith(source) for f in context), (
                     f"COPY {source}: .dockerignore leaves it out"
+                )
     assert "dcgan_ray/ray_internals.py" in context and "requirements/runtime.lock" in context
     assert not [f for f in context if f.startswith((".git/", ".venv/", "cluster/", "tests/"))]
     assert not [f for f in context if "__pycache__" in f]
 
 
-@pytest.mark.parametrize("path", ["cluster/dev.env", ".venv/pyvenv.cfg", ".git/config", "tests/conftest.py",
-                                  "dcgan_ray/__pycache__/cli.cpython-311.pyc", "demo-output/latest.png", ".env"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "cluster/dev.env",
+        ".venv/pyvenv.cfg",
+        ".git/config",
+        "tests/conftest.py",
+        "dcgan_ray/__pycache__/cli.cpython-311.pyc",
+        "demo-output/latest.png",
+        ".env",
+    ],
+)
 def test_the_context_rules_leave_out(path):
     assert in_context([path, "dcgan_ray/cli.py"]) == ["dcgan_ray/cli.py"]
 
@@ -125,6 +144,7 @@ def test_the_context_rules_leave_out(path):
 def test_nothing_secret_is_in_the_context():
     context = context_files()
     assert len(context) > 30
-    hits = {f: h for f in context
-            if (REPO / f).is_file() and (h := secret_hits((REPO / f).read_text(errors="replace")))}
+    hits = {
+        f: h for f in context if (REPO / f).is_file() and (h := secret_hits((REPO / f).read_text(errors="replace")))
+    }
     assert hits == {}

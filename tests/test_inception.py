@@ -55,8 +55,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(directory: Path) -> Iterator[str]:
     """A real HTTP server on a free loopback port serving `directory`; yields its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -90,9 +91,16 @@ def test_local_weights_load_and_give_deterministic_pool3_features(weights, image
 def test_structure_matches_torch_fidelity():
     model = InceptionV3Pool3()
     state = model.state_dict()
-    for key in ("Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
-                "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7c.branch3x3dbl_3b.conv.weight",
-                "Mixed_7c.branch_pool.conv.weight", "fc.weight", "fc.bias"):
+    for key in (
+        "Conv2d_1a_3x3.conv.weight",
+        "Conv2d_1a_3x3.bn.running_var",
+        "Mixed_5b.branch5x5_2.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.bias",
+        "Mixed_7c.branch3x3dbl_3b.conv.weight",
+        "Mixed_7c.branch_pool.conv.weight",
+        "fc.weight",
+        "fc.bias",
+    ):
         assert key in state
     assert state["fc.weight"].shape == (1008, 2048)
     assert sum(p.numel() for p in model.parameters()) == TORCH_FIDELITY_PARAMETERS
@@ -126,12 +134,14 @@ def test_wrong_sha256_names_both_hashes_and_keeps_nothing(weights, tmp_path):
     cache = tmp_path / "cache"
     wrong = "0" * 64
     with serve(weights.path.parent) as base:
-        with pytest.raises(WeightsError,
-                           match=rf"sha256 {weights.sha256}, expected {wrong} \(the download was deleted\)"):
+        with pytest.raises(
+            WeightsError, match=rf"sha256 {weights.sha256}, expected {wrong} \(the download was deleted\)"
+        ):
             fetch_weights(f"{base}/{weights.path.name}", cache, wrong)
     assert weight_files(cache) == []
-    with pytest.raises(WeightsError,
-                       match=rf"sha256 {weights.sha256}, expected {wrong} \(the file was left in place\)"):
+    with pytest.raises(
+        WeightsError, match=rf"sha256 {weights.sha256}, expected {wrong} \(the file was left in place\)"
+    ):
         load_inception(str(weights.path), sha256=wrong, cache_dir=cache)
     assert weights.path.is_file()
 
@@ -178,8 +188,9 @@ def test_weights_from_s3(weights, images, cfg, store, tmp_path):
     store.upload_file(weights.path, key)
     # The bucket comes from the URI, not from storage.bucket; only the endpoint settings are used.
     elsewhere = dataclasses.replace(cfg.storage, bucket="not-this-bucket")
-    model = load_inception(f"s3://{store.bucket}/{key}", sha256=weights.sha256, storage=elsewhere,
-                           cache_dir=tmp_path / "c")
+    model = load_inception(
+        f"s3://{store.bucket}/{key}", sha256=weights.sha256, storage=elsewhere, cache_dir=tmp_path / "c"
+    )
     assert weight_files(tmp_path / "c") == [f"{weights.sha256}.pth"]
     with torch.no_grad():
         assert model(images[:1]).shape == (1, 2048)

@@ -25,8 +25,10 @@ def pins(lock: str) -> dict[str, str]:
 
 
 def test_every_dependency_is_locked_at_a_version_it_allows():
-    for lock, requirements in (("runtime.lock", PROJECT["dependencies"]),
-                               ("test.lock", PROJECT["dependencies"] + PROJECT["optional-dependencies"]["test"])):
+    for lock, requirements in (
+        ("runtime.lock", PROJECT["dependencies"]),
+        ("test.lock", PROJECT["dependencies"] + PROJECT["optional-dependencies"]["test"]),
+    ):
         locked = pins(lock)
         for text in requirements:
             req = Requirement(text)
@@ -35,9 +37,10 @@ def test_every_dependency_is_locked_at_a_version_it_allows():
                 assert Version((REPO / "requirements" / "torch-version").read_text().strip()) in req.specifier
                 continue
             assert req.name.lower() in locked, f"{lock} lacks {req.name}: run `bash scripts/lock.sh`"
-            assert Version(locked[req.name.lower()]) in req.specifier, \
-                f"{lock} pins {req.name}=={locked[req.name.lower()]}, pyproject asks {req.specifier}: " \
+            assert Version(locked[req.name.lower()]) in req.specifier, (
+                f"{lock} pins {req.name}=={locked[req.name.lower()]}, pyproject asks {req.specifier}: "
                 "run `bash scripts/lock.sh`"
+            )
 
 
 def test_the_test_lock_is_the_runtime_lock_plus_the_test_tools():

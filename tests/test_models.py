@@ -76,9 +76,18 @@ def test_run_epoch_reports_means():
     optG, optD = make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     logs = []
-    stats = run_epoch(netG, netD, optG, optD, images, rank_batches(64, 8, 0, 1, 0, 0), 16,
-                      noise_generator(0, 0, 0, torch.device("cpu")), log_every=4,
-                      on_log=lambda i, m: logs.append((i, m)))
+    stats = run_epoch(
+        netG,
+        netD,
+        optG,
+        optD,
+        images,
+        rank_batches(64, 8, 0, 1, 0, 0),
+        16,
+        noise_generator(0, 0, 0, torch.device("cpu")),
+        log_every=4,
+        on_log=lambda i, m: logs.append((i, m)),
+    )
     assert stats.steps == 8 and stats.images == 64
     assert [i for i, _ in logs] == [4, 8]
     assert all(m["images_per_s"] > 0 for _, m in logs)

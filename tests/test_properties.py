@@ -36,10 +36,18 @@ EXAMPLES = 300
 """Per property; the eight properties below run 2,400 examples together (about 20 s here)."""
 fast = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)), max_leaves=12)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def one_line(error: BaseException) -> None:
@@ -76,11 +84,34 @@ def mutate(data: Any, draw) -> Any:
 
 # --- the config loader --------------------------------------------------------------------------------
 
-KEYS = ["name", "model.z_dim", "model.g_features", "train.epochs", "train.lr", "train.seed", "train.batch_size",
-        "train.label_smoothing", "data.dataset", "data.split", "eval.every_epochs", "eval.metric",
-        "eval.extractors", "scaling.num_workers", "scaling.use_gpu", "storage.prefix", "storage.bucket",
-        "storage.endpoint", "storage.retry_budget_s", "tune.study", "tune.space", "sample.grid_size", "nonsense.key",
-        "train", "speed.compile", "extends"]
+KEYS = [
+    "name",
+    "model.z_dim",
+    "model.g_features",
+    "train.epochs",
+    "train.lr",
+    "train.seed",
+    "train.batch_size",
+    "train.label_smoothing",
+    "data.dataset",
+    "data.split",
+    "eval.every_epochs",
+    "eval.metric",
+    "eval.extractors",
+    "scaling.num_workers",
+    "scaling.use_gpu",
+    "storage.prefix",
+    "storage.bucket",
+    "storage.endpoint",
+    "storage.retry_budget_s",
+    "tune.study",
+    "tune.space",
+    "sample.grid_size",
+    "nonsense.key",
+    "train",
+    "speed.compile",
+    "extends",
+]
 
 
 @fast
@@ -122,11 +153,16 @@ PREFIX = "p/data/svhn/train"
 
 def valid_split_manifest() -> dict[str, Any]:
     digest = hashlib.sha256(b"x").hexdigest()
-    return {"version": 1, "count": 3, "objects": [
-        {"key": f"{PREFIX}/images-000-{digest[:16]}.u8", "sha256": digest, "bytes": 2 * IMAGE_BYTES, "count": 2},
-        {"key": f"{PREFIX}/images-001-{digest[:16]}.u8", "sha256": digest, "bytes": IMAGE_BYTES, "count": 1}],
+    return {
+        "version": 1,
+        "count": 3,
+        "objects": [
+            {"key": f"{PREFIX}/images-000-{digest[:16]}.u8", "sha256": digest, "bytes": 2 * IMAGE_BYTES, "count": 2},
+            {"key": f"{PREFIX}/images-001-{digest[:16]}.u8", "sha256": digest, "bytes": IMAGE_BYTES, "count": 1},
+        ],
         "labels": {"key": f"{PREFIX}/labels-{digest[:16]}.u8", "sha256": digest, "bytes": 3},
-        "source": {"sha256": digest, "origin": "test", "file": "train_32x32.mat"}}
+        "source": {"sha256": digest, "origin": "test", "file": "train_32x32.mat"},
+    }
 
 
 def test_the_valid_examples_pass():
@@ -147,8 +183,10 @@ def test_split_manifests_are_used_only_when_every_field_checks_out(data):
         return
     # What passes names cache files by digest only, under the split's prefix, with sizes that add up.
     objects = [*checked["objects"], checked["labels"]]
-    assert all(checks.SHA256.fullmatch(o["sha256"]) and o["key"].startswith(PREFIX + "/") and ".." not in o["key"]
-               for o in objects)
+    assert all(
+        checks.SHA256.fullmatch(o["sha256"]) and o["key"].startswith(PREFIX + "/") and ".." not in o["key"]
+        for o in objects
+    )
     assert sum(o["count"] for o in checked["objects"]) == checked["count"] == checked["labels"]["bytes"]
 
 
@@ -156,10 +194,18 @@ LAYOUT = RunLayout("b", "p/runs/r")
 
 
 def valid_run_manifest() -> dict[str, Any]:
-    return {"name": "r", "status": "running", "epochs_total": 3, "epochs_completed": 1,
-            "history": [{"epoch": 0}, {"epoch": 1, "digit_fd": 3.0}], "samples": {"latest": None},
-            "checkpoints": {"latest": f"{LAYOUT.uri}/checkpoint_epoch_0001",
-                            "best": {"epoch": 1, "value": 3.0, "metric": "digit_fd", "uri": f"{LAYOUT.uri}/best"}}}
+    return {
+        "name": "r",
+        "status": "running",
+        "epochs_total": 3,
+        "epochs_completed": 1,
+        "history": [{"epoch": 0}, {"epoch": 1, "digit_fd": 3.0}],
+        "samples": {"latest": None},
+        "checkpoints": {
+            "latest": f"{LAYOUT.uri}/checkpoint_epoch_0001",
+            "best": {"epoch": 1, "value": 3.0, "metric": "digit_fd", "uri": f"{LAYOUT.uri}/best"},
+        },
+    }
 
 
 @fast
@@ -177,8 +223,11 @@ def test_run_manifests_are_used_only_when_every_field_checks_out(data):
 
 
 def valid_result() -> dict[str, Any]:
-    return {"epoch": 2, "metrics": {"digit_fd": 4.5},
-            "best": {"epoch": 2, "value": 4.5, "metric": "digit_fd", "uri": f"{LAYOUT.uri}/best"}}
+    return {
+        "epoch": 2,
+        "metrics": {"digit_fd": 4.5},
+        "best": {"epoch": 2, "value": 4.5, "metric": "digit_fd", "uri": f"{LAYOUT.uri}/best"},
+    }
 
 
 @fast
@@ -190,8 +239,13 @@ def test_scoring_results_and_study_states_check_out_or_are_refused(data):
         assert all(math.isfinite(v) for v in checked.get("metrics", {}).values())
     except checks.NotOurs as e:
         one_line(e)
-    state = mutate({"version": 1, "trials": {"t-0": {"state": "TERMINATED", "error": None},
-                                             "t-1": {"state": "ERROR", "error": "x"}}}, data.draw)
+    state = mutate(
+        {
+            "version": 1,
+            "trials": {"t-0": {"state": "TERMINATED", "error": None}, "t-1": {"state": "ERROR", "error": "x"}},
+        },
+        data.draw,
+    )
     try:
         check_study_state(state)
     except checks.NotOurs as e:
@@ -205,8 +259,7 @@ CHECKPOINT = b"not really a checkpoint, but bytes the manifest describes"
 @given(st.data())
 def test_checkpoint_manifests_are_verified_or_the_checkpoint_is_torn(data):
     manifest = json.loads(manifest_bytes({CHECKPOINT_FILE: CHECKPOINT}, 1))
-    blob = data.draw(st.one_of(st.just(json.dumps(mutate(manifest, data.draw)).encode()),
-                               st.binary(max_size=64)))
+    blob = data.draw(st.one_of(st.just(json.dumps(mutate(manifest, data.draw)).encode()), st.binary(max_size=64)))
     try:
         verify({CHECKPOINT_FILE: CHECKPOINT}, blob, "s3://b/p/runs/r/checkpoint_epoch_0001")
     except CheckpointError as e:

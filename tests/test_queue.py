@@ -27,9 +27,16 @@ pytestmark = pytest.mark.ray
 
 def tiny_job(endpoint, prefix, name):
     """jobs/smoke.yaml's job, tiny; what `--set` must change for it to run against the test bucket."""
-    overrides = [f"storage.endpoint={endpoint}", "storage.bucket=dcgan-test", f"storage.prefix={prefix}",
-                 f"name={name}", "data.max_images=64", "train.batch_size=16", "train.epochs=1",
-                 "storage.create_bucket=false"]
+    overrides = [
+        f"storage.endpoint={endpoint}",
+        "storage.bucket=dcgan-test",
+        f"storage.prefix={prefix}",
+        f"name={name}",
+        "data.max_images=64",
+        "train.batch_size=16",
+        "train.epochs=1",
+        "storage.create_bucket=false",
+    ]
     cfg = make_config(endpoint, prefix, name=name, train={"epochs": 1, "batch_size": 16}, data={"max_images": 64})
     return cfg, overrides
 
@@ -125,8 +132,12 @@ time.sleep(600)
 
 def test_a_killed_drivers_lock_is_taken_over_by_the_next(ray_head):
     uri = f"s3://race/runs/killed-{uuid.uuid4().hex[:6]}"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, ray_head.address, uri], stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, ray_head.address, uri],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ClusterError, match=rf"run {uri} is being trained by driver pid {holder.pid} "):

@@ -32,10 +32,13 @@ def test_the_installed_ray_is_the_supported_one():
 def test_another_ray_is_refused_in_one_line_naming_the_range(monkeypatch):
     monkeypatch.delenv(ray_internals.UNSUPPORTED_RAY_OPT_IN, raising=False)
     for version in ("2.61.0", "2.59.1", "3.0.0"):
-        with pytest.raises(UnsupportedRay, match=r"needs Ray >=2\.60,<2\.61 .* "
-                                                 rf"but Ray {re.escape(version)} is installed"
-                                                 r": install the pinned one with `pip install --require-hashes -r "
-                                                 r"requirements/runtime\.lock`") as e:
+        with pytest.raises(
+            UnsupportedRay,
+            match=r"needs Ray >=2\.60,<2\.61 .* "
+            rf"but Ray {re.escape(version)} is installed"
+            r": install the pinned one with `pip install --require-hashes -r "
+            r"requirements/runtime\.lock`",
+        ) as e:
             check_ray_version(version)
         assert "\n" not in str(e.value)
     check_ray_version("2.60.3")
@@ -77,8 +80,9 @@ def test_no_private_ray_name_outside_the_one_module():
     files = [p for d in ("dcgan_ray", "tests", "benchmarks") for p in (REPO / d).rglob("*.py")]
     assert len(files) > 40
     # This file checks the names themselves, so it is the one other place that spells them.
-    offenders = [use for p in files if p.name not in ("ray_internals.py", Path(__file__).name)
-                 for use in _private_ray_uses(p)]
+    offenders = [
+        use for p in files if p.name not in ("ray_internals.py", Path(__file__).name) for use in _private_ray_uses(p)
+    ]
     assert offenders == []
     # The scan sees what it is meant to see.
     assert _private_ray_uses(REPO / "dcgan_ray" / "ray_internals.py")
@@ -91,11 +95,18 @@ def test_the_signatures_relied_on_are_unchanged():
         "DefaultFailurePolicy.__init__": ["self", "failure_config"],
         "DefaultFailurePolicy.make_decision": ["self", "training_failed_error"],
         "UserExceptionWithTraceback.__init__": ["self", "exc", "traceback_str"],
-        "FakeMultiNodeProvider._create_node_with_resources_and_labels":
-            ["self", "node_config", "tags", "count", "resources", "labels"],
+        "FakeMultiNodeProvider._create_node_with_resources_and_labels": [
+            "self",
+            "node_config",
+            "tags",
+            "count",
+            "resources",
+            "labels",
+        ],
     }
     # The controller still takes the policy that _initialize_and_run_controller hands it.
     from ray.train.v2._internal.execution.controller.controller import TrainController
+
     assert "failure_policy" in inspect.signature(TrainController.__init__).parameters
 
 
@@ -108,9 +119,11 @@ def test_the_train_function_exception_is_unwrapped():
 
 
 def test_the_failure_policy_raises_what_a_restart_cannot_fix():
-    policy = ray_internals._StopWhen(ray.train.FailureConfig(max_failures=5),
-                                     lambda e: "refused" if isinstance(e, PermissionError) else None)
+    policy = ray_internals._StopWhen(
+        ray.train.FailureConfig(max_failures=5), lambda e: "refused" if isinstance(e, PermissionError) else None
+    )
     from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
     assert policy.make_decision(PermissionError("no")) is FailureDecision.RAISE
 
 

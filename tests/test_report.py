@@ -37,27 +37,66 @@ def sample_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def epoch(n: int, fd: float, *, loss_d: float = 0.6, loss_g: float = 2.0, d_real: float = 0.7, d_fake: float = 0.3,
-          tv: float = 0.1) -> dict[str, float]:
+def epoch(
+    n: int,
+    fd: float,
+    *,
+    loss_d: float = 0.6,
+    loss_g: float = 2.0,
+    d_real: float = 0.7,
+    d_fake: float = 0.3,
+    tv: float = 0.1,
+) -> dict[str, float]:
     finite = float(math.isfinite(loss_d) and math.isfinite(loss_g))
-    return {"epoch": n, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake, "finite": finite,
-            "digit_fd": fd, "class_hist_tv": tv, "digit_is": 3.0 + n, "classifier_accuracy": 0.953}
+    return {
+        "epoch": n,
+        "loss_d": loss_d,
+        "loss_g": loss_g,
+        "d_real": d_real,
+        "d_fake": d_fake,
+        "finite": finite,
+        "digit_fd": fd,
+        "class_hist_tv": tv,
+        "digit_is": 3.0 + n,
+        "classifier_accuracy": 0.953,
+    }
 
 
 def healthy(fds: tuple[float, float, float]) -> list[dict[str, float]]:
     return [epoch(n, fd) for n, fd in enumerate(fds)]
 
 
-def record(trial_id: str, lr: float, beta1: float, seed: int, history: list[dict[str, float]],
-           state: str = "TERMINATED", **kwargs) -> TrialRecord:
-    return TrialRecord(trial_id, {LR: lr, BETA1: beta1}, seed, history, state, kwargs.pop("stopped_early", False),
-                       kwargs.pop("sample_png", sample_png(len(trial_id) + seed)), **kwargs)
+def record(
+    trial_id: str,
+    lr: float,
+    beta1: float,
+    seed: int,
+    history: list[dict[str, float]],
+    state: str = "TERMINATED",
+    **kwargs,
+) -> TrialRecord:
+    return TrialRecord(
+        trial_id,
+        {LR: lr, BETA1: beta1},
+        seed,
+        history,
+        state,
+        kwargs.pop("stopped_early", False),
+        kwargs.pop("sample_png", sample_png(len(trial_id) + seed)),
+        **kwargs,
+    )
 
 
-DIVERGED = [epoch(0, 90.0), epoch(1, 70.0, loss_d=5.0, loss_g=40.0),
-            epoch(2, math.nan, loss_d=math.nan, loss_g=math.inf)]
-D_WON = [epoch(0, 90.0), epoch(1, 65.0, d_real=0.999, d_fake=0.001, loss_d=0.002, loss_g=8.0),
-         epoch(2, 60.0, d_real=0.999, d_fake=0.001, loss_d=0.001, loss_g=9.0)]
+DIVERGED = [
+    epoch(0, 90.0),
+    epoch(1, 70.0, loss_d=5.0, loss_g=40.0),
+    epoch(2, math.nan, loss_d=math.nan, loss_g=math.inf),
+]
+D_WON = [
+    epoch(0, 90.0),
+    epoch(1, 65.0, d_real=0.999, d_fake=0.001, loss_d=0.002, loss_g=8.0),
+    epoch(2, 60.0, d_real=0.999, d_fake=0.001, loss_d=0.001, loss_g=9.0),
+]
 COLLAPSED = [epoch(0, 90.0), epoch(1, 45.0, tv=0.9), epoch(2, 40.0, tv=0.9)]
 
 
@@ -140,9 +179,16 @@ def test_write_report_files(records, base_config, tmp_path):
     out = tmp_path / "report"
     paths = write_report(records, out, METRIC, base_config, "lr-study")
     names = {p.name for p in paths}
-    assert names == {"trials.csv", "metric_vs_train_lr_d.png", "metric_vs_train_beta1.png",
-                     "heatmap_train_lr_d_x_train_beta1.png", "learning_curves.png", "mosaic.png", "best.yaml",
-                     "index.html"}
+    assert names == {
+        "trials.csv",
+        "metric_vs_train_lr_d.png",
+        "metric_vs_train_beta1.png",
+        "heatmap_train_lr_d_x_train_beta1.png",
+        "learning_curves.png",
+        "mosaic.png",
+        "best.yaml",
+        "index.html",
+    }
     assert all(p.parent == out and p.stat().st_size > 0 for p in paths)
     assert names == {p.name for p in out.iterdir()}
 
@@ -194,12 +240,19 @@ def test_summary_text(records):
 
 def test_single_trial_one_param(base_config, tmp_path):
     # Tune samples numpy scalars; best.yaml must still be plain YAML
-    only = TrialRecord("t000", {"train.lr": np.float64(2e-4)}, 3, healthy((80.0, 30.0, 20.0)), "TERMINATED", False,
-                       sample_png(0))
+    only = TrialRecord(
+        "t000", {"train.lr": np.float64(2e-4)}, 3, healthy((80.0, 30.0, 20.0)), "TERMINATED", False, sample_png(0)
+    )
     paths = write_report([only], tmp_path, METRIC, base_config, "one")
     names = {p.name for p in paths}
-    assert names == {"trials.csv", "metric_vs_train_lr.png", "learning_curves.png", "mosaic.png", "best.yaml",
-                     "index.html"}
+    assert names == {
+        "trials.csv",
+        "metric_vs_train_lr.png",
+        "learning_curves.png",
+        "mosaic.png",
+        "best.yaml",
+        "index.html",
+    }
     cfg = config_from_dict(yaml.safe_load((tmp_path / "best.yaml").read_text()))
     assert (cfg.train.lr, cfg.train.seed) == (2e-4, 3)
     assert "converged: 1" in summary_text([only], METRIC)
@@ -219,13 +272,23 @@ def test_all_trials_diverged(records, base_config, tmp_path):
 
 def test_robust_to_strings_nan_missing_data_and_errors(base_config, tmp_path):
     nan_metric = [epoch(0, math.nan), epoch(1, math.nan), epoch(2, math.nan)]
-    no_eval = [{k: v for k, v in e.items() if k not in ("digit_fd", "class_hist_tv", "digit_is")}
-               for e in healthy((0.0, 0.0, 0.0))]
+    no_eval = [
+        {k: v for k, v in e.items() if k not in ("digit_fd", "class_hist_tv", "digit_is")}
+        for e in healthy((0.0, 0.0, 0.0))
+    ]
     trials = [
         TrialRecord("a", {"data.split": "train", "train.lr": 1e-4}, 0, nan_metric, "TERMINATED", False, None),
         TrialRecord("b", {"data.split": "extra", "train.lr": 1e-4}, 0, no_eval, "TERMINATED", True, b"not a png"),
-        TrialRecord("c", {"data.split": "extra", "train.lr": 2e-4}, 0, [], "ERROR", False, None,
-                    error="RuntimeError: worker died\ntraceback ..."),
+        TrialRecord(
+            "c",
+            {"data.split": "extra", "train.lr": 2e-4},
+            0,
+            [],
+            "ERROR",
+            False,
+            None,
+            error="RuntimeError: worker died\ntraceback ...",
+        ),
     ]
     rows = trials_table(trials, METRIC)
     assert [r["status"] for r in rows] == ["converged", "converged", "error"]

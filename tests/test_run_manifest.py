@@ -21,14 +21,32 @@ def recorder_and_netG(cfg, store):
 
 
 def metrics(epoch: int, world: int) -> dict:
-    return {"epoch": epoch, "step": 8 * epoch, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.5,
-            "images_per_s": 100.0, "epoch_seconds": 1.0, "world_size": world, "global_batch": 16 * world}
+    return {
+        "epoch": epoch,
+        "step": 8 * epoch,
+        "loss_d": 1.0,
+        "loss_g": 2.0,
+        "d_real": 0.5,
+        "d_fake": 0.5,
+        "images_per_s": 100.0,
+        "epoch_seconds": 1.0,
+        "world_size": world,
+        "global_batch": 16 * world,
+    }
 
 
 def train_epoch(recorder, netG, epoch: int, world: int):
     """One epoch's end on rank 0: the record, and the checkpoint it hands to Ray to upload."""
-    state = {"netG": netG.state_dict(), "netD": {}, "optG": {}, "optD": {}, "epoch": epoch, "step": 8 * epoch,
-             "fixed_noise": torch.zeros(4, 4), "config": recorder.cfg.to_dict()}
+    state = {
+        "netG": netG.state_dict(),
+        "netD": {},
+        "optG": {},
+        "optD": {},
+        "epoch": epoch,
+        "step": 8 * epoch,
+        "fixed_noise": torch.zeros(4, 4),
+        "config": recorder.cfg.to_dict(),
+    }
     return recorder.epoch_done(metrics(epoch, world), netG, lambda: state, checkpoint=True)
 
 
@@ -39,8 +57,14 @@ def upload(recorder, local) -> None:
 
 
 def small_config(s3_server, prefix):
-    return make_config(s3_server.endpoint, prefix, name="recorded", train={"epochs": 2},
-                       model={"g_features": 8, "d_features": 8, "z_dim": 4}, sample={"grid_size": 2})
+    return make_config(
+        s3_server.endpoint,
+        prefix,
+        name="recorded",
+        train={"epochs": 2},
+        model={"g_features": 8, "d_features": 8, "z_dim": 4},
+        sample={"grid_size": 2},
+    )
 
 
 def test_run_json_claims_a_checkpoint_only_once_its_manifest_is_in(s3_server, prefix, store):
@@ -84,12 +108,15 @@ def test_a_restart_appends_to_the_history_and_says_so_in_one_line(s3_server, pre
     m = read_run_manifest(store, RunLayout.of(cfg))
     assert [h["epoch"] for h in m["history"]] == [1] and m["epochs_completed"] == 1
     (restart,) = m["restarts"]
-    assert {k: restart[k] for k in ("from_epoch", "to_epoch", "checkpoint", "world_size_before", "world_size_after")} \
-        == {"from_epoch": 2, "to_epoch": 1, "checkpoint": origin, "world_size_before": 2, "world_size_after": 1}
+    assert {
+        k: restart[k] for k in ("from_epoch", "to_epoch", "checkpoint", "world_size_before", "world_size_after")
+    } == {"from_epoch": 2, "to_epoch": 1, "checkpoint": origin, "world_size_before": 2, "world_size_after": 1}
     assert restart["reason"] == "the checkpoint of epoch 2 never finished uploading"
     assert [h["epoch"] for h in restart["redone"]] == [2] and restart["redone"][0]["world_size"] == 2
     assert [(r["epoch"], r["from"], r["to"]) for r in m["resizes"]] == [(1, 2, 1)]
     lines = [r.getMessage() for r in caplog.records if "restarted" in r.getMessage()]
-    assert lines == [f"run {RunLayout.of(cfg).uri} restarted: resumes from {origin} (epoch 1) with 1 worker(s) "
-                     "instead of 2, at epoch 2/2; epoch(s) 2 recorded before are trained again: the checkpoint of "
-                     "epoch 2 never finished uploading"]
+    assert lines == [
+        f"run {RunLayout.of(cfg).uri} restarted: resumes from {origin} (epoch 1) with 1 worker(s) "
+        "instead of 2, at epoch 2/2; epoch(s) 2 recorded before are trained again: the checkpoint of "
+        "epoch 2 never finished uploading"
+    ]

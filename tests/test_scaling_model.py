@@ -68,12 +68,16 @@ def test_the_levers_move_efficiency_the_right_way():
     assert two_nodes.efficiency < 0.5 < two_nodes.efficiency * 2  # slower than one GPU: 2 x 30% = 0.6x
     assert predict(4, step.seconds(128), LINKS["ethernet_10g"]).efficiency < two_nodes.efficiency
     assert predict(2, step.seconds(512), LINKS["ethernet_10g"], batch_per_worker=512).efficiency > two_nodes.efficiency
-    ranking = [predict(2, step.seconds(128), LINKS[name]).efficiency
-               for name in ("ethernet_10g", "ethernet_25g", "pcie", "ethernet_100g", "efa", "nvlink")]
+    ranking = [
+        predict(2, step.seconds(128), LINKS[name]).efficiency
+        for name in ("ethernet_10g", "ethernet_25g", "pcie", "ethernet_100g", "efa", "nvlink")
+    ]
     assert ranking == sorted(ranking)
     # A faster GPU leaves the same all-reduce less compute to amortise it over.
-    assert predict(2, STEP_ESTIMATES["H100"].seconds(128), LINKS["pcie"]).efficiency < \
-        predict(2, step.seconds(128), LINKS["pcie"]).efficiency
+    assert (
+        predict(2, STEP_ESTIMATES["H100"].seconds(128), LINKS["pcie"]).efficiency
+        < predict(2, step.seconds(128), LINKS["pcie"]).efficiency
+    )
 
 
 def test_small_buckets_cost_latency():
@@ -109,10 +113,15 @@ def test_wide_job_over_ethernet_warns_with_what_to_change():
     assert line.startswith("predicted: 2 GPU workers, ") and "scaling efficiency 30%" in line
     assert "over ethernet_10g" in line
     assert warning is not None and "\n" not in warning
-    assert warning.startswith("predicted scaling efficiency 30% is below 50%: "
-                              "2 workers would train 0.59x as fast as one")
-    for change in ("scaling.one_node: true", "speed.grad_compression: bf16", "train.batch_size to 512",
-                   "dcgan-ray tune"):
+    assert warning.startswith(
+        "predicted scaling efficiency 30% is below 50%: 2 workers would train 0.59x as fast as one"
+    )
+    for change in (
+        "scaling.one_node: true",
+        "speed.grad_compression: bf16",
+        "train.batch_size to 512",
+        "dcgan-ray tune",
+    ):
         assert change in warning, change
 
 
@@ -124,8 +133,10 @@ def test_wide_job_on_one_node_does_not_warn():
 
 
 def test_compression_already_on_is_not_advised_again():
-    _, warning = describe_job(config_from_dict({"scaling": {"use_gpu": True, "num_workers": 4},
-                                                "speed": {"grad_compression": "bf16"}}), [A10G_NODE] * 4)
+    _, warning = describe_job(
+        config_from_dict({"scaling": {"use_gpu": True, "num_workers": 4}, "speed": {"grad_compression": "bf16"}}),
+        [A10G_NODE] * 4,
+    )
     assert warning is not None and "grad_compression" not in warning
 
 
@@ -153,11 +164,17 @@ def test_placement_follows_one_node():
     assert make_trainer(job(num_workers=2)).scaling_config.placement_strategy == "PACK"
 
 
-@pytest.mark.parametrize("scaling, error", [
-    ({"link": "infiniband"}, r"`scaling\.link` = 'infiniband' is not allowed; expected one of auto, nvlink, pcie, efa"),
-    ({"step_ms": 0}, r"`scaling\.step_ms` = 0\.0 is not allowed; expected null or a number > 0"),
-    ({"one_node": "yes"}, r"`scaling\.one_node` must be bool"),
-])
+@pytest.mark.parametrize(
+    "scaling, error",
+    [
+        (
+            {"link": "infiniband"},
+            r"`scaling\.link` = 'infiniband' is not allowed; expected one of auto, nvlink, pcie, efa",
+        ),
+        ({"step_ms": 0}, r"`scaling\.step_ms` = 0\.0 is not allowed; expected null or a number > 0"),
+        ({"one_node": "yes"}, r"`scaling\.one_node` must be bool"),
+    ],
+)
 def test_bad_scaling_values_name_the_key(scaling, error):
     with pytest.raises(ConfigError, match=error):
         config_from_dict({"scaling": scaling})
@@ -165,7 +182,9 @@ def test_bad_scaling_values_name_the_key(scaling, error):
 
 def test_the_model_and_the_ddp_options_import_no_ray():
     # benchmarks/scaling.py and gpu.sh run them on GPU machines that have no Ray and no boto3.
-    code = ("import sys, dcgan_ray.gan.scaling, dcgan_ray.gan.ddp; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'boto3')))")
+    code = (
+        "import sys, dcgan_ray.gan.scaling, dcgan_ray.gan.ddp; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'boto3')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -62,7 +62,7 @@ def is_copy_of_test_source(path: Path) -> bool:
     parts = path.parts
     if "working_dir_files" not in parts or "tests" not in parts:
         return False
-    relative = Path(*parts[parts.index("tests"):])
+    relative = Path(*parts[parts.index("tests") :])
     return (REPO / relative).is_file() and (REPO / relative).read_bytes() == path.read_bytes()
 
 
@@ -75,8 +75,19 @@ def submit(ray_head, submission_id: str, *entrypoint: str) -> str:
     # No --working-dir: the head's PYTHONPATH has this checkout, and two jobs with the same working dir
     # share one package in Ray's GCS, which Ray 2.60 may delete when the first ends while the second
     # starts ("Failed to download runtime_env file package ... prematurely been deleted").
-    out = ray_cli("job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
-                  "--", sys.executable, "-m", "dcgan_ray", *entrypoint)
+    out = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--",
+        sys.executable,
+        "-m",
+        "dcgan_ray",
+        *entrypoint,
+    )
     assert f"Job '{submission_id}' succeeded" in out, out[-8000:]
     return out
 
@@ -90,19 +101,39 @@ def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, d
     assert scan_bucket(store)[1] == 1
     store.delete(["canary/obj"])
 
-    sets = [f"storage.endpoint={s3_server.endpoint}", f"storage.bucket={BUCKET}", f"storage.prefix={data_prefix}",
-            "storage.create_bucket=false"]
+    sets = [
+        f"storage.endpoint={s3_server.endpoint}",
+        f"storage.bucket={BUCKET}",
+        f"storage.prefix={data_prefix}",
+        "storage.create_bucket=false",
+    ]
     run = f"secrets-{uuid.uuid4().hex[:6]}"
-    study = make_config(s3_server.endpoint, data_prefix, name=run,
-                        train={"epochs": 1, "batch_size": 16, "log_every_steps": 100}, data={"max_images": 64},
-                        eval={"every_epochs": 1, "num_samples": 64},
-                        tune={"study": f"{run}-study", "space": {"train.lr": {"grid": [0.0002]}}})
+    study = make_config(
+        s3_server.endpoint,
+        data_prefix,
+        name=run,
+        train={"epochs": 1, "batch_size": 16, "log_every_steps": 100},
+        data={"max_images": 64},
+        eval={"every_epochs": 1, "num_samples": 64},
+        tune={"study": f"{run}-study", "space": {"train.lr": {"grid": [0.0002]}}},
+    )
     job = tmp_path / "study.yaml"
     job.write_text(study.to_yaml())
     ids = [f"{run}-train", f"{run}-study"]
-    outputs = [submit(ray_head, ids[0], "train", str(REPO / "jobs/smoke.yaml"),
-                      *[a for s in sets for a in ("--set", s)], "--set", f"name={run}", "--set", "data.max_images=64"),
-               submit(ray_head, ids[1], "tune", str(job))]
+    outputs = [
+        submit(
+            ray_head,
+            ids[0],
+            "train",
+            str(REPO / "jobs/smoke.yaml"),
+            *[a for s in sets for a in ("--set", s)],
+            "--set",
+            f"name={run}",
+            "--set",
+            "data.max_images=64",
+        ),
+        submit(ray_head, ids[1], "tune", str(job)),
+    ]
     assert "latest checkpoint: s3://" in outputs[0] and "report: s3://" in outputs[1]
 
     found: dict[str, int] = {}
@@ -111,14 +142,21 @@ def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, d
     assert store.list_keys(f"{data_prefix}/studies/{run}-study/tune/")  # Tune's experiment state is among them
     # 2. What `ray job` shows: the jobs' logs and the job list.
     found["ray job logs/list"] = sum(
-        text.encode().count(SECRET) for text in
-        [*outputs, *(ray_cli("job", "logs", "--address", ray_head.dashboard_url, i) for i in ids),
-         ray_cli("job", "list", "--address", ray_head.dashboard_url)])
+        text.encode().count(SECRET)
+        for text in [
+            *outputs,
+            *(ray_cli("job", "logs", "--address", ray_head.dashboard_url, i) for i in ids),
+            ray_cli("job", "list", "--address", ray_head.dashboard_url),
+        ]
+    )
     # 3. Runtime envs (and everything else) of every job, actor, task and runtime env through the state API.
-    states = [list_fn(address=ray_head.dashboard_url, detail=True, limit=10_000, raise_on_missing_output=False)
-              for list_fn in (list_jobs, list_actors, list_tasks, list_runtime_envs)]
-    text = json.dumps([[dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in rows] for rows in states],
-                      default=str)
+    states = [
+        list_fn(address=ray_head.dashboard_url, detail=True, limit=10_000, raise_on_missing_output=False)
+        for list_fn in (list_jobs, list_actors, list_tasks, list_runtime_envs)
+    ]
+    text = json.dumps(
+        [[dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in rows] for rows in states], default=str
+    )
     assert f"{run}-study" in text  # the study's job is there to be searched
     found["state API"] = text.encode().count(SECRET)
     found["state API (access key id)"] = text.encode().count(TEST_KEY.encode())

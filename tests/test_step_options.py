@@ -39,8 +39,17 @@ def train(speed: SpeedSection | None):
     speed_or_off = speed or SpeedSection()
     prepare_models(netG, netD, speed_or_off)
     optG, optD = make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999, fused=speed_or_off.fused_adam)
-    stats = run_epoch(netG, netD, optG, optD, images(), rank_batches(IMAGES, BATCH, 0, 1, 0, 0), Z,
-                      noise_generator(0, 0, 0, torch.device("cpu")), speed=speed)
+    stats = run_epoch(
+        netG,
+        netD,
+        optG,
+        optD,
+        images(),
+        rank_batches(IMAGES, BATCH, 0, 1, 0, 0),
+        Z,
+        noise_generator(0, 0, 0, torch.device("cpu")),
+        speed=speed,
+    )
     return stats, netG, netD
 
 
@@ -60,8 +69,9 @@ def plain_epoch():
         fake = netG(z)
         optD.zero_grad(set_to_none=True)
         logits_real, logits_fake = netD(real), netD(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))
-                  + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake)))
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.ones_like(logits_real)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         loss_d.backward()
         optD.step()
         optG.zero_grad(set_to_none=True)
@@ -71,8 +81,9 @@ def plain_epoch():
         loss_g.backward()
         netD.requires_grad_(True)
         optG.step()
-        totals += torch.stack([loss_d, loss_g, torch.sigmoid(logits_real).mean(),
-                               torch.sigmoid(logits_fake).mean()]).detach()
+        totals += torch.stack(
+            [loss_d, loss_g, torch.sigmoid(logits_real).mean(), torch.sigmoid(logits_fake).mean()]
+        ).detach()
     return (totals / len(batches)).tolist(), netG, netD
 
 
@@ -118,10 +129,18 @@ def test_channels_last_changes_layout_not_results():
     seen = []
     stats, netG, netD = train(SpeedSection(channels_last=True))
     netD.register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    run_epoch(netG, netD, *make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999), images(),
-              rank_batches(IMAGES, BATCH, 0, 1, 0, 1), Z, noise_generator(0, 1, 0, torch.device("cpu")),
-              speed=SpeedSection(channels_last=True))
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    run_epoch(
+        netG,
+        netD,
+        *make_optimizers(netG, netD, 2e-4, 2e-4, 0.5, 0.999),
+        images(),
+        rank_batches(IMAGES, BATCH, 0, 1, 0, 1),
+        Z,
+        noise_generator(0, 1, 0, torch.device("cpu")),
+        speed=SpeedSection(channels_last=True),
+    )
     assert seen and all(seen)  # real batches, and G's output, reach D as NHWC
     conv = netD.net[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -151,8 +170,9 @@ def test_resumed_optimizer_keeps_this_runs_fused_choice(saved_fused):
     assert resumed.state[next(netG.parameters())]["step"].item() == 2.0
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 @pytest.mark.slow  # over 20 s with no server: outside the fast lane
 def test_compile_on_cpu_matches_eager():
     # ~35 s on 2 cores, nearly all of it compiling G, D and D's frozen G-phase variant.
@@ -169,13 +189,22 @@ def test_speed_defaults_are_all_off():
     assert JobConfig().speed == SpeedSection(autocast_bf16=False, channels_last=False, fused_adam=False, compile="none")
 
 
-@pytest.mark.parametrize("speed, error", [
-    ({"compile": "fast"}, r"`speed\.compile` = 'fast' is not allowed; expected one of none, default, reduce-overhead"),
-    ({"fused_adam": "yes"}, r"`speed\.fused_adam` must be bool"),
-    ({"autocast": True}, r"unknown key `speed\.autocast`; allowed here: autocast_bf16"),
-    ({"compile": "reduce-overhead"}, r"`speed\.compile` = 'reduce-overhead' .*needs `scaling\.use_gpu: true`.*"
-                                     r"`speed\.compile: default`"),
-])
+@pytest.mark.parametrize(
+    "speed, error",
+    [
+        (
+            {"compile": "fast"},
+            r"`speed\.compile` = 'fast' is not allowed; expected one of none, default, reduce-overhead",
+        ),
+        ({"fused_adam": "yes"}, r"`speed\.fused_adam` must be bool"),
+        ({"autocast": True}, r"unknown key `speed\.autocast`; allowed here: autocast_bf16"),
+        (
+            {"compile": "reduce-overhead"},
+            r"`speed\.compile` = 'reduce-overhead' .*needs `scaling\.use_gpu: true`.*"
+            r"`speed\.compile: default`",
+        ),
+    ],
+)
 def test_bad_speed_values_name_the_key(speed, error):
     with pytest.raises(ConfigError, match=error):
         config_from_dict({"speed": speed})

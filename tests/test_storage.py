@@ -25,8 +25,9 @@ def test_unreachable_endpoint_is_bounded_and_named():
     port = SeaweedPorts.free().s3  # nothing listens there
     store = Store(make_config(f"http://127.0.0.1:{port}", "p").storage)
     start = time.monotonic()
-    with pytest.raises(StorageUnreachable,
-                       match=rf"cannot reach the S3 endpoint http://127.0.0.1:{port} \(tried 3 times\)"):
+    with pytest.raises(
+        StorageUnreachable, match=rf"cannot reach the S3 endpoint http://127.0.0.1:{port} \(tried 3 times\)"
+    ):
         store.check()
     assert time.monotonic() - start < 30
 
@@ -113,9 +114,11 @@ def test_an_outage_past_the_budget_is_one_clear_error(private_s3, prefix, caplog
     private_s3.stop()
     try:
         start = time.monotonic()
-        with pytest.raises(StorageUnreachable,
-                           match=r"did not answer for [34] s \(storage.retry_budget_s = 3\) "
-                                 r"while trying to read s3://dcgan-test/.*/x.*run the command again"):
+        with pytest.raises(
+            StorageUnreachable,
+            match=r"did not answer for [34] s \(storage.retry_budget_s = 3\) "
+            r"while trying to read s3://dcgan-test/.*/x.*run the command again",
+        ):
             store.get_bytes(f"{prefix}/x")
         assert time.monotonic() - start < 15
     finally:
@@ -170,12 +173,27 @@ def test_the_layout_of_a_run_and_a_study():
     cfg = make_config("http://127.0.0.1:1", "team/dcgan", name="r1")
     layout = RunLayout.of(cfg)
     assert (layout.uri, layout.runs_uri) == (f"s3://{BUCKET}/team/dcgan/runs/r1", f"s3://{BUCKET}/team/dcgan/runs")
-    assert [layout.manifest_key, layout.config_key, layout.sample_key(3), layout.latest_sample_key, layout.gif_key,
-            layout.best_key, layout.validation_key(2), layout.report_key, layout.checkpoint_dir_key("c")] == [
-        "team/dcgan/runs/r1/run.json", "team/dcgan/runs/r1/config.yaml", "team/dcgan/runs/r1/samples/epoch_0003.png",
-        "team/dcgan/runs/r1/samples/latest.png", "team/dcgan/runs/r1/samples/progress.gif",
-        "team/dcgan/runs/r1/best/checkpoint.pt", "team/dcgan/runs/r1/validations/epoch_0002.json",
-        "team/dcgan/runs/r1/report/index.html", "team/dcgan/runs/r1/c"]
+    assert [
+        layout.manifest_key,
+        layout.config_key,
+        layout.sample_key(3),
+        layout.latest_sample_key,
+        layout.gif_key,
+        layout.best_key,
+        layout.validation_key(2),
+        layout.report_key,
+        layout.checkpoint_dir_key("c"),
+    ] == [
+        "team/dcgan/runs/r1/run.json",
+        "team/dcgan/runs/r1/config.yaml",
+        "team/dcgan/runs/r1/samples/epoch_0003.png",
+        "team/dcgan/runs/r1/samples/latest.png",
+        "team/dcgan/runs/r1/samples/progress.gif",
+        "team/dcgan/runs/r1/best/checkpoint.pt",
+        "team/dcgan/runs/r1/validations/epoch_0002.json",
+        "team/dcgan/runs/r1/report/index.html",
+        "team/dcgan/runs/r1/c",
+    ]
     assert split_manifest_key(cfg, "test") == "team/dcgan/data/svhn/test/manifest.json"
     assert classifier_key(cfg) == "team/dcgan/models/classifier-svhn.pt"
     assert study_state_key(cfg) == "team/dcgan/studies/r1-study/state.json"

@@ -32,12 +32,13 @@ def study_job(s3_server, svhn_dir, tmp_path_factory):
     place. lr 10 is the deliberately bad configuration. 4 epochs, so that a stop decided on epoch 1's
     report lands well before the trial could finish on its own."""
     cfg = make_config(
-        s3_server.endpoint, "study-tests", name="tiny",
+        s3_server.endpoint,
+        "study-tests",
+        name="tiny",
         train={"epochs": 4, "batch_size": 16, "log_every_steps": 100},
         data={"max_images": 128},
         eval={"every_epochs": 1, "num_samples": 128},
-        tune={"study": "lr", "seeds": 2, "max_concurrent_trials": 1,
-              "space": {"train.lr": {"grid": [0.0002, 10.0]}}},
+        tune={"study": "lr", "seeds": 2, "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [0.0002, 10.0]}}},
     )
     store = Store(cfg.storage)
     for split in ("train", "test"):
@@ -55,6 +56,7 @@ def trial_manifests(store, cfg):
 
 def finished_trials(store, cfg):
     import json
+
     out = {}
     for key in store.list_keys(f"{study_trials_prefix(cfg)}/"):
         if key.endswith("/run.json") and json.loads(store.get_bytes(key)).get("status") == "finished":
@@ -76,8 +78,13 @@ def test_interrupted_study_resumes_and_reports(ray_head, study_job, tmp_path):
     cfg = load_config(study_job)
     store = Store(cfg.storage)
     # Run the study as a user would, then interrupt it once two trials are finished.
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan_ray", "tune", str(study_job), "--address", ray_head.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcgan_ray", "tune", str(study_job), "--address", ray_head.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and len(finished_trials(store, cfg)) < 2 and proc.poll() is None:
         time.sleep(1)

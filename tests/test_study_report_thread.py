@@ -12,9 +12,12 @@ from dcgan_ray.study.tuner import StudyReport
 
 
 def fake_trials(n: int) -> list:
-    return [SimpleNamespace(trial_id=f"t{i}", config={"trial": {"params": {"train__lr": 0.001}, "seed": i}},
-                            status="TERMINATED")
-            for i in range(n)]
+    return [
+        SimpleNamespace(
+            trial_id=f"t{i}", config={"trial": {"params": {"train__lr": 0.001}, "seed": i}}, status="TERMINATED"
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -51,8 +54,9 @@ def test_a_failing_report_never_fails_the_study(report, monkeypatch, caplog):
     report.on_trial_error(1, fake_trials(2), None)
     report.close()
     assert report.refreshes == 0
-    assert any("could not be written (the study goes on): RuntimeError: plotting bug" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "could not be written (the study goes on): RuntimeError: plotting bug" in r.getMessage() for r in caplog.records
+    )
     assert report.publish() == (None, report.publish()[1])  # the final one does not raise either
 
 

@@ -21,15 +21,26 @@ def study(cfg, **tune):
 
 
 def test_grids_multiply_random_forms_draw_and_seeds_repeat(cfg):
-    c = study(cfg, seeds=2, num_samples=3, space={"train.lr": {"grid": [1e-4, 2e-4]},
-                                                  "model.alpha": {"uniform": [0.1, 0.3]},
-                                                  "train.beta1": {"choice": [0.5, 0.9]},
-                                                  "train.lr_d": {"loguniform": [1e-5, 1e-3]}})
+    c = study(
+        cfg,
+        seeds=2,
+        num_samples=3,
+        space={
+            "train.lr": {"grid": [1e-4, 2e-4]},
+            "model.alpha": {"uniform": [0.1, 0.3]},
+            "train.beta1": {"choice": [0.5, 0.9]},
+            "train.lr_d": {"loguniform": [1e-5, 1e-3]},
+        },
+    )
     trials = expand_trials(c)
     assert len(trials) == 2 * 3 * 2
     assert {t["params"]["train__lr"] for t in trials} == {1e-4, 2e-4}
-    assert all(0.1 <= t["params"]["model__alpha"] <= 0.3 and t["params"]["train__beta1"] in (0.5, 0.9)
-               and 1e-5 <= t["params"]["train__lr_d"] <= 1e-3 for t in trials)
+    assert all(
+        0.1 <= t["params"]["model__alpha"] <= 0.3
+        and t["params"]["train__beta1"] in (0.5, 0.9)
+        and 1e-5 <= t["params"]["train__lr_d"] <= 1e-3
+        for t in trials
+    )
     assert len({t["params"]["model__alpha"] for t in trials}) == 6  # a fresh draw per sample, shared by seeds
     # The same study draws the same values and names every time; another study draws others.
     assert expand_trials(c) == trials
@@ -42,7 +53,13 @@ def test_grids_multiply_random_forms_draw_and_seeds_repeat(cfg):
 def test_a_grid_only_study_is_the_grid_times_the_seeds(cfg):
     trials = expand_trials(study(cfg, seeds=3, space={"train.lr": {"grid": [1e-4, 2e-4]}}))
     assert sorted((t["params"]["train__lr"], t["seed"]) for t in trials) == [
-        (1e-4, 0), (1e-4, 1), (1e-4, 2), (2e-4, 0), (2e-4, 1), (2e-4, 2)]
+        (1e-4, 0),
+        (1e-4, 1),
+        (1e-4, 2),
+        (2e-4, 0),
+        (2e-4, 1),
+        (2e-4, 2),
+    ]
 
 
 def test_the_study_state_round_trips(cfg, store):
@@ -53,18 +70,26 @@ def test_the_study_state_round_trips(cfg, store):
     assert read_study_state(store, c) == state
 
 
-@pytest.mark.parametrize("body", [
-    b"\x80\x04K\x01.",  # a pickle
-    b"[]", b'{"version": 2, "trials": {}}', b'{"version": 1, "trials": []}',
-    b'{"version": 1, "trials": {"t-1": {"state": "RUNNING", "error": null}}}',
-    b'{"version": 1, "trials": {"t-1": {"state": "ERROR", "error": 5}}}',
-    b'{"version": 1, "trials": {"t-1": "TERMINATED"}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x80\x04K\x01.",  # a pickle
+        b"[]",
+        b'{"version": 2, "trials": {}}',
+        b'{"version": 1, "trials": []}',
+        b'{"version": 1, "trials": {"t-1": {"state": "RUNNING", "error": null}}}',
+        b'{"version": 1, "trials": {"t-1": {"state": "ERROR", "error": 5}}}',
+        b'{"version": 1, "trials": {"t-1": "TERMINATED"}}',
+    ],
+)
 def test_a_study_state_this_project_did_not_write_is_refused_in_one_line(cfg, store, body):
     c = study(cfg, space={"train.lr": {"grid": [1e-4]}})
     store.put_bytes(study_state_key(c), body)
-    with pytest.raises(StorageError, match=r"s3://.*/studies/s/state\.json is not a study state this project "
-                                           r"wrote \(.*\); delete it to run every trial of the study again") as e:
+    with pytest.raises(
+        StorageError,
+        match=r"s3://.*/studies/s/state\.json is not a study state this project "
+        r"wrote \(.*\); delete it to run every trial of the study again",
+    ) as e:
         read_study_state(store, c)
     assert "\n" not in str(e.value)
     json.dumps(str(e.value))  # printable as is

@@ -118,11 +118,14 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["train_32x32.mat"]
 
 
-@pytest.mark.parametrize("X, y", [
-    (np.zeros((32, 32, 3, 4), np.float32), np.ones((4, 1), np.uint8)),
-    (np.zeros((32, 32, 3, 4), np.uint8), np.ones((4,), np.uint8)),
-    (np.zeros((28, 28, 3, 4), np.uint8), np.ones((4, 1), np.uint8)),
-])
+@pytest.mark.parametrize(
+    "X, y",
+    [
+        (np.zeros((32, 32, 3, 4), np.float32), np.ones((4, 1), np.uint8)),
+        (np.zeros((32, 32, 3, 4), np.uint8), np.ones((4,), np.uint8)),
+        (np.zeros((28, 28, 3, 4), np.uint8), np.ones((4, 1), np.uint8)),
+    ],
+)
 def test_write_rejects_non_svhn_layout(tmp_path, X, y):
     with pytest.raises(ValueError):
         synth.write_svhn_mat(tmp_path / "bad.mat", X, y)

@@ -95,8 +95,22 @@ def test_sample_and_eval_without_ray(resume_run, s3_server, tmp_path, capsys):
     cfg, store, layout, manifest = resume_run
     # `dcgan-ray sample` makes a PNG from the checkpoint without Ray.
     out = tmp_path / "grid.png"
-    rc = cli_main(["sample", f"{layout.uri}/checkpoint_epoch_0002", "--n", "16", "--seed", "1", "--scale", "1",
-                   "--out", str(out), "--endpoint", s3_server.endpoint])
+    rc = cli_main(
+        [
+            "sample",
+            f"{layout.uri}/checkpoint_epoch_0002",
+            "--n",
+            "16",
+            "--seed",
+            "1",
+            "--scale",
+            "1",
+            "--out",
+            str(out),
+            "--endpoint",
+            s3_server.endpoint,
+        ]
+    )
     assert rc == 0 and Image.open(out).size == (128, 128)
     assert np.asarray(Image.open(out)).std() > 1.0
 
@@ -156,8 +170,11 @@ def test_more_workers_than_the_cluster_can_place(ray_head, s3_server, data_prefi
 def test_gpu_requested_without_gpus(ray_head, s3_server, data_prefix):
     cfg = run_cfg(s3_server.endpoint, data_prefix, "gpu")
     cfg.scaling.use_gpu = True
-    with pytest.raises(ClusterError, match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, "
-                                           r"but the cluster has .*set scaling.use_gpu=false"):
+    with pytest.raises(
+        ClusterError,
+        match=r"needs 2 worker\(s\) x 1 CPU, 1 GPU = 2 CPU, 2 GPU, "
+        r"but the cluster has .*set scaling.use_gpu=false",
+    ):
         train(cfg)
 
 
@@ -171,17 +188,38 @@ def test_compression_small_buckets_one_node_through_ray(ray_head, s3_server, dat
         manifest = train(cfg)
     assert manifest["status"] == "finished" and manifest["history"][-1]["finite"] == 1.0
     lines = [r.getMessage() for r in caplog.records if r.name == "dcgan_ray.train.driver"]
-    assert any(line.startswith("predicted: 2 CPU workers, ") and "over loopback" in line
-               and "auto: scaling.one_node" in line for line in lines), lines
+    assert any(
+        line.startswith("predicted: 2 CPU workers, ") and "over loopback" in line and "auto: scaling.one_node" in line
+        for line in lines
+    ), lines
 
 
 def test_ray_job_submit_cli(ray_head, s3_server, data_prefix):
     """The real `ray job submit` against the `ray start` head; credentials come from the nodes' env."""
-    env_sets = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test", f"storage.prefix={data_prefix}",
-                "name=submitted", "data.max_images=64", "train.batch_size=16", "storage.create_bucket=false"]
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
-           "--address", ray_head.dashboard_url, "--working-dir", str(REPO), "--",
-           sys.executable, "-m", "dcgan_ray", "train", "jobs/smoke.yaml"]
+    env_sets = [
+        f"storage.endpoint={s3_server.endpoint}",
+        "storage.bucket=dcgan-test",
+        f"storage.prefix={data_prefix}",
+        "name=submitted",
+        "data.max_images=64",
+        "train.batch_size=16",
+        "storage.create_bucket=false",
+    ]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "-m",
+        "dcgan_ray",
+        "train",
+        "jobs/smoke.yaml",
+    ]
     for s in env_sets:
         cmd += ["--set", s]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -206,8 +244,9 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, s3_server, data_p
     cfg.scaling.max_failures = 1
     run = TrainInThread(cfg)
     run.wait_for_epochs(2)
-    workers = list_actors(address=ray_head.dashboard_url,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(
+        address=ray_head.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     assert workers, "no live training worker found"
     os.kill(workers[-1]["pid"], signal.SIGKILL)
     manifest = run.finished()

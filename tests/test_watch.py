@@ -60,24 +60,44 @@ def event_steps(store: Store, layout: RunLayout, tmp_path: Path) -> tuple[dict[s
 
 # --- the publisher, without Ray: training never waits for the bucket ------------------------------------
 
+
 def test_an_outage_delays_the_events_and_never_training(private_s3, prefix, tmp_path, caplog):
     cfg = make_config(private_s3.endpoint, prefix, name="outage-watch", storage={"retry_budget_s": 3})
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     store.check()
     watch = RunWatch(cfg, start_step=0)
-    manifest = {"name": cfg.name, "status": "running", "epochs_completed": 0, "epochs_total": 3,
-                "config": cfg.to_dict(), "history": [{"epoch": 0, "digit_fd": 90.0}],
-                "samples": {"epochs": [], "gif": None}, "checkpoints": {}}
+    manifest = {
+        "name": cfg.name,
+        "status": "running",
+        "epochs_completed": 0,
+        "epochs_total": 3,
+        "config": cfg.to_dict(),
+        "history": [{"epoch": 0, "digit_fd": 90.0}],
+        "samples": {"epochs": [], "gif": None},
+        "checkpoints": {},
+    }
 
     def epoch(n: int) -> float:
         """Train epoch n (4 steps, two progress lines) and end it; the seconds the training thread spent."""
         for i in (2, 4):
-            watch.step(4 * (n - 1) + i, {"loss_d": 1.0, "loss_g": 2.0, "d_real": 0.6, "d_fake": 0.3,
-                                         "images_per_s": 100.0})
+            watch.step(
+                4 * (n - 1) + i, {"loss_d": 1.0, "loss_g": 2.0, "d_real": 0.6, "d_fake": 0.3, "images_per_s": 100.0}
+            )
         manifest["epochs_completed"] = n
-        manifest["history"].append({"epoch": n, "step": 4 * n, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.6,
-                                    "d_fake": 0.3, "images_per_s": 100.0, "epoch_seconds": 1.0, "world_size": 1,
-                                    "digit_fd": 90.0 - n})
+        manifest["history"].append(
+            {
+                "epoch": n,
+                "step": 4 * n,
+                "loss_d": 1.0,
+                "loss_g": 2.0,
+                "d_real": 0.6,
+                "d_fake": 0.3,
+                "images_per_s": 100.0,
+                "epoch_seconds": 1.0,
+                "world_size": 1,
+                "digit_fd": 90.0 - n,
+            }
+        )
         watch.grid(n, grid_png(n))
         start = time.monotonic()
         watch.epoch_done(manifest)
@@ -112,6 +132,7 @@ def test_an_outage_delays_the_events_and_never_training(private_s3, prefix, tmp_
 
 # --- one short run, resumed, and a small study, watched ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def watched(ray_head, s3_server, data_prefix):
     """A 2-epoch run with evaluation, resumed to 3 epochs; a 2-trial study (1 epoch each). Its runs live in a
@@ -124,11 +145,20 @@ def watched(ray_head, s3_server, data_prefix):
     first = train(cfg)
     cfg.train.epochs = 3
     resumed = train(cfg)
-    study = make_config(s3_server.endpoint, data_prefix, name="watch-study",
-                        train={"epochs": 1, "batch_size": 16, "log_every_steps": 2}, data={"max_images": 64},
-                        eval={"every_epochs": 1, "num_samples": 64},
-                        tune={"study": "watch", "seeds": 1, "max_concurrent_trials": 2,
-                              "space": {"train.lr": {"grid": [0.0002, 0.001]}}})
+    study = make_config(
+        s3_server.endpoint,
+        data_prefix,
+        name="watch-study",
+        train={"epochs": 1, "batch_size": 16, "log_every_steps": 2},
+        data={"max_images": 64},
+        eval={"every_epochs": 1, "num_samples": 64},
+        tune={
+            "study": "watch",
+            "seeds": 1,
+            "max_concurrent_trials": 2,
+            "space": {"train.lr": {"grid": [0.0002, 0.001]}},
+        },
+    )
     run_study(study, address=ray_head.address)
     return cfg, first, resumed, study
 
@@ -161,22 +191,44 @@ def test_tensorboard_shows_the_run_from_the_bucket_in_a_browser(watched, s3_serv
     tensorboard.start()
     try:
         api = tensorboard.url + "/data/plugin"
-        tags = wait_until(lambda: json.load(urllib.request.urlopen(f"{api}/scalars/tags")).get("watched"),
-                          what="TensorBoard listing the run's scalars")
-        assert {"step/loss_d", "step/loss_g", "step/d_real", "step/d_fake", "step/images_per_s", "quality/digit_fd",
-                "quality/classifier_accuracy", "epoch/epoch_seconds", "epoch/world_size"} <= set(tags)
+        tags = wait_until(
+            lambda: json.load(urllib.request.urlopen(f"{api}/scalars/tags")).get("watched"),
+            what="TensorBoard listing the run's scalars",
+        )
+        assert {
+            "step/loss_d",
+            "step/loss_g",
+            "step/d_real",
+            "step/d_fake",
+            "step/images_per_s",
+            "quality/digit_fd",
+            "quality/classifier_accuracy",
+            "epoch/epoch_seconds",
+            "epoch/world_size",
+        } <= set(tags)
         steps = [h.get("step", 0) for h in resumed["history"]]
-        images = wait_until(lambda: [i["step"] for i in json.load(urllib.request.urlopen(
-            f"{api}/images/images?run=watched&tag=samples/fixed_noise"))] == steps or None,
-            what=f"TensorBoard serving a grid at each of the steps {steps}")
+        images = wait_until(
+            lambda: (
+                [
+                    i["step"]
+                    for i in json.load(
+                        urllib.request.urlopen(f"{api}/images/images?run=watched&tag=samples/fixed_noise")
+                    )
+                ]
+                == steps
+                or None
+            ),
+            what=f"TensorBoard serving a grid at each of the steps {steps}",
+        )
         assert images
         points = json.load(urllib.request.urlopen(f"{api}/scalars/scalars?run=watched&tag=step/loss_d"))
         assert [step for _, step, _ in points] == [4, 8, 12, 16, 20, 24]  # no step twice after the resumption
 
         with Chromium() as browser:
             browser.open(f"{tensorboard.url}/#images")
-            page = browser.wait_for(lambda p: any("individualImage" in i["src"] and i["width"] > 0
-                                                  for i in p["images"]))
+            page = browser.wait_for(
+                lambda p: any("individualImage" in i["src"] and i["width"] > 0 for i in p["images"])
+            )
             assert "samples/fixed_noise" in page["text"] and "watched" in page["text"]
             grid = next(i for i in page["images"] if "individualImage" in i["src"])
             assert (grid["width"], grid["height"]) == (256, 256)  # the run's 8x8 grid of 32 px tiles
@@ -199,15 +251,18 @@ def test_tensorboard_compares_a_studys_trials_by_their_hparams(watched, s3_serve
     tensorboard = TensorBoardServer(logdir, s3_server.endpoint, tmp_path / "tensorboard.log")
     tensorboard.start()
     try:
+
         def experiment():
-            request = urllib.request.Request(f"{tensorboard.url}/data/plugin/hparams/experiment",
-                                             data=json.dumps({"experimentName": ""}).encode(),
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"{tensorboard.url}/data/plugin/hparams/experiment",
+                data=json.dumps({"experimentName": ""}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             found = json.load(urllib.request.urlopen(request))
             lr = next((h for h in found.get("hparamInfos", []) if h["name"] == "train.lr"), {})
             both = lr.get("domainInterval") == {"minValue": 0.0002, "maxValue": 0.001}  # both trials loaded
-            return found if both and "quality/digit_fd" in {m["name"]["tag"] for m in found["metricInfos"]} \
-                else None
+            return found if both and "quality/digit_fd" in {m["name"]["tag"] for m in found["metricInfos"]} else None
+
         found = wait_until(experiment, what="HParams finding both trials' learning rates and metrics")
         hparams = {h["name"]: h for h in found["hparamInfos"]}
         assert {"train.lr", "train.seed", "train.lr_generator"} <= set(hparams)
@@ -259,8 +314,14 @@ def test_dcgan_ray_runs_lists_each_run_from_its_run_json(watched, s3_server, tmp
     runs = f"s3://{cfg.storage.bucket}/watch-tests/runs"
     assert cli_main(["runs", "--runs", runs, "--endpoint", s3_server.endpoint]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"runs under {runs}:" and lines[1].split() == ["NAME", "STATUS", "EPOCHS", "BEST", "UPDATED",
-                                                                      "SUBMISSION"]
+    assert lines[0] == f"runs under {runs}:" and lines[1].split() == [
+        "NAME",
+        "STATUS",
+        "EPOCHS",
+        "BEST",
+        "UPDATED",
+        "SUBMISSION",
+    ]
     best = resumed["checkpoints"]["best"]
     row = next(line for line in lines if line.startswith("watched "))
     assert row.split()[:4] == ["watched", "finished", "3/3", "digit_fd"]
@@ -279,17 +340,22 @@ def test_dcgan_ray_runs_lists_each_run_from_its_run_json(watched, s3_server, tmp
 def test_the_tensorboard_command_is_the_one_the_docs_give(watched, s3_server):
     cfg = watched[0]
     command = command_line(f"s3://{cfg.storage.bucket}/{runs_prefix(cfg)}", s3_server.endpoint)
-    assert command == (f"AWS_REGION=us-east-1 S3_ENDPOINT={s3_server.endpoint} S3_USE_HTTPS=0 tensorboard --logdir "
-                       f"s3://dcgan-test/watch-tests/runs --host 127.0.0.1 --port 6006 --samples_per_plugin "
-                       "images=1000")
+    assert command == (
+        f"AWS_REGION=us-east-1 S3_ENDPOINT={s3_server.endpoint} S3_USE_HTTPS=0 tensorboard --logdir "
+        f"s3://dcgan-test/watch-tests/runs --host 127.0.0.1 --port 6006 --samples_per_plugin "
+        "images=1000"
+    )
     docs = (REPO / "docs" / "watching.md").read_text()
-    assert ("AWS_REGION=us-east-1 S3_ENDPOINT=http://127.0.0.1:8333 S3_USE_HTTPS=0 tensorboard --logdir "
-            "s3://dcgan-ray/dcgan-ray/runs --host 127.0.0.1 --port 6006 --samples_per_plugin images=1000") in docs
+    assert (
+        "AWS_REGION=us-east-1 S3_ENDPOINT=http://127.0.0.1:8333 S3_USE_HTTPS=0 tensorboard --logdir "
+        "s3://dcgan-ray/dcgan-ray/runs --host 127.0.0.1 --port 6006 --samples_per_plugin images=1000"
+    ) in docs
     assert "docs/tensorboard-images.png" in (REPO / "README.md").read_text()
 
 
-def test_local_sh_tensorboard_starts_it_on_loopback_and_down_stops_it(watched, s3_server, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_local_sh_tensorboard_starts_it_on_loopback_and_down_stops_it(
+    watched, s3_server, tmp_path, monkeypatch, capsys
+):
     from dcgan_ray.dev import stack
     from dcgan_ray.dev.processes import free_port, http_answers
 
@@ -301,8 +367,10 @@ def test_local_sh_tensorboard_starts_it_on_loopback_and_down_stops_it(watched, s
     try:
         out = capsys.readouterr().out
         assert f"TensorBoard up at {url} over {logdir}" in out and f"S3_ENDPOINT={s3_server.endpoint}" in out
-        wait_until(lambda: "watched" in json.load(urllib.request.urlopen(f"{url}/data/plugin/scalars/tags")),
-                   what="TensorBoard listing the run")
+        wait_until(
+            lambda: "watched" in json.load(urllib.request.urlopen(f"{url}/data/plugin/scalars/tags")),
+            what="TensorBoard listing the run",
+        )
         assert stack.main(["tensorboard", "--logdir", logdir, "--port", str(port)]) == 0  # idempotent
         assert "TensorBoard already up" in capsys.readouterr().out
         stack.main(["status"])
@@ -314,36 +382,60 @@ def test_local_sh_tensorboard_starts_it_on_loopback_and_down_stops_it(watched, s
 
 # --- a run by its name: stop (queued and running), logs, resubmission -----------------------------------
 
+
 def test_stop_logs_and_a_resubmission_that_resumes(ray_head, s3_server, data_prefix, tmp_path, capsys):
     from ray.job_submission import JobSubmissionClient
 
     from dcgan_ray.jobs import submit
 
     def job(name: str, epochs: int):
-        overrides = [f"storage.endpoint={s3_server.endpoint}", "storage.bucket=dcgan-test",
-                     f"storage.prefix={data_prefix}", "storage.runs_prefix=watch-tests/jobs", f"name={name}",
-                     "data.max_images=64", "train.batch_size=16", f"train.epochs={epochs}",
-                     "storage.create_bucket=false"]
-        cfg = make_config(s3_server.endpoint, data_prefix, name=name, train={"epochs": epochs, "batch_size": 16},
-                          data={"max_images": 64}, storage={"runs_prefix": "watch-tests/jobs"})
+        overrides = [
+            f"storage.endpoint={s3_server.endpoint}",
+            "storage.bucket=dcgan-test",
+            f"storage.prefix={data_prefix}",
+            "storage.runs_prefix=watch-tests/jobs",
+            f"name={name}",
+            "data.max_images=64",
+            "train.batch_size=16",
+            f"train.epochs={epochs}",
+            "storage.create_bucket=false",
+        ]
+        cfg = make_config(
+            s3_server.endpoint,
+            data_prefix,
+            name=name,
+            train={"epochs": epochs, "batch_size": 16},
+            data={"max_images": 64},
+            storage={"runs_prefix": "watch-tests/jobs"},
+        )
         return cfg, overrides
 
-    where = ["--runs", "s3://dcgan-test/watch-tests/jobs", "--endpoint", s3_server.endpoint,
-             "--address", ray_head.dashboard_url]
+    where = [
+        "--runs",
+        "s3://dcgan-test/watch-tests/jobs",
+        "--endpoint",
+        s3_server.endpoint,
+        "--address",
+        ray_head.dashboard_url,
+    ]
     client = JobSubmissionClient(ray_head.dashboard_url)
     running_cfg, running_overrides = job("stop-running", 200)
     queued_cfg, queued_overrides = job("stop-queued", 1)
     running = submit(running_cfg, "jobs/smoke.yaml", running_overrides, address=ray_head.dashboard_url)
     queued = submit(queued_cfg, "jobs/smoke.yaml", queued_overrides, address=ray_head.dashboard_url)
     store, layout = Store(running_cfg.storage), RunLayout.of(running_cfg)
-    wait_until(lambda: (read_run_manifest(store, layout) or {}).get("epochs_completed", 0) >= 2, 300,
-               "the running job's second epoch")
+    wait_until(
+        lambda: (read_run_manifest(store, layout) or {}).get("epochs_completed", 0) >= 2,
+        300,
+        "the running job's second epoch",
+    )
     assert client.get_job_status(queued).value == "PENDING"  # the session head's one job slot is taken
 
     def logged() -> bool:  # worker lines reach the job's log through Ray's log monitor, a moment later
         capsys.readouterr()
         assert cli_main(["logs", "stop-running", *where]) == 0
         return bool(re.search(r"epoch 2/200 done in", capsys.readouterr().out))
+
     wait_until(logged, 60, "`dcgan-ray logs` showing epoch 2's line")
 
     assert cli_main(["stop", "stop-queued", *where]) == 0
@@ -376,8 +468,12 @@ def test_stop_logs_and_a_resubmission_that_resumes(ray_head, s3_server, data_pre
     goal = stopped["epochs_completed"] + 1
     running_overrides[running_overrides.index("train.epochs=200")] = f"train.epochs={goal}"
     again = submit(running_cfg, "jobs/smoke.yaml", running_overrides, address=ray_head.dashboard_url)
-    follow = subprocess.run([sys.executable, "-m", "dcgan_ray", "logs", "stop-running", "-f", *where],
-                            capture_output=True, text=True, timeout=600)
+    follow = subprocess.run(
+        [sys.executable, "-m", "dcgan_ray", "logs", "stop-running", "-f", *where],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert follow.returncode == 0, follow.stderr[-3000:]
     # The restart's one line (the recorder's) says what it resumed from.
     assert "training finished" in follow.stdout

@@ -25,8 +25,25 @@ from dcgan_ray.config.sections import (
 )
 
 __all__ = [
-    "apply_overrides", "config_from_dict", "load_config", "parse_override", "set_dotted", "INCEPTION_URL",
-    "METRICS", "SPLIT_NAMES", "CheckpointSection", "ClassifierSection", "DataSection", "EvalSection", "JobConfig",
-    "ModelSection", "SampleSection", "ScalingSection", "SpeedSection", "StorageSection", "TrainSection", "TuneSection",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "set_dotted",
+    "INCEPTION_URL",
+    "METRICS",
+    "SPLIT_NAMES",
+    "CheckpointSection",
+    "ClassifierSection",
+    "DataSection",
+    "EvalSection",
+    "JobConfig",
+    "ModelSection",
+    "SampleSection",
+    "ScalingSection",
+    "SpeedSection",
+    "StorageSection",
+    "TrainSection",
+    "TuneSection",
     "rule",
 ]

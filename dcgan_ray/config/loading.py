@@ -92,8 +92,9 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _validate(value, where, f"{prefix}{f.name}.")
         elif "rule" in f.metadata and not f.metadata["rule"][0](value):
-            raise ConfigError(f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; "
-                              f"expected {f.metadata['rule'][1]}")
+            raise ConfigError(
+                f"{where}: `{prefix}{f.name}` = {value!r} is not allowed; expected {f.metadata['rule'][1]}"
+            )
     if prefix:
         return
     needed = METRICS[cfg.eval.metric]
@@ -101,14 +102,18 @@ def _validate(cfg: Any, where: str, prefix: str = "") -> None:
         raise ConfigError(f"{where}: `eval.metric` = {cfg.eval.metric!r} needs {needed!r} in `eval.extractors`")
     if cfg.eval.in_task and cfg.eval.every_epochs and cfg.eval.every_epochs % cfg.checkpoint.every_epochs:
         # The task scores a checkpoint: an eval epoch without one would have nothing to score.
-        raise ConfigError(f"{where}: `eval.in_task` scores checkpoints, so every eval epoch must be a checkpoint "
-                          f"epoch, but `eval.every_epochs` = {cfg.eval.every_epochs} is not a multiple of "
-                          f"`checkpoint.every_epochs` = {cfg.checkpoint.every_epochs}; change one of them or set "
-                          "eval.in_task: false")
+        raise ConfigError(
+            f"{where}: `eval.in_task` scores checkpoints, so every eval epoch must be a checkpoint "
+            f"epoch, but `eval.every_epochs` = {cfg.eval.every_epochs} is not a multiple of "
+            f"`checkpoint.every_epochs` = {cfg.checkpoint.every_epochs}; change one of them or set "
+            "eval.in_task: false"
+        )
     if cfg.speed.compile == "reduce-overhead" and not cfg.scaling.use_gpu:
         # On CPU torch would skip the CUDA graphs silently and run plain `default`: say so instead.
-        raise ConfigError(f"{where}: `speed.compile` = 'reduce-overhead' records CUDA graphs and needs "
-                          "`scaling.use_gpu: true`; on CPU use `speed.compile: default`")
+        raise ConfigError(
+            f"{where}: `speed.compile` = 'reduce-overhead' records CUDA graphs and needs "
+            "`scaling.use_gpu: true`; on CPU use `speed.compile: default`"
+        )
     _validate_space(cfg, where)
 
 
@@ -124,11 +129,16 @@ def _validate_space(cfg: JobConfig, where: str) -> None:
     flat = _flatten(cfg.to_dict())
     for key, spec in cfg.tune.space.items():
         if key not in flat or key.startswith("tune."):
-            raise ConfigError(f"{where}: `tune.space` searches `{key}`, which is not a job setting "
-                              "(use dotted keys such as train.lr_d or model.alpha)")
+            raise ConfigError(
+                f"{where}: `tune.space` searches `{key}`, which is not a job setting "
+                "(use dotted keys such as train.lr_d or model.alpha)"
+            )
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_FORMS:
-            raise ConfigError(f"{where}: `tune.space.{key}` must be one of " + ", ".join(
-                f"{{{form}: ...}}" for form in SPACE_FORMS) + f", got {spec!r}")
+            raise ConfigError(
+                f"{where}: `tune.space.{key}` must be one of "
+                + ", ".join(f"{{{form}: ...}}" for form in SPACE_FORMS)
+                + f", got {spec!r}"
+            )
         form, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: `tune.space.{key}.{form}` must be a non-empty list")
@@ -141,8 +151,10 @@ def _validate_space(cfg: JobConfig, where: str) -> None:
             data = cfg.to_dict()
             data["tune"] = {}
             set_dotted(data, key, value)
-            _validate(_build(JobConfig, data, "", f"{where} (tune.space.{key} = {value!r})"),
-                      f"{where} (tune.space.{key} = {value!r})")
+            _validate(
+                _build(JobConfig, data, "", f"{where} (tune.space.{key} = {value!r})"),
+                f"{where} (tune.space.{key} = {value!r})",
+            )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -68,11 +68,13 @@ class ModelSection:
     """Length of the noise vector z. Reference: 100."""
     alpha: float = field(default=0.2, metadata=UNIT_INTERVAL)
     """Leaky-ReLU negative slope in G and D. Reference: 0.2."""
-    g_features: int = field(default=128, metadata=rule(lambda v: 1 <= v <= 512,
-                                                       "an integer in [1, 512] (G grows with its square)"))
+    g_features: int = field(
+        default=128, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (G grows with its square)")
+    )
     """Channels of G's last hidden layer; the layers above double it (128 -> 256 -> 512). Reference: 512 at 4x4."""
-    d_features: int = field(default=64, metadata=rule(lambda v: 1 <= v <= 512,
-                                                      "an integer in [1, 512] (D grows with its square)"))
+    d_features: int = field(
+        default=64, metadata=rule(lambda v: 1 <= v <= 512, "an integer in [1, 512] (D grows with its square)")
+    )
     """Channels of D's first conv; the next double it (64 -> 128 -> 256). Reference: 64."""
 
 
@@ -80,8 +82,9 @@ class ModelSection:
 class TrainSection:
     epochs: int = field(default=25, metadata=rule(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"))
     """Passes over the training split. Reference: 25."""
-    batch_size: int = field(default=128,
-                            metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)"))
+    batch_size: int = field(
+        default=128, metadata=rule(lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images)")
+    )
     """Images per worker per step (the reference network's 128 is one device's batch). The global batch is
     batch_size x scaling.num_workers; the job logs both."""
     lr: float = field(default=2e-4, metadata=POSITIVE)
@@ -118,7 +121,8 @@ class DataSection:
     """Split trained on: train, test or extra."""
     prepare_splits: list[str] = field(
         default_factory=lambda: ["train"],
-        metadata=rule(lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"))
+        metadata=rule(lambda v: bool(v) and all(s in SPLIT_NAMES for s in v), f"a list from {', '.join(SPLIT_NAMES)}"),
+    )
     """Splits `dcgan-ray data prepare` puts into the bucket (also: test, extra)."""
     source_url: str = "http://ufldl.stanford.edu/housenumbers/"
     """Where the official SVHN format-2 files are downloaded from (checked against the official md5)."""
@@ -159,7 +163,8 @@ class EvalSection:
     """The number that picks the best checkpoint and ranks a study's trials (lower is better): digit_fd or fid."""
     extractors: list[str] = field(
         default_factory=lambda: ["digit"],
-        metadata=rule(lambda v: bool(v) and all(e in METRICS.values() for e in v), "a list from digit, inception"))
+        metadata=rule(lambda v: bool(v) and all(e in METRICS.values() for e in v), "a list from digit, inception"),
+    )
     """Feature extractors evaluated: digit (our classifier; no outside weights) and/or inception (FID:
     the 2015 Inception v3, ~5.7 GFLOP per image at 299x299 -- meant for GPUs)."""
     inception_weights: str = INCEPTION_URL
@@ -260,8 +265,9 @@ class SpeedSection:
     parameter tensor, which matters when the step is launch-bound (batch 128 on a GPU). Same update up
     to float round-off. Works on CPU too (torch >= 2.4 has a fused CPU kernel). A resumed run uses this
     run's setting, not the checkpoint's."""
-    compile: str = field(default="none",
-                         metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)))
+    compile: str = field(
+        default="none", metadata=rule(lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES))
+    )
     """torch.compile G and D with this mode (none: eager). default fuses BatchNorm, leaky ReLU and
     tanh into a few generated kernels between the convolutions (cuDNN still runs those); reduce-overhead also replays
     each step's kernels as CUDA graphs, removing the per-kernel launch cost that bounds eager batch-128
@@ -269,7 +275,8 @@ class SpeedSection:
     The first steps of a run compile (tens of seconds); evaluation in eval mode compiles once more.
     Works on CPU with a C++ compiler."""
     grad_compression: str = field(
-        default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS)))
+        default="none", metadata=rule(lambda v: v in GRAD_COMPRESSIONS, "one of " + ", ".join(GRAD_COMPRESSIONS))
+    )
     """With more than one worker: all-reduce the gradients in bf16 or fp16 (PyTorch's DDP
     `bf16_compress_hook` / `fp16_compress_hook`: each bucket is cast down, summed, cast back) instead of
     fp32. It halves the gradient bytes every step sends, which is what limits scaling between nodes
@@ -285,9 +292,13 @@ class SpeedSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int | list[int] = field(default=1, metadata=rule(
-        lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
-        "an integer >= 1, or a range [min, max] with 1 <= min <= max"))
+    num_workers: int | list[int] = field(
+        default=1,
+        metadata=rule(
+            lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
+            "an integer >= 1, or a range [min, max] with 1 <= min <= max",
+        ),
+    )
     """Ray Train workers, each one DDP rank (one GPU each when use_gpu). A range [min, max] makes the run
     elastic: it starts with as many as the cluster places (at least min), goes on with fewer when a node
     is lost, and grows back towards max when capacity returns. `train.batch_size` stays per worker, so
@@ -334,12 +345,16 @@ class ScalingSection:
 class StorageSection:
     endpoint: str | None = field(
         default="http://127.0.0.1:8333",
-        metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"))
+        metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"),
+    )
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
     bucket: str = field(
         default="dcgan-ray",
-        metadata=rule(lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v,
-                      "an S3 bucket name (3-63 lower-case characters, no '/')"))
+        metadata=rule(
+            lambda v: 3 <= len(v) <= 63 and v == v.lower() and "/" not in v,
+            "an S3 bucket name (3-63 lower-case characters, no '/')",
+        ),
+    )
     """Bucket holding data, runs and reports."""
     prefix: str = field(default="dcgan-ray", metadata=PREFIX)
     """Key prefix of everything this project writes: <prefix>/data/..., <prefix>/runs/<name>/..."""
@@ -349,8 +364,9 @@ class StorageSection:
     """Create the bucket if it is missing (the dev stack sets this; real clouds should not)."""
     runs_prefix: str | None = field(default=None, metadata=NULL_OR_PREFIX)
     """Where runs go; null means <prefix>/runs. A sensitivity study puts its trials under its own prefix."""
-    retry_budget_s: float = field(default=300.0,
-                                  metadata=rule(lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"))
+    retry_budget_s: float = field(
+        default=300.0, metadata=rule(lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]")
+    )
     """How long (seconds) a storage outage may last before a read or write gives up. Every read and
     write of the driver and the workers (data, checkpoints, samples, run.json, reports, Ray Train's
     own files) retries with backoff for up to this long, so a restarting S3 server or a short network

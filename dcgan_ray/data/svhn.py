@@ -65,6 +65,7 @@ def prepare_command(split: str) -> str:
 
 # --- fetching -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Source:
     """A local copy of one split's .mat file and where it came from."""
@@ -116,12 +117,14 @@ def fetch(split: str, workdir: Path, source_url: str, from_: str | None = None) 
     if path.is_dir():
         path = path / official.filename
     if not path.is_file():
-        raise DatasetError(f"--from {from_}: no such file {path} "
-                           f"(expected SVHN's {official.filename} or a path to a .mat file)")
+        raise DatasetError(
+            f"--from {from_}: no such file {path} (expected SVHN's {official.filename} or a path to a .mat file)"
+        )
     return Source(path, str(path.resolve()), official=False)
 
 
 # --- validating ---------------------------------------------------------------------------------
+
 
 def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate an SVHN format-2 .mat file.
@@ -131,8 +134,10 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     where = f"{path}"
     size = Path(path).stat().st_size
     if size > MAX_MAT_BYTES:
-        raise DatasetError(f"{where} has {size / 2**30:.1f} GiB, more than any SVHN file ({MAX_MAT_BYTES / 2**30:.0f} "
-                           "GiB at most; extra_32x32.mat has 1.24 GiB): not an SVHN split")
+        raise DatasetError(
+            f"{where} has {size / 2**30:.1f} GiB, more than any SVHN file ({MAX_MAT_BYTES / 2**30:.0f} "
+            "GiB at most; extra_32x32.mat has 1.24 GiB): not an SVHN split"
+        )
     try:
         # The declared shapes first: a small compressed file may declare an array that fills the memory.
         shapes = {name: shape for name, shape, _ in scipy.io.whosmat(str(path))}
@@ -143,8 +148,10 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except DatasetError:
         raise
     except Exception as e:  # scipy raises many types for a damaged file
-        raise DatasetError(f"{where} is not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
-                           "SVHN's format-2 files are MATLAB 5 files with variables X and y") from None
+        raise DatasetError(
+            f"{where} is not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
+            "SVHN's format-2 files are MATLAB 5 files with variables X and y"
+        ) from None
     for var in ("X", "y"):
         if var not in mat:
             raise DatasetError(f"{where} has no variable {var!r}; SVHN's format 2 has X (32,32,3,N) and y (N,1)")
@@ -168,6 +175,7 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 # --- storing ------------------------------------------------------------------------------------
 
+
 def read_split_manifest(store: Store, cfg: JobConfig, split: str) -> dict[str, Any]:
     """The split's manifest (objects, counts, source), every field checked (`check_split_manifest`);
     DatasetMissing names the `prepare` command."""
@@ -182,8 +190,9 @@ def read_split_manifest(store: Store, cfg: JobConfig, split: str) -> dict[str, A
     try:
         return check_split_manifest(checks.parse_json(blob), split_prefix(cfg, split))
     except checks.NotOurs as e:
-        raise DatasetError(f"{store.uri(key)} is not a split manifest this code can use ({e}); "
-                           f"run `{prepare_command(split)} --force`") from None
+        raise DatasetError(
+            f"{store.uri(key)} is not a split manifest this code can use ({e}); run `{prepare_command(split)} --force`"
+        ) from None
 
 
 def check_split_manifest(manifest: Any, prefix: str) -> dict[str, Any]:
@@ -216,8 +225,9 @@ def check_split_manifest(manifest: Any, prefix: str) -> dict[str, Any]:
     return m
 
 
-def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path,
-                  existing: set[str]) -> dict[str, Any]:
+def _write_object(
+    store: Store, prefix: str, stem: str, data: np.ndarray, tmp: Path, existing: set[str]
+) -> dict[str, Any]:
     path = tmp / stem
     data.tofile(path)
     digest = file_hash(path)
@@ -230,8 +240,14 @@ def _write_object(store: Store, prefix: str, stem: str, data: np.ndarray, tmp: P
     return {"key": key, "sha256": digest, "bytes": int(data.nbytes)}
 
 
-def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = None, force: bool = False,
-                  workdir: str | Path | None = None) -> dict[str, Any]:
+def prepare_split(
+    store: Store,
+    cfg: JobConfig,
+    split: str,
+    from_: str | None = None,
+    force: bool = False,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
     """Put one split into the bucket; returns its manifest. A split already there is left alone."""
     prefix = split_prefix(cfg, split)
     if not force:
@@ -247,8 +263,13 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
                 )
             missing = [o["key"] for o in manifest["objects"] if not store.exists(o["key"])]
             if not missing:
-                log.info("%s split already in %s (%d images, source %s): nothing to upload",
-                         split, store.uri(prefix), manifest["count"], manifest["source"]["origin"])
+                log.info(
+                    "%s split already in %s (%d images, source %s): nothing to upload",
+                    split,
+                    store.uri(prefix),
+                    manifest["count"],
+                    manifest["source"]["origin"],
+                )
                 return manifest
             log.warning("%s split manifest lists %d missing objects; preparing it again", split, len(missing))
         except DatasetMissing:
@@ -267,7 +288,7 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
         objects = []
         per = cfg.data.shard_images
         for i, start in enumerate(range(0, len(images), per)):
-            shard = images[start:start + per]
+            shard = images[start : start + per]
             obj = _write_object(store, prefix, f"images-{i:03d}", shard, tmp, existing)
             obj["count"] = len(shard)
             objects.append(obj)
@@ -292,12 +313,14 @@ def prepare_split(store: Store, cfg: JobConfig, split: str, from_: str | None = 
     stale = [k for k in existing if k not in keep and k.endswith(".u8")]
     if stale:
         store.delete(stale)
-    log.info("%s split in %s: %d images, labels %s", split, store.uri(prefix), manifest["count"],
-             manifest["label_histogram"])
+    log.info(
+        "%s split in %s: %d images, labels %s", split, store.uri(prefix), manifest["count"], manifest["label_histogram"]
+    )
     return manifest
 
 
 # --- reading ------------------------------------------------------------------------------------
+
 
 def cached_object(store: Store, obj: dict[str, Any], node: str | None = None) -> Path:
     """A local, hash-checked copy of a manifest object, downloaded once per node (`fetch_once`)."""
@@ -319,9 +342,11 @@ def cached_object(store: Store, obj: dict[str, Any], node: str | None = None) ->
 
     # The name is a checked digest (check_split_manifest), so the path stays in the cache; a file found
     # there is used only if it still has that digest.
-    return fetch_once(cache_dir("objects", node) / checks.sha256(obj["sha256"], "sha256"), download,
-                      ready=lambda p: (p.is_file() and p.stat().st_size == obj["bytes"]
-                                       and file_hash(p) == obj["sha256"]))
+    return fetch_once(
+        cache_dir("objects", node) / checks.sha256(obj["sha256"], "sha256"),
+        download,
+        ready=lambda p: p.is_file() and p.stat().st_size == obj["bytes"] and file_hash(p) == obj["sha256"],
+    )
 
 
 def _split_of(obj: dict[str, Any]) -> str:
@@ -336,8 +361,9 @@ class SplitData:
     manifest: dict[str, Any]
 
 
-def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_images: int | None = None,
-               node: str | None = None) -> SplitData:
+def load_split(
+    store: Store, cfg: JobConfig, split: str | None = None, max_images: int | None = None, node: str | None = None
+) -> SplitData:
     """The split's first `max_images` (default: all) images and labels, in memory, through the cache of
     `node` (a Ray node id; see `cache_dir`).
 
@@ -354,12 +380,16 @@ def load_split(store: Store, cfg: JobConfig, split: str | None = None, max_image
         if start < end:
             with open(cached_object(store, obj, node), "rb") as f:
                 wanted = (end - start) * IMAGE_BYTES
-                if f.readinto(flat[start * IMAGE_BYTES:end * IMAGE_BYTES].data) != wanted:
-                    raise DatasetError(f"the cached copy of {store.uri(obj['key'])} is shorter than its manifest "
-                                       f"says; delete {cache_dir('objects', node)} and start again")
+                if f.readinto(flat[start * IMAGE_BYTES : end * IMAGE_BYTES].data) != wanted:
+                    raise DatasetError(
+                        f"the cached copy of {store.uri(obj['key'])} is shorter than its manifest "
+                        f"says; delete {cache_dir('objects', node)} and start again"
+                    )
         start += obj["count"]
     labels = np.fromfile(cached_object(store, manifest["labels"], node), dtype=np.uint8)[:count]
     if len(labels) != count:
-        raise DatasetError(f"the cached labels of {store.uri(manifest['labels']['key'])} are short; delete "
-                           f"{cache_dir('objects', node)} and start again")
+        raise DatasetError(
+            f"the cached labels of {store.uri(manifest['labels']['key'])} are short; delete "
+            f"{cache_dir('objects', node)} and start again"
+        )
     return SplitData(images, labels, manifest)

@@ -44,9 +44,7 @@ _NEIGHBOUR_INSET = 0.03 * _CANVAS
 
 # Digit frequencies of SVHN's train split (index = digit), so class balance
 # matches what a model trained on real SVHN would see.
-_SVHN_DIGIT_COUNTS = np.array(
-    [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659], dtype=np.float64
-)
+_SVHN_DIGIT_COUNTS = np.array([4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659], dtype=np.float64)
 _DIGIT_PROBS = _SVHN_DIGIT_COUNTS / _SVHN_DIGIT_COUNTS.sum()
 
 _FONT_DIRS = (
@@ -59,8 +57,20 @@ _FONT_DIRS = (
     "C:/Windows/Fonts",
 )
 # Hairline and symbol/CJK faces either make illegible digits or lack them.
-_FONT_SKIP_WORDS = ("light", "thin", "hairline", "math", "symbol", "emoji",
-                    "dingbat", "wingding", "icon", "awesome", "cjk", "braille")
+_FONT_SKIP_WORDS = (
+    "light",
+    "thin",
+    "hairline",
+    "math",
+    "symbol",
+    "emoji",
+    "dingbat",
+    "wingding",
+    "icon",
+    "awesome",
+    "cjk",
+    "braille",
+)
 # Bounds start-up cost on machines with huge font collections.
 _MAX_SYSTEM_FONTS = 24
 
@@ -117,8 +127,7 @@ def _system_fonts() -> list[str]:
         root = Path(directory).expanduser()
         if root.is_dir():
             candidates.update(str(p) for p in root.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
-    usable = [p for p in sorted(candidates)
-              if not any(w in Path(p).stem.lower() for w in _FONT_SKIP_WORDS)]
+    usable = [p for p in sorted(candidates) if not any(w in Path(p).stem.lower() for w in _FONT_SKIP_WORDS)]
     return [p for p in usable if _has_distinct_digits(p)][:_MAX_SYSTEM_FONTS]
 
 
@@ -160,14 +169,21 @@ def _draw_layouts(digits: np.ndarray, rng: np.random.Generator) -> list[_Layout]
         source = sources[font_idx[i]]
         # Even sizes only, so the font cache stays small.
         size = max(8, 2 * round(ink_height[i] / _digit_height_ratio(source) / 2))
-        layouts.append(_Layout(
-            digit=int(digits[i]), font=source, size=size,
-            stroke=round(stroke_frac[i] * size),
-            left=int(neighbours[i, 0]) if has_left[i] else None,
-            right=int(neighbours[i, 1]) if has_right[i] else None,
-            gap=float(gap[i]), angle_deg=float(angle[i]), shear=float(shear[i]),
-            dx=float(dx[i]), dy=float(dy[i]),
-        ))
+        layouts.append(
+            _Layout(
+                digit=int(digits[i]),
+                font=source,
+                size=size,
+                stroke=round(stroke_frac[i] * size),
+                left=int(neighbours[i, 0]) if has_left[i] else None,
+                right=int(neighbours[i, 1]) if has_right[i] else None,
+                gap=float(gap[i]),
+                angle_deg=float(angle[i]),
+                shear=float(shear[i]),
+                dx=float(dx[i]),
+                dy=float(dy[i]),
+            )
+        )
     return layouts
 
 
@@ -207,12 +223,12 @@ def _glyph_mask(layout: _Layout) -> np.ndarray:
         ink(x_left, y, str(layout.left))
     if layout.right is not None:
         n_left, _, n_right, _ = font.getbbox(str(layout.right), stroke_width=layout.stroke)
-        x_right = max(x + right + layout.gap - n_left,
-                      _CANVAS - _NEIGHBOUR_INSET - (n_left + n_right) / 2)
+        x_right = max(x + right + layout.gap - n_left, _CANVAS - _NEIGHBOUR_INSET - (n_left + n_right) / 2)
         ink(x_right, y, str(layout.right))
 
-    image = image.transform((_CANVAS, _CANVAS), Image.Transform.AFFINE,
-                            _inverse_affine(layout), resample=Image.Resampling.BILINEAR)
+    image = image.transform(
+        (_CANVAS, _CANVAS), Image.Transform.AFFINE, _inverse_affine(layout), resample=Image.Resampling.BILINEAR
+    )
     return np.asarray(image)
 
 
@@ -249,8 +265,7 @@ def _backgrounds(bg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     delta = rng.normal(0.0, 0.12, size=(n, 3)) * is_gradient[:, None]
     angle = rng.uniform(0.0, 2 * np.pi, size=n)
     coords = (np.arange(OUT_SIZE) - (OUT_SIZE - 1) / 2) / OUT_SIZE
-    t = (np.cos(angle)[:, None, None] * coords[None, None, :]
-         + np.sin(angle)[:, None, None] * coords[None, :, None])
+    t = np.cos(angle)[:, None, None] * coords[None, None, :] + np.sin(angle)[:, None, None] * coords[None, :, None]
     return bg[:, None, None, :] + t[..., None] * delta[:, None, None, :]
 
 
@@ -352,5 +367,4 @@ def synth_svhn_mat(path: str | os.PathLike, n: int, seed: int = 0) -> None:
     started = time.perf_counter()
     X, y = _render(n, seed, log_progress)
     write_svhn_mat(path, X, y)
-    logger.info("wrote %d synthetic SVHN digits to %s in %.1fs",
-                n, path, time.perf_counter() - started)
+    logger.info("wrote %d synthetic SVHN digits to %s in %.1fs", n, path, time.perf_counter() - started)

@@ -50,9 +50,14 @@ class _RayProcess:
         # A job's entrypoint runs `python` from the node's PATH: make it this environment's interpreter.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([ray_binary(), "start", "--block", "--disable-usage-stats", *args],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env={**os.environ, "PATH": path, **(env or {})})
+            self.proc = subprocess.Popen(
+                [ray_binary(), "start", "--block", "--disable-usage-stats", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "PATH": path, **(env or {})},
+            )
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -99,10 +104,17 @@ class RayHead(_RayProcess):
     processes (e.g. RAY_JOB_START_TIMEOUT_SECONDS, the queue deadline, read by the job manager).
     """
 
-    def __init__(self, log_path: Path, num_cpus: int | None = None, port: int | None = None,
-                 dashboard_port: int | None = None, resources: dict[str, float] | None = None,
-                 autoscaling: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 temp_dir: Path | None = None):
+    def __init__(
+        self,
+        log_path: Path,
+        num_cpus: int | None = None,
+        port: int | None = None,
+        dashboard_port: int | None = None,
+        resources: dict[str, float] | None = None,
+        autoscaling: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        temp_dir: Path | None = None,
+    ):
         super().__init__(log_path)
         # Ray's temp dir holds `ray_current_cluster`, which "auto" addresses resolve to (a job's driver
         # among them): every cluster of the tests gets its own, or a job could reach another, stopped one.
@@ -121,14 +133,22 @@ class RayHead(_RayProcess):
     def start(self, timeout_s: float = 120.0) -> None:
         taken = [p for p in (self.port, self.dashboard_port) if not port_free(p)]
         if taken:
-            raise ClusterError(f"cannot start the Ray head: port(s) {', '.join(map(str, taken))} are taken by "
-                               "another process (see `ss -ltnp`)")
+            raise ClusterError(
+                f"cannot start the Ray head: port(s) {', '.join(map(str, taken))} are taken by "
+                "another process (see `ss -ltnp`)"
+            )
         # A token makes `ray start` turn on token auth: the GCS listens on all interfaces.
         ray_cli("get-auth-token", "--generate", capture=True)
-        args = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}"]
+        args = [
+            "--head",
+            f"--node-ip-address={HEAD_IP}",
+            f"--port={self.port}",
+            f"--temp-dir={self.temp_dir}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]
         if self.num_cpus is not None:
             args.append(f"--num-cpus={self.num_cpus}")
         if self.resources:
@@ -161,19 +181,32 @@ class RayHead(_RayProcess):
             "cluster_name": "dcgan-ray-local",
             "max_workers": sum(t["max_workers"] for t in autoscaling.values()),
             "idle_timeout_minutes": 5,
-            "provider": {"type": "external", "module": "dcgan_ray.dev.loopback_provider.LoopbackFakeProvider",
-                         "gcs_address": self.address, "disable_launch_config_check": True,
-                         "disable_node_updaters": True, "foreground_node_launch": True, "launch_multiple": True,
-                         "head_node_id": "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"},
+            "provider": {
+                "type": "external",
+                "module": "dcgan_ray.dev.loopback_provider.LoopbackFakeProvider",
+                "gcs_address": self.address,
+                "disable_launch_config_check": True,
+                "disable_node_updaters": True,
+                "foreground_node_launch": True,
+                "launch_multiple": True,
+                "head_node_id": "fffffffffffffffffffffffffffffffffffffffffffffffffff00000",
+            },
             "auth": {"ssh_user": "nobody"},
             "head_node_type": "ray.head.default",
             "available_node_types": {
                 "ray.head.default": {"resources": head_resources, "node_config": {}, "max_workers": 0},
                 **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in autoscaling.items()},
             },
-            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-            "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
             "worker_start_ray_commands": [],
         }
 
@@ -181,18 +214,29 @@ class RayHead(_RayProcess):
 class RayNode(_RayProcess):
     """A worker node joining `head` on its own loopback address (127.0.0.3, .4, ...)."""
 
-    def __init__(self, head: RayHead, ip: str, log_path: Path, num_cpus: int = 1,
-                 resources: dict[str, float] | None = None):
+    def __init__(
+        self, head: RayHead, ip: str, log_path: Path, num_cpus: int = 1, resources: dict[str, float] | None = None
+    ):
         super().__init__(log_path)
         self.head, self.ip, self.num_cpus, self.resources = head, ip, num_cpus, resources or {}
 
     def start(self, timeout_s: float = 60.0) -> None:
         import ray
 
-        ports = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
-                 "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")
-        args = [f"--address={self.head.address}", f"--node-ip-address={self.ip}", f"--num-cpus={self.num_cpus}",
-                *(f"--{p}={free_port()}" for p in ports)]
+        ports = (
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-grpc-port",
+            "dashboard-agent-listen-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+        args = [
+            f"--address={self.head.address}",
+            f"--node-ip-address={self.ip}",
+            f"--num-cpus={self.num_cpus}",
+            *(f"--{p}={free_port()}" for p in ports),
+        ]
         if self.resources:
             args.append(f"--resources={json.dumps(self.resources)}")
         self._launch(args)

@@ -74,10 +74,21 @@ class SeaweedServer:
     def command(self) -> list[str]:
         p = self.ports
         cmd = [
-            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={p.s3}", f"-master.port={p.master}", f"-volume.port={p.volume}",
-            f"-filer.port={p.filer}", f"-webdav.port={p.webdav}", f"-admin.port={p.admin}", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={p.s3}",
+            f"-master.port={p.master}",
+            f"-volume.port={p.volume}",
+            f"-filer.port={p.filer}",
+            f"-webdav.port={p.webdav}",
+            f"-admin.port={p.admin}",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
         ]
         if self.buckets:
             cmd.append(f"-bucket={','.join(self.buckets)}")
@@ -99,7 +110,10 @@ class SeaweedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=detach,
             )
         self._wait_ready(timeout_s)
@@ -108,14 +122,18 @@ class SeaweedServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ClusterError(f"SeaweedFS exited with code {self.proc.returncode} at start-up; "
-                                   f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+                raise ClusterError(
+                    f"SeaweedFS exited with code {self.proc.returncode} at start-up; "
+                    f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+                )
             if http_answers(self.endpoint) and self._buckets_ready():
                 return
             time.sleep(0.3)
         self.stop()
-        raise ClusterError(f"SeaweedFS did not answer on {self.endpoint} within {timeout_s:.0f} s; "
-                           f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+        raise ClusterError(
+            f"SeaweedFS did not answer on {self.endpoint} within {timeout_s:.0f} s; "
+            f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+        )
 
     def _buckets_ready(self) -> bool:
         if not self.buckets:

@@ -78,13 +78,21 @@ def up(num_cpus: int | None, job_slots: int = 1, queue_timeout_s: int = 3600) ->
     else:
         # RAY_JOB_START_TIMEOUT_SECONDS: how long Ray's job manager lets a job wait for its job slot.
         # Ray's default temp dir, so `ray status` and `ray.init()` on this machine find the dev cluster.
-        head = RayHead(base / "ray.log", num_cpus, port=RAY_PORT, dashboard_port=DASHBOARD_PORT,
-                       resources={JOB_SLOT: job_slots}, env={"RAY_JOB_START_TIMEOUT_SECONDS": str(queue_timeout_s)},
-                       temp_dir=Path(tempfile.gettempdir()) / "ray")
+        head = RayHead(
+            base / "ray.log",
+            num_cpus,
+            port=RAY_PORT,
+            dashboard_port=DASHBOARD_PORT,
+            resources={JOB_SLOT: job_slots},
+            env={"RAY_JOB_START_TIMEOUT_SECONDS": str(queue_timeout_s)},
+            temp_dir=Path(tempfile.gettempdir()) / "ray",
+        )
         head.start()
         (base / "ray.pid").write_text(str(head.pid))
-        print(f"Ray head up at {HEAD_IP}:{RAY_PORT} with {job_slots} job slot(s), dashboard and job API at "
-              f"http://127.0.0.1:{DASHBOARD_PORT}")
+        print(
+            f"Ray head up at {HEAD_IP}:{RAY_PORT} with {job_slots} job slot(s), dashboard and job API at "
+            f"http://127.0.0.1:{DASHBOARD_PORT}"
+        )
     print("clients need: source cluster/dev.env  (AWS_* credentials, AWS_ENDPOINT_URL, RAY_AUTH_MODE=token)")
 
 
@@ -94,23 +102,30 @@ def tensorboard(logdir: str, port: int) -> None:
     pid_file = base / "tensorboard.pid"
     endpoint = os.environ.get("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_dev_ports().s3}")
     if pid := _pid_alive(pid_file):
-        print(f"TensorBoard already up (pid {pid}): http://127.0.0.1:{(base / 'tensorboard.port').read_text()}; "
-              "`cluster/local.sh down` stops it with the rest")
+        print(
+            f"TensorBoard already up (pid {pid}): http://127.0.0.1:{(base / 'tensorboard.port').read_text()}; "
+            "`cluster/local.sh down` stops it with the rest"
+        )
         return
     server = TensorBoardServer(logdir, endpoint, base / "tensorboard.log", port=port)
     server.start()
     assert server.proc is not None  # start() launched it or raised
     pid_file.write_text(str(server.proc.pid))
     (base / "tensorboard.port").write_text(str(port))
-    print(f"TensorBoard up at {server.url} over {logdir} (log {base / 'tensorboard.log'}); by hand it is:\n"
-          f"  {command_line(logdir, endpoint, os.environ.get('AWS_DEFAULT_REGION', 'us-east-1'), port)}")
+    print(
+        f"TensorBoard up at {server.url} over {logdir} (log {base / 'tensorboard.log'}); by hand it is:\n"
+        f"  {command_line(logdir, endpoint, os.environ.get('AWS_DEFAULT_REGION', 'us-east-1'), port)}"
+    )
 
 
 def down() -> None:
     """Stop what `up` and `tensorboard` started, by the process groups they recorded; no other Ray, S3
     server or TensorBoard is touched."""
-    for label, pid_file in (("TensorBoard", stack_dir() / "tensorboard.pid"), ("Ray head", stack_dir() / "ray.pid"),
-                            ("S3 (SeaweedFS)", stack_dir() / "seaweedfs.pid")):
+    for label, pid_file in (
+        ("TensorBoard", stack_dir() / "tensorboard.pid"),
+        ("Ray head", stack_dir() / "ray.pid"),
+        ("S3 (SeaweedFS)", stack_dir() / "seaweedfs.pid"),
+    ):
         pid = _pid_alive(pid_file)
         if pid:
             stop_process_group(pid)
@@ -129,8 +144,7 @@ def status() -> bool:
     ray_ok = bool(ray_pid) and http_answers(f"http://127.0.0.1:{DASHBOARD_PORT}")
     print(f"S3 (SeaweedFS): {'up at ' + endpoint if s3_ok else 'down'}" + (f" (pid {pid})" if pid else ""))
     ray_state = f"up at {HEAD_IP}:{RAY_PORT}, dashboard http://127.0.0.1:{DASHBOARD_PORT}" if ray_ok else "down"
-    print(f"Ray head:       {ray_state}"
-          + (f" (pid {ray_pid})" if ray_pid else ""))
+    print(f"Ray head:       {ray_state}" + (f" (pid {ray_pid})" if ray_pid else ""))
     tb_pid = _pid_alive(stack_dir() / "tensorboard.pid")
     if tb_pid:
         print(f"TensorBoard:    http://127.0.0.1:{(stack_dir() / 'tensorboard.port').read_text()} (pid {tb_pid})")
@@ -144,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start SeaweedFS and a Ray head on loopback (idempotent)")
     p_up.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray offers (default: all cores)")
     p_up.add_argument("--job-slots", type=int, default=1, help="jobs run at a time; more wait queued (default 1)")
-    p_up.add_argument("--queue-timeout", type=int, default=3600,
-                      help="seconds a queued job waits for a slot before it fails (default 3600)")
+    p_up.add_argument(
+        "--queue-timeout",
+        type=int,
+        default=3600,
+        help="seconds a queued job waits for a slot before it fails (default 3600)",
+    )
     p_tb = sub.add_parser("tensorboard", help="start TensorBoard on 127.0.0.1 over the runs in the bucket")
     p_tb.add_argument("--logdir", default=DEV_RUNS, help=f"runs folder to show (default {DEV_RUNS})")
     p_tb.add_argument("--port", type=int, default=TENSORBOARD_PORT, help=f"port (default {TENSORBOARD_PORT})")

@@ -44,20 +44,43 @@ class Link:
     source: str  # where the numbers come from
 
 
-LINKS = {link.name: link for link in (
-    Link("nvlink", 150.0, 5.0, "NCCL reaches 230-480 GB/s bus bandwidth on A100/H100 NVLink for large "
-         "messages; assumed 150 at this network's 1-20 MB buckets"),
-    Link("pcie", 10.0, 10.0, "GPUs of one node without NVLink (g5.12xlarge's 4 A10G): PCIe 4.0 x16 "
-         "carries 32 GB/s each way, NCCL's ring through the host bridges far less; assumed 10"),
-    Link("efa", 40.0, 20.0, "p4d's 4 x 100 Gb/s EFA (50 GB/s) at about 80% through NCCL's OFI plugin; assumed"),
-    Link("ethernet_100g", 12.5, 50.0, "100 Gb/s line rate: an upper bound (TCP gets ~80-90% of it)"),
-    Link("ethernet_25g", 3.125, 50.0, "25 Gb/s line rate: an upper bound"),
-    Link("ethernet_10g", 1.25, 50.0, "10 Gb/s line rate: an upper bound, and the AWS recipe's g5.xlarge has "
-         "it only as a burst ('up to 10 Gb/s'; the baseline is lower)"),
-    Link("loopback", 1.0, 50.0, "gloo between two 1-thread processes on this project's 2-core machine: "
-         "23.9 MB all-reduced in 24-26 ms with the cores free (29-80 ms while other work shared them; "
-         "benchmarks/scaling.py)"),
-)}
+LINKS = {
+    link.name: link
+    for link in (
+        Link(
+            "nvlink",
+            150.0,
+            5.0,
+            "NCCL reaches 230-480 GB/s bus bandwidth on A100/H100 NVLink for large "
+            "messages; assumed 150 at this network's 1-20 MB buckets",
+        ),
+        Link(
+            "pcie",
+            10.0,
+            10.0,
+            "GPUs of one node without NVLink (g5.12xlarge's 4 A10G): PCIe 4.0 x16 "
+            "carries 32 GB/s each way, NCCL's ring through the host bridges far less; assumed 10",
+        ),
+        Link("efa", 40.0, 20.0, "p4d's 4 x 100 Gb/s EFA (50 GB/s) at about 80% through NCCL's OFI plugin; assumed"),
+        Link("ethernet_100g", 12.5, 50.0, "100 Gb/s line rate: an upper bound (TCP gets ~80-90% of it)"),
+        Link("ethernet_25g", 3.125, 50.0, "25 Gb/s line rate: an upper bound"),
+        Link(
+            "ethernet_10g",
+            1.25,
+            50.0,
+            "10 Gb/s line rate: an upper bound, and the AWS recipe's g5.xlarge has "
+            "it only as a burst ('up to 10 Gb/s'; the baseline is lower)",
+        ),
+        Link(
+            "loopback",
+            1.0,
+            50.0,
+            "gloo between two 1-thread processes on this project's 2-core machine: "
+            "23.9 MB all-reduced in 24-26 ms with the cores free (29-80 ms while other work shared them; "
+            "benchmarks/scaling.py)",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -75,8 +98,11 @@ class StepCost:
 def _gpu(tflop_s: float, name: str, peak: str) -> StepCost:
     """Eager fp32 (all speed options off; cuDNN's default TF32 convolutions) at 35% of the TF32 tensor
     peak, plus 1.5 ms of launches (~200 kernels a step at ~7 us each)."""
-    return StepCost(1.5e-3, 1.14e9 / (0.35 * tflop_s * 1e12),
-                    f"estimate for {name} (35% of its {peak} TF32 peak + 1.5 ms of launches; not measured)")
+    return StepCost(
+        1.5e-3,
+        1.14e9 / (0.35 * tflop_s * 1e12),
+        f"estimate for {name} (35% of its {peak} TF32 peak + 1.5 ms of launches; not measured)",
+    )
 
 
 STEP_ESTIMATES = {
@@ -89,8 +115,12 @@ STEP_ESTIMATES = {
 names of `ray.util.accelerators`, not imported here so this module needs no Ray).
 Estimates from FLOPs, 1.14 GFLOP per image: no GPU was available to measure them. Replace them with
 the step `bash benchmarks/gpu.sh` measures (`scaling.step_ms`)."""
-CPU_CORE = StepCost(0.0, 1 / 90, "measured on this project's 2-core EPYC: 90 img/s on one free core (1.42 s a "
-                                 "step at batch 128, benchmarks/scaling.py)")
+CPU_CORE = StepCost(
+    0.0,
+    1 / 90,
+    "measured on this project's 2-core EPYC: 90 img/s on one free core (1.42 s a "
+    "step at batch 128, benchmarks/scaling.py)",
+)
 UNKNOWN_GPU = "A10G"
 """The estimate used for a GPU type the table lacks: the AWS recipe's, and a slow one, so a warning errs
 towards too few workers rather than too many."""
@@ -129,8 +159,15 @@ def allreduce_seconds(num_bytes: float, workers: int, link: Link, buckets: int =
     return (workers - 1) / workers * 2 * num_bytes / (link.bus_gb_s * 1e9) + rounds * buckets * link.latency_us * 1e-6
 
 
-def predict(workers: int, step_s: float, link: Link, batch_per_worker: int = 128, compression: str = "none",
-            bucket_mb: float = 25.0, params: tuple[int, ...] = (D_PARAMS, G_PARAMS)) -> Prediction:
+def predict(
+    workers: int,
+    step_s: float,
+    link: Link,
+    batch_per_worker: int = 128,
+    compression: str = "none",
+    bucket_mb: float = 25.0,
+    params: tuple[int, ...] = (D_PARAMS, G_PARAMS),
+) -> Prediction:
     """Images/s and efficiency of `workers` workers whose step (compute alone) takes `step_s` at
     `batch_per_worker`, all-reducing `params` (one all-reduce per network) over `link`."""
     sent = BYTES_PER_VALUE[compression]
@@ -155,8 +192,9 @@ class JobPrediction:
 
 def gpu_types(nodes: list[dict[str, float]]) -> list[str]:
     """GPU types of the nodes with GPUs, from the `accelerator_type:<type>` resource Ray gives them."""
-    return sorted({key.split(":", 1)[1] for n in nodes if n.get("GPU", 0) > 0 for key in n
-                   if key.startswith("accelerator_type:")})
+    return sorted(
+        {key.split(":", 1)[1] for n in nodes if n.get("GPU", 0) > 0 for key in n if key.startswith("accelerator_type:")}
+    )
 
 
 def choose_link(cfg: JobConfig, nodes: list[dict[str, float]]) -> tuple[Link, str]:
@@ -191,16 +229,25 @@ def step_cost(cfg: JobConfig, nodes: list[dict[str, float]]) -> StepCost:
     if known:
         return STEP_ESTIMATES[max(known, key=lambda t: STEP_ESTIMATES[t].seconds(batch))]
     cost = STEP_ESTIMATES[UNKNOWN_GPU]
-    return StepCost(cost.fixed_s, cost.per_image_s,
-                    f"GPU type {'/'.join(types) or 'not reported'} has no estimate, so {cost.source}")
+    return StepCost(
+        cost.fixed_s,
+        cost.per_image_s,
+        f"GPU type {'/'.join(types) or 'not reported'} has no estimate, so {cost.source}",
+    )
 
 
 def predict_job(cfg: JobConfig, nodes: list[dict[str, float]]) -> JobPrediction:
     """The prediction for `cfg` on a cluster whose live nodes offer `nodes` (Ray's resource dicts)."""
     link, why = choose_link(cfg, nodes)
     step = step_cost(cfg, nodes)
-    p = predict(cfg.scaling.max_workers, step.seconds(cfg.train.batch_size), link, cfg.train.batch_size,
-                cfg.speed.grad_compression, cfg.speed.ddp_bucket_mb)
+    p = predict(
+        cfg.scaling.max_workers,
+        step.seconds(cfg.train.batch_size),
+        link,
+        cfg.train.batch_size,
+        cfg.speed.grad_compression,
+        cfg.speed.ddp_bucket_mb,
+    )
     return JobPrediction(p, link, why, step)
 
 
@@ -211,12 +258,16 @@ def describe_job(cfg: JobConfig, nodes: list[dict[str, float]]) -> tuple[str, st
     p = j.prediction
     kind = "GPU" if cfg.scaling.use_gpu else "CPU"
     if p.workers == 1:
-        return (f"predicted: 1 {kind} worker, {p.images_per_s:,.0f} img/s at batch {p.batch_per_worker} "
-                f"({j.step.source}); no gradient all-reduce"), None
-    line = (f"predicted: {p.workers} {kind} workers, {p.images_per_s:,.0f} img/s, scaling efficiency "
-            f"{p.efficiency:.0%} (step {p.step_s * 1e3:.1f} ms at batch {p.batch_per_worker}: {j.step.source}; "
-            f"all-reduce of {p.gradient_bytes / 1e6:.1f} MB {p.allreduce_s * 1e3:.1f} ms over {j.link.name} at "
-            f"{j.link.bus_gb_s:g} GB/s, {j.link_reason}; docs/scaling.md)")
+        return (
+            f"predicted: 1 {kind} worker, {p.images_per_s:,.0f} img/s at batch {p.batch_per_worker} "
+            f"({j.step.source}); no gradient all-reduce"
+        ), None
+    line = (
+        f"predicted: {p.workers} {kind} workers, {p.images_per_s:,.0f} img/s, scaling efficiency "
+        f"{p.efficiency:.0%} (step {p.step_s * 1e3:.1f} ms at batch {p.batch_per_worker}: {j.step.source}; "
+        f"all-reduce of {p.gradient_bytes / 1e6:.1f} MB {p.allreduce_s * 1e3:.1f} ms over {j.link.name} at "
+        f"{j.link.bus_gb_s:g} GB/s, {j.link_reason}; docs/scaling.md)"
+    )
     if p.efficiency >= WARN_BELOW:
         return line, None
     return line, _advice(cfg, j)
@@ -227,23 +278,32 @@ def _advice(cfg: JobConfig, j: JobPrediction) -> str:
     p, changes = j.prediction, []
 
     def again(**kw) -> float:
-        args = {"workers": p.workers, "step_s": p.step_s, "link": j.link, "batch_per_worker": p.batch_per_worker,
-                "compression": cfg.speed.grad_compression, "bucket_mb": cfg.speed.ddp_bucket_mb, **kw}
+        args = {
+            "workers": p.workers,
+            "step_s": p.step_s,
+            "link": j.link,
+            "batch_per_worker": p.batch_per_worker,
+            "compression": cfg.speed.grad_compression,
+            "bucket_mb": cfg.speed.ddp_bucket_mb,
+            **kw,
+        }
         return predict(**args).efficiency
 
     if cfg.scaling.use_gpu and j.link.name.startswith("ethernet"):
-        changes.append(f"set scaling.one_node: true on a cluster with {p.workers}-GPU nodes "
-                       f"({again(link=LINKS['pcie']):.0%} over PCIe, more over NVLink)")
+        changes.append(
+            f"set scaling.one_node: true on a cluster with {p.workers}-GPU nodes "
+            f"({again(link=LINKS['pcie']):.0%} over PCIe, more over NVLink)"
+        )
     if cfg.speed.grad_compression == "none":
         changes.append(f"set speed.grad_compression: bf16 ({again(compression='bf16'):.0%})")
     bigger = 4 * p.batch_per_worker
     at_bigger = again(batch_per_worker=bigger, step_s=j.step.seconds(bigger))
     changes.append(f"raise train.batch_size to {bigger} ({at_bigger:.0%}; a larger global batch trains differently)")
-    changes.append("or run many trials as a study (dcgan-ray tune, 1-worker trials: ~100% each) instead of one "
-                   "wide job")
+    changes.append(
+        "or run many trials as a study (dcgan-ray tune, 1-worker trials: ~100% each) instead of one wide job"
+    )
     speed_vs_one = p.efficiency * p.workers
-    return (f"predicted scaling efficiency {p.efficiency:.0%} is below {WARN_BELOW:.0%}: {p.workers} workers "
-            f"would train {speed_vs_one:.2f}x as fast as one while using {p.workers}x the hardware; "
-            + ", ".join(changes))
-
-
+    return (
+        f"predicted scaling efficiency {p.efficiency:.0%} is below {WARN_BELOW:.0%}: {p.workers} workers "
+        f"would train {speed_vs_one:.2f}x as fast as one while using {p.workers}x the hardware; " + ", ".join(changes)
+    )

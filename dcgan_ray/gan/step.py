@@ -233,15 +233,26 @@ def run_epoch(
         if on_log is not None and log_every and (i + 1) % log_every == 0:
             now = time.perf_counter()
             vals = (window / window_steps).tolist()
-            on_log(i + 1, {
-                "loss_d": vals[0], "loss_g": vals[1], "d_real": vals[2], "d_fake": vals[3],
-                "images_per_s": window_steps * batches.shape[1] / (now - window_start),
-            })
+            on_log(
+                i + 1,
+                {
+                    "loss_d": vals[0],
+                    "loss_g": vals[1],
+                    "d_real": vals[2],
+                    "d_fake": vals[3],
+                    "images_per_s": window_steps * batches.shape[1] / (now - window_start),
+                },
+            )
             window.zero_()
             window_start, window_steps = now, 0
     steps = batches.shape[0]
     vals = (totals / max(steps, 1)).tolist()
     return EpochStats(
-        loss_d=vals[0], loss_g=vals[1], d_real=vals[2], d_fake=vals[3],
-        images=steps * batches.shape[1], seconds=time.perf_counter() - start, steps=steps,
+        loss_d=vals[0],
+        loss_g=vals[1],
+        d_real=vals[2],
+        d_fake=vals[3],
+        images=steps * batches.shape[1],
+        seconds=time.perf_counter() - start,
+        steps=steps,
     )

@@ -125,8 +125,13 @@ def train_classifier(
     if steps == 0:
         raise ValueError(f"{images.shape[0]} images cannot fill one batch of {batch_size}; lower batch_size")
     if epochs * steps < min_steps:
-        log.info("%d epochs of %d steps are fewer than the %d steps asked for: training %d epochs", epochs, steps,
-                 min_steps, -(-min_steps // steps))
+        log.info(
+            "%d epochs of %d steps are fewer than the %d steps asked for: training %d epochs",
+            epochs,
+            steps,
+            min_steps,
+            -(-min_steps // steps),
+        )
         epochs = -(-min_steps // steps)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
@@ -154,24 +159,34 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            window += torch.stack([
-                loss.detach() * batch_size,
-                (logits.detach().argmax(dim=1) == y).sum().to(window.dtype),
-                torch.tensor(float(batch_size), device=device),
-            ])
+            window += torch.stack(
+                [
+                    loss.detach() * batch_size,
+                    (logits.detach().argmax(dim=1) == y).sum().to(window.dtype),
+                    torch.tensor(float(batch_size), device=device),
+                ]
+            )
             if (log_every and (i + 1) % log_every == 0) or i + 1 == steps:
                 loss_sum, correct, seen = window.tolist()
-                log.info("classifier epoch %d/%d step %d/%d: loss %.3f, accuracy %.3f, %.0f images/s",
-                         epoch + 1, epochs, i + 1, steps, loss_sum / seen, correct / seen,
-                         seen / (time.perf_counter() - window_start))
+                log.info(
+                    "classifier epoch %d/%d step %d/%d: loss %.3f, accuracy %.3f, %.0f images/s",
+                    epoch + 1,
+                    epochs,
+                    i + 1,
+                    steps,
+                    loss_sum / seen,
+                    correct / seen,
+                    seen / (time.perf_counter() - window_start),
+                )
                 window.zero_()
                 window_start = time.perf_counter()
     return model.eval()
 
 
 @torch.no_grad()
-def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
-             on_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(
+    model: DigitClassifier, x: torch.Tensor, batch_size: int = 512, on_host: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, feature_dim) and class probabilities (N, 10) of x, float in [-1, 1], on the CPU
     (`on_host`) or left on the model's device (evaluation sums them there).
 
@@ -185,7 +200,7 @@ def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
     features, probs = [], []
     try:
         for start in range(0, x.shape[0], batch_size):
-            f = model.features(x[start:start + batch_size].to(device))
+            f = model.features(x[start : start + batch_size].to(device))
             features.append(f.to(out))
             probs.append(torch.softmax(model.head(f), dim=1).to(out))
     finally:
@@ -195,8 +210,9 @@ def classify(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512,
     return torch.cat(features), torch.cat(probs)
 
 
-def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 512) -> float:
+def evaluate_accuracy(
+    model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
     """Fraction of uint8 (N, 3, 32, 32) images whose most likely class is their digit label."""
     _check_labelled(images, labels)
     if images.shape[0] == 0:
@@ -204,8 +220,8 @@ def evaluate_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torc
     correct = 0
     # Converted batch by batch: the whole set as float would be 4x its uint8 size.
     for start in range(0, images.shape[0], batch_size):
-        _, probs = classify(model, to_model_input(images[start:start + batch_size]), batch_size)
-        correct += int((probs.argmax(dim=1) == labels[start:start + batch_size].cpu().long()).sum())
+        _, probs = classify(model, to_model_input(images[start : start + batch_size]), batch_size)
+        correct += int((probs.argmax(dim=1) == labels[start : start + batch_size].cpu().long()).sum())
     return correct / images.shape[0]
 
 
@@ -230,13 +246,17 @@ def load_classifier(state: dict) -> DigitClassifier:
     """The classifier saved by `save_state`, in eval mode on the CPU."""
     if not isinstance(state, dict) or state.get("arch") != ARCH:
         found = state.get("arch") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"classifier state has architecture {found!r}, this code builds {ARCH!r}; "
-                              "train the classifier again with this version")
+        raise CheckpointError(
+            f"classifier state has architecture {found!r}, this code builds {ARCH!r}; "
+            "train the classifier again with this version"
+        )
     feature_dim = state.get("feature_dim")
     # It sets a layer's size: a planted value must not allocate gigabytes (this code trains 128).
     if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or not 1 <= feature_dim <= 4096:
-        raise CheckpointError(f"classifier state has feature_dim {feature_dim!r}, not an integer in [1, 4096]; "
-                              "train the classifier again with this version")
+        raise CheckpointError(
+            f"classifier state has feature_dim {feature_dim!r}, not an integer in [1, 4096]; "
+            "train the classifier again with this version"
+        )
     model = DigitClassifier(feature_dim=feature_dim)
     try:
         model.load_state_dict(state["state"])

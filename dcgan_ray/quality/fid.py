@@ -59,8 +59,11 @@ class FeatureStats:
     def empty(cls, dim: int, device: torch.device | str = "cpu") -> FeatureStats:
         if dim < 1:
             raise ValueError(f"feature dimension must be at least 1, got {dim}")
-        return cls(0, torch.zeros(dim, dtype=torch.float64, device=device),
-                   torch.zeros(dim, dim, dtype=torch.float64, device=device))
+        return cls(
+            0,
+            torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dim, dtype=torch.float64, device=device),
+        )
 
     @property
     def dim(self) -> int:
@@ -82,8 +85,11 @@ class FeatureStats:
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         """Add a (batch, d) block of features, accumulating in float64 on the features' device."""
-        x = (features.detach() if isinstance(features, torch.Tensor)
-             else torch.from_numpy(np.ascontiguousarray(features)))
+        x = (
+            features.detach()
+            if isinstance(features, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(features))
+        )
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (batch, {self.dim}), got shape {tuple(x.shape)}")
         x = x.to(torch.float64)
@@ -107,11 +113,13 @@ class FeatureStats:
 
         n travels as float64, exact up to 2**53 feature vectors.
         """
-        return torch.cat([
-            torch.tensor([float(self.n)], dtype=torch.float64, device=self.device),
-            self._total,
-            self._outer.reshape(-1),
-        ])
+        return torch.cat(
+            [
+                torch.tensor([float(self.n)], dtype=torch.float64, device=self.device),
+                self._total,
+                self._outer.reshape(-1),
+            ]
+        )
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> FeatureStats:
@@ -123,8 +131,8 @@ class FeatureStats:
             raise ValueError(f"a tensor of {size} values is not [n, total (d), outer (d*d)] for any d")
         return cls(
             n=int(round(flat[0].item())),  # a CPU-GPU sync point (once per evaluation)
-            total=flat[1:1 + dim].clone(),
-            outer=flat[1 + dim:].reshape(dim, dim).clone(),
+            total=flat[1 : 1 + dim].clone(),
+            outer=flat[1 + dim :].reshape(dim, dim).clone(),
         )
 
     def save(self, file: str | os.PathLike | BinaryIO) -> None:
@@ -189,8 +197,11 @@ def frechet_distance(
 
     covmean, residual = _sqrtm(sigma1 @ sigma2)
     if residual > _SQRTM_RESIDUAL_TOL:
-        log.warning("sqrt(S1 S2) is inaccurate (relative residual %.2g); adding %g to the covariances' "
-                    "diagonals and retrying", residual, eps)
+        log.warning(
+            "sqrt(S1 S2) is inaccurate (relative residual %.2g); adding %g to the covariances' diagonals and retrying",
+            residual,
+            eps,
+        )
         offset = np.eye(d) * eps
         covmean, residual = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
@@ -200,8 +211,10 @@ def frechet_distance(
     if np.iscomplexobj(covmean):
         imag = np.max(np.abs(np.diagonal(covmean).imag))
         if imag > _IMAG_RTOL * max(abs(tr_covmean.real), 1.0):
-            raise ValueError(f"sqrt(S1 S2) has an imaginary part of {imag:.3g}, too large for round-off; "
-                             "the covariances are not valid (symmetric positive semi-definite) matrices")
+            raise ValueError(
+                f"sqrt(S1 S2) has an imaginary part of {imag:.3g}, too large for round-off; "
+                "the covariances are not valid (symmetric positive semi-definite) matrices"
+            )
         tr_covmean = tr_covmean.real
 
     diff = mu1 - mu2
@@ -210,8 +223,9 @@ def frechet_distance(
     distance = mean_term + trace_terms - 2.0 * float(tr_covmean)
     if distance < 0.0:
         if distance < -_NEGATIVE_RTOL * max(mean_term + trace_terms, 1.0):
-            raise ValueError(f"Fréchet distance came out at {distance:.3g} < 0; the covariances are not "
-                             "positive semi-definite")
+            raise ValueError(
+                f"Fréchet distance came out at {distance:.3g} < 0; the covariances are not positive semi-definite"
+            )
         distance = 0.0
     return distance
 

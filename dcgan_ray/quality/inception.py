@@ -49,6 +49,7 @@ class WeightsError(DcganError):
 
 # --- the network --------------------------------------------------------------------------------
 
+
 def resize_like_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of float (N, C, H, W) to (N, C, size, size) exactly as TF1's
     `tf.image.resize_bilinear(align_corners=False)`, which the FID graph uses and PyTorch's
@@ -241,8 +242,9 @@ class InceptionV3Pool3(nn.Module):
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images_uint8.dtype} "
-                             f"{tuple(images_uint8.shape)}")
+            raise ValueError(
+                f"expected uint8 images (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+            )
         x = resize_like_tf1(images_uint8.to(torch.float32), self.input_size)  # N x 3 x 299 x 299
         # The TF graph multiplies by 0.0078125 (= 1/128); dividing is bit-identical.
         x = (x - 128) / 128
@@ -269,15 +271,18 @@ class InceptionV3Pool3(nn.Module):
 
 # --- the weights --------------------------------------------------------------------------------
 
+
 def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "s3://"))
 
 
 def _how_to_provide() -> str:
-    return (f"To provide the weights: download {INCEPTION_URL} on a machine with internet access and set "
-            "eval.inception_weights to its local path or to an s3:// URI in your bucket (e.g. `aws s3 cp "
-            f"{WEIGHTS_FILENAME} s3://BUCKET/weights/`), or use the digit-classifier metric, which needs no "
-            "outside weights")
+    return (
+        f"To provide the weights: download {INCEPTION_URL} on a machine with internet access and set "
+        "eval.inception_weights to its local path or to an s3:// URI in your bucket (e.g. `aws s3 cp "
+        f"{WEIGHTS_FILENAME} s3://BUCKET/weights/`), or use the digit-classifier metric, which needs no "
+        "outside weights"
+    )
 
 
 def _hash_mismatch(uri: str, expected: str, actual: str, fate: str) -> WeightsError:
@@ -354,24 +359,28 @@ def _model_from_file(path: Path, uri: str) -> InceptionV3Pool3:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
         # torch's own message suggests weights_only=False, which is no fix for a file that is not weights.
-        raise WeightsError(f"{where} cannot be read as PyTorch weights ({type(e).__name__}): "
-                           f"{not_fid}. {_how_to_provide()}") from None
+        raise WeightsError(
+            f"{where} cannot be read as PyTorch weights ({type(e).__name__}): {not_fid}. {_how_to_provide()}"
+        ) from None
     if not isinstance(state, Mapping):
-        raise WeightsError(f"{where} holds a {type(state).__name__}, not a state dict: {not_fid}. "
-                           f"{_how_to_provide()}")
+        raise WeightsError(f"{where} holds a {type(state).__name__}, not a state dict: {not_fid}. {_how_to_provide()}")
     model = InceptionV3Pool3()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         # PyTorch lists every missing/unexpected key; the start is enough to see what the file is.
         detail = " ".join(str(e).split())[:300]
-        raise WeightsError(f"{where} does not fit the network: {not_fid} ({detail}...). "
-                           f"{_how_to_provide()}") from None
+        raise WeightsError(f"{where} does not fit the network: {not_fid} ({detail}...). {_how_to_provide()}") from None
     return model
 
 
-def load_inception(uri: str, sha256: str | None = None, cache_dir: Path | None = None,
-                   storage: StorageSection | None = None, device: str | torch.device = "cpu") -> InceptionV3Pool3:
+def load_inception(
+    uri: str,
+    sha256: str | None = None,
+    cache_dir: Path | None = None,
+    storage: StorageSection | None = None,
+    device: str | torch.device = "cpu",
+) -> InceptionV3Pool3:
     """The FID feature network with the weights at `uri` (see `fetch_weights`), frozen, in eval mode, on
     `device`. With no `sha256` (eval.inception_sha256 unset) any file is accepted and a download's
     hash is logged."""

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 METRIC_NAMES = {extractor: metric for metric, extractor in METRICS.items()}
 
+
 class Extractor:
     """Features (and class probabilities, or None) of a batch of images in [-1, 1]."""
 
@@ -79,7 +80,8 @@ class InceptionExtractor(Extractor):
 MORE_CLASSIFIER_TRAINING = (
     "Train it again on more data or for longer: prepare the whole split (drop classifier.max_images), or "
     "raise classifier.min_steps / classifier.epochs, e.g. `dcgan-ray classifier train {config} --set "
-    "classifier.min_steps=2000`")
+    "classifier.min_steps=2000`"
+)
 
 
 def load_digit_classifier(store: Store, cfg: JobConfig) -> tuple[DigitClassifier, dict]:
@@ -96,8 +98,10 @@ def load_digit_classifier(store: Store, cfg: JobConfig) -> tuple[DigitClassifier
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         meta = state["meta"]
     except Exception as e:  # noqa: BLE001 -- torch raises many types for a damaged file
-        raise CheckpointError(f"the digit classifier at {store.uri(key)} cannot be read ({type(e).__name__}); "
-                              "train it again with `dcgan-ray classifier train {config}`") from None
+        raise CheckpointError(
+            f"the digit classifier at {store.uri(key)} cannot be read ({type(e).__name__}); "
+            "train it again with `dcgan-ray classifier train {config}`"
+        ) from None
     return load_classifier(state["model"]), {**meta, "uri": store.uri(key), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
@@ -114,7 +118,8 @@ def check_classifier(store: Store, cfg: JobConfig) -> dict | None:
             f"{accuracy if accuracy is None else f'{accuracy:.3f}'} "
             f"on {meta.get('test_images', '?')} images, below eval.min_classifier_accuracy="
             f"{cfg.eval.min_classifier_accuracy:g}: its digit_fd would rank samples by features that do not tell "
-            f"digits apart. {MORE_CLASSIFIER_TRAINING}")
+            f"digits apart. {MORE_CLASSIFIER_TRAINING}"
+        )
     return meta
 
 
@@ -126,8 +131,9 @@ def load_extractors(store: Store, cfg: JobConfig, device: torch.device) -> list[
     if "inception" in cfg.eval.extractors:
         from dcgan_ray.quality.inception import load_inception
 
-        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage,
-                                   device=device)
+        inception = load_inception(
+            cfg.eval.inception_weights, cfg.eval.inception_sha256, storage=cfg.storage, device=device
+        )
         ident = (cfg.eval.inception_sha256 or hashlib.sha256(cfg.eval.inception_weights.encode()).hexdigest())[:16]
         extractors.append(InceptionExtractor(inception, ident))
     return extractors
@@ -138,16 +144,20 @@ class SampleStats:
     on the device of what they are given (no host transfer per batch); `prob_sum` and
     `neg_entropy_sum` bring them to the host at the end."""
 
-    def __init__(self, features: FeatureStats, prob_sum: np.ndarray | torch.Tensor,
-                 neg_entropy_sum: float | torch.Tensor):
+    def __init__(
+        self, features: FeatureStats, prob_sum: np.ndarray | torch.Tensor, neg_entropy_sum: float | torch.Tensor
+    ):
         self.features = features
         self._prob_sum = torch.as_tensor(prob_sum, dtype=torch.float64)  # (10,) sum of p(y|x); zeros without
         self._neg_entropy_sum = torch.as_tensor(neg_entropy_sum, dtype=torch.float64)  # () sum over x of sum_y p log p
 
     @classmethod
     def empty(cls, dim: int, device: torch.device | str = "cpu") -> SampleStats:
-        return cls(FeatureStats.empty(dim, device), torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device),
-                   torch.zeros((), dtype=torch.float64, device=device))
+        return cls(
+            FeatureStats.empty(dim, device),
+            torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.float64, device=device),
+        )
 
     @property
     def prob_sum(self) -> np.ndarray:
@@ -168,13 +178,14 @@ class SampleStats:
 
     def to_tensor(self) -> torch.Tensor:
         device = self.features.device
-        return torch.cat([self.features.to_tensor(), self._prob_sum.to(device),
-                          self._neg_entropy_sum.to(device).reshape(1)])
+        return torch.cat(
+            [self.features.to_tensor(), self._prob_sum.to(device), self._neg_entropy_sum.to(device).reshape(1)]
+        )
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> SampleStats:
         t = t.cpu()  # at the end of an evaluation: one transfer to the host
-        return cls(FeatureStats.from_tensor(t[:-NUM_CLASSES - 1]), t[-NUM_CLASSES - 1:-1].clone(), t[-1].clone())
+        return cls(FeatureStats.from_tensor(t[: -NUM_CLASSES - 1]), t[-NUM_CLASSES - 1 : -1].clone(), t[-1].clone())
 
     def class_histogram(self) -> np.ndarray:
         return self.prob_sum / max(self.prob_sum.sum(), 1e-12)
@@ -187,8 +198,12 @@ class SampleStats:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, features=np.frombuffer(self.features.to_bytes(), dtype=np.uint8), prob_sum=self.prob_sum,
-                 neg_entropy_sum=np.array(self.neg_entropy_sum))
+        np.savez(
+            buf,
+            features=np.frombuffer(self.features.to_bytes(), dtype=np.uint8),
+            prob_sum=self.prob_sum,
+            neg_entropy_sum=np.array(self.neg_entropy_sum),
+        )
         return buf.getvalue()
 
     @classmethod
@@ -223,11 +238,18 @@ def generated_batches(netG: torch.nn.Module, count: int, z_dim: int, batch_size:
 def real_batches(images_uint8: np.ndarray | torch.Tensor, batch_size: int, device: torch.device):
     images = torch.as_tensor(images_uint8)
     for start in range(0, len(images), batch_size):
-        yield to_model_input(images[start:start + batch_size].to(device))
+        yield to_model_input(images[start : start + batch_size].to(device))
 
 
-def reference_stats(store: Store, cfg: JobConfig, extractors: list[Extractor], images_uint8: np.ndarray | torch.Tensor,
-                    device: torch.device, rank: int = 0, world: int = 1) -> dict[str, SampleStats]:
+def reference_stats(
+    store: Store,
+    cfg: JobConfig,
+    extractors: list[Extractor],
+    images_uint8: np.ndarray | torch.Tensor,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, SampleStats]:
     """The real split's statistics per extractor: from S3 when already computed, else computed and stored.
 
     A collective when world > 1: rank 0 decides what is missing, every rank computes its share (every
@@ -246,8 +268,12 @@ def reference_stats(store: Store, cfg: JobConfig, extractors: list[Extractor], i
     missing = [e for e in extractors if e.name in missing_names]
     if missing:
         if rank == 0:
-            log.info("computing reference statistics of %d real images for %s on %d rank(s)", count,
-                     ", ".join(e.name for e in missing), world)
+            log.info(
+                "computing reference statistics of %d real images for %s on %d rank(s)",
+                count,
+                ", ".join(e.name for e in missing),
+                world,
+            )
         share = image_stats(missing, real_batches(images_uint8[rank::world], cfg.eval.batch_size, device))
         total = all_reduce_sum(stats_to_tensor(share, [e.name for e in missing]).to(device))
         computed = stats_from_tensor(total, missing)
@@ -282,7 +308,7 @@ def stats_from_tensor(t: torch.Tensor, extractors: list[Extractor]) -> dict[str,
     out, offset = {}, 0
     for e in extractors:
         size = 1 + e.feature_dim + e.feature_dim**2 + NUM_CLASSES + 1
-        out[e.name] = SampleStats.from_tensor(t[offset:offset + size])
+        out[e.name] = SampleStats.from_tensor(t[offset : offset + size])
         offset += size
     return out
 
@@ -299,8 +325,15 @@ class Evaluator:
     all-reduce sufficient statistics, and rank 0 gets the metrics ({} on the others).
     """
 
-    def __init__(self, store: Store, cfg: JobConfig, real_images: np.ndarray | torch.Tensor, device: torch.device,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        store: Store,
+        cfg: JobConfig,
+        real_images: np.ndarray | torch.Tensor,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.cfg, self.device, self.rank = cfg, device, rank
         self.extractors = load_extractors(store, cfg, device)
         self.reference = reference_stats(store, cfg, self.extractors, real_images, device, rank, world)
@@ -308,8 +341,14 @@ class Evaluator:
 
     def __call__(self, netG: torch.nn.Module, seed: int) -> dict[str, float]:
         start = time.perf_counter()
-        batches = generated_batches(unwrap(netG), self.share, self.cfg.model.z_dim, self.cfg.eval.batch_size,
-                                    seed=seed * 7919 + 104729 + self.rank, device=self.device)
+        batches = generated_batches(
+            unwrap(netG),
+            self.share,
+            self.cfg.model.z_dim,
+            self.cfg.eval.batch_size,
+            seed=seed * 7919 + 104729 + self.rank,
+            device=self.device,
+        )
         names = [e.name for e in self.extractors]
         # A collective and a CPU-GPU sync point: every rank's statistics, summed.
         total = all_reduce_sum(stats_to_tensor(image_stats(self.extractors, batches), names).to(self.device))
@@ -321,6 +360,10 @@ class Evaluator:
                 # What digit_fd is worth: every record of it (run.json, Tune, the study report) carries it.
                 metrics["classifier_accuracy"] = e.accuracy
         metrics["eval_seconds"] = time.perf_counter() - start
-        log.info("quality of %d samples: %s (%.1f s)", self.cfg.eval.num_samples, describe_metrics(metrics),
-                 metrics["eval_seconds"])
+        log.info(
+            "quality of %d samples: %s (%.1f s)",
+            self.cfg.eval.num_samples,
+            describe_metrics(metrics),
+            metrics["eval_seconds"],
+        )
         return metrics

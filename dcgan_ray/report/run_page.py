@@ -86,15 +86,15 @@ def sample_paths(manifest: dict[str, Any], run_uri: str) -> dict[int, str]:
     """Epoch -> the grid's path in the run folder (samples/epoch_NNNN.png), for the run's own grids only."""
     found = {}
     for uri in manifest.get("samples", {}).get("epochs", []):
-        relative = uri[len(run_uri) + 1:] if isinstance(uri, str) and uri.startswith(f"{run_uri}/") else ""
+        relative = uri[len(run_uri) + 1 :] if isinstance(uri, str) and uri.startswith(f"{run_uri}/") else ""
         if SAMPLE_FILE.fullmatch(relative) and relative.startswith("samples/epoch_"):
-            found[int(relative[len("samples/epoch_"):-len(".png")])] = relative
+            found[int(relative[len("samples/epoch_") : -len(".png")])] = relative
     return found
 
 
 def animation_path(manifest: dict[str, Any], run_uri: str) -> str | None:
     uri = manifest.get("samples", {}).get("gif")
-    relative = uri[len(run_uri) + 1:] if isinstance(uri, str) and uri.startswith(f"{run_uri}/") else ""
+    relative = uri[len(run_uri) + 1 :] if isinstance(uri, str) and uri.startswith(f"{run_uri}/") else ""
     return relative if relative == "samples/progress.gif" else None
 
 
@@ -112,9 +112,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(int(number)) if number.is_integer() and abs(number) < 1e9 else f"{number:.{digits}f}"
 
 
-TIMING_COLUMNS = [("epoch", "epoch"), ("step", "step"), ("epoch_seconds", "seconds"), ("images_per_s", "images/s"),
-                  ("world_size", "workers"), ("loss_d", "loss_d"), ("loss_g", "loss_g"), ("d_real", "D(x)"),
-                  ("d_fake", "D(G(z))")]
+TIMING_COLUMNS = [
+    ("epoch", "epoch"),
+    ("step", "step"),
+    ("epoch_seconds", "seconds"),
+    ("images_per_s", "images/s"),
+    ("world_size", "workers"),
+    ("loss_d", "loss_d"),
+    ("loss_g", "loss_g"),
+    ("d_real", "D(x)"),
+    ("d_fake", "D(G(z))"),
+]
 
 
 def _epochs_table(history: list[dict[str, Any]], metric: str) -> str:
@@ -129,26 +137,34 @@ def _epochs_table(history: list[dict[str, Any]], metric: str) -> str:
 def _status_lines(manifest: dict[str, Any], metric: str) -> list[str]:
     history = manifest.get("history", [])
     seconds = sum(s for h in history if (s := _number(h.get("epoch_seconds"))) is not None)
-    lines = [f"<b>{html.escape(str(manifest.get('status', '?')))}</b>, {_fmt(manifest.get('epochs_completed', 0))} of "
-             f"{_fmt(manifest.get('epochs_total', '?'))} epochs; last update {_fmt(manifest.get('updated', '?'))}",
-             f"training time {seconds / 60:.1f} min over {sum(1 for h in history if h.get('epoch', 0) > 0)} epochs "
-             f"(sum of epoch times, evaluation included)"]
+    lines = [
+        f"<b>{html.escape(str(manifest.get('status', '?')))}</b>, {_fmt(manifest.get('epochs_completed', 0))} of "
+        f"{_fmt(manifest.get('epochs_total', '?'))} epochs; last update {_fmt(manifest.get('updated', '?'))}",
+        f"training time {seconds / 60:.1f} min over {sum(1 for h in history if h.get('epoch', 0) > 0)} epochs "
+        f"(sum of epoch times, evaluation included)",
+    ]
     if manifest.get("world_size"):
         lines.append(f"{_fmt(manifest['world_size'])} worker(s), global batch {_fmt(manifest.get('global_batch'))}")
     best = manifest.get("checkpoints", {}).get("best")
     if isinstance(best, dict):
-        lines.append(f"best {html.escape(str(best.get('metric', metric)))} {_fmt(best.get('value'))} at epoch "
-                     f"{_fmt(best.get('epoch'))}: <code>{html.escape(str(best.get('uri')))}</code>")
+        lines.append(
+            f"best {html.escape(str(best.get('metric', metric)))} {_fmt(best.get('value'))} at epoch "
+            f"{_fmt(best.get('epoch'))}: <code>{html.escape(str(best.get('uri')))}</code>"
+        )
     if manifest.get("checkpoints", {}).get("latest"):
         lines.append(f"latest checkpoint: <code>{html.escape(str(manifest['checkpoints']['latest']))}</code>")
     resumed = manifest.get("resumed_from")
     if isinstance(resumed, dict):
-        lines.append(f"resumed at epoch {_fmt(resumed.get('epoch'))} from "
-                     f"<code>{html.escape(str(resumed.get('checkpoint')))}</code>")
+        lines.append(
+            f"resumed at epoch {_fmt(resumed.get('epoch'))} from "
+            f"<code>{html.escape(str(resumed.get('checkpoint')))}</code>"
+        )
     for resize in manifest.get("resizes", []) if isinstance(manifest.get("resizes"), list) else []:
         if isinstance(resize, dict):
-            lines.append(f"from epoch {_fmt(resize.get('epoch'))}: {_fmt(resize.get('from'))} -> "
-                         f"{_fmt(resize.get('to'))} workers")
+            lines.append(
+                f"from epoch {_fmt(resize.get('epoch'))}: {_fmt(resize.get('from'))} -> "
+                f"{_fmt(resize.get('to'))} workers"
+            )
     if manifest.get("submission_id"):
         lines.append(f"submission <code>{html.escape(str(manifest['submission_id']))}</code>")
     return lines
@@ -158,21 +174,27 @@ def render(manifest: dict[str, Any], run_uri: str, curves_name: str, tensorboard
     """index.html of the run."""
     raw_config = manifest.get("config")
     config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
-    metric = str(config.get("eval", {}).get("metric", "digit_fd")) if isinstance(config.get("eval"), dict) \
-        else "digit_fd"
+    metric = (
+        str(config.get("eval", {}).get("metric", "digit_fd")) if isinstance(config.get("eval"), dict) else "digit_fd"
+    )
     history = [h for h in manifest.get("history", []) if isinstance(h, dict)]
     name = html.escape(str(manifest.get("name", run_uri.rsplit("/", 1)[-1])))
     metric_of = {h["epoch"]: h.get(metric) for h in history}
     grids = sample_paths(manifest, run_uri)
     figures = "\n".join(
         f'<figure class="grid"><img src="../{html.escape(grids[e])}" alt="samples after epoch {e}" width="256">'
-        f"<figcaption>epoch {e}" + (f" &middot; {html.escape(metric)} {_fmt(metric_of[e], 1)}"
-                                   if _number(metric_of.get(e)) is not None else "") + "</figcaption></figure>"
-        for e in shown_epochs(sorted(grids)))
+        f"<figcaption>epoch {e}"
+        + (f" &middot; {html.escape(metric)} {_fmt(metric_of[e], 1)}" if _number(metric_of.get(e)) is not None else "")
+        + "</figcaption></figure>"
+        for e in shown_epochs(sorted(grids))
+    )
     gif = animation_path(manifest, run_uri)
-    animation = (f'<figure><img src="../{gif}" alt="the samples epoch by epoch" width="256"><figcaption>every '
-                 "epoch's grid, animated</figcaption></figure>" if gif else
-                 "<p>The animation is written when training finishes.</p>")
+    animation = (
+        f'<figure><img src="../{gif}" alt="the samples epoch by epoch" width="256"><figcaption>every '
+        "epoch's grid, animated</figcaption></figure>"
+        if gif
+        else "<p>The animation is written when training finishes.</p>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Run {name}</title>
 <style>{PAGE_CSS}
@@ -227,8 +249,10 @@ def download_run_page(store: Store, layout: RunLayout, out_dir: Path, tensorboar
     (out_dir/report/index.html, out_dir/samples/...); returns index.html's path."""
     manifest = read_run_manifest(store, layout)
     if manifest is None:
-        raise DcganError(f"no run at {layout.uri} (no run.json): check the name, and the bucket and prefix "
-                         "(--config, or --runs s3://BUCKET/PREFIX/runs); `dcgan-ray runs` lists the runs there")
+        raise DcganError(
+            f"no run at {layout.uri} (no run.json): check the name, and the bucket and prefix "
+            "(--config, or --runs s3://BUCKET/PREFIX/runs); `dcgan-ray runs` lists the runs there"
+        )
     wanted = list(sample_paths(manifest, layout.uri).values())
     if (gif := animation_path(manifest, layout.uri)) is not None:
         wanted.append(gif)
@@ -238,6 +262,7 @@ def download_run_page(store: Store, layout: RunLayout, out_dir: Path, tensorboar
         try:
             target.write_bytes(store.get_bytes(f"{layout.prefix}/{relative}"))
         except ObjectMissing:
-            log.warning("%s/%s is named in run.json but is not in the bucket: left out of the page", layout.uri,
-                        relative)
+            log.warning(
+                "%s/%s is named in run.json but is not in the bucket: left out of the page", layout.uri, relative
+            )
     return write_run_page(manifest, layout.uri, out_dir / "report", tensorboard_logdir)[-1]

@@ -36,10 +36,16 @@ def list_runs(store: Store, runs_prefix: str) -> list[RunRow]:
         if m is None:  # a folder without run.json: not a run (or one whose driver never started)
             continue
         best = m.get("checkpoints", {}).get("best")
-        rows.append(RunRow(
-            name, str(m.get("status", "?")), f"{m.get('epochs_completed', 0)}/{m.get('epochs_total', '?')}",
-            f"{best['metric']} {best['value']:.2f} @{best['epoch']}" if best else "",
-            str(m.get("updated", "")), str(m.get("submission_id") or "")))
+        rows.append(
+            RunRow(
+                name,
+                str(m.get("status", "?")),
+                f"{m.get('epochs_completed', 0)}/{m.get('epochs_total', '?')}",
+                f"{best['metric']} {best['value']:.2f} @{best['epoch']}" if best else "",
+                str(m.get("updated", "")),
+                str(m.get("submission_id") or ""),
+            )
+        )
     return sorted(rows, key=lambda r: r.updated, reverse=True)
 
 

@@ -110,8 +110,10 @@ def verify(files: dict[str, bytes | None], manifest: bytes | None, label: str) -
         if data is None:
             raise CheckpointError(f"{torn}: {name} is missing")
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(f"{torn}: {name} has {len(data)} bytes and another sha256 than the "
-                                  f"{expected['bytes']} bytes its manifest lists")
+            raise CheckpointError(
+                f"{torn}: {name} has {len(data)} bytes and another sha256 than the "
+                f"{expected['bytes']} bytes its manifest lists"
+            )
 
 
 def load_checkpoint(source: str | Path | bytes, label: str | None = None) -> dict[str, Any]:
@@ -125,8 +127,9 @@ def load_checkpoint(source: str | Path | bytes, label: str | None = None) -> dic
         raise CheckpointError(f"checkpoint {label} does not exist") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         detail = str(e).splitlines()[0].split(". ")[0][:200] if str(e) else ""  # torch's first sentence says it
-        raise CheckpointError(f"checkpoint {label} is damaged or truncated and cannot be read "
-                              f"({type(e).__name__}: {detail})") from None
+        raise CheckpointError(
+            f"checkpoint {label} is damaged or truncated and cannot be read ({type(e).__name__}: {detail})"
+        ) from None
     except Exception as e:  # torch's weights-only unpickler raises UnpicklingError and others
         raise CheckpointError(f"checkpoint {label} is not a dcgan-ray checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
@@ -173,8 +176,10 @@ def read_checkpoint_uri(uri: str, storage: StorageSection) -> dict[str, Any]:
     for folder in folders:
         if store.exists(f"{folder}/{CHECKPOINT_FILE}") or store.exists(f"{folder}/{MANIFEST_FILE}"):
             return read_checkpoint_dir(store, folder)
-    raise CheckpointError(f"no checkpoint at {uri} on {store.endpoint}: give the URI of a checkpoint.pt, its "
-                          "checkpoint_epoch_NNNN folder, or a run folder with a run.json")
+    raise CheckpointError(
+        f"no checkpoint at {uri} on {store.endpoint}: give the URI of a checkpoint.pt, its "
+        "checkpoint_epoch_NNNN folder, or a run folder with a run.json"
+    )
 
 
 def read_checkpoint_dir(store: Store, folder: str) -> dict[str, Any]:
@@ -195,8 +200,12 @@ def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> None:
     """Upload a folder written by `save_checkpoint`: every file first, its manifest last."""
     listed = json.loads((local_dir / MANIFEST_FILE).read_bytes())["files"]
     for name, entry in listed.items():
-        store.upload_file(local_dir / name, f"{folder}/{name}", label=f"upload {folder.rsplit('/', 1)[-1]}/{name}",
-                          on_bytes=faults.halfway("upload_checkpoint_file", entry["bytes"]))
+        store.upload_file(
+            local_dir / name,
+            f"{folder}/{name}",
+            label=f"upload {folder.rsplit('/', 1)[-1]}/{name}",
+            on_bytes=faults.halfway("upload_checkpoint_file", entry["bytes"]),
+        )
     faults.reached("before_manifest")
     store.put_bytes(f"{folder}/{MANIFEST_FILE}", (local_dir / MANIFEST_FILE).read_bytes(), "application/json")
     faults.reached("after_manifest")
@@ -262,13 +271,17 @@ class Checkpointer:
                 log.warning("%s; trying the run's older checkpoints", e)
                 continue
             if first is None:
-                log.debug("Ray Train has no checkpoint of run %s registered; its newest intact one is %s",
-                          self.layout.uri, self.store.uri(folder))
+                log.debug(
+                    "Ray Train has no checkpoint of run %s registered; its newest intact one is %s",
+                    self.layout.uri,
+                    self.store.uri(folder),
+                )
             return state, folder
         if candidates:
             raise CheckpointError(
                 f"run {self.layout.uri} has checkpoints but none is intact; refusing to start over and overwrite "
-                "it. Delete the torn checkpoint folders or choose a new `name`")
+                "it. Delete the torn checkpoint folders or choose a new `name`"
+            )
         return None, None
 
     def _remove_cut_uploads(self, folders: list[str], first: str | None) -> list[str]:
@@ -286,9 +299,13 @@ class Checkpointer:
             cut.append(folder)
         for folder in cut:
             self.store.delete(self.store.list_keys(f"{folder}/"))
-            log.warning("checkpoint %s has no %s: its upload was cut (its worker or node was lost at the end of "
-                        "epoch %d); removed it, and that epoch is trained again", self.store.uri(folder),
-                        MANIFEST_FILE, epoch_of_key(folder))
+            log.warning(
+                "checkpoint %s has no %s: its upload was cut (its worker or node was lost at the end of "
+                "epoch %d); removed it, and that epoch is trained again",
+                self.store.uri(folder),
+                MANIFEST_FILE,
+                epoch_of_key(folder),
+            )
         return cut
 
     def _recorded_durable(self) -> str | None:
@@ -318,8 +335,9 @@ class Checkpointer:
         upload_checkpoint(self.store, local_dir, folder)
         return folder
 
-    def keep_if_best(self, best: dict[str, Any] | None, epoch: int, value: float | None,
-                     state: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    def keep_if_best(
+        self, best: dict[str, Any] | None, epoch: int, value: float | None, state: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
         """Copy the checkpoint to <run>/best/ when `value` of the metric beats `best` (lower is better).
 
         Returns the new best record ({uri, epoch, metric, value}) or None when `best` stands.
@@ -332,9 +350,16 @@ class Checkpointer:
         # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
         # so a reader sees a torn checkpoint, never a wrong one.
         self.store.put_bytes(self.layout.best_key, data)
-        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
-                             manifest_bytes({CHECKPOINT_FILE: data}, epoch), "application/json")
-        record = {"uri": self.store.uri(self.layout.best_dir_key), "epoch": epoch,
-                  "metric": self.metric, "value": value}
+        self.store.put_bytes(
+            f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
+            manifest_bytes({CHECKPOINT_FILE: data}, epoch),
+            "application/json",
+        )
+        record = {
+            "uri": self.store.uri(self.layout.best_dir_key),
+            "epoch": epoch,
+            "metric": self.metric,
+            "value": value,
+        }
         log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])
         return record

@@ -73,7 +73,10 @@ def sha256(value: Any, what: str) -> str:
 
 def key_under(value: Any, prefix: str, what: str) -> str:
     """A key inside `prefix/` whose every further segment is a plain name (no '..', no empty segment)."""
-    if not isinstance(value, str) or not value.startswith(prefix + "/") or not all(
-            NAME_PATTERN.fullmatch(part) for part in value[len(prefix) + 1:].split("/")):
+    if (
+        not isinstance(value, str)
+        or not value.startswith(prefix + "/")
+        or not all(NAME_PATTERN.fullmatch(part) for part in value[len(prefix) + 1 :].split("/"))
+    ):
         raise NotOurs(f"{what} is not a key under {prefix}/")
     return value

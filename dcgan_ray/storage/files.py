@@ -41,8 +41,9 @@ def cache_dir(kind: str, node: str | None = None) -> Path:
     return (root / f"node-{node[:16]}" if node else root) / kind
 
 
-def download_url(url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60,
-                 max_bytes: int = 4 * 2**30) -> None:
+def download_url(
+    url: str, part: Path, expected_size: int | None = None, timeout_s: float = 60, max_bytes: int = 4 * 2**30
+) -> None:
     """Stream an http(s) URL into `part` with a progress line.
 
     Raises DownloadError with the reason when the request fails, fewer bytes arrive than the server
@@ -118,5 +119,11 @@ class Progress:
             if now - self._last >= self.every_s or self.transferred >= self.total:
                 self._last = now
                 rate = self.transferred / max(now - self._start, 1e-9) / 2**20
-                log.info("%s: %.1f/%.1f MiB (%3.0f%%, %.0f MiB/s)", self.label, self.transferred / 2**20,
-                         self.total / 2**20, 100 * self.transferred / max(self.total, 1), rate)
+                log.info(
+                    "%s: %.1f/%.1f MiB (%3.0f%%, %.0f MiB/s)",
+                    self.label,
+                    self.transferred / 2**20,
+                    self.total / 2**20,
+                    100 * self.transferred / max(self.total, 1),
+                    rate,
+                )

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 
-def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1,
-               pad: int = 0) -> Image.Image:
+def grid_image(
+    pixels: torch.Tensor | np.ndarray, columns: int | None = None, scale: int = 1, pad: int = 0
+) -> Image.Image:
     """uint8 images (N, 3, H, W) -> one RGB image of `columns` tiles per row, upscaled `scale` times."""
     arr = np.asarray(pixels)
     n, _, h, w = arr.shape
@@ -20,7 +21,7 @@ def grid_image(pixels: torch.Tensor | np.ndarray, columns: int | None = None, sc
     canvas = np.zeros((rows * (h + pad) - pad, columns * (w + pad) - pad, 3), dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, columns)
-        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = arr[i].transpose(1, 2, 0)
+        canvas[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = arr[i].transpose(1, 2, 0)
     image = Image.fromarray(canvas, "RGB")
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)

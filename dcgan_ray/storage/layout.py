@@ -73,19 +73,19 @@ resumes from its own state.json and each trial's run folder)."""
 class RunLayout:
     """The keys of one run folder:
 
-      run.json                          the manifest: status, config, per-epoch metrics, artifact URIs
-      config.yaml                       the resolved job config
-      samples/epoch_0001.png ...        G on the fixed noise after each epoch (8x8 grid, 32 px tiles)
-      samples/latest.png                the newest of those
-      samples/progress.gif              all epochs, animated (written at the end)
-      checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`; each
-      checkpoint_epoch_0001/manifest.json ...   folder's manifest (sizes, sha256) is written last
-      best/checkpoint.pt, best/manifest.json    the checkpoint with the best `eval.metric`, kept apart
-      validations/epoch_0001.json ...   with eval.in_task: each scoring task's result (its one writer),
-                                        merged into run.json by the recorder and the driver
-      checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
-      events.out.tfevents.* ...         TensorBoard event files, one per epoch (dcgan_ray.train.events)
-      report/index.html, report/curves.png   the run page (dcgan_ray.report.run_page)
+    run.json                          the manifest: status, config, per-epoch metrics, artifact URIs
+    config.yaml                       the resolved job config
+    samples/epoch_0001.png ...        G on the fixed noise after each epoch (8x8 grid, 32 px tiles)
+    samples/latest.png                the newest of those
+    samples/progress.gif              all epochs, animated (written at the end)
+    checkpoint_epoch_0001/checkpoint.pt ...   Ray Train's checkpoints, the last `checkpoint.keep`; each
+    checkpoint_epoch_0001/manifest.json ...   folder's manifest (sizes, sha256) is written last
+    best/checkpoint.pt, best/manifest.json    the checkpoint with the best `eval.metric`, kept apart
+    validations/epoch_0001.json ...   with eval.in_task: each scoring task's result (its one writer),
+                                      merged into run.json by the recorder and the driver
+    checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
+    events.out.tfevents.* ...         TensorBoard event files, one per epoch (dcgan_ray.train.events)
+    report/index.html, report/curves.png   the run page (dcgan_ray.report.run_page)
     """
 
     bucket: str

@@ -66,8 +66,9 @@ def check_run_manifest(manifest: Any, layout: RunLayout) -> dict[str, Any]:
         checks.text(best.get("metric"), "checkpoints.best.metric", 64)
         uris.append(("checkpoints.best.uri", best.get("uri")))
     for what, uri in uris:
-        if uri is not None and not (isinstance(uri, str) and uri.startswith(f"{layout.uri}/")
-                                    and ".." not in uri.split("/")):
+        if uri is not None and not (
+            isinstance(uri, str) and uri.startswith(f"{layout.uri}/") and ".." not in uri.split("/")
+        ):
             raise checks.NotOurs(f"{what} is not in the run's folder {layout.uri}")
     return m
 
@@ -108,6 +109,7 @@ def set_run_status(store: Store, layout: RunLayout, status: str) -> None:
 
 # With eval.in_task each scoring task writes its result to `validations/epoch_NNNN.json` (see
 # dcgan_ray.train.validation); what follows folds those into run.json, which only its writers call.
+
 
 def epoch_of_key(folder_or_key: str) -> int:
     """The epoch in `.../checkpoint_epoch_NNNN[_rK]` or `.../validations/epoch_NNNN.json`."""
@@ -180,5 +182,8 @@ def discard_results_after(store: Store, layout: RunLayout, epoch: int) -> None:
 
 def unscored_epochs(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:
     """Eval epochs in run.json without a result: their task timed out or never ran."""
-    return [h["epoch"] for h in manifest["history"] if h["epoch"] > 0 and cfg.is_eval_epoch(h["epoch"])
-            and "scored" not in h]
+    return [
+        h["epoch"]
+        for h in manifest["history"]
+        if h["epoch"] > 0 and cfg.is_eval_epoch(h["epoch"]) and "scored" not in h
+    ]

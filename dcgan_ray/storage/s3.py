@@ -54,8 +54,12 @@ _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 _SERVER_BUSY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
 # No connection, a timeout, a connection cut mid-transfer; s3transfer's give-up after its own download retries.
 # (botocore's SSLError is a ConnectionError too, but a certificate problem is not fixed by waiting.)
-_TRANSIENT = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
-              botocore.exceptions.IncompleteReadError, boto3.exceptions.RetriesExceededError)
+_TRANSIENT = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    boto3.exceptions.RetriesExceededError,
+)
 
 
 class _Outage:
@@ -77,8 +81,14 @@ def _outage_failed(endpoint: str, budget_s: float, attempt: int, failure: str, d
         outage = _outages.get(endpoint)
         if outage is None:
             outage = _outages[endpoint] = _Outage(failure)
-            log.warning("S3 endpoint %s is not answering (%s while trying to %s); retrying for up to %.0f s "
-                        "(storage.retry_budget_s)", endpoint, failure, doing, budget_s)
+            log.warning(
+                "S3 endpoint %s is not answering (%s while trying to %s); retrying for up to %.0f s "
+                "(storage.retry_budget_s)",
+                endpoint,
+                failure,
+                doing,
+                budget_s,
+            )
         left = outage.started + budget_s - time.monotonic()
         if left <= 0:
             return None
@@ -93,14 +103,19 @@ def _outage_over(endpoint: str) -> None:
     with _outages_lock:
         outage = _outages.pop(endpoint, None)
     if outage is not None:
-        log.warning("S3 endpoint %s answers again after %.1f s (%d retries); carrying on, nothing lost",
-                    endpoint, time.monotonic() - outage.started, outage.retries)
+        log.warning(
+            "S3 endpoint %s answers again after %.1f s (%d retries); carrying on, nothing lost",
+            endpoint,
+            time.monotonic() - outage.started,
+            outage.retries,
+        )
 
 
 def outage_seconds(endpoint: str) -> float | None:
     """How long the endpoint's current outage has lasted in this process (None: no outage)."""
     outage = _outages.get(endpoint)
     return None if outage is None else time.monotonic() - outage.started
+
 
 # Multipart above 64 MiB with 8 threads: full speed on loopback and on real S3 alike.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=8)
@@ -110,7 +125,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/key` -> ("bucket", "some/key")."""
     if not uri.startswith("s3://"):
         raise StorageError(f"{uri!r} is not an s3:// URI (expected s3://BUCKET/KEY)")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri!r} names no bucket (expected s3://BUCKET/KEY)")
     return bucket, key.strip("/")
@@ -157,8 +172,11 @@ class Store:
                     result = request()
             except _Unreachable as e:
                 target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
-                wait = (_outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
-                        if wait_out_outages else None)
+                wait = (
+                    _outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
+                    if wait_out_outages
+                    else None
+                )
                 if wait is None:
                     message = self._unreachable_message(what, key, e.failure, wait_out_outages)
                     raise StorageUnreachable(message) from None
@@ -171,13 +189,17 @@ class Store:
     def _unreachable_message(self, what: str, key: str | None, failure: str, wait_out_outages: bool) -> str:
         target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
         if not wait_out_outages:
-            return (f"cannot reach the S3 endpoint {self.endpoint} (tried {CONNECT_ATTEMPTS} times) while trying "
-                    f"to {what} {target}: {failure}. Is the server up (`cluster/local.sh status` for the dev "
-                    "stack) and is storage.endpoint right?")
-        return (f"the S3 endpoint {self.endpoint} did not answer for {outage_seconds(self.endpoint) or 0:.0f} s "
-                f"(storage.retry_budget_s = {self.cfg.retry_budget_s:g}) while trying to {what} {target}: "
-                f"{failure}. Everything written before is kept: once the endpoint is back, run the command "
-                "again (a training job or study resumes from its last checkpoint)")
+            return (
+                f"cannot reach the S3 endpoint {self.endpoint} (tried {CONNECT_ATTEMPTS} times) while trying "
+                f"to {what} {target}: {failure}. Is the server up (`cluster/local.sh status` for the dev "
+                "stack) and is storage.endpoint right?"
+            )
+        return (
+            f"the S3 endpoint {self.endpoint} did not answer for {outage_seconds(self.endpoint) or 0:.0f} s "
+            f"(storage.retry_budget_s = {self.cfg.retry_budget_s:g}) while trying to {what} {target}: "
+            f"{failure}. Everything written before is kept: once the endpoint is back, run the command "
+            "again (a training job or study resumes from its last checkpoint)"
+        )
 
     @contextlib.contextmanager
     def _errors(self, what: str, key: str | None = None) -> Iterator[None]:
@@ -192,9 +214,10 @@ class Store:
                 "environment of this process and of every Ray node"
             ) from None
         except botocore.exceptions.SSLError as e:
-            raise StorageError(f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
-                               f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate"
-                               ) from None
+            raise StorageError(
+                f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
+                f"{e}. Check storage.endpoint (http:// or https://) and the server's certificate"
+            ) from None
         except _TRANSIENT as e:
             raise _Unreachable(type(e).__name__) from None
         except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as e:
@@ -215,16 +238,22 @@ class Store:
                 raise ObjectMissing(f"{target} does not exist on {self.endpoint}") from None
             if code in _SERVER_BUSY_CODES:
                 raise _Unreachable(f"the server answered {code}") from None
-            raise StorageError(f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
-                               f"{client_error.response.get('Error', {}).get('Message', client_error)}") from None
+            raise StorageError(
+                f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
+                f"{client_error.response.get('Error', {}).get('Message', client_error)}"
+            ) from None
 
     def _not_s3_message(self, answer: str) -> str:
-        return (f"storage.endpoint {self.endpoint} is not an S3 endpoint: listing bucket {self.bucket!r} got {answer}. "
-                "Check storage.endpoint (the S3 API's URL and port, e.g. http://127.0.0.1:8333 for the dev stack)")
+        return (
+            f"storage.endpoint {self.endpoint} is not an S3 endpoint: listing bucket {self.bucket!r} got {answer}. "
+            "Check storage.endpoint (the S3 API's URL and port, e.g. http://127.0.0.1:8333 for the dev stack)"
+        )
 
     def _bucket_missing_message(self) -> str:
-        return (f"bucket {self.bucket!r} does not exist on {self.endpoint}: create it (e.g. `aws s3 mb "
-                f"s3://{self.bucket}`), fix storage.bucket, or set storage.create_bucket: true")
+        return (
+            f"bucket {self.bucket!r} does not exist on {self.endpoint}: create it (e.g. `aws s3 mb "
+            f"s3://{self.bucket}`), fix storage.bucket, or set storage.create_bucket: true"
+        )
 
     def check(self) -> None:
         """Fail fast, before any work starts, if the endpoint, credentials or bucket are wrong, or if the
@@ -232,6 +261,7 @@ class Store:
 
         Creates the bucket when `storage.create_bucket` is set (the dev stack's configs do).
         """
+
         def bucket_exists() -> bool:
             try:
                 listing = self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
@@ -269,11 +299,15 @@ class Store:
         return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                                                ContentType=content_type))
+        self._call(
+            "write",
+            key,
+            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
+        )
 
-    def upload_file(self, path: str | Path, key: str, label: str | None = None,
-                    on_bytes: Callable[[int], None] | None = None) -> None:
+    def upload_file(
+        self, path: str | Path, key: str, label: str | None = None, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
         """Upload with multipart for big files and a progress line; `on_bytes` also sees each count of bytes sent."""
         size = os.path.getsize(path)
 
@@ -310,18 +344,23 @@ class Store:
 
     def list_folders(self, prefix: str) -> list[str]:
         """The names of the 'folders' right under `prefix` (which ends with '/'), without listing their contents."""
+
         def list_all() -> list[str]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
-                                                                          Delimiter="/")
-            return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            )
+            return [p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
 
         return self._call("list", prefix, list_all)
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
-            chunk = [{"Key": k} for k in keys[start:start + 1000]]
-            self._call("delete", chunk[0]["Key"], partial(self.client.delete_objects,
-                                                          Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
+            chunk = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(
+                "delete",
+                chunk[0]["Key"],
+                partial(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}),
+            )
 
 
 class _Unreachable(Exception):
@@ -346,8 +385,10 @@ class ArrowS3FileSystem(pyarrow.fs.S3FileSystem):
         if storage.endpoint is not None:
             url = urlparse(storage.endpoint)
             kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
-        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(
-            max_attempts=arrow_attempts(storage.retry_budget_s)), **kwargs)
+        super().__init__(
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=arrow_attempts(storage.retry_budget_s)),
+            **kwargs,
+        )
         self.storage = storage
 
     def __reduce__(self):
@@ -362,7 +403,7 @@ def arrow_attempts(budget_s: float) -> int:
     """
     waited, retries = 0.0, 0
     while waited < budget_s:
-        scale = 2.0 ** retries
+        scale = 2.0**retries
         waited += scale / 2 if scale <= 20 else 20 - 200 / scale
         retries += 1
     return retries + 1

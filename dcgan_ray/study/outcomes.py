@@ -92,14 +92,20 @@ def fmt_short(value: float | None) -> str:
 
 def _non_finite_reason(history: list[dict[str, float]], exploded_loss: float) -> str | None:
     for entry in history:
-        bad = [f"{key} {value}" for key in ("loss_d", "loss_g")
-               if (value := entry_value(entry, key)) is not None and not math.isfinite(value)]
+        bad = [
+            f"{key} {value}"
+            for key in ("loss_d", "loss_g")
+            if (value := entry_value(entry, key)) is not None and not math.isfinite(value)
+        ]
         if bad:
             return f"non-finite {', '.join(bad)} at epoch {int(entry['epoch'])}"
         if entry.get("finite", 1.0) == 0:
             return f"the trainer reported non-finite values at epoch {int(entry['epoch'])}"
-        huge = [f"{key} {value:.3g}" for key in ("loss_d", "loss_g")
-                if (value := entry_value(entry, key)) is not None and value > exploded_loss]
+        huge = [
+            f"{key} {value:.3g}"
+            for key in ("loss_d", "loss_g")
+            if (value := entry_value(entry, key)) is not None and value > exploded_loss
+        ]
         if huge:
             return f"exploding {', '.join(huge)} at epoch {int(entry['epoch'])} (above {exploded_loss:g})"
     return None
@@ -107,7 +113,7 @@ def _non_finite_reason(history: list[dict[str, float]], exploded_loss: float) ->
 
 def _d_won_reason(trained: list[dict[str, float]], thresholds: Thresholds) -> str | None:
     window = [entry for entry in trained if entry.get("d_fake") is not None and entry.get("d_real") is not None]
-    window = window[-thresholds.patience:]
+    window = window[-thresholds.patience :]
     if not window:
         return None
     fakes = [float(entry["d_fake"]) for entry in window]
@@ -125,8 +131,10 @@ def _collapse_reason(trained: list[dict[str, float]], thresholds: Thresholds) ->
     last = evaluated[-1]
     tv = float(last["class_hist_tv"])
     if tv > thresholds.collapse_tv:
-        return (f"class-histogram TV {tv:.3g} > {thresholds.collapse_tv:g} at epoch {int(last['epoch'])}: "
-                "the samples cover few digit classes")
+        return (
+            f"class-histogram TV {tv:.3g} > {thresholds.collapse_tv:g} at epoch {int(last['epoch'])}: "
+            "the samples cover few digit classes"
+        )
     return None
 
 
@@ -147,9 +155,11 @@ def classify(history: list[dict[str, float]], thresholds: Thresholds = Threshold
     if reason := _collapse_reason(trained, thresholds):
         return "mode_collapse", reason
     last = trained[-1]
-    return "converged", (f"finite losses over {int(last['epoch'])} epochs; "
-                         f"last D(x) {fmt_short(entry_value(last, 'd_real'))}, "
-                         f"D(G(z)) {fmt_short(entry_value(last, 'd_fake'))}")
+    return "converged", (
+        f"finite losses over {int(last['epoch'])} epochs; "
+        f"last D(x) {fmt_short(entry_value(last, 'd_real'))}, "
+        f"D(G(z)) {fmt_short(entry_value(last, 'd_fake'))}"
+    )
 
 
 def is_hopeless(history: list[dict[str, float]], thresholds: Thresholds = Thresholds()) -> bool:
@@ -205,9 +215,16 @@ def table_rows(trials: list[AssessedTrial], params: list[str], metric: str) -> l
         r = t.record
         row: dict[str, Any] = {"trial_id": r.trial_id, "seed": r.seed}
         row.update({p: r.params.get(p) for p in params})
-        row.update({"status": t.status, "reason": t.reason, "stopped_early": r.stopped_early,
-                    "epochs": epochs_reported(r.history), f"final_{metric}": final_value(r.history, metric),
-                    f"best_{metric}": t.best})
+        row.update(
+            {
+                "status": t.status,
+                "reason": t.reason,
+                "stopped_early": r.stopped_early,
+                "epochs": epochs_reported(r.history),
+                f"final_{metric}": final_value(r.history, metric),
+                f"best_{metric}": t.best,
+            }
+        )
         if metric == "digit_fd":
             row[ACCURACY] = classifier_accuracy(r, metric)
         row.update({f"final_{key}": final_value(r.history, key) for key in LOSS_KEYS})
@@ -216,8 +233,9 @@ def table_rows(trials: list[AssessedTrial], params: list[str], metric: str) -> l
     return rows
 
 
-def trials_table(records: list[TrialRecord], metric: str,
-                 thresholds: Thresholds = Thresholds()) -> list[dict[str, Any]]:
+def trials_table(
+    records: list[TrialRecord], metric: str, thresholds: Thresholds = Thresholds()
+) -> list[dict[str, Any]]:
     """One row per trial: id, seed, each param (by dotted key), outcome, epochs, final/best metric, final losses."""
     return table_rows(assess(records, metric, thresholds), param_names(records), metric)
 
@@ -248,11 +266,14 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
     """A fixed-width table for the job log, the counts per status, then the best configuration."""
     trials = assess(records, metric, thresholds)
     params = param_names(records)
-    header = (["trial", *params, "seed", "status", f"best {metric}"]
-              + (["classifier accuracy"] if metric == "digit_fd" else []))
-    cells = [[t.record.trial_id, *(fmt(t.record.params.get(p)) for p in params), str(t.record.seed), t.status,
-              fmt(t.best)] + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
-             for t in trials]
+    header = ["trial", *params, "seed", "status", f"best {metric}"] + (
+        ["classifier accuracy"] if metric == "digit_fd" else []
+    )
+    cells = [
+        [t.record.trial_id, *(fmt(t.record.params.get(p)) for p in params), str(t.record.seed), t.status, fmt(t.best)]
+        + ([fmt(classifier_accuracy(t.record, metric))] if metric == "digit_fd" else [])
+        for t in trials
+    ]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *cells]]
     counts = Counter(t.status for t in trials)
@@ -263,6 +284,8 @@ def summary_text(records: list[TrialRecord], metric: str, thresholds: Thresholds
         lines.append(f"best configuration: none ({note})")
     else:
         settings = ", ".join(f"{k}={fmt(v)}" for k, v in best.record.params.items())
-        lines.append(f"best configuration: {best.record.trial_id} ({note}): {metric} {fmt(best.best)} "
-                     f"({DIRECTION}) with {settings or 'no searched parameters'}, seed {best.record.seed}")
+        lines.append(
+            f"best configuration: {best.record.trial_id} ({note}): {metric} {fmt(best.best)} "
+            f"({DIRECTION}) with {settings or 'no searched parameters'}, seed {best.record.seed}"
+        )
     return "\n".join(lines)

@@ -42,8 +42,12 @@ from dcgan_ray.study.outcomes import (
 log = logging.getLogger(__name__)
 
 STATUS_COLOURS = {
-    "converged": "#2e7d32", "mode_collapse": "#8e24aa", "d_won": "#ef6c00",
-    "diverged": "#c62828", "error": "#455a64", "no_data": "#9e9e9e",
+    "converged": "#2e7d32",
+    "mode_collapse": "#8e24aa",
+    "d_won": "#ef6c00",
+    "diverged": "#c62828",
+    "error": "#455a64",
+    "no_data": "#9e9e9e",
 }
 STATUS_MARKERS = {"converged": "o", "mode_collapse": "^", "d_won": "s", "diverged": "X", "error": "D", "no_data": "v"}
 TILE_PX = 256  # the sample grids are 8x8 tiles of 32 px
@@ -101,8 +105,16 @@ def plot_metric_vs_param(trials: list[AssessedTrial], param: str, n_params: int,
         x = _position(value, levels)
         if t.best is None:
             # No metric to place: mark the trial on the bottom edge so its failure still shows at this value.
-            ax.scatter([x], [0.02], transform=ax.get_xaxis_transform(), marker=STATUS_MARKERS[t.status],
-                       color=STATUS_COLOURS[t.status], s=70, clip_on=False, zorder=3)
+            ax.scatter(
+                [x],
+                [0.02],
+                transform=ax.get_xaxis_transform(),
+                marker=STATUS_MARKERS[t.status],
+                color=STATUS_COLOURS[t.status],
+                s=70,
+                clip_on=False,
+                zorder=3,
+            )
             continue
         groups.setdefault(x, []).append(t.best)
         if t.status == "converged":
@@ -116,18 +128,39 @@ def plot_metric_vs_param(trials: list[AssessedTrial], param: str, n_params: int,
         means = np.array([np.mean(groups[x]) for x in xs])
         lows = means - np.array([min(groups[x]) for x in xs])
         highs = np.array([max(groups[x]) for x in xs]) - means
-        ax.errorbar(xs, means, yerr=[lows, highs], fmt="-" if numeric else "none", marker="_", markersize=18,
-                    color="black", capsize=5, linewidth=1.2, zorder=2)
-        handles.append(Line2D([], [], color="black", marker="_", markersize=12,
-                              label=f"mean, bar: min-max over {spread}"))
+        ax.errorbar(
+            xs,
+            means,
+            yerr=[lows, highs],
+            fmt="-" if numeric else "none",
+            marker="_",
+            markersize=18,
+            color="black",
+            capsize=5,
+            linewidth=1.2,
+            zorder=2,
+        )
+        handles.append(
+            Line2D([], [], color="black", marker="_", markersize=12, label=f"mean, bar: min-max over {spread}")
+        )
     else:
         ax.set_ylim(0, 1)
         ax.set_yticks([])
         ax.text(0.5, 0.5, f"no trial reported a finite {metric}", transform=ax.transAxes, ha="center", color="dimgrey")
     unplaced = {t.status for t, _ in points if t.best is None}
     outcomes = sorted({t.status for t, _ in points if t.status != "converged"} | unplaced, key=STATUSES.index)
-    handles += [Line2D([], [], color=STATUS_COLOURS[s], marker=STATUS_MARKERS[s], linestyle="", markersize=8,
-                       label=f"{s} (bottom edge: no {metric})" if s in unplaced else s) for s in outcomes]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color=STATUS_COLOURS[s],
+            marker=STATUS_MARKERS[s],
+            linestyle="",
+            markersize=8,
+            label=f"{s} (bottom edge: no {metric})" if s in unplaced else s,
+        )
+        for s in outcomes
+    ]
     if not numeric:
         ax.set_xlim(-0.5, len(levels) - 0.5)
     _label_axis(ax.xaxis, levels)
@@ -170,19 +203,33 @@ def plot_heatmap(trials: list[AssessedTrial], p1: str, p2: str, metric: str, pat
     # Reversed, so the better (lower) cells take the bright end.
     cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#eeeeee")
     finite = grid[np.isfinite(grid)]
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto",
-                      vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        cmap=cmap,
+        origin="lower",
+        aspect="auto",
+        vmin=finite.min() if finite.size else 0,
+        vmax=finite.max() if finite.size else 1,
+    )
     if finite.size:
         fig.colorbar(image, ax=ax, label=f"mean best {metric} ({DIRECTION})")
     outline = [withStroke(linewidth=2.5, foreground="white")]
     for i in range(len(rows)):
         for j in range(len(cols)):
             members = cells.get((i, j), [])
-            ax.text(j, i, _cell_text(members, grid[i, j]), ha="center", va="center", fontsize=9,
-                    path_effects=outline)
+            ax.text(j, i, _cell_text(members, grid[i, j]), ha="center", va="center", fontsize=9, path_effects=outline)
             if members and not any(t.status == "converged" for t in members):
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=(0.6, 0.6, 0.6, 0.55), hatch="//",
-                                       edgecolor="dimgrey", linewidth=0))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5),
+                        1,
+                        1,
+                        facecolor=(0.6, 0.6, 0.6, 0.55),
+                        hatch="//",
+                        edgecolor="dimgrey",
+                        linewidth=0,
+                    )
+                )
     ax.set_xticks(range(len(cols)), labels=[fmt(v) for v in cols])
     ax.set_yticks(range(len(rows)), labels=[fmt(v) for v in rows])
     ax.set_xlabel(p2)
@@ -211,23 +258,37 @@ def plot_learning_curves(trials: list[AssessedTrial], metric: str, path: Path) -
             ax_metric.plot(epochs, values, color=colour, marker="o", markersize=3, alpha=0.85)
             last = max((k for k, v in enumerate(values) if math.isfinite(v)), default=None)
             if last is not None and len(trials) <= LABELLED_CURVES_MAX:
-                ax_metric.annotate(t.record.trial_id, (epochs[last], values[last]), xytext=(4, 0),
-                                   textcoords="offset points", fontsize=7, color=colour, va="center")
+                ax_metric.annotate(
+                    t.record.trial_id,
+                    (epochs[last], values[last]),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=colour,
+                    va="center",
+                )
         for key, style in (("loss_d", "-"), ("loss_g", "--")):
             epochs, values = _series(t.record.history, key)
             positive_losses &= all(v > 0 for v in values if math.isfinite(v))
             ax_loss.plot(epochs, values, color=colour, linestyle=style, alpha=0.85)
     if not any_metric:
-        ax_metric.text(0.5, 0.5, f"no trial reported {metric}", transform=ax_metric.transAxes, ha="center",
-                       color="dimgrey")
+        ax_metric.text(
+            0.5, 0.5, f"no trial reported {metric}", transform=ax_metric.transAxes, ha="center", color="dimgrey"
+        )
     if positive_losses:
         # A trial on its way to diverging reaches losses far above the rest; a log axis keeps both readable.
         ax_loss.set_yscale("log")
     present = sorted({t.status for t in trials}, key=STATUSES.index)
     status_handles = [Patch(color=STATUS_COLOURS[s], label=s) for s in present]
     ax_metric.legend(handles=status_handles, fontsize=8)
-    ax_loss.legend(handles=status_handles + [Line2D([], [], color="black", linestyle="-", label="loss_d"),
-                                             Line2D([], [], color="black", linestyle="--", label="loss_g")], fontsize=8)
+    ax_loss.legend(
+        handles=status_handles
+        + [
+            Line2D([], [], color="black", linestyle="-", label="loss_d"),
+            Line2D([], [], color="black", linestyle="--", label="loss_g"),
+        ],
+        fontsize=8,
+    )
     ax_metric.set_title(f"{metric} per epoch ({DIRECTION})")
     ax_metric.set_ylabel(metric)
     ax_loss.set_title("discriminator and generator loss per epoch")
@@ -255,8 +316,11 @@ def _sample_image(record: TrialRecord) -> Image.Image | None:
     try:
         image = Image.open(io.BytesIO(record.sample_png)).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        log.warning("trial %s: its sample grid is not a readable PNG (%s); left out of the mosaic", record.trial_id,
-                    type(e).__name__)
+        log.warning(
+            "trial %s: its sample grid is not a readable PNG (%s); left out of the mosaic",
+            record.trial_id,
+            type(e).__name__,
+        )
         return None
     # One tile size keeps the mosaic a regular grid even if a run used another sample.scale.
     return image if image.size == (TILE_PX, TILE_PX) else image.resize((TILE_PX, TILE_PX), Image.Resampling.NEAREST)
@@ -272,8 +336,14 @@ def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> 
         canvas.save(path)
         return
     line_px, pad, border = 17, 10, 4
-    captions = [[f"{t.record.trial_id}  {t.status}", f"seed {t.record.seed}",
-                 *(f"{p}={fmt(t.record.params[p])}" for p in params if p in t.record.params)] for t, _ in tiles]
+    captions = [
+        [
+            f"{t.record.trial_id}  {t.status}",
+            f"seed {t.record.seed}",
+            *(f"{p}={fmt(t.record.params[p])}" for p in params if p in t.record.params),
+        ]
+        for t, _ in tiles
+    ]
     caption_px = max(len(c) for c in captions) * line_px + 6
     columns = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)
@@ -287,6 +357,10 @@ def write_mosaic(trials: list[AssessedTrial], params: list[str], path: Path) -> 
         draw.rectangle((x - border, y - border, x + TILE_PX + border - 1, y + TILE_PX + border - 1), fill=colour)
         canvas.paste(image, (x, y))
         for n, line in enumerate(caption):
-            draw.text((x, y + TILE_PX + 6 + n * line_px), _fit(draw, line, font, TILE_PX),
-                      fill=colour if n == 0 else "black", font=font)
+            draw.text(
+                (x, y + TILE_PX + 6 + n * line_px),
+                _fit(draw, line, font, TILE_PX),
+                fill=colour if n == 0 else "black",
+                font=font,
+            )
     canvas.save(path)

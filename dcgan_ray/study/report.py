@@ -80,14 +80,17 @@ def _best_config(base_config: dict[str, Any], best: AssessedTrial | None, study_
     return config
 
 
-def _write_best_yaml(base_config: dict[str, Any], trials: list[AssessedTrial], metric: str, study_name: str,
-                     path: Path) -> AssessedTrial | None:
+def _write_best_yaml(
+    base_config: dict[str, Any], trials: list[AssessedTrial], metric: str, study_name: str, path: Path
+) -> AssessedTrial | None:
     best, note = pick_best(trials, metric)
     config = _best_config(base_config, best, study_name)
     header = [f"# Best configuration of study {study_name}: {note}."]
     if best is not None:
-        header.append(f"# From trial {best.record.trial_id} (seed {best.record.seed}, status {best.status}): "
-                      f"best {metric} {best.best:.6g} ({DIRECTION}).")
+        header.append(
+            f"# From trial {best.record.trial_id} (seed {best.record.seed}, status {best.status}): "
+            f"best {metric} {best.best:.6g} ({DIRECTION})."
+        )
     header.append("# Train it with: dcgan-ray train best.yaml")
     try:
         config_from_dict(config, str(path))
@@ -106,25 +109,36 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
 
 
-
-
 def _html_table(trials: list[AssessedTrial], params: list[str], metric: str, best: AssessedTrial | None) -> str:
     accuracy = metric == "digit_fd"
-    header = ["trial", *params, "seed", "status", "reason", "stopped early", "epochs", f"best {metric}",
-              f"final {metric}"] + (["classifier accuracy"] if accuracy else [])
+    header = [
+        "trial",
+        *params,
+        "seed",
+        "status",
+        "reason",
+        "stopped early",
+        "epochs",
+        f"best {metric}",
+        f"final {metric}",
+    ] + (["classifier accuracy"] if accuracy else [])
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for t in trials:
         r = t.record
         reason = html.escape(t.reason)
         if r.error:
             reason += f'<br><small title="{html.escape(r.error)}">{html.escape(first_line(r.error)[:160])}</small>'
-        cells = [f"<td>{html.escape(r.trial_id)}</td>",
-                 *(f'<td class="num">{html.escape(fmt(r.params.get(p)))}</td>' for p in params),
-                 f'<td class="num">{r.seed}</td>',
-                 f'<td class="status" style="background:{STATUS_COLOURS[t.status]}">{t.status}</td>',
-                 f"<td>{reason}</td>", f"<td>{'yes' if r.stopped_early else 'no'}</td>",
-                 f'<td class="num">{epochs_reported(r.history)}</td>', f'<td class="num">{fmt(t.best)}</td>',
-                 f'<td class="num">{html.escape(fmt(final_value(r.history, metric)))}</td>']
+        cells = [
+            f"<td>{html.escape(r.trial_id)}</td>",
+            *(f'<td class="num">{html.escape(fmt(r.params.get(p)))}</td>' for p in params),
+            f'<td class="num">{r.seed}</td>',
+            f'<td class="status" style="background:{STATUS_COLOURS[t.status]}">{t.status}</td>',
+            f"<td>{reason}</td>",
+            f"<td>{'yes' if r.stopped_early else 'no'}</td>",
+            f'<td class="num">{epochs_reported(r.history)}</td>',
+            f'<td class="num">{fmt(t.best)}</td>',
+            f'<td class="num">{html.escape(fmt(final_value(r.history, metric)))}</td>',
+        ]
         if accuracy:
             cells.append(f'<td class="num">{html.escape(fmt(classifier_accuracy(r, metric)))}</td>')
         row_class = ' class="best"' if best is not None and t is best else ""
@@ -140,21 +154,39 @@ def _accuracy_note(trials: list[AssessedTrial], metric: str) -> str:
     values = sorted({v for t in trials if (v := classifier_accuracy(t.record, metric)) is not None})
     if not values:
         return " The digit classifier's test accuracy was not reported."
-    shown = " to ".join(f"{v:.3f}" for v in (values[0], values[-1])[:len(values)])
-    return (f" Measured with a digit classifier of test accuracy {html.escape(shown)} (a classifier near 0.1 makes "
-            "digit_fd meaningless).")
+    shown = " to ".join(f"{v:.3f}" for v in (values[0], values[-1])[: len(values)])
+    return (
+        f" Measured with a digit classifier of test accuracy {html.escape(shown)} (a classifier near 0.1 makes "
+        "digit_fd meaningless)."
+    )
 
 
-def _write_index(path: Path, study_name: str, metric: str, trials: list[AssessedTrial], params: list[str],
-                 best: AssessedTrial | None, figures: list[tuple[Path, str]]) -> None:
+def _write_index(
+    path: Path,
+    study_name: str,
+    metric: str,
+    trials: list[AssessedTrial],
+    params: list[str],
+    best: AssessedTrial | None,
+    figures: list[tuple[Path, str]],
+) -> None:
     counts = Counter(t.status for t in trials)
-    badges = "".join(f'<span class="badge" style="background:{STATUS_COLOURS[s]}">{s}: {counts[s]}</span>'
-                     for s in STATUSES if counts[s])
-    best_line = ("No trial reported a finite metric; best.yaml is the base configuration." if best is None else
-                 f"Best: trial <b>{html.escape(best.record.trial_id)}</b> ({best.status}), best {html.escape(metric)} "
-                 f"{fmt(best.best)}, highlighted in the table.")
-    figure_html = "\n".join(f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(caption)}">'
-                            f"<figcaption>{html.escape(caption)}</figcaption></figure>" for p, caption in figures)
+    badges = "".join(
+        f'<span class="badge" style="background:{STATUS_COLOURS[s]}">{s}: {counts[s]}</span>'
+        for s in STATUSES
+        if counts[s]
+    )
+    best_line = (
+        "No trial reported a finite metric; best.yaml is the base configuration."
+        if best is None
+        else f"Best: trial <b>{html.escape(best.record.trial_id)}</b> ({best.status}), best {html.escape(metric)} "
+        f"{fmt(best.best)}, highlighted in the table."
+    )
+    figure_html = "\n".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for p, caption in figures
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Study {html.escape(study_name)}</title>
 <style>{PAGE_CSS}</style></head>
@@ -180,8 +212,14 @@ where trials fail is a sensitive one even if its surviving trials score well.</p
     path.write_text(page)
 
 
-def write_report(records: list[TrialRecord], out_dir: Path, metric: str, base_config: dict[str, Any],
-                 study_name: str, thresholds: Thresholds = Thresholds()) -> list[Path]:
+def write_report(
+    records: list[TrialRecord],
+    out_dir: Path,
+    metric: str,
+    base_config: dict[str, Any],
+    study_name: str,
+    thresholds: Thresholds = Thresholds(),
+) -> list[Path]:
     """Write the study report into `out_dir` (created) and return the paths written, index.html last."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,8 +235,13 @@ def write_report(records: list[TrialRecord], out_dir: Path, metric: str, base_co
     for param in params:
         path = out_dir / f"metric_vs_{_file_stem(param)}.png"
         plot_metric_vs_param(trials, param, len(params), metric, path)
-        figures.append((path, f"Best {metric} per trial against {param}: one point per trial, black: mean and "
-                              "min-max spread per value."))
+        figures.append(
+            (
+                path,
+                f"Best {metric} per trial against {param}: one point per trial, black: mean and "
+                "min-max spread per value.",
+            )
+        )
     # A conditional search space may give no trial both of the first two params: no grid to draw then.
     if len(params) >= 2 and any(params[0] in r.params and params[1] in r.params for r in records):
         p1, p2 = params[:2]

@@ -111,8 +111,9 @@ def _draw(rng: np.random.Generator, spec: dict[str, Any]) -> Any:
 
 def trial_name(trial: dict[str, Any]) -> str:
     """A trial's run name, from its values: the same trial gets the same folder in every run of the study."""
-    canonical = json.dumps({"params": {_decode(k): v for k, v in trial["params"].items()}, "seed": trial["seed"]},
-                           sort_keys=True)
+    canonical = json.dumps(
+        {"params": {_decode(k): v for k, v in trial["params"].items()}, "seed": trial["seed"]}, sort_keys=True
+    )
     return "t-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
@@ -158,9 +159,11 @@ def read_study_state(store: Store, cfg: JobConfig) -> dict[str, dict[str, Any]]:
     except ObjectMissing:
         return {}
     except checks.NotOurs as e:
-        raise StorageError(f"{store.uri(key)} is not a study state this project wrote ({e}); delete it to run "
-                           "every trial of the study again (finished trials are then reported from their run "
-                           "folders)") from None
+        raise StorageError(
+            f"{store.uri(key)} is not a study state this project wrote ({e}); delete it to run "
+            "every trial of the study again (finished trials are then reported from their run "
+            "folders)"
+        ) from None
 
 
 def check_study_state(state: Any) -> dict[str, dict[str, Any]]:
@@ -233,8 +236,15 @@ class StudyReport(tune.Callback):
         self._refresh(trials)
 
     def _refresh(self, trials: list) -> None:
-        views = [_TrialView(trial_name(t.config["trial"]), t.config["trial"], t.status,
-                            _trial_error(t) if t.status == "ERROR" else None) for t in trials]
+        views = [
+            _TrialView(
+                trial_name(t.config["trial"]),
+                t.config["trial"],
+                t.status,
+                _trial_error(t) if t.status == "ERROR" else None,
+            )
+            for t in trials
+        ]
         with self._wake:
             self.trials = self.earlier + views
             self._pending = True
@@ -266,8 +276,11 @@ class StudyReport(tune.Callback):
         records: list[TrialRecord] = []
         try:
             cfg = config_from_dict(self.base, "study")
-            write_study_state(Store(cfg.storage), cfg, {t.trial_id: {"state": t.status, "error": t.error}
-                                                        for t in list(self.trials) if t.status in ENDED})
+            write_study_state(
+                Store(cfg.storage),
+                cfg,
+                {t.trial_id: {"state": t.status, "error": t.error} for t in list(self.trials) if t.status in ENDED},
+            )
             records = [r for r in (self.record(t) for t in list(self.trials)) if r is not None]
             if not records:
                 return None, records
@@ -306,6 +319,7 @@ class StudyReport(tune.Callback):
             error=trial.error,
         )
 
+
 _live_reports: dict[str, StudyReport] = {}
 
 
@@ -336,7 +350,8 @@ def error_line(error: BaseException) -> str:
 
 def _content_type(path: Path) -> str:
     return {".png": "image/png", ".html": "text/html", ".csv": "text/csv", ".yaml": "text/yaml"}.get(
-        path.suffix, "application/octet-stream")
+        path.suffix, "application/octet-stream"
+    )
 
 
 def max_concurrent(cfg: JobConfig, trials: int) -> int:
@@ -362,8 +377,10 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
     if not cfg.eval.every_epochs:
         raise ConfigError("a study ranks trials by `eval.metric`; set eval.every_epochs >= 1")
     if cfg.eval.in_task:
-        raise ConfigError("a study ranks trials by the `eval.metric` each epoch reports, which a scoring task "
-                          "(eval.in_task) adds only later; set eval.in_task: false")
+        raise ConfigError(
+            "a study ranks trials by the `eval.metric` each epoch reports, which a scoring task "
+            "(eval.in_task) adds only later; set eval.in_task: false"
+        )
     if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
         raise ConfigError("ASHA compares trials every epoch; set eval.every_epochs: 1")
     preflight(cfg)
@@ -387,26 +404,37 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
         concurrent = max_concurrent(cfg, len(pending))
         log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
         if earlier:
-            log.info("study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
-                     study_name(cfg), len(earlier), len(pending))
+            log.info(
+                "study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
+                study_name(cfg),
+                len(earlier),
+                len(pending),
+            )
         report = StudyReport(base, earlier)
         results: list[Any] | tune.ResultGrid = []
         if pending:
             scheduler = None
             if cfg.tune.scheduler == "asha":
-                scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
-                                                          grace_period=cfg.tune.grace_period,
-                                                          reduction_factor=cfg.tune.reduction_factor)
+                scheduler = tune.schedulers.ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=cfg.train.epochs,
+                    grace_period=cfg.tune.grace_period,
+                    reduction_factor=cfg.tune.reduction_factor,
+                )
             tuner = tune.Tuner(
                 trainable,
                 # Each trial's values are fixed here (expand_trials), so a resubmission finds the same ones.
                 param_space={"trial": tune.grid_search(pending)},
-                tune_config=tune.TuneConfig(metric=cfg.eval.metric, mode="min", max_concurrent_trials=concurrent,
-                                            scheduler=scheduler),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.eval.metric, mode="min", max_concurrent_trials=concurrent, scheduler=scheduler
+                ),
                 run_config=tune.RunConfig(
-                    name=STUDY_EXPERIMENT, storage_path=path, storage_filesystem=s3_filesystem(cfg),
+                    name=STUDY_EXPERIMENT,
+                    storage_path=path,
+                    storage_filesystem=s3_filesystem(cfg),
                     stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
-                    callbacks=[report], verbose=1,
+                    callbacks=[report],
+                    verbose=1,
                 ),
             )
             try:

@@ -131,8 +131,11 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
             # place when a node is lost and grows back when capacity returns.
             num_workers=(
-                cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else  # type: ignore[arg-type]
-                (cfg.scaling.min_workers, cfg.scaling.max_workers)),
+                cfg.scaling.num_workers
+                if isinstance(cfg.scaling.num_workers, int)
+                # type: ignore[arg-type]
+                else (cfg.scaling.min_workers, cfg.scaling.max_workers)
+            ),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,
             placement_strategy=placement_strategy(cfg.scaling),
@@ -169,8 +172,12 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         elif previous.get("status") != "finished":  # e.g. `queued` by a resubmission of a finished run
             previous["status"] = "finished"
             write_run_manifest(store, layout, previous)
-        log.info("run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
-                 layout.uri, previous["epochs_completed"], cfg.train.epochs)
+        log.info(
+            "run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
+            layout.uri,
+            previous["epochs_completed"],
+            cfg.train.epochs,
+        )
         return previous
     connect_ray(address)
     with DriverLock("run", layout.uri):
@@ -178,12 +185,19 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
         log_predicted_scaling(cfg)
         warn_if_scoring_waits(cfg)
         if previous:
-            log.info("run %s exists with %d epochs done: resuming from its latest checkpoint",
-                     layout.uri, previous.get("epochs_completed", 0))
+            log.info(
+                "run %s exists with %d epochs done: resuming from its latest checkpoint",
+                layout.uri,
+                previous.get("epochs_completed", 0),
+            )
         s = cfg.scaling
-        log.info("training %s on %s %s worker(s); artifacts under %s", cfg.name,
-                 s.max_workers if s.min_workers == s.max_workers else f"{s.min_workers}-{s.max_workers}",
-                 "GPU" if s.use_gpu else "CPU", layout.uri)
+        log.info(
+            "training %s on %s %s worker(s); artifacts under %s",
+            cfg.name,
+            s.max_workers if s.min_workers == s.max_workers else f"{s.min_workers}-{s.max_workers}",
+            "GPU" if s.use_gpu else "CPU",
+            layout.uri,
+        )
         try:
             result = make_trainer(cfg).fit()
         except ray.train.TrainingFailedError as e:
@@ -192,8 +206,10 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
                 _mark_failed(store, layout, cfg)
             if error is not None:
                 raise error from None  # the worker's own error: the CLI prints its one line
-            raise DcganError(f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
-                             f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume") from None
+            raise DcganError(
+                f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
+                f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume"
+            ) from None
     manifest = read_run_manifest(store, layout) or {}
     if result.checkpoint is not None:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"
@@ -212,9 +228,13 @@ def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest:
     scored_late = merge_results(store, layout, manifest)
     missing = unscored_epochs(cfg, manifest)
     if missing:
-        log.warning("epoch(s) %s of %s have no quality metrics: their scoring task timed out "
-                    "(eval.task_timeout_s = %s) or never ran; Ray's controller log says which",
-                    ", ".join(map(str, missing)), layout.uri, cfg.eval.task_timeout_s)
+        log.warning(
+            "epoch(s) %s of %s have no quality metrics: their scoring task timed out "
+            "(eval.task_timeout_s = %s) or never ran; Ray's controller log says which",
+            ", ".join(map(str, missing)),
+            layout.uri,
+            cfg.eval.task_timeout_s,
+        )
     manifest["status"] = "finished"
     write_run_manifest(store, layout, manifest)
     publish_after_training(cfg, manifest, scored_late)
@@ -234,7 +254,8 @@ def _storage_down(store: Store, cfg: JobConfig) -> StorageUnreachable | None:
             f"training of {cfg.name} stopped because the S3 endpoint {store.endpoint} stopped answering (Ray "
             f"Train could not write its run state for storage.retry_budget_s = {cfg.storage.retry_budget_s:g} s). "
             "Everything written before is kept: once the endpoint is back, resubmit the job and it resumes from "
-            "its last checkpoint")
+            "its last checkpoint"
+        )
     return None
 
 

@@ -43,17 +43,39 @@ STEP_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s")
 """What every logged step writes (under step/), as its progress line shows it: the losses, D(x) and D(G(z))
 averaged over the steps since the last line, and images per second of all workers together."""
 
-EPOCH_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "epoch_seconds", "world_size",
-              "global_batch", "finite")
+EPOCH_KEYS = (
+    "loss_d",
+    "loss_g",
+    "d_real",
+    "d_fake",
+    "images_per_s",
+    "epoch_seconds",
+    "world_size",
+    "global_batch",
+    "finite",
+)
 """An epoch's training numbers (under epoch/); every other number of its history entry is a quality
 metric (under quality/): digit_fd, digit_is, class_hist_tv, classifier_accuracy, fid, eval_seconds."""
 
 NOT_LOGGED = {"epoch", "step"}
 GRID_TAG = "samples/fixed_noise"
 
-HPARAM_KEYS = ("train.lr_generator", "train.lr_discriminator", "train.beta1", "train.beta2", "train.batch_size",
-               "train.label_smoothing", "train.seed", "train.epochs", "model.z_dim", "model.g_features",
-               "model.d_features", "model.alpha", "scaling.num_workers", "speed.autocast_bf16")
+HPARAM_KEYS = (
+    "train.lr_generator",
+    "train.lr_discriminator",
+    "train.beta1",
+    "train.beta2",
+    "train.batch_size",
+    "train.label_smoothing",
+    "train.seed",
+    "train.epochs",
+    "model.z_dim",
+    "model.g_features",
+    "model.d_features",
+    "model.alpha",
+    "scaling.num_workers",
+    "speed.autocast_bf16",
+)
 """The settings every run shows in HParams; a study's trials add the keys their study searches."""
 
 
@@ -102,9 +124,13 @@ class EventLog:
             self.files += 1
             self.file_dir = self.local / f"{self.files:06d}"
             # flush_secs: the file is closed at the epoch's end anyway; nothing is read before then.
-            self.writer = SummaryWriter(logdir=str(self.file_dir), purge_step=self.purge_step, flush_secs=3600,
-                                        max_queue=1000,
-                                        filename_suffix=f".{self.attempt}.{self.files:06d}.epoch{epoch:06d}")
+            self.writer = SummaryWriter(
+                logdir=str(self.file_dir),
+                purge_step=self.purge_step,
+                flush_secs=3600,
+                max_queue=1000,
+                filename_suffix=f".{self.attempt}.{self.files:06d}.epoch{epoch:06d}",
+            )
             self.purge_step = None
             _, session_start, _ = hparams_summaries(run_hparams(self.cfg), {})
             self.writer.file_writer.add_summary(session_start)
@@ -161,5 +187,8 @@ class EventLog:
 
 def quality_entries(history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Epoch -> its history entry, for the entries that hold quality metrics."""
-    return {int(h["epoch"]): h for h in history
-            if any(is_number(v) for k, v in h.items() if k not in NOT_LOGGED and k not in EPOCH_KEYS)}
+    return {
+        int(h["epoch"]): h
+        for h in history
+        if any(is_number(v) for k, v in h.items() if k not in NOT_LOGGED and k not in EPOCH_KEYS)
+    }

@@ -99,9 +99,14 @@ def wait_for_placement(s: ScalingSection) -> float:
                 )
             if time.monotonic() - last_note >= PROGRESS_EVERY_S:
                 last_note = time.monotonic()
-                log.info("waiting %.0f s so far for %d worker(s) x %s to be placed (the autoscaler adds nodes; "
-                         "deadline %.0f s)", waited, s.min_workers, _describe(s.worker_resources),
-                         s.placement_timeout_s)
+                log.info(
+                    "waiting %.0f s so far for %d worker(s) x %s to be placed (the autoscaler adds nodes; "
+                    "deadline %.0f s)",
+                    waited,
+                    s.min_workers,
+                    _describe(s.worker_resources),
+                    s.placement_timeout_s,
+                )
     finally:
         remove_placement_group(pg)
     return time.monotonic() - start
@@ -111,8 +116,11 @@ def ensure_placeable(s: ScalingSection) -> None:
     """Refuse what can never run; else wait (bounded) until the workers can be placed: on an autoscaling
     cluster for the nodes to come up, on any cluster for other jobs to free what this one needs."""
     if check_capacity(s):
-        log.info("the cluster has too few resources for %d worker(s) x %s now: asking the autoscaler for them",
-                 s.min_workers, _describe(s.worker_resources))
+        log.info(
+            "the cluster has too few resources for %d worker(s) x %s now: asking the autoscaler for them",
+            s.min_workers,
+            _describe(s.worker_resources),
+        )
     waited = wait_for_placement(s)
     if waited > 5:
         log.info("the cluster placed %d worker(s) after %.1f s", s.min_workers, waited)

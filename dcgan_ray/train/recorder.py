@@ -57,8 +57,7 @@ class Recorder:
     def first_samples(self, netG: torch.nn.Module, quality: dict[str, float]) -> None:
         pass
 
-    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
-                   checkpoint: bool) -> Path | None:
+    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State, checkpoint: bool) -> Path | None:
         return None
 
     def checkpoint_durable(self, epoch: int, uri: str) -> None:
@@ -82,8 +81,9 @@ def gif_epochs(epochs: int) -> list[int]:
 class RunRecorder(Recorder):
     """Rank 0: keeps run.json current and writes every artifact a person looks at."""
 
-    def __init__(self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor,
-                 start_step: int = 0):
+    def __init__(
+        self, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor, start_step: int = 0
+    ):
         self.store, self.cfg, self.checkpointer, self.fixed_noise = store, cfg, checkpointer, fixed_noise
         self.layout = RunLayout.of(cfg)
         self.manifest: dict[str, Any] = {}
@@ -96,8 +96,14 @@ class RunRecorder(Recorder):
         m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
         if m.get("world_size") is not None or resumed_from is not None:  # workers of this run have started before
             self._record_restart(m, start_epoch, world, resumed_from)
-        m.update(status="running", epochs_total=cfg.train.epochs, config=cfg.to_dict(), world_size=world,
-                 global_batch=cfg.train.batch_size * world, epochs_completed=start_epoch)
+        m.update(
+            status="running",
+            epochs_total=cfg.train.epochs,
+            config=cfg.to_dict(),
+            world_size=world,
+            global_batch=cfg.train.batch_size * world,
+            epochs_completed=start_epoch,
+        )
         if cfg.eval.in_task:
             discard_results_after(self.store, layout, start_epoch)
         if resumed_from is not None:
@@ -105,8 +111,14 @@ class RunRecorder(Recorder):
         self.manifest = m
         self._save()
         self.store.put_bytes(layout.config_key, cfg.to_yaml().encode(), "text/yaml")
-        log.info("run %s: %d workers x batch %d = global batch %d; %d steps per epoch", layout.uri, world,
-                 cfg.train.batch_size, cfg.train.batch_size * world, steps_per_epoch)
+        log.info(
+            "run %s: %d workers x batch %d = global batch %d; %d steps per epoch",
+            layout.uri,
+            world,
+            cfg.train.batch_size,
+            cfg.train.batch_size * world,
+            steps_per_epoch,
+        )
 
     def _record_restart(self, m: dict[str, Any], start_epoch: int, world: int, resumed_from: str | None) -> None:
         """A restart (Ray restarting the workers, or a resubmission): a record in `restarts` instead of
@@ -123,22 +135,44 @@ class RunRecorder(Recorder):
         reason = None
         if redone:
             epoch, durable = redone[-1]["epoch"], redone[-1].get("checkpoint_durable", "unrecorded")
-            reason = {False: f"the checkpoint of epoch {epoch} never finished uploading",
-                      True: f"the checkpoint of epoch {epoch} is damaged",
-                      None: f"epoch {epoch} had no checkpoint (checkpoint.every_epochs)",
-                      "unrecorded": f"the checkpoint of epoch {epoch} was not durable"}[durable]
-        m.setdefault("restarts", []).append({
-            "at": at, "from_epoch": recorded, "to_epoch": start_epoch, "checkpoint": resumed_from, "reason": reason,
-            "world_size_before": before, "world_size_after": world, "redone": redone})
+            reason = {
+                False: f"the checkpoint of epoch {epoch} never finished uploading",
+                True: f"the checkpoint of epoch {epoch} is damaged",
+                None: f"epoch {epoch} had no checkpoint (checkpoint.every_epochs)",
+                "unrecorded": f"the checkpoint of epoch {epoch} was not durable",
+            }[durable]
+        m.setdefault("restarts", []).append(
+            {
+                "at": at,
+                "from_epoch": recorded,
+                "to_epoch": start_epoch,
+                "checkpoint": resumed_from,
+                "reason": reason,
+                "world_size_before": before,
+                "world_size_after": world,
+                "redone": redone,
+            }
+        )
         resized = before not in (None, world)
         if resized:  # an elastic run going on after a node was lost or came back
             m.setdefault("resizes", []).append({"epoch": start_epoch, "from": before, "to": world, "at": at})
         source = f"resumes from {resumed_from} (epoch {start_epoch})" if resumed_from else "starts over from epoch 0"
         workers = f"{world} worker(s)" + (f" instead of {before}" if resized else "")
-        lost = (f"epoch(s) {', '.join(str(h['epoch']) for h in redone)} recorded before are trained again: {reason}"
-                if redone else "no epoch recorded in run.json is trained again")
-        log.log(logging.WARNING if redone or resized else logging.INFO, "run %s restarted: %s with %s, at epoch "
-                "%d/%d; %s", self.layout.uri, source, workers, start_epoch + 1, self.cfg.train.epochs, lost)
+        lost = (
+            f"epoch(s) {', '.join(str(h['epoch']) for h in redone)} recorded before are trained again: {reason}"
+            if redone
+            else "no epoch recorded in run.json is trained again"
+        )
+        log.log(
+            logging.WARNING if redone or resized else logging.INFO,
+            "run %s restarted: %s with %s, at epoch %d/%d; %s",
+            self.layout.uri,
+            source,
+            workers,
+            start_epoch + 1,
+            self.cfg.train.epochs,
+            lost,
+        )
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         """A logged step's numbers (the progress line's), for TensorBoard."""
@@ -151,19 +185,28 @@ class RunRecorder(Recorder):
         self._save()
         self.watch.epoch_done(self.manifest)
 
-    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State,
-                   checkpoint: bool) -> Path | None:
+    def epoch_done(self, metrics: dict[str, Any], netG: torch.nn.Module, state: State, checkpoint: bool) -> Path | None:
         """Samples, the best copy, run.json; with `checkpoint`, the checkpoint in a fresh local folder,
         whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name). The
         upload removes the folder (`Worker.upload_checkpoint`) and then calls `checkpoint_durable`."""
         completed = metrics["epoch"]
         sample_uri = self._write_grid(netG, completed)
-        log.info("epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
-                 completed, self.cfg.train.epochs, metrics["epoch_seconds"], metrics["loss_d"], metrics["loss_g"],
-                 metrics["d_real"], metrics["d_fake"], metrics["images_per_s"], sample_uri)
+        log.info(
+            "epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
+            completed,
+            self.cfg.train.epochs,
+            metrics["epoch_seconds"],
+            metrics["loss_d"],
+            metrics["loss_g"],
+            metrics["d_real"],
+            metrics["d_fake"],
+            metrics["images_per_s"],
+            sample_uri,
+        )
         faults.reached("record_epoch")
-        best = self.checkpointer.keep_if_best(self.manifest["checkpoints"].get("best"), completed,
-                                              metrics.get(self.cfg.eval.metric), state)
+        best = self.checkpointer.keep_if_best(
+            self.manifest["checkpoints"].get("best"), completed, metrics.get(self.cfg.eval.metric), state
+        )
         checkpoint_dir = None
         if checkpoint:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(completed)
@@ -195,8 +238,10 @@ class RunRecorder(Recorder):
             self._save()
 
     def finished(self) -> None:
-        frames = [Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
-                  for e in gif_epochs(self.cfg.train.epochs)]
+        frames = [
+            Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
+            for e in gif_epochs(self.cfg.train.epochs)
+        ]
         self.store.put_bytes(self.layout.gif_key, gif_bytes(frames), "image/gif")
         with self._lock:
             self.manifest["samples"]["gif"] = self.store.uri(self.layout.gif_key)
@@ -210,13 +255,21 @@ class RunRecorder(Recorder):
         eval.in_task the last scores may still be coming: the driver marks the run finished once Ray has
         waited for them and it has merged them.)"""
         m = self.manifest
-        if not self._trained or m["checkpoints"].get("durable_epoch") != self.cfg.train.epochs \
-                or m.get("status") in ("finished", "scoring"):  # (already finished by the other caller)
+        if (
+            not self._trained
+            or m["checkpoints"].get("durable_epoch") != self.cfg.train.epochs
+            or m.get("status") in ("finished", "scoring")
+        ):  # (already finished by the other caller)
             return
         m["status"] = "scoring" if self.cfg.eval.in_task else "finished"
         self.watch.finished(m)
-        log.info("training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
-                 self.cfg.train.epochs, m["samples"]["latest"], m["samples"]["gif"], m["checkpoints"]["latest"])
+        log.info(
+            "training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
+            self.cfg.train.epochs,
+            m["samples"]["latest"],
+            m["samples"]["gif"],
+            m["checkpoints"]["latest"],
+        )
 
     def _write_grid(self, netG: torch.nn.Module, epoch: int) -> str:
         """G in eval mode (BatchNorm running statistics) on the fixed noise, as epoch_NNNN.png and latest.png."""
@@ -235,13 +288,17 @@ class RunRecorder(Recorder):
         """With eval.in_task: fold in the scoring tasks' results that arrived since the last write."""
         if self.cfg.eval.in_task:
             for epoch in merge_results(self.store, self.layout, self.manifest):
-                log.info("epoch %d scored: %s", epoch, describe_metrics(
-                    next(h for h in self.manifest["history"] if h["epoch"] == epoch)))
+                log.info(
+                    "epoch %d scored: %s",
+                    epoch,
+                    describe_metrics(next(h for h in self.manifest["history"] if h["epoch"] == epoch)),
+                )
 
     def _save(self) -> None:
         write_run_manifest(self.store, self.layout, self.manifest)
 
 
-def recorder_for(rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer,
-                 fixed_noise: torch.Tensor, start_step: int = 0) -> Recorder:
+def recorder_for(
+    rank: int, store: Store, cfg: JobConfig, checkpointer: Checkpointer, fixed_noise: torch.Tensor, start_step: int = 0
+) -> Recorder:
     return RunRecorder(store, cfg, checkpointer, fixed_noise, start_step) if rank == 0 else Recorder()

@@ -61,15 +61,20 @@ class DriverLock:
         self.actor: Any = None
 
     def __enter__(self) -> DriverLock:
-        me = {"job_id": ray.get_runtime_context().get_job_id(), "submission_id": current_submission_id(),
-              "host": socket.gethostname(), "pid": os.getpid(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        me = {
+            "job_id": ray.get_runtime_context().get_job_id(),
+            "submission_id": current_submission_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         deadline = time.monotonic() + GONE_HOLDER_WAIT_S
         while True:
             try:
                 # Ray's stubs type a @ray.remote class as the class itself, not the ActorClass it becomes.
                 self.actor = _LockHolder.options(  # type: ignore[attr-defined]
-                    name=self.name, namespace=NAMESPACE).remote(me)
+                    name=self.name, namespace=NAMESPACE
+                ).remote(me)
                 return self
             except ValueError:  # Ray: the name is taken
                 holder = self._holder()
@@ -78,15 +83,17 @@ class DriverLock:
             if time.monotonic() > deadline:
                 raise ClusterError(
                     f"{self.kind} {self.uri} is locked by a driver that no longer answers and Ray has not removed "
-                    f"its lock in {GONE_HOLDER_WAIT_S:.0f} s; check `ray list actors --filter name={self.name}`")
+                    f"its lock in {GONE_HOLDER_WAIT_S:.0f} s; check `ray list actors --filter name={self.name}`"
+                )
             time.sleep(0.5)
 
     def _holder(self) -> dict[str, Any] | None:
         """Who holds the name, or None when its holder is gone (or going) and the name will be free."""
         try:
             # An actor handle's method returns an untyped ObjectRef; `who` returns this dict.
-            holder = cast(dict[str, Any], ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(),
-                                                  timeout=20))
+            holder = cast(
+                dict[str, Any], ray.get(ray.get_actor(self.name, namespace=NAMESPACE).who.remote(), timeout=20)
+            )
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return None
         # A driver on this machine that has died: its lock answers until Ray notices (seconds, more on a
@@ -94,11 +101,16 @@ class DriverLock:
         return None if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")) else holder
 
     def _refusal(self, holder: dict[str, Any]) -> str:
-        who = (f"submission {holder['submission_id']}" if holder.get("submission_id")
-               else f"driver pid {holder['pid']} on {holder['host']}")
+        who = (
+            f"submission {holder['submission_id']}"
+            if holder.get("submission_id")
+            else f"driver pid {holder['pid']} on {holder['host']}"
+        )
         stop = f"`ray job stop {holder['submission_id']}`" if holder.get("submission_id") else "that driver"
-        return (f"{self.kind} {self.uri} is being trained by {who} (since {holder['since']}); two drivers must "
-                f"not write one {self.kind} folder: wait for it to end, stop it with {stop}, or choose another name")
+        return (
+            f"{self.kind} {self.uri} is being trained by {who} (since {holder['since']}); two drivers must "
+            f"not write one {self.kind} folder: wait for it to end, stop it with {stop}, or choose another name"
+        )
 
     def __exit__(self, *exc) -> None:
         if self.actor is not None:

@@ -72,8 +72,10 @@ def scoring_room(cfg: JobConfig, cluster: dict[str, float]) -> str | None:
     short = {k: v for k, v in task_resources(cfg).items() if cluster.get(k, 0.0) - workers.get(k, 0.0) < v}
     if not short:
         return None
-    return ", ".join(f"{v:g} {k} (the cluster has {cluster.get(k, 0.0):g}, the workers take {workers.get(k, 0.0):g})"
-                     for k, v in short.items())
+    return ", ".join(
+        f"{v:g} {k} (the cluster has {cluster.get(k, 0.0):g}, the workers take {workers.get(k, 0.0):g})"
+        for k, v in short.items()
+    )
 
 
 def warn_if_scoring_waits(cfg: JobConfig) -> None:
@@ -83,10 +85,14 @@ def warn_if_scoring_waits(cfg: JobConfig) -> None:
         return
     short = scoring_room(cfg, ray.cluster_resources())
     if short:
-        log.warning("eval.in_task: no room for the scoring task's %s beside the workers, so epochs are scored "
-                    "only when training ends, and eval.task_timeout_s (%s s) counts that wait; set "
-                    "eval.task_gpus: 0 to score on a CPU, lower scaling.num_workers, add a node, or set "
-                    "eval.in_task: false to score inline", short, cfg.eval.task_timeout_s)
+        log.warning(
+            "eval.in_task: no room for the scoring task's %s beside the workers, so epochs are scored "
+            "only when training ends, and eval.task_timeout_s (%s s) counts that wait; set "
+            "eval.task_gpus: 0 to score on a CPU, lower scaling.num_workers, add a node, or set "
+            "eval.in_task: false to score inline",
+            short,
+            cfg.eval.task_timeout_s,
+        )
 
 
 def score_checkpoint(checkpoint: ray.train.Checkpoint, config: dict[str, Any]) -> dict[str, float]:
@@ -107,7 +113,8 @@ def score_checkpoint(checkpoint: ray.train.Checkpoint, config: dict[str, Any]) -
         # Rank 0 of world 1: all eval.num_samples here; the reference statistics come from the bucket.
         metrics = Evaluator(store, cfg, images, device)(netG.to(device), seed=cfg.train.seed)
         result["best"] = Checkpointer(store, layout, cfg.eval.metric).keep_if_best(
-            _best_before(store, layout, cfg.eval.metric, epoch), epoch, metrics.get(cfg.eval.metric), lambda: state)
+            _best_before(store, layout, cfg.eval.metric, epoch), epoch, metrics.get(cfg.eval.metric), lambda: state
+        )
         result["metrics"] = metrics
     except Exception as e:
         # Written for run.json, then raised for Ray (which logs it and goes on training).

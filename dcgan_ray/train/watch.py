@@ -78,8 +78,12 @@ class RunWatch:
             self._wake.notify()
         self._thread.join()
         if self.pending:
-            log.warning("%d TensorBoard event file(s) of %s could not be uploaded before training ended: their "
-                        "curves stop at the last epoch uploaded", len(self.pending), self.layout.uri)
+            log.warning(
+                "%d TensorBoard event file(s) of %s could not be uploaded before training ended: their "
+                "curves stop at the last epoch uploaded",
+                len(self.pending),
+                self.layout.uri,
+            )
         self.events.remove()
 
     def _log_quality(self, manifest: dict[str, Any]) -> None:
@@ -124,8 +128,13 @@ class RunWatch:
                 publish_run_page(self._store, self.layout, page, self.logdir)
         except Exception as e:  # noqa: BLE001 -- whatever fails here, training goes on
             self.failures += 1
-            log.warning("TensorBoard events / run page of %s not uploaded (%s: %s); training goes on, and they "
-                        "go up after the next epoch", self.layout.uri, type(e).__name__, str(e).splitlines()[0])
+            log.warning(
+                "TensorBoard events / run page of %s not uploaded (%s: %s); training goes on, and they "
+                "go up after the next epoch",
+                self.layout.uri,
+                type(e).__name__,
+                str(e).splitlines()[0],
+            )
 
 
 def publish_after_training(cfg: JobConfig, manifest: dict[str, Any], scored_late: Sequence[int] = ()) -> None:
@@ -144,7 +153,11 @@ def publish_after_training(cfg: JobConfig, manifest: dict[str, Any], scored_late
             store.put_bytes(layout.events_key(closed.name), closed.read_bytes())
         publish_run_page(store, layout, manifest, f"s3://{cfg.storage.bucket}/{runs_prefix(cfg)}")
     except Exception as e:  # noqa: BLE001 -- a page or late curve is not worth failing a finished run for
-        log.warning("the run page / late scores of %s were not published (%s: %s)", layout.uri, type(e).__name__,
-                    str(e).splitlines()[0])
+        log.warning(
+            "the run page / late scores of %s were not published (%s: %s)",
+            layout.uri,
+            type(e).__name__,
+            str(e).splitlines()[0],
+        )
     finally:
         events.remove()

@@ -96,21 +96,32 @@ class Worker:
         store = Store(cfg.storage)
         node = ray.get_runtime_context().get_node_id()
         images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images, node=node).images).to(device)
-        log.debug("rank %d/%d on %s: %d images resident (%.0f MiB)", rank, world, device, len(images),
-                  images.numel() / 2**20)
+        log.debug(
+            "rank %d/%d on %s: %d images resident (%.0f MiB)", rank, world, device, len(images), images.numel() / 2**20
+        )
 
         # [1] Build, move to the device, apply speed.* (memory format, compile), make optimizers, load
         # state (Adam's follows its parameters).
         torch.manual_seed(cfg.train.seed)
         netG: torch.nn.Module
         netD: torch.nn.Module
-        netG, netD = (net.to(device) for net in build_models(cfg.model.z_dim, cfg.model.g_features,
-                                                             cfg.model.d_features, cfg.model.alpha))
+        netG, netD = (
+            net.to(device)
+            for net in build_models(cfg.model.z_dim, cfg.model.g_features, cfg.model.d_features, cfg.model.alpha)
+        )
         prepare_models(netG, netD, cfg.speed)
-        optG, optD = make_optimizers(netG, netD, cfg.train.lr_generator, cfg.train.lr_discriminator,
-                                     cfg.train.beta1, cfg.train.beta2, fused=cfg.speed.fused_adam)
-        fixed_noise = torch.randn(cfg.sample.grid_size**2, cfg.model.z_dim,
-                                  generator=torch.Generator().manual_seed(cfg.train.seed))
+        optG, optD = make_optimizers(
+            netG,
+            netD,
+            cfg.train.lr_generator,
+            cfg.train.lr_discriminator,
+            cfg.train.beta1,
+            cfg.train.beta2,
+            fused=cfg.speed.fused_adam,
+        )
+        fixed_noise = torch.randn(
+            cfg.sample.grid_size**2, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed)
+        )
         checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
         registered = ray.train.get_checkpoint()
         state, resumed_from = checkpointer.restore(registered.path if registered is not None else None, rank)
@@ -135,24 +146,57 @@ class Worker:
         evaluator = Evaluator(store, cfg, images, device, rank, world) if inline else None
         recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device), start_step=step)
         recorder.started(start_epoch, world, resumed_from, len(images) // (world * cfg.train.batch_size))
-        return cls(cfg, rank, world, device, images, netG, netD, optG, optD, fixed_noise.to(device), start_epoch,
-                   step, evaluator, recorder, checkpointer)
+        return cls(
+            cfg,
+            rank,
+            world,
+            device,
+            images,
+            netG,
+            netD,
+            optG,
+            optD,
+            fixed_noise.to(device),
+            start_epoch,
+            step,
+            evaluator,
+            recorder,
+            checkpointer,
+        )
 
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg = self.cfg
         batches = rank_batches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed, epoch)
 
         def on_log(i: int, m: dict[str, float]) -> None:
-            log.info("epoch %d/%d step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f  %.0f img/s",
-                     epoch + 1, cfg.train.epochs, i, len(batches), m["loss_d"], m["loss_g"], m["d_real"],
-                     m["d_fake"], m["images_per_s"] * self.world)
+            log.info(
+                "epoch %d/%d step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f  %.0f img/s",
+                epoch + 1,
+                cfg.train.epochs,
+                i,
+                len(batches),
+                m["loss_d"],
+                m["loss_g"],
+                m["d_real"],
+                m["d_fake"],
+                m["images_per_s"] * self.world,
+            )
             self.recorder.progress(self.step + i, {**m, "images_per_s": m["images_per_s"] * self.world})
 
-        return run_epoch(self.netG, self.netD, self.optG, self.optD, self.images, batches, cfg.model.z_dim,
-                         noise_generator(cfg.train.seed, epoch, self.rank, self.device),
-                         real_target=1.0 - cfg.train.label_smoothing,
-                         log_every=cfg.train.log_every_steps if self.rank == 0 else 0, on_log=on_log,
-                         speed=cfg.speed)
+        return run_epoch(
+            self.netG,
+            self.netD,
+            self.optG,
+            self.optD,
+            self.images,
+            batches,
+            cfg.model.z_dim,
+            noise_generator(cfg.train.seed, epoch, self.rank, self.device),
+            real_target=1.0 - cfg.train.label_smoothing,
+            log_every=cfg.train.log_every_steps if self.rank == 0 else 0,
+            on_log=on_log,
+            speed=cfg.speed,
+        )
 
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
         """Agree on the epoch's numbers and BatchNorm statistics, evaluate, record, report (with a
@@ -160,13 +204,20 @@ class Worker:
         cfg, completed = self.cfg, epoch + 1
         self.step += stats.steps
         loss_d, loss_g, d_real, d_fake, seconds = average(
-            [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.seconds], self.device)
+            [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.seconds], self.device
+        )
         average_bn_buffers(self.netG, self.netD)
         metrics = {
-            "epoch": completed, "step": self.step,
-            "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
-            "images_per_s": stats.images * self.world / seconds, "epoch_seconds": seconds,
-            "world_size": self.world, "global_batch": cfg.train.batch_size * self.world,
+            "epoch": completed,
+            "step": self.step,
+            "loss_d": loss_d,
+            "loss_g": loss_g,
+            "d_real": d_real,
+            "d_fake": d_fake,
+            "images_per_s": stats.images * self.world / seconds,
+            "epoch_seconds": seconds,
+            "world_size": self.world,
+            "global_batch": cfg.train.batch_size * self.world,
             "finite": float(np.isfinite([loss_d, loss_g]).all()),
         }
         last = completed == cfg.train.epochs
@@ -179,11 +230,15 @@ class Worker:
         # With eval.in_task, eval epochs' checkpoints (the config makes them checkpoint epochs) are scored
         # by Ray's validation task once uploaded, while the next epoch trains.
         mode = CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else CheckpointUploadMode.SYNC
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
-                         checkpoint_dir_name=saved.name if saved else None, checkpoint_upload_mode=mode,
-                         checkpoint_upload_fn=self.upload_checkpoint if saved else None,
-                         delete_local_checkpoint_after_upload=False,
-                         validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(completed)))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
+            checkpoint_dir_name=saved.name if saved else None,
+            checkpoint_upload_mode=mode,
+            checkpoint_upload_fn=self.upload_checkpoint if saved else None,
+            delete_local_checkpoint_after_upload=False,
+            validation=bool(saved and cfg.eval.in_task and cfg.is_eval_epoch(completed)),
+        )
 
     def upload_checkpoint(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         """Ray's `checkpoint_upload_fn`: upload the local folder, mark it durable in run.json, return it as a
@@ -192,8 +247,9 @@ class Worker:
         folder = self.checkpointer.upload(local, dir_name)
         shutil.rmtree(local.parent, ignore_errors=True)  # the recorder's temporary folder around it
         self.recorder.checkpoint_durable(epoch_of_key(folder), self.checkpointer.store.uri(folder))
-        return ray.train.Checkpoint(f"{self.cfg.storage.bucket}/{folder}",
-                                    filesystem=ray.train.get_context().get_storage().storage_filesystem)
+        return ray.train.Checkpoint(
+            f"{self.cfg.storage.bucket}/{folder}", filesystem=ray.train.get_context().get_storage().storage_filesystem
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Quality metrics of G (rank 0; {} elsewhere, and without evaluation). A collective."""
@@ -202,7 +258,12 @@ class Worker:
     def state(self, epoch: int) -> dict[str, Any]:
         """What a checkpoint holds (see dcgan_ray.storage.checkpoint)."""
         return {
-            "netG": unwrap(self.netG).state_dict(), "netD": unwrap(self.netD).state_dict(),
-            "optG": self.optG.state_dict(), "optD": self.optD.state_dict(), "epoch": epoch, "step": self.step,
-            "fixed_noise": self.fixed_noise.cpu(), "config": self.cfg.to_dict(),
+            "netG": unwrap(self.netG).state_dict(),
+            "netD": unwrap(self.netD).state_dict(),
+            "optG": self.optG.state_dict(),
+            "optD": self.optD.state_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "fixed_noise": self.fixed_noise.cpu(),
+            "config": self.cfg.to_dict(),
         }
