@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,18 @@ TEST_KEY = "dcgan-test-key"
 TEST_SECRET = "dcgan-test-secret-0123456789"
 BUCKET = "dcgan-test"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def checkout_files() -> list[str]:
+    """The files of this checkout that git tracks or would (untracked, not ignored): what a clone or
+    `docker build .` gets."""
+    return subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float = 60, what: str = "the condition", every_s: float = 0.2):

@@ -29,7 +29,7 @@ from packaging.specifiers import SpecifierSet
 
 from dcgan_ray.config import load_config
 from dcgan_ray.ray_internals import validate_cluster_launcher_config
-from helpers import REPO
+from helpers import REPO, checkout_files
 
 CLUSTER = REPO / "cluster"
 SECRET_NAME = "dcgan-ray-s3"
@@ -181,14 +181,7 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
     for target, source in aws["file_mounts"].items():
         here = home / Path(target).relative_to(node_home)
         if source == ".":
-            files = subprocess.run(
-                ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()
-            for f in files:
+            for f in checkout_files():
                 if (REPO / f).is_file():
                     (here / f).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(REPO / f, here / f)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import subprocess
 import tomllib
 
 import pytest
@@ -15,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from dcgan_ray.ray_internals import SUPPORTED_RAY
-from helpers import REPO
+from helpers import REPO, checkout_files
 from test_cluster_recipes import secret_hits
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -78,14 +77,7 @@ def test_it_runs_as_a_user_and_holds_no_credentials():
 
 def context_files() -> list[str]:
     """What `docker build .` sends of this checkout."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return in_context(files)
+    return in_context(checkout_files())
 
 
 def in_context(files: list[str]) -> list[str]:
