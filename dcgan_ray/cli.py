@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcgan_ray.config import JobConfig, StorageSection, load_config
+from dcgan_ray.config.sections import is_http_url
 from dcgan_ray.errors import ConfigError, DcganError
 from dcgan_ray.logs import setup_logging
 
@@ -68,7 +69,7 @@ def _bounded(low: int, high: int):
 
 
 def _endpoint(text: str) -> str:
-    if not text.startswith(("http://", "https://")) or not text.split("://", 1)[1]:
+    if not is_http_url(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s):// URL, e.g. http://127.0.0.1:8333")
     return text
 

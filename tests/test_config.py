@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_ray.config import JobConfig, load_config, parse_override
+from dcgan_ray.cli import main as cli_main
+from dcgan_ray.config import JobConfig, config_from_dict, load_config, parse_override
 from dcgan_ray.errors import ConfigError
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
@@ -226,3 +227,11 @@ def test_names_that_are_fine_load():
         ["name=run_1.v2-b", "storage.prefix=team/a.b/runs-2", "tune.study=lr.sweep"],
     )
     assert (cfg.name, cfg.storage.prefix, cfg.tune.study) == ("run_1.v2-b", "team/a.b/runs-2", "lr.sweep")
+
+
+@pytest.mark.parametrize("endpoint", ["http://", "https://", "127.0.0.1:8333", "s3://bucket", "ftp://host"])
+def test_an_endpoint_must_be_an_http_url_with_a_host(endpoint):
+    with pytest.raises(ConfigError, match=r"`storage.endpoint` = .* is not allowed; expected null \(AWS\) or an http"):
+        config_from_dict({"storage": {"endpoint": endpoint}}, "job.yaml")
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the value
+        cli_main(["runs", "--runs", "s3://b/p/runs", "--endpoint", endpoint])

@@ -22,6 +22,11 @@ METRICS = {"digit_fd": "digit", "fid": "inception"}
 """Quality metric -> the feature extractor it needs. All are distances: lower is better."""
 
 
+def is_http_url(text: str) -> bool:
+    """An http:// or https:// URL with something after the scheme (S3 endpoints: the config's and --endpoint)."""
+    return isinstance(text, str) and text.startswith(("http://", "https://")) and bool(text.split("://", 1)[1])
+
+
 def rule(ok: typing.Callable[[Any], bool], allowed: str) -> dict[str, Any]:
     """A field's range check, kept beside the field: `ok(value)` must hold; `allowed` says what does."""
     return {"rule": (ok, allowed)}
@@ -345,7 +350,7 @@ class ScalingSection:
 class StorageSection:
     endpoint: str | None = field(
         default="http://127.0.0.1:8333",
-        metadata=rule(lambda v: v is None or v.startswith(("http://", "https://")), "null (AWS) or an http(s):// URL"),
+        metadata=rule(lambda v: v is None or is_http_url(v), "null (AWS) or an http(s):// URL"),
     )
     """S3 endpoint URL. The default is the local dev stack (cluster/local.sh); null means AWS S3."""
     bucket: str = field(
