@@ -105,7 +105,8 @@ def test_an_outage_delays_the_events_and_never_training(private_s3, prefix, tmp_
 
     watch.grid(0, grid_png(0))
     watch.epoch_done(manifest)
-    wait_until(lambda: watch.published_files == 1, what="epoch 0's file in the bucket")
+    # Epoch 0's event file and then its run page: the outage must not start while the page still uploads.
+    wait_until(lambda: watch.published_files == 1 and watch.published_pages == 1, what="epoch 0 in the bucket")
     private_s3.stop()
     try:
         with caplog.at_level(logging.WARNING, logger="dcgan_ray"):

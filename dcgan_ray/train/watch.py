@@ -39,6 +39,7 @@ class RunWatch:
         self.pending: list[Path] = []  # closed event files not yet in the bucket, oldest first
         self.page: dict[str, Any] | None = None  # the newest run.json to show, not yet published
         self.published_files = 0
+        self.published_pages = 0  # (these counters are what tests wait on)
         self.failures = 0
         self._wake = threading.Condition()
         self._closed = False
@@ -126,6 +127,7 @@ class RunWatch:
                 self.published_files += 1
             if page is not None:
                 publish_run_page(self._store, self.layout, page, self.logdir)
+                self.published_pages += 1
         except Exception as e:  # noqa: BLE001 -- whatever fails here, training goes on
             self.failures += 1
             log.warning(
