@@ -20,7 +20,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
-from helpers import make_config
+from helpers import make_config, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -79,7 +79,11 @@ def test_the_same_run_name_twice_is_refused(ray_head, s3_server, data_prefix):
         submit(cfg, "jobs/smoke.yaml", overrides, address=ray_head.dashboard_url)
     from ray.job_submission import JobSubmissionClient
 
-    JobSubmissionClient(ray_head.dashboard_url).stop_job(first)
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    client.stop_job(first)
+    # Ended before the next test: a queued job takes its stop only when it would start, and one left
+    # running would keep writing (and retention deleting) checkpoints in the shared bucket.
+    wait_until(lambda: client.get_job_status(first).is_terminal(), 300, f"the end of {first}")
 
 
 def test_two_drivers_never_train_one_run_folder(ray_head, s3_server, prefix):
