@@ -41,16 +41,13 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `dcgan-ra
     from dcgan_ray.storage.s3 import Store
 
 
+def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job YAML, e.g. jobs/svhn.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
-    )
+    _add_overrides(p, "override a config value, e.g. --set train.epochs=2 (repeatable)")
 
 
 def _bounded(low: int, high: int):
@@ -369,14 +366,7 @@ def cmd_logs(args: argparse.Namespace) -> None:
 
 def _add_runs_location(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="job YAML whose storage settings (bucket, prefix, endpoint) to use")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override --config's values, e.g. --set storage.endpoint=null for AWS (repeatable)",
-    )
+    _add_overrides(p, "override --config's values, e.g. --set storage.endpoint=null for AWS (repeatable)")
     p.add_argument("--runs", default=None, metavar="S3_URI", help="the runs folder, e.g. s3://BUCKET/PREFIX/runs")
     p.add_argument(
         "--endpoint",
