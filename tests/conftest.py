@@ -24,7 +24,7 @@ from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer  # noqa: E402
 from dcgan_ray.faults import FAULT_FILE_ENV  # noqa: E402
 from dcgan_ray.jobs import JOB_SLOT  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
-from helpers import BUCKET, REPO, TEST_KEY, TEST_SECRET, Fault, make_config  # noqa: E402
+from helpers import BUCKET, REPO, TEST_KEY, TEST_RAY_ENV, TEST_SECRET, Fault, make_config  # noqa: E402
 
 S3_FIXTURES = {"s3_server", "private_s3"}
 
@@ -54,6 +54,7 @@ def test_env(tmp_path_factory):
             # Read by every Ray process the tests start (they inherit this environment): see the `fault` fixture.
             FAULT_FILE_ENV: str(tmp_path_factory.mktemp("faults") / "fault.json"),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **TEST_RAY_ENV,
         }
     )
     for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):

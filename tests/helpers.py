@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dcgan_ray.config import JobConfig, config_from_dict
+from dcgan_ray.config import JobConfig, ModelSection, config_from_dict
 from dcgan_ray.errors import StorageUnreachable
 from dcgan_ray.faults import STEPS
 from dcgan_ray.storage.layout import RunLayout
@@ -47,9 +47,29 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = 60, what: str = 
     return value
 
 
+SMALL_NETWORK = {"g_features": 16, "d_features": 16}
+"""The width of the test runs' G and D: 1/8 and 1/4 of the reference network's, so a run tests the plumbing
+(Ray, the bucket, checkpoints) in less time, with 1 MiB checkpoints instead of 68 MiB. The reference network
+itself is tested in tests/test_models.py and trained by the fault tests (`fault_cfg`)."""
+
+TEST_RAY_ENV = {
+    # Ray Train's controller polls its workers this often (Ray's default: 2 s): it sees a report, a
+    # finished or a lost worker sooner, which each test run would otherwise wait for.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's watcher of spot-instance preemption: an actor more per run, for a signal this machine
+    # never sends.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray settings of every Ray process the tests start (they inherit the session's environment)."""
+
+SMALL_NETWORK_SETS = [f"model.{key}={value}" for key, value in SMALL_NETWORK.items()]
+"""SMALL_NETWORK as `--set` overrides, for a job YAML of the repository (jobs/smoke.yaml) run by the tests."""
+
+
 def make_config(endpoint: str, prefix: str, **sections) -> JobConfig:
     data = {
         "name": "test-run",
+        "model": dict(SMALL_NETWORK),
         "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 2},
         "storage": {"endpoint": endpoint, "bucket": BUCKET, "prefix": prefix},
         "scaling": {"num_workers": 1, "use_gpu": False},
@@ -161,6 +181,7 @@ def fault_cfg(endpoint: str, prefix: str, name: str) -> JobConfig:
     network's real 68 MiB checkpoints (a multipart upload), uploaded in the background."""
     cfg = run_cfg(endpoint, prefix, name, epochs=2)
     cfg.data.max_images = 64
+    cfg.model = ModelSection()
     return cfg
 
 

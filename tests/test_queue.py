@@ -20,7 +20,7 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
-from helpers import make_config, wait_until
+from helpers import SMALL_NETWORK_SETS, make_config, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -36,6 +36,7 @@ def tiny_job(endpoint, prefix, name):
         "train.batch_size=16",
         "train.epochs=1",
         "storage.create_bucket=false",
+        *SMALL_NETWORK_SETS,
     ]
     cfg = make_config(endpoint, prefix, name=name, train={"epochs": 1, "batch_size": 16}, data={"max_images": 64})
     return cfg, overrides

@@ -17,7 +17,7 @@ from dcgan_ray.errors import ObjectMissing
 from dcgan_ray.ray_internals import session_dir
 from dcgan_ray.storage.checkpoint import load_checkpoint
 from dcgan_ray.storage.s3 import Store
-from helpers import BUCKET, REPO, TEST_KEY, TEST_SECRET, make_config
+from helpers import BUCKET, REPO, SMALL_NETWORK_SETS, TEST_KEY, TEST_SECRET, make_config
 
 pytestmark = pytest.mark.ray
 
@@ -115,6 +115,7 @@ def test_no_secret_in_bucket_logs_runtime_envs_or_session(ray_head, s3_server, d
         f"storage.bucket={BUCKET}",
         f"storage.prefix={data_prefix}",
         "storage.create_bucket=false",
+        *SMALL_NETWORK_SETS,
     ]
     run = f"secrets-{uuid.uuid4().hex[:6]}"
     study = make_config(

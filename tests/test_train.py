@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dcgan_ray.cli import main as cli_main
+from dcgan_ray.config import ModelSection
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
 from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
@@ -31,9 +32,10 @@ def png(store, key):
 
 @pytest.fixture(scope="module")
 def resume_run(ray_head, s3_server, data_prefix):
-    """One 2-epoch run with evaluation, which the tests below only read (the ones that resume or damage a
-    run train their own, so no test depends on another's order)."""
+    """One 2-epoch run of the reference network with evaluation, which the tests below only read (the ones
+    that resume or damage a run train their own, so no test depends on another's order)."""
     cfg = run_cfg(s3_server.endpoint, data_prefix, "resume", eval_every=1)
+    cfg.model = ModelSection()  # (the small test network's samples are still flat grey after 8 steps)
     manifest = train(cfg)
     return cfg, Store(cfg.storage), RunLayout.of(cfg), manifest
 
