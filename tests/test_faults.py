@@ -31,7 +31,7 @@ def outage_data(private_s3, svhn_dir):
     return "outage"
 
 
-OUTAGE_S = 20
+OUTAGE_S = 10
 """How long each outage lasts: long enough for several of the store's backed-off retries (and Ray Train's
 own storage writes) to fail, well inside storage.retry_budget_s (300 s)."""
 
@@ -78,7 +78,7 @@ def test_an_outage_twice_is_waited_out_without_a_restart(ray_head, private_s3, o
 
 def test_an_outage_past_the_budget_stops_and_the_resubmission_resumes(ray_head, private_s3, outage_data):
     cfg = run_cfg(private_s3.endpoint, outage_data, "past-budget", epochs=3)
-    cfg.storage.retry_budget_s = 10
+    cfg.storage.retry_budget_s = 5
     cfg.scaling.max_failures = 2  # the outage is not a crash: no restart may be spent on it
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     run = TrainInThread(cfg)
@@ -95,7 +95,7 @@ def test_an_outage_past_the_budget_stops_and_the_resubmission_resumes(ray_head, 
     # Whoever met the outage first gave up: a worker (its write) or Ray Train's controller (its run state).
     error = run.error
     assert isinstance(error, StorageUnreachable), repr(error)
-    assert "\n" not in str(error) and "storage.retry_budget_s = 10" in str(error), str(error)
+    assert "\n" not in str(error) and "storage.retry_budget_s = 5" in str(error), str(error)
     assert "Everything written before is kept" in str(error) and "resumes from its last checkpoint" in str(error)
     assert stopped_after < 120
     print(f"stopped {stopped_after:.0f} s into the outage: {error}")

@@ -14,9 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import config_from_dict, load_config
-from dcgan_ray.data.svhn import prepare_split
 from dcgan_ray.errors import ConfigError
 from dcgan_ray.storage.layout import study_report_prefix, study_trials_prefix
 from dcgan_ray.storage.s3 import Store
@@ -27,25 +25,21 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def study_job(s3_server, svhn_dir, tmp_path_factory):
-    """A 4-trial study (2 configurations x 2 seeds, 1 worker each, tiny data), data and classifier in
-    place. lr 10 is the deliberately bad configuration. 4 epochs, so that a stop decided on epoch 1's
-    report lands well before the trial could finish on its own."""
+def study_job(s3_server, data_prefix, tmp_path_factory):
+    """A 4-trial study (2 configurations x 2 seeds, 1 worker each, tiny data) on the session's data and
+    digit classifier. lr 10 is the deliberately bad configuration. 4 epochs, so that a stop decided on
+    epoch 1's report lands well before the trial could finish on its own."""
     cfg = make_config(
         s3_server.endpoint,
-        "study-tests",
+        data_prefix,
         name="tiny",
         train={"epochs": 4, "batch_size": 16, "log_every_steps": 100},
         data={"max_images": 128},
         eval={"every_epochs": 1, "num_samples": 128},
         tune={"study": "lr", "seeds": 2, "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [0.0002, 10.0]}}},
     )
-    store = Store(cfg.storage)
-    for split in ("train", "test"):
-        prepare_split(store, cfg, split, from_=str(svhn_dir))
     job = tmp_path_factory.mktemp("jobs") / "study.yaml"
     job.write_text(cfg.to_yaml())
-    assert cli_main(["classifier", "train", str(job), "--set", "classifier.epochs=1"]) == 0
     return job
 
 

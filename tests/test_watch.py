@@ -25,13 +25,14 @@ from PIL import Image
 
 from browser import Chromium
 from dcgan_ray.cli import main as cli_main
+from dcgan_ray.config import ModelSection
 from dcgan_ray.dev.tensorboard import TensorBoardServer, command_line
 from dcgan_ray.storage.layout import RunLayout, runs_prefix, study_trials_prefix
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.events import STEP_KEYS
 from dcgan_ray.train.watch import RunWatch
-from helpers import REPO, TEST_KEY, TEST_SECRET, make_config, run_cfg, wait_until
+from helpers import REPO, SMALL_NETWORK_SETS, TEST_KEY, TEST_SECRET, make_config, run_cfg, wait_until
 
 SCREENSHOT = REPO / "docs" / "tensorboard-images.png"
 """The docs' screenshot: the browser test writes it there only when DCGAN_RAY_UPDATE_DOCS=1 (a test run
@@ -143,6 +144,8 @@ def watched(ray_head, s3_server, data_prefix):
 
     cfg = run_cfg(s3_server.endpoint, data_prefix, "watched", eval_every=1)
     cfg.storage.runs_prefix = "watch-tests/runs"
+    if os.environ.get("DCGAN_RAY_UPDATE_DOCS") == "1":
+        cfg.model = ModelSection()  # the docs' screenshot shows the reference network's grids, not grey ones
     first = train(cfg)
     cfg.train.epochs = 3
     resumed = train(cfg)
@@ -400,6 +403,7 @@ def test_stop_logs_and_a_resubmission_that_resumes(ray_head, s3_server, data_pre
             "train.batch_size=16",
             f"train.epochs={epochs}",
             "storage.create_bucket=false",
+            *SMALL_NETWORK_SETS,
         ]
         cfg = make_config(
             s3_server.endpoint,
