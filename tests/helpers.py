@@ -50,7 +50,8 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = 60, what: str = 
 SMALL_NETWORK = {"g_features": 16, "d_features": 16}
 """The width of the test runs' G and D: 1/8 and 1/4 of the reference network's, so a run tests the plumbing
 (Ray, the bucket, checkpoints) in less time, with 1 MiB checkpoints instead of 68 MiB. The reference network
-itself is tested in tests/test_models.py and trained by the fault tests (`fault_cfg`)."""
+is checked layer by layer in tests/test_models.py, and trained by test_train's artifacts run and by the fault
+runs cut halfway through a checkpoint's upload (`fault_cfg`)."""
 
 TEST_RAY_ENV = {
     # Ray Train's controller polls its workers this often (Ray's default: 2 s): it sees a report, a
@@ -176,12 +177,15 @@ class Fault:
             path.unlink(missing_ok=True)
 
 
-def fault_cfg(endpoint: str, prefix: str, name: str) -> JobConfig:
-    """The run the fault tests lose rank 0 of: 2 epochs of 2 steps on 2 workers, with the reference
-    network's real 68 MiB checkpoints (a multipart upload), uploaded in the background."""
-    cfg = run_cfg(endpoint, prefix, name, epochs=2)
+def fault_cfg(endpoint: str, prefix: str, step: str, what: str) -> JobConfig:
+    """The run the fault tests lose rank 0 of at `step` (named `<what>-at-<step>`): 2 epochs of 2 steps on 2
+    workers, checkpoints uploaded in the background. Cut halfway through its checkpoint's upload, it trains
+    the reference network, whose real 68 MiB checkpoint goes up in parts (a multipart upload left unfinished);
+    at the other steps the size of the checkpoint makes no difference, and it trains the small one."""
+    cfg = run_cfg(endpoint, prefix, f"{what}-at-{step}".replace("_", "-"), epochs=2)
     cfg.data.max_images = 64
-    cfg.model = ModelSection()
+    if step == "upload_checkpoint_file":
+        cfg.model = ModelSection()
     return cfg
 
 

@@ -176,7 +176,7 @@ def test_a_workers_error_in_ray_job_logs_is_one_line(ray_head, shard_deleted):
 def test_rank_0_killed_at_the_end_of_an_epoch(ray_head, s3_server, data_prefix, fault, step, capfd):
     """Rank 0's process SIGKILLs itself at `step` of epoch 1's end (the upload runs in Ray's background
     thread, checkpoint.async_upload): Ray restarts the workers once, and the run finishes both epochs."""
-    cfg = fault_cfg(s3_server.endpoint, data_prefix, f"killed-at-{step}".replace("_", "-"))
+    cfg = fault_cfg(s3_server.endpoint, data_prefix, step, "killed")
     cfg.scaling.max_failures = 1
     assert cfg.checkpoint.async_upload
     fault.set(step, "kill")
