@@ -184,7 +184,7 @@ def test_rank_0s_node_lost_at_the_end_of_an_epoch(two_nodes, s3_server, data_pre
     # Ray Train restarts within a second of the loss, before Ray has declared the node dead, so it first
     # asks for both workers again and waits this long for their placement group (Ray's default: 60 s)
     # before it looks again and restarts with the one left. The driver passes the variable on to Ray Train.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     cfg = fault_cfg(s3_server.endpoint, data_prefix, step, "node-lost")
     cfg.scaling.num_workers, cfg.scaling.max_failures = [1, 2], 1
     fault.set(step, "hold")
