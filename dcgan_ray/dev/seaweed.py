@@ -33,6 +33,15 @@ def weed_binary() -> str:
     return found
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from (Linux's default where unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 @dataclass(frozen=True)
 class SeaweedPorts:
     s3: int = 8333
@@ -48,12 +57,16 @@ class SeaweedPorts:
 
     @classmethod
     def free(cls, attempts: int = 200) -> SeaweedPorts:
-        """Six HTTP ports (and their gRPC twins) that are free right now, for tests."""
+        """Six HTTP ports (and their gRPC twins) that are free right now, for tests: above Ray's worker ports
+        (10002-19999 by default) and below the kernel's ephemeral range, from which every outgoing connection
+        takes its local port. A port in that range can be taken by any client while the server is stopped,
+        and a test that stops the server for an outage could not start it again."""
         import random
 
         rng = random.Random()
+        top = ephemeral_ports()[0] - GRPC_OFFSET - 6
         for _ in range(attempts):
-            base = rng.randrange(20000, 40000, 10)
+            base = rng.randrange(20000, max(top, 20010), 10)
             ports = cls(*(base + i for i in range(6)))
             if all(port_free(p) for p in ports.all()):
                 return ports
