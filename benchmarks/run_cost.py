@@ -55,8 +55,8 @@ def processes() -> dict[int, tuple[float, str]]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        name = command.split()[0] if command.startswith("ray::") else command or stat.split("(", 1)[1].split(")")[0]
-        name = re.sub(r"\d+", "N", Path(name.split(" --")[0].split()[0]).name)
+        name = command.split()[0].split(".")[0] if command.startswith("ray::") else command or stat.split("(")[1]
+        name = re.sub(r"\d+", "N", Path(name.split(" --")[0].split()[0].rstrip(")")).name)
         out[int(entry)] = ((int(fields[11]) + int(fields[12])) / TICKS, name)
     return out
 
@@ -74,13 +74,19 @@ class ProcessSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.last.update(processes())
+            self._sample()
             self._stop.wait(0.2)
+
+    def _sample(self) -> None:
+        for pid, (seconds, name) in processes().items():
+            seen = self.last.get(pid)
+            # An exiting process has no command line, only its name cut to 15 characters: keep the full one.
+            self.last[pid] = (seconds, seen[1] if seen and seen[1].startswith(name) else name)
 
     def stop(self) -> collections.Counter:
         self._stop.set()
         self._thread.join()
-        self.last.update(processes())
+        self._sample()
         spent: collections.Counter = collections.Counter()
         for pid, (seconds, name) in self.last.items():
             earlier = self.before.get(pid)
