@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from dcgan_ray.dev.seaweed import SeaweedPorts
+from dcgan_ray.dev.seaweed import SeaweedPorts, ephemeral_ports
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageUnreachable
 from dcgan_ray.storage.layout import RunLayout, classifier_key, split_manifest_key, study_state_key
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
@@ -200,3 +200,11 @@ def test_the_layout_of_a_run_and_a_study():
     elsewhere = make_config("http://127.0.0.1:1", "team/dcgan", name="t-1", storage={"runs_prefix": "team/s/trials"})
     assert RunLayout.of(elsewhere).prefix == "team/s/trials/t-1"
     assert RunLayout.of(elsewhere).runs_uri == f"s3://{BUCKET}/team/s/trials"
+
+
+def test_test_servers_ports_are_never_an_outgoing_connections_local_port():
+    """A server stopped for an outage must be able to start again on its ports: none of them may be in the
+    range the kernel gives outgoing connections, nor among Ray's worker ports."""
+    low, _ = ephemeral_ports()
+    for _ in range(50):
+        assert all(20000 <= port < low for port in SeaweedPorts.free().all())
