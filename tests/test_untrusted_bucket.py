@@ -201,3 +201,14 @@ def test_a_mat_file_declaring_more_images_than_allowed_is_refused_before_it_is_r
     monkeypatch.setattr(svhn, "MAX_IMAGES", 4)
     with pytest.raises(DatasetError, match=r"declared\.mat: X declares \(32, 32, 3, 5\), more than 4 images"):
         read_mat(path)
+
+
+def test_a_planted_key_is_named_on_one_short_line():
+    """A key of a bucket's JSON object named in an error (a metric, a trial): plain ones as they are, others
+    quoted and cut short (hypothesis planted a trial named "\\n", which broke the error's one line)."""
+    from dcgan_ray.storage.checks import member
+
+    assert member("metrics", "digit_fd") == "metrics.digit_fd"
+    assert member("trials", "a\nb") == "trials['a\\nb']"
+    long = member("trials", "x\n" * 1000)
+    assert "\n" not in long and len(long) < 100 and long.endswith("...']")

@@ -26,6 +26,19 @@ class NotOurs(Exception):
     """Internal: the object is not what this project writes; the message says which field and why."""
 
 
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def member(parent: str, key: Any) -> str:
+    """How an error names `parent`'s member `key`, a key read from the bucket: `parent.key` for a plain
+    key, else quoted and cut to 40 characters, so that a planted key can neither break the error's one line
+    nor make it long."""
+    if isinstance(key, str) and PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}"
+    text = str(key)
+    return f"{parent}[{(text[:40] + '...' if len(text) > 40 else text)!r}]"
+
+
 def parse_json(blob: bytes) -> Any:
     if len(blob) > MAX_JSON_BYTES:
         raise NotOurs(f"it has {len(blob)} bytes, more than any manifest this project writes")

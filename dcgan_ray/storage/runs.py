@@ -161,7 +161,7 @@ def check_result(result: Any, layout: RunLayout) -> dict[str, Any]:
         checks.text(result["error"], "error")
     else:
         for name, value in checks.mapping(result.get("metrics"), "metrics").items():
-            checks.number(value, f"metrics.{name}")
+            checks.number(value, checks.member("metrics", name))
     if result.get("best") is not None:
         best = checks.mapping(result["best"], "best")
         checks.integer(best.get("epoch"), "best.epoch", 0, 10**6)

@@ -172,11 +172,12 @@ def check_study_state(state: Any) -> dict[str, dict[str, Any]]:
         raise checks.NotOurs(f"its version is {state.get('version')!r}, this code reads 1")
     trials = checks.mapping(state.get("trials"), "trials")
     for name, trial in trials.items():
-        checks.mapping(trial, f"trials.{name}")
+        what = checks.member("trials", name)
+        checks.mapping(trial, what)
         if trial.get("state") not in ENDED:
-            raise checks.NotOurs(f"trials.{name}.state is not one of {', '.join(ENDED)}")
+            raise checks.NotOurs(f"{what}.state is not one of {', '.join(ENDED)}")
         if trial.get("error") is not None:
-            checks.text(trial["error"], f"trials.{name}.error")
+            checks.text(trial["error"], f"{what}.error")
     return trials
 
 
