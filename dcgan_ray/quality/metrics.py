@@ -191,10 +191,17 @@ class SampleStats:
         return self.prob_sum / max(self.prob_sum.sum(), 1e-12)
 
     def inception_score(self) -> float:
-        """exp(E_x KL(p(y|x) || p(y))) from sums: E[sum p log p] - sum p_bar log p_bar."""
+        """exp(E_x KL(p(y|x) || p(y))) from sums: E[sum p log p] - sum p_bar log p_bar.
+
+        The mean KL is at least 0 (Jensen) and at most the entropy of p_bar, log(classes), so the score
+        lies in [1, classes]. Computed as a difference of two sums it rounds just past a bound when the
+        exact value is on it (samples all of one class gave 0.9999999999999996), so it is clamped to the
+        range; a non-finite input (a diverged G) stays NaN.
+        """
         n = self.features.n
         p_bar = self.prob_sum / n
-        return float(np.exp(self.neg_entropy_sum / n - (p_bar * np.log(np.clip(p_bar, 1e-12, None))).sum()))
+        mean_kl = self.neg_entropy_sum / n - (p_bar * np.log(np.clip(p_bar, 1e-12, None))).sum()
+        return float(np.exp(np.clip(mean_kl, 0.0, np.log(NUM_CLASSES))))
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
