@@ -153,3 +153,17 @@ def fault() -> Fault:
     f.clear()
     yield f
     f.clear()
+
+
+@pytest.fixture(autouse=True)
+def no_log_handler_left_behind():
+    """A test that runs the CLI in-process installs its log handler on the root logger (`setup_logging`):
+    it goes with the test, so no later test's lines pass through it."""
+    import logging
+
+    from dcgan_ray.logs import StderrHandler
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StderrHandler)]:
+        root.removeHandler(handler)

@@ -62,3 +62,22 @@ def test_seaweed_needs_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ClusterError, match="source cluster/dev.env"):
         SeaweedServer(tmp_path / "d", SeaweedPorts.free(), tmp_path / "log").start()
+
+
+def test_the_clis_log_handler_outlives_the_stream_it_started_with(tmp_path, capfd):
+    """`main` sets up logging on the stderr of the moment (in a test: pytest's capture, closed after the test).
+    A later log line goes to the stderr of its own moment: no '--- Logging error ---' about a closed file."""
+    import contextlib
+    import io
+    import logging
+
+    from dcgan_ray.cli import main
+
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream):
+        assert main(["paths", str(tmp_path / "missing.yaml")]) == 2
+    assert "error: " in stream.getvalue()
+    stream.close()
+    logging.getLogger("dcgan_ray.test").warning("a line after the first stream closed")
+    err = capfd.readouterr().err
+    assert "a line after the first stream closed" in err and "Logging error" not in err
