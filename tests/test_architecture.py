@@ -63,3 +63,12 @@ def test_each_layer_imports_only_the_layers_above_it():
             if layer_of(part) > layer_of(own):
                 wrong.append(f"{path.relative_to(REPO)} imports dcgan_ray.{part}")
     assert not wrong, "\n".join(wrong)
+
+
+MAX_MODULE_LINES = 420
+"""A module past this has outgrown its room: where do its concerns part? (issue 24 split cli and the tuner)"""
+
+
+def test_no_module_has_outgrown_its_room():
+    sizes = {path.relative_to(REPO): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -30,7 +30,7 @@ from dcgan_ray.storage import checks
 from dcgan_ray.storage.checkpoint import CHECKPOINT_FILE, manifest_bytes, verify
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import check_result, check_run_manifest
-from dcgan_ray.study.tuner import check_study_state
+from dcgan_ray.study.state import check_study_state
 
 EXAMPLES = 300
 """Per property; the eight properties below run 2,400 examples together (about 20 s here)."""

@@ -11,7 +11,8 @@ import pytest
 from dcgan_ray.config import config_from_dict
 from dcgan_ray.errors import StorageError
 from dcgan_ray.storage.layout import study_state_key
-from dcgan_ray.study.tuner import expand_trials, read_study_state, trial_name, write_study_state
+from dcgan_ray.study.state import read_study_state, write_study_state
+from dcgan_ray.study.trials import expand_trials, trial_name
 
 
 def study(cfg, **tune):

@@ -14,8 +14,8 @@ import pytest
 import scipy.io
 
 import dcgan_ray.data.svhn as svhn
-from dcgan_ray.cli import _eval_config
 from dcgan_ray.cli import main as cli_main
+from dcgan_ray.cli.commands import _eval_config
 from dcgan_ray.config import StorageSection
 from dcgan_ray.data.svhn import cached_object, load_split, prepare_split, read_mat
 from dcgan_ray.errors import DatasetError

@@ -1,32 +1,26 @@
 """Running a hyperparameter sensitivity study on Ray Tune: every trial is a multi-worker DDP training run.
 
-`dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneSection`),
-expands its search space (grids multiply, random forms are drawn `num_samples` times, every
-configuration runs with `seeds` seeds) and runs each trial as the Train V2 pattern prescribes: a
-function trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`.
-This module holds that Ray side: the trials (`expand_trials`, `trial_name`), each trial's job (`trial_job`,
-`run_trial`), the stopper of hopeless trials, the callback that republishes the report as trials end
-(`StudyReport`), and `run_study`. Trials are ranked by `eval.metric`, lower is better.
+`dcgan-ray tune jobs/svhn-tune.yaml` reads the job's `tune:` section (see `config.TuneSection`), expands
+its trials (`dcgan_ray.study.trials`) and runs each as the Train V2 pattern prescribes: a function
+trainable that fits a `TorchTrainer`, reporting to Tune through `TuneReportCallback`. This module holds
+that Ray side: each trial's run (`run_trial`), the stopper of hopeless trials, the callback that
+republishes the report as trials end (`StudyReport`), and `run_study`. Trials are ranked by
+`eval.metric`, lower is better.
 
 Everything lives under s3://<bucket>/<prefix>/studies/<study>/ (named in `dcgan_ray.storage.layout`):
-  state.json       which trials ended, and how (what makes a resubmitted study skip finished trials)
+  state.json       which trials ended, and how (`dcgan_ray.study.state`)
   trials/<name>/   each trial's run folder (run.json, samples, checkpoints), as a training job has
   report/          trials.csv, PNG plots, mosaic.png, best.yaml, index.html (refreshed as trials end)
   tune/            Tune's own experiment state: written by Tune, never read back
 
 Nothing read from the bucket is unpickled: Tune's `Tuner.restore` would unpickle `tune/`, so anyone who
-can write there would run code as the driver. Instead the study's trials are expanded here, each named
-by a digest of its values (`trial_name`), so a resubmitted study finds every trial's folder again: trials
-that `state.json` says ended are reported from their run.json, the others run (resuming from their own
-checkpoints). Random forms are drawn from a generator seeded by the study's name, so they draw the same
-values every time.
+can write there would run code as the driver. Instead a resubmitted study expands the same trials again
+and finds each one's folder by its name: trials that `state.json` says ended are reported from their
+run.json, the others run (resuming from their own checkpoints).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
 import tempfile
 import threading
@@ -34,31 +28,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.exceptions
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dcgan_ray.config import JobConfig, config_from_dict, set_dotted
-from dcgan_ray.errors import ConfigError, ObjectMissing, StorageError
+from dcgan_ray.config import JobConfig, config_from_dict
+from dcgan_ray.errors import ConfigError, ObjectMissing
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
-from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import (
     STUDY_EXPERIMENT,
     RunLayout,
     study_name,
     study_prefix,
     study_report_prefix,
-    study_state_key,
-    study_trials_prefix,
 )
 from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
+from dcgan_ray.study.state import ENDED, read_study_state, write_study_state
+from dcgan_ray.study.trials import decode_key, expand_trials, trial_job, trial_name
 from dcgan_ray.train.driver import (
     connect_ray,
     first_failure,
@@ -71,61 +63,6 @@ from dcgan_ray.train.placement import check_capacity
 from dcgan_ray.train.runlock import DriverLock
 
 log = logging.getLogger(__name__)
-
-
-def _encode(key: str) -> str:
-    # Tune flattens nested config keys with '/', and dots read badly in its tables: train.lr -> train__lr.
-    return key.replace(".", "__")
-
-
-def _decode(key: str) -> str:
-    return key.replace("__", ".")
-
-
-def expand_trials(cfg: JobConfig) -> list[dict[str, Any]]:
-    """Every trial of the study, as {"params": {encoded key: value}, "seed": s}: the grid's product, each
-    point drawn `num_samples` times for the random forms, each with `tune.seeds` seeds."""
-    grid = {k: v["grid"] for k, v in cfg.tune.space.items() if "grid" in v}
-    random_forms = {k: v for k, v in cfg.tune.space.items() if "grid" not in v}
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big"))
-    points: list[dict[str, Any]] = [{}]
-    for key, values in grid.items():
-        points = [{**p, key: v} for p in points for v in values]
-    trials: list[dict[str, Any]] = []
-    for point in points:
-        for _ in range(cfg.tune.num_samples if random_forms else 1):
-            drawn = {key: _draw(rng, spec) for key, spec in random_forms.items()}
-            params = {_encode(k): v for k, v in {**point, **drawn}.items()}
-            trials.extend({"params": params, "seed": seed} for seed in range(cfg.tune.seeds))
-    return trials
-
-
-def _draw(rng: np.random.Generator, spec: dict[str, Any]) -> Any:
-    form, values = next(iter(spec.items()))
-    if form == "choice":
-        return values[int(rng.integers(len(values)))]
-    if form == "uniform":
-        return float(rng.uniform(*values))
-    return float(np.exp(rng.uniform(np.log(values[0]), np.log(values[1]))))  # loguniform
-
-
-def trial_name(trial: dict[str, Any]) -> str:
-    """A trial's run name, from its values: the same trial gets the same folder in every run of the study."""
-    canonical = json.dumps(
-        {"params": {_decode(k): v for k, v in trial["params"].items()}, "seed": trial["seed"]}, sort_keys=True
-    )
-    return "t-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
-
-
-def trial_job(base: dict[str, Any], trial: dict[str, Any]) -> JobConfig:
-    """The training job of one trial: the study's job with the trial's values, seed and run folder."""
-    data = copy.deepcopy(base)
-    for key, value in trial["params"].items():
-        set_dotted(data, _decode(key), value.item() if hasattr(value, "item") else value)
-    data["train"]["seed"] = int(trial["seed"])
-    data["name"] = trial_name(trial)
-    data["storage"]["runs_prefix"] = study_trials_prefix(config_from_dict(base))
-    return config_from_dict(data, f"trial {data['name']}")
 
 
 def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
@@ -145,45 +82,6 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         if error is None:
             raise
         raise error from None  # the trial's error is the worker's own, and the report shows its one line
-
-
-ENDED = ("TERMINATED", "ERROR")
-
-
-def read_study_state(store: Store, cfg: JobConfig) -> dict[str, dict[str, Any]]:
-    """state.json's trials, {name: {"state": TERMINATED|ERROR, "error": str|None}}; {} for a new study.
-    Checked field by field (`check_study_state`): it is plain JSON in a shared bucket, never code."""
-    key = study_state_key(cfg)
-    try:
-        return check_study_state(checks.parse_json(store.get_bytes(key)))
-    except ObjectMissing:
-        return {}
-    except checks.NotOurs as e:
-        raise StorageError(
-            f"{store.uri(key)} is not a study state this project wrote ({e}); delete it to run "
-            "every trial of the study again (finished trials are then reported from their run "
-            "folders)"
-        ) from None
-
-
-def check_study_state(state: Any) -> dict[str, dict[str, Any]]:
-    state = checks.mapping(state, "the state")
-    if state.get("version") != 1:
-        raise checks.NotOurs(f"its version is {state.get('version')!r}, this code reads 1")
-    trials = checks.mapping(state.get("trials"), "trials")
-    for name, trial in trials.items():
-        what = checks.member("trials", name)
-        checks.mapping(trial, what)
-        if trial.get("state") not in ENDED:
-            raise checks.NotOurs(f"{what}.state is not one of {', '.join(ENDED)}")
-        if trial.get("error") is not None:
-            checks.text(trial["error"], f"{what}.error")
-    return trials
-
-
-def write_study_state(store: Store, cfg: JobConfig, trials: dict[str, dict[str, Any]]) -> None:
-    body = json.dumps({"version": 1, "trials": trials}, indent=1, sort_keys=True).encode()
-    store.put_bytes(study_state_key(cfg), body, "application/json")
 
 
 class HopelessStopper(tune.Stopper):
@@ -311,7 +209,7 @@ class StudyReport(tune.Callback):
         epochs_done = max((h["epoch"] for h in history), default=0)
         return TrialRecord(
             trial_id=trial.trial_id,
-            params={_decode(k): v for k, v in trial.config["params"].items()},
+            params={decode_key(k): v for k, v in trial.config["params"].items()},
             seed=int(trial.config["seed"]),
             history=history,
             state=trial.status,

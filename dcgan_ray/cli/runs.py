@@ -1,0 +1,73 @@
+"""The commands of one run, found by its name in the bucket: runs, report, stop, logs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dcgan_ray.cli.options import ADDRESS_HELP, add_runs_location, run_layout, run_name, runs_location
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from dcgan_ray.report.runs_table import format_runs, list_runs
+    from dcgan_ray.storage.s3 import Store
+
+    storage, prefix = runs_location(args)
+    store = Store(storage)
+    store.check()
+    print(format_runs(list_runs(store, prefix), f"s3://{storage.bucket}/{prefix}"))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dcgan_ray.report.run_page import download_run_page
+
+    store, layout = run_layout(args)
+    store.check()
+    out = Path(args.out or Path("run-pages") / args.name)
+    index = download_run_page(store, layout, out, layout.runs_uri)
+    print(
+        f"run page of {layout.uri}: {index}  (open it in a browser; the copy in the bucket: "
+        f"s3://{layout.bucket}/{layout.report_key})"
+    )
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import stop_run
+
+    store, layout = run_layout(args)
+    for submission_id, state in stop_run(store, layout, args.address):
+        print(f"stopped {submission_id} ({state})")
+    print(f"{layout.uri}/run.json: stopped; submit the same job again to resume it from its last checkpoint")
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from dcgan_ray.jobs import job_logs
+
+    store, layout = run_layout(args)
+    job_logs(store, layout, args.follow, sys.stdout, args.address)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list every run in the bucket from its run.json")
+    add_runs_location(p)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="write a run's page (curves, grids, config, timings) locally")
+    p.add_argument("name", type=run_name, help="the run's name (the job's `name`)")
+    add_runs_location(p)
+    p.add_argument("--out", default=None, help="folder to write it to (default run-pages/NAME)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("stop", help="stop a run's queued or running job and mark it stopped (resubmit to resume)")
+    p.add_argument("name", type=run_name, help="the run's name (the job's `name`)")
+    add_runs_location(p)
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("logs", help="show the log of a run's newest job")
+    p.add_argument("name", type=run_name, help="the run's name (the job's `name`)")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the log until the job ends")
+    add_runs_location(p)
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=cmd_logs)
