@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcgan_ray.config import JobConfig, config_from_dict, load_config
-from dcgan_ray.config.sections import is_name
+from dcgan_ray.config.rules import is_name
 from dcgan_ray.data.svhn import IMAGE_BYTES, check_split_manifest
 from dcgan_ray.errors import CheckpointError, ConfigError
 from dcgan_ray.quality.classifier import DigitClassifier, load_classifier, save_state

@@ -143,7 +143,7 @@ def test_errors_retrying_cannot_fix_fail_at_once(store, monkeypatch, caplog):
 def test_ray_trains_filesystem_keeps_its_retries_when_pickled(cfg):
     import pickle
 
-    from dcgan_ray.storage.s3 import ArrowS3FileSystem, arrow_attempts
+    from dcgan_ray.storage.arrowfs import ArrowS3FileSystem, arrow_attempts
 
     fs = pickle.loads(pickle.dumps(ArrowS3FileSystem(cfg.storage)))
     assert isinstance(fs, ArrowS3FileSystem) and fs == ArrowS3FileSystem(cfg.storage)

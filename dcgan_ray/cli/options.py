@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from dcgan_ray.config import JobConfig, StorageSection, load_config
-from dcgan_ray.config.sections import is_http_url
+from dcgan_ray.config.rules import is_http_url
 from dcgan_ray.errors import ConfigError, DcganError
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `dcgan-ray --help` stays quick
@@ -52,7 +52,7 @@ SEED_RANGE = (0, 2**32 - 1)
 
 def run_name(text: str) -> str:
     """An argparse type: a run name as the config's `name` allows (it becomes a key in the bucket)."""
-    from dcgan_ray.config.sections import NAME_RULE, is_name
+    from dcgan_ray.config.rules import NAME_RULE, is_name
 
     if not is_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a run name ({NAME_RULE})")

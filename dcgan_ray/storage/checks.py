@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from dcgan_ray.config.sections import NAME_PATTERN
+from dcgan_ray.config.rules import NAME_PATTERN
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_JSON_BYTES = 16 * 2**20

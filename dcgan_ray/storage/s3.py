@@ -19,6 +19,7 @@ first contact of every command, does not wait: a wrong endpoint fails in seconds
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
 import os
 import random
@@ -28,13 +29,11 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import boto3
 import boto3.exceptions
 import botocore.config
 import botocore.exceptions
-import pyarrow.fs
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray.config import StorageSection
@@ -52,6 +51,9 @@ MAX_BACKOFF_S = 5.0
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 _SERVER_BUSY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+# A conditional write that met another one in flight on the same key: AWS asks for a retry.
+_CONFLICT_CODES = {"ConditionalRequestConflict", "409"}
+_PRECONDITION_CODES = {"PreconditionFailed", "412"}
 # No connection, a timeout, a connection cut mid-transfer; s3transfer's give-up after its own download retries.
 # (botocore's SSLError is a ConnectionError too, but a certificate problem is not fixed by waiting.)
 _TRANSIENT = (
@@ -236,7 +238,7 @@ class Store:
                 raise BucketMissing(self._bucket_missing_message()) from None
             if code in _MISSING_KEY_CODES:
                 raise ObjectMissing(f"{target} does not exist on {self.endpoint}") from None
-            if code in _SERVER_BUSY_CODES:
+            if code in _SERVER_BUSY_CODES or code in _CONFLICT_CODES:
                 raise _Unreachable(f"the server answered {code}") from None
             raise StorageError(
                 f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
@@ -298,6 +300,32 @@ class Store:
         # The body is read inside the retried call: a connection cut mid-read is retried as a whole.
         return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
+    def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Write `key` only if no object has that name (PutObject with If-None-Match: *): True when this call
+        created it, False when it was there. The server decides, atomically: of writers racing for one name
+        exactly one creates it. (A create whose answer was lost and was retried answers False: a caller that
+        must know whether it was its own reads the object back.)"""
+
+        def create() -> bool:
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*"
+                )
+            except botocore.exceptions.ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) in _PRECONDITION_CODES:
+                    return False
+                raise
+            return True
+
+        return self._call("create", key, create)
+
+    def age_s(self, key: str) -> float:
+        """Seconds since `key` was last written, by the server's clock alone (its Date answer minus the
+        object's Last-Modified, each to the second), so a client's wrong clock cannot shift it."""
+        head = self.head(key)
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return (now - head["LastModified"]).total_seconds()
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._call(
             "write",
@@ -335,9 +363,13 @@ class Store:
 
         self._call("read", key, download)
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str, start_after: str = "") -> list[str]:
+        """Every key under `prefix` (in S3's order: by UTF-8 bytes), or only those after `start_after`."""
+
         def list_all() -> list[str]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, StartAfter=start_after
+            )
             return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
         return self._call("list", prefix, list_all)
@@ -369,44 +401,6 @@ class _Unreachable(Exception):
     def __init__(self, failure: str):
         super().__init__(failure)
         self.failure = failure
-
-
-class ArrowS3FileSystem(pyarrow.fs.S3FileSystem):
-    """pyarrow's S3 filesystem, for what Ray Train and Tune write themselves (their run state, checkpoint
-    deletions), with retries that outlast `storage.retry_budget_s` as `Store`'s do.
-
-    pyarrow does not pickle a filesystem's retry strategy, and Ray ships the filesystem to its controller
-    and workers: `__reduce__` rebuilds it with the strategy. Credentials are not passed: each process
-    resolves them from its own environment, so they are never pickled into what Ray ships.
-    """
-
-    def __init__(self, storage: StorageSection):
-        kwargs: dict[str, Any] = {"region": storage.region}
-        if storage.endpoint is not None:
-            url = urlparse(storage.endpoint)
-            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
-        super().__init__(
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=arrow_attempts(storage.retry_budget_s)),
-            **kwargs,
-        )
-        self.storage = storage
-
-    def __reduce__(self):
-        return ArrowS3FileSystem, (self.storage,)
-
-
-def arrow_attempts(budget_s: float) -> int:
-    """Tries of the AWS SDK's standard strategy whose waits add up to `budget_s` on average.
-
-    Before retry r the SDK waits rand(0..1) x 2^r seconds, at most 20 s, i.e. on average
-    min(2^r / 2, 20 - 200 / 2^r) (measured here: 10 tries against a closed port took 84 s).
-    """
-    waited, retries = 0.0, 0
-    while waited < budget_s:
-        scale = 2.0**retries
-        waited += scale / 2 if scale <= 20 else 20 - 200 / scale
-        retries += 1
-    return retries + 1
 
 
 def _key_hint() -> str:

@@ -22,6 +22,7 @@ from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnrea
 from dcgan_ray.gan.scaling import describe_job
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
+from dcgan_ray.storage.arrowfs import ArrowS3FileSystem
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.runs import (
     epochs_durable,
@@ -31,7 +32,7 @@ from dcgan_ray.storage.runs import (
     unscored_epochs,
     write_run_manifest,
 )
-from dcgan_ray.storage.s3 import ArrowS3FileSystem, Store
+from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
 from dcgan_ray.train.runlock import DriverLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
