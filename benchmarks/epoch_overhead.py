@@ -42,7 +42,8 @@ from dcgan_ray.dev.seaweed import scratch_server  # noqa: E402
 from dcgan_ray.gan.models import build_models  # noqa: E402
 from dcgan_ray.gan.step import make_optimizers, to_model_input, train_step  # noqa: E402
 from dcgan_ray.quality.metrics import Evaluator  # noqa: E402
-from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint, read_checkpoint_dir  # noqa: E402
+from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_dir
+from dcgan_ray.storage.checkpointer import Checkpointer  # noqa: E402
 from dcgan_ray.storage.layout import RunLayout  # noqa: E402
 from dcgan_ray.storage.s3 import Store  # noqa: E402
 from dcgan_ray.train.recorder import RunRecorder  # noqa: E402

@@ -59,3 +59,11 @@ class CheckpointError(DcganError):
 
 class ClusterError(DcganError):
     """The Ray cluster cannot run the job as configured (resources, GPUs, address)."""
+
+
+class LeaseHeld(DcganError):
+    """Another live driver holds the lease of the run or study this driver was asked to write."""
+
+
+class LeaseLost(DcganError):
+    """This driver (or its workers) no longer holds the lease: another one took the run over, or it was released."""

@@ -2,13 +2,16 @@
 of an epoch's end, where timing a kill from outside could not hit the moment.
 
 The Ray nodes' environment names a file in DCGAN_RAY_FAULT_FILE (users never set it; then every call here
-costs one environment lookup). A test writes `{"step": STEP, "action": ACTION}` into that file. The first
+costs one environment lookup). A test writes `{"step": STEP, "action": ACTION}` into that file (and
+`"epoch": N` for a step that says its epoch, to fire at that epoch's only). The first
 process to reach STEP claims the fault by renaming the file to `<file>.fired`, so it fires once and the
 restarted workers pass the step unharmed. Then, by ACTION:
 
   kill   SIGKILL to itself: a worker process lost, with no clean-up;
   hold   its Ray node id into `<file>.held`, then wait forever, so the test can take that node down
-         while the process stands at exactly this step.
+         while the process stands at exactly this step;
+  pause  its pid into `<file>.paused`, then SIGSTOP to itself: the whole process stands still (a long GC,
+         a partition) until the test sends SIGCONT, and then goes on from exactly this step.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ STEPS = {
     "before_manifest": "checkpoint.pt is in the bucket, its manifest.json not yet",
     "after_manifest": "manifest.json is in the bucket; Ray Train has not registered the checkpoint yet",
 }
+"""The steps of an epoch's end that the fault tests lose rank 0 at, each with its expected outcome."""
+LEASE_STEPS = {"before_commit": "the checkpoint is uploaded and checked; its commit to the lease log is next"}
 
 
-def reached(step: str) -> None:
-    """Fire the fault set for `step`, if one is set and no process claimed it yet."""
+def reached(step: str, epoch: int | None = None) -> None:
+    """Fire the fault set for `step` (at `epoch`, if the fault names one), if one is set and no process
+    claimed it yet."""
     path = os.environ.get(FAULT_FILE_ENV)
     if not path:
         return
@@ -39,7 +45,7 @@ def reached(step: str) -> None:
         fault = json.loads(Path(path).read_text())
     except (FileNotFoundError, ValueError):  # none set, or the test is still writing it
         return
-    if fault.get("step") != step:
+    if fault.get("step") != step or fault.get("epoch", epoch) != epoch:
         return
     try:
         os.rename(path, f"{path}.fired")
@@ -47,13 +53,21 @@ def reached(step: str) -> None:
         return
     if fault["action"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault["action"] == "pause":
+        _write_into_place(Path(f"{path}.paused"), str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     import ray  # only here: the storage modules that call this work without Ray
 
-    part = Path(f"{path}.held.part")  # renamed into place: the test never reads half a node id
-    part.write_text(ray.get_runtime_context().get_node_id())
-    part.rename(f"{path}.held")
+    _write_into_place(Path(f"{path}.held"), ray.get_runtime_context().get_node_id())
     while True:
         time.sleep(60)
+
+
+def _write_into_place(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")  # renamed into place: the test never reads half of it
+    part.write_text(text)
+    part.rename(path)
 
 
 def halfway(step: str, total_bytes: int) -> Callable[[int], None] | None:

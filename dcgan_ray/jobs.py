@@ -20,13 +20,15 @@ import logging
 import os
 import shlex
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcgan_ray.config import JobConfig, StorageSection
-from dcgan_ray.errors import ClusterError, DcganError
-from dcgan_ray.storage.layout import RunLayout, study_name, study_report_prefix
+from dcgan_ray.errors import ClusterError, DcganError, LeaseHeld
+from dcgan_ray.storage.layout import RunLayout, study_name, study_prefix, study_report_prefix
+from dcgan_ray.storage.lease import ownership, release_folder
 from dcgan_ray.storage.runs import new_run_manifest, read_run_manifest, write_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
@@ -74,18 +76,27 @@ def submit(
     kind: str = "train",
     address: str | None = None,
     queue: bool = True,
+    wait_for_lease: bool = False,
 ) -> str:
-    """Submit the job (kind train) or study (kind tune); returns the submission id."""
+    """Submit the job (kind train) or study (kind tune); returns the submission id. `config_path` is a job
+    YAML in the checkout, or the s3:// URI of a run or study folder (its recorded config). A run or study
+    whose lease another live driver holds, on any cluster, is refused unless `wait_for_lease`, which its
+    driver then does."""
     client, address = _client(address)
-    path = Path(config_path).resolve()
-    if not path.is_relative_to(REPO):
-        raise DcganError(
-            f"{config_path} is outside the checkout ({REPO}) that is uploaded as the job's working "
-            "dir; copy it under jobs/ and submit that"
-        )
+    if config_path.startswith("s3://"):
+        config_arg = config_path
+    else:
+        path = Path(config_path).resolve()
+        if not path.is_relative_to(REPO):
+            raise DcganError(
+                f"{config_path} is outside the checkout ({REPO}) that is uploaded as the job's working "
+                "dir; copy it under jobs/ and submit that"
+            )
+        config_arg = str(path.relative_to(REPO))
     name, uri = _tracked_name(cfg, kind)
+    store = Store(cfg.storage)
     # A queued job that `dcgan-ray stop` stopped stays PENDING in Ray until it would start (see stop_run).
-    run = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg)) if kind == "train" else None
+    run = read_run_manifest(store, RunLayout.of(cfg)) if kind == "train" else None
     stopped = run.get("submission_id") if run and run.get("status") == "stopped" else None
     active = [
         j
@@ -101,6 +112,14 @@ def submit(
             f"{name} already has an active submission {j.submission_id} "
             f"({STATES[j.status.value]}); wait for it, stop it with `{stop}`, or choose another name"
         )
+    # Another cluster's driver (or one of this cluster's not submitted from here) holds it: the bucket says so.
+    folder = RunLayout.of(cfg).prefix if kind == "train" else study_prefix(cfg)
+    held = ownership(store, folder) if cfg.storage.conditional_writes else None
+    if held is not None and held.state == "held" and not wait_for_lease:
+        raise LeaseHeld(
+            f"{name} is being written by {held.describe()} (its lease in the bucket): wait for it to end, stop it, "
+            "or submit with --wait-for-lease to queue behind it"
+        )
     slot = queue and _offers_job_slot(address)
     if queue and not slot:
         log.warning(
@@ -110,25 +129,34 @@ def submit(
             JOB_SLOT,
         )
     entrypoint = shlex.join(
-        ["python", "-m", "dcgan_ray", kind, str(path.relative_to(REPO)), *[a for o in overrides for a in ("--set", o)]]
+        ["python", "-m", "dcgan_ray", kind, config_arg, *[a for o in overrides for a in ("--set", o)]]
+        + (["--wait-for-lease"] if wait_for_lease else [])
     )
     submission_id = client.submit_job(
         entrypoint=entrypoint,
-        submission_id=f"dcgan-{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        # (the suffix: two clusters given one run in one second still tell their submissions apart)
+        submission_id=f"dcgan-{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}",
         runtime_env={"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES},
         entrypoint_resources={JOB_SLOT: 1} if slot else None,
         metadata={KIND: kind, RUN: name, RUN_URI: uri, ENDPOINT: cfg.storage.endpoint or ""},
     )
-    if kind == "train":
-        _mark_queued(cfg, submission_id)
+    if held is None or held.state != "held":  # (a live holder's run.json stays its own)
+        _mark_queued(cfg, kind, submission_id, address)
     return submission_id
 
 
-def _mark_queued(cfg: JobConfig, submission_id: str) -> None:
-    """run.json says `queued` (and by which submission) until the job's driver starts training."""
-    store, layout = Store(cfg.storage), RunLayout.of(cfg)
+def _mark_queued(cfg: JobConfig, kind: str, submission_id: str, address: str) -> None:
+    """run.json (study.json) says `queued`, by which submission on which cluster, until the job's driver
+    starts: what `dcgan-ray recover` needs to submit it again if that cluster is lost before it starts."""
+    store = Store(cfg.storage)
+    if kind == "tune":
+        from dcgan_ray.study.state import write_study_record
+
+        write_study_record(store, cfg, status="queued", submission_id=submission_id, queued_on=address)
+        return
+    layout = RunLayout.of(cfg)
     manifest = read_run_manifest(store, layout) or new_run_manifest(cfg, layout)
-    manifest.update(status="queued", submission_id=submission_id)
+    manifest.update(status="queued", submission_id=submission_id, queued_on=address)
     write_run_manifest(store, layout, manifest)
 
 
@@ -269,7 +297,9 @@ def stop_run(
     for job in active:
         if client.get_job_status(job.submission_id).value != "PENDING":
             _wait_until_gone(client, address, job, wait_s)
-    # Only now: until its workers were gone, rank 0 could still write run.json.
+    # Only now: until its workers were gone, rank 0 could still write run.json. The lease goes too, so a
+    # resubmission takes the run at once instead of waiting out its ttl.
+    release_folder(store, layout.prefix, "stopped by dcgan-ray stop")
     manifest = read_run_manifest(store, layout)
     if manifest is not None:
         manifest["status"] = "stopped"

@@ -154,9 +154,9 @@ class Fault:
     def __init__(self, path: Path):
         self.path = path
 
-    def set(self, step: str, action: str) -> None:
+    def set(self, step: str, action: str, epoch: int | None = None) -> None:
         part = self.path.with_suffix(".part")
-        part.write_text(json.dumps({"step": step, "action": action}))
+        part.write_text(json.dumps({"step": step, "action": action, **({"epoch": epoch} if epoch else {})}))
         part.rename(self.path)
 
     @property
@@ -172,9 +172,15 @@ class Fault:
             time.sleep(0.05)
         return held.read_text()
 
+    def paused(self, timeout_s: float = 300) -> int:
+        """The pid of the process that paused itself at the step (action `pause`), once one has."""
+        paused = Path(f"{self.path}.paused")
+        wait_until(paused.exists, timeout_s, "a process pausing at the fault's step", every_s=0.05)
+        return int(paused.read_text())
+
     def clear(self) -> None:
-        for path in (self.path, Path(f"{self.path}.fired"), Path(f"{self.path}.held")):
-            path.unlink(missing_ok=True)
+        for suffix in ("", ".fired", ".held", ".paused"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
 def fault_cfg(endpoint: str, prefix: str, step: str, what: str) -> JobConfig:

@@ -17,7 +17,7 @@ LAYERS = [
     {"report"},
     {"train"},
     {"study"},
-    {"jobs"},
+    {"jobs", "recovery"},
     {"dev"},
     {"cli", "__main__"},
 ]

@@ -12,13 +12,13 @@ from dcgan_ray.errors import CheckpointError
 from dcgan_ray.storage.checkpoint import (
     CHECKPOINT_FILE,
     MANIFEST_FILE,
-    Checkpointer,
     checkpoint_bytes,
     load_checkpoint,
     read_checkpoint_dir,
     read_checkpoint_uri,
     save_checkpoint,
 )
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import write_run_manifest
 from helpers import make_config

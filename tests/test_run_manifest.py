@@ -7,7 +7,7 @@ import logging
 import torch
 
 from dcgan_ray.gan.models import build_models
-from dcgan_ray.storage.checkpoint import Checkpointer
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.train.recorder import RunRecorder

@@ -16,7 +16,8 @@ from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import ModelSection
 from dcgan_ray.dev.seaweed import SeaweedPorts
 from dcgan_ray.errors import ClusterError, DatasetMissing, DcganError, StorageUnreachable
-from dcgan_ray.storage.checkpoint import Checkpointer, load_checkpoint, read_checkpoint_dir
+from dcgan_ray.storage.checkpoint import load_checkpoint, read_checkpoint_dir
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store

@@ -19,7 +19,8 @@ from dcgan_ray.cli.commands import _eval_config
 from dcgan_ray.config import StorageSection
 from dcgan_ray.data.svhn import cached_object, load_split, prepare_split, read_mat
 from dcgan_ray.errors import DatasetError
-from dcgan_ray.storage.checkpoint import MANIFEST_FILE, Checkpointer, save_checkpoint
+from dcgan_ray.storage.checkpoint import MANIFEST_FILE, save_checkpoint
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.files import cache_dir
 from dcgan_ray.storage.layout import RunLayout, split_manifest_key
 from dcgan_ray.storage.runs import RunManifestError, merge_results, read_run_manifest

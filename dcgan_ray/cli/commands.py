@@ -12,12 +12,15 @@ from dcgan_ray.cli.options import (
     ADDRESS_HELP,
     SEED_RANGE,
     add_config,
+    add_wait_for_lease,
     bounded,
     endpoint_url,
     storage_for_uri,
+    submission,
 )
 from dcgan_ray.config import JobConfig, StorageSection, load_config
 from dcgan_ray.errors import ConfigError, DcganError
+from dcgan_ray.storage.runs import load_job
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -32,7 +35,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from dcgan_ray.storage.layout import split_prefix
     from dcgan_ray.storage.s3 import Store
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job(args.config, args.overrides)
     splits = args.split or cfg.data.prepare_splits
     if args.from_ and len(splits) > 1 and not Path(args.from_).is_dir():
         raise DcganError(
@@ -49,8 +52,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from dcgan_ray.train.driver import describe, train
 
-    cfg = load_config(args.config, args.overrides)
-    manifest = train(cfg, address=args.address)
+    cfg = load_job(args.config, args.overrides)
+    manifest = train(cfg, args.address, args.wait_for_lease, submission(args.config, args.overrides))
     print(describe(manifest))
 
 
@@ -85,7 +88,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     from dcgan_ray.storage.layout import classifier_key
     from dcgan_ray.storage.s3 import Store
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job(args.config, args.overrides)
     store = Store(cfg.storage)
     store.check()
     c = cfg.classifier
@@ -190,15 +193,15 @@ def _eval_config(args: argparse.Namespace, storage: StorageSection, trained: Job
 def cmd_tune(args: argparse.Namespace) -> None:
     from dcgan_ray.study.tuner import run_study
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_study(cfg, address=args.address)
+    cfg = load_job(args.config, args.overrides)
+    result = run_study(cfg, args.address, args.wait_for_lease, submission(args.config, args.overrides))
     print(f"report: {result['report']}")
 
 
 def cmd_paths(args: argparse.Namespace) -> None:
     from dcgan_ray.storage.layout import job_paths
 
-    paths = job_paths(load_config(args.config, args.overrides))
+    paths = job_paths(load_job(args.config, args.overrides))
     if args.name:
         if args.name not in paths:
             raise DcganError(f"no path named {args.name!r}; known: {', '.join(paths)}")
@@ -211,9 +214,17 @@ def cmd_paths(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from dcgan_ray.jobs import submit
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job(args.config, args.overrides)
     kind = "tune" if args.study else "train"
-    submission_id = submit(cfg, args.config, args.overrides, kind, address=args.address, queue=not args.no_queue)
+    submission_id = submit(
+        cfg,
+        args.config,
+        args.overrides,
+        kind,
+        args.address,
+        queue=not args.no_queue,
+        wait_for_lease=args.wait_for_lease,
+    )
     print(f"submitted {submission_id}\n  follow: ray job logs -f {submission_id}\n  list:   dcgan-ray jobs")
 
 
@@ -255,6 +266,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` node, or a new local Ray)",
     )
+    add_wait_for_lease(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate a grid PNG from a checkpoint (no Ray needed)")
@@ -307,6 +319,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="hyperparameter sensitivity study on Ray Tune (the job's tune: section)")
     add_config(p)
     p.add_argument("--address", default=None, help="Ray cluster address (as for train)")
+    add_wait_for_lease(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("paths", help="print where the job's data, run and study live in the bucket")
@@ -319,6 +332,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", action="store_true", help="submit the job's sensitivity study (dcgan-ray tune)")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--no-queue", action="store_true", help="start at once even where the cluster offers job slots")
+    add_wait_for_lease(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list this project's jobs and studies on the cluster")

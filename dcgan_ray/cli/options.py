@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dcgan_ray.config import JobConfig, StorageSection, load_config
+from dcgan_ray.config import JobConfig, StorageSection, load_config, read_job_file
 from dcgan_ray.config.rules import is_http_url
 from dcgan_ray.errors import ConfigError, DcganError
 
@@ -22,8 +22,19 @@ def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="job YAML, e.g. jobs/svhn.yaml")
+    p.add_argument(
+        "config", help="job YAML, e.g. jobs/svhn.yaml, or the s3:// URI of a run or study folder (its recorded config)"
+    )
     add_overrides(p, "override a config value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def add_wait_for_lease(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait-for-lease",
+        action="store_true",
+        help="where another driver (on any cluster) holds the run's or study's lease in the bucket, wait for it to "
+        "end or expire instead of stopping (a retried RayJob, a readmitted Kueue job)",
+    )
 
 
 def bounded(low: int, high: int):
@@ -57,6 +68,20 @@ def run_name(text: str) -> str:
     if not is_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a run name ({NAME_RULE})")
     return text
+
+
+def submission(config: str, overrides: list[str]) -> dict[str, Any]:
+    """What run.json and study.json record as submitted: the job file's content (`extends` merged, no
+    comments; no config key holds a secret) or the bucket folder it came from, and the overrides."""
+    from dcgan_ray.train.runlock import current_submission_id
+
+    content = None if config.startswith("s3://") else read_job_file(config)
+    return {
+        "config": config,
+        "content": content,
+        "overrides": list(overrides),
+        "submission_id": current_submission_id(),
+    }
 
 
 def storage_for_uri(args: argparse.Namespace) -> StorageSection:

@@ -1,4 +1,5 @@
-"""The commands of one run, found by its name in the bucket: runs, report, stop, logs."""
+"""The commands of runs found by name in the bucket: runs, report, stop, logs, and recover (the runs and
+studies that outlived their cluster)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,32 @@ from dcgan_ray.cli.options import ADDRESS_HELP, add_runs_location, run_layout, r
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
+    from dcgan_ray.recovery import orphaned
     from dcgan_ray.report.runs_table import format_runs, list_runs
     from dcgan_ray.storage.s3 import Store
 
     storage, prefix = runs_location(args)
     store = Store(storage)
     store.check()
-    print(format_runs(list_runs(store, prefix), f"s3://{storage.bucket}/{prefix}"))
+    print(format_runs(list_runs(store, prefix, orphaned), f"s3://{storage.bucket}/{prefix}"))
+
+
+def cmd_recover(args: argparse.Namespace) -> None:
+    from dcgan_ray.recovery import find_orphans, pick, recover
+    from dcgan_ray.storage.s3 import Store
+
+    storage, prefix = runs_location(args)
+    store = Store(storage)
+    store.check()
+    # The studies sit beside the runs folder (<prefix>/runs, <prefix>/studies).
+    studies = f"{prefix.rsplit('/', 1)[0]}/studies" if prefix.endswith("runs") and "/" in prefix else None
+    orphans = pick(find_orphans(store, prefix, studies), args.names)
+    if not orphans:
+        print(f"nothing to recover: no run under s3://{storage.bucket}/{prefix} (nor study beside it) is orphaned")
+        return
+    for orphan, submission_id in recover(store, orphans, args.address):
+        kind = "study" if orphan.kind == "tune" else "run"
+        print(f"{kind} {orphan.name} ({orphan.why}): submitted again as {submission_id}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -64,6 +84,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_runs_location(p)
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser(
+        "recover", help="submit every orphaned run and study (or those named) again, each from its last checkpoint"
+    )
+    p.add_argument("names", nargs="*", type=run_name, metavar="NAME", help="only these runs or studies")
+    add_runs_location(p)
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("logs", help="show the log of a run's newest job")
     p.add_argument("name", type=run_name, help="the run's name (the job's `name`)")

@@ -4,7 +4,14 @@
 `loading` reads a file and `--set` overrides into them and checks every value.
 """
 
-from dcgan_ray.config.loading import apply_overrides, config_from_dict, load_config, parse_override, set_dotted
+from dcgan_ray.config.loading import (
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_job_file,
+    set_dotted,
+)
 from dcgan_ray.config.sections import (
     INCEPTION_URL,
     METRICS,
@@ -29,6 +36,7 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "parse_override",
+    "read_job_file",
     "set_dotted",
     "INCEPTION_URL",
     "METRICS",

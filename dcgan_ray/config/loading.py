@@ -224,7 +224,12 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Seq
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """Load a job YAML (and the file it extends), apply `key=value` overrides, check every value."""
-    return config_from_dict(_read_job_yaml(Path(path)), str(path), overrides)
+    return config_from_dict(read_job_file(path), str(path), overrides)
+
+
+def read_job_file(path: str | Path) -> Any:
+    """A job YAML's content, the file it extends merged in (no comments survive, and no key holds a secret)."""
+    return _read_job_yaml(Path(path))
 
 
 MAX_EXTENDS = 8

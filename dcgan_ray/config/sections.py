@@ -357,6 +357,15 @@ class StorageSection:
     cut does not end a run; past it the job stops with one line and a resubmission resumes. 5 minutes
     covers a server restart with room to spare without idling rented GPUs for long. The first check
     of the endpoint at start does not wait: a wrong endpoint fails in seconds."""
+    conditional_writes: bool = True
+    """Decide in the bucket which driver writes a run or study (a lease taken with If-None-Match creates,
+    dcgan_ray.storage.lease): drivers on any cluster are kept apart. false for an endpoint that ignores
+    conditional writes (pre-flight refuses such an endpoint otherwise): then only drivers on one Ray
+    cluster are kept apart, and every run says so once."""
+    lease_ttl_s: float = field(default=60.0, metadata=rule(lambda v: 2 <= v <= 3600, "seconds in [2, 3600]"))
+    """A lease not renewed for this long (seconds) may be taken over; the holder renews every quarter of
+    it. A lost driver's run waits this long for its next driver: short enough for a retry, long enough
+    that a busy driver's pause does not pass for its death."""
 
 
 @dataclass

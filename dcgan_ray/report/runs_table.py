@@ -1,15 +1,21 @@
-"""`dcgan-ray runs`: every run under a runs folder, from its run.json (no Ray needed).
+"""`dcgan-ray runs`: every run under a runs folder, from its run.json and its lease (no Ray needed).
 
 One row per run: status, epochs done of the total, the best checkpoint's metric, when run.json was last
-written, and the submission that queued it (`dcgan-ray submit` records it). Newest update first.
+written, the submission that queued it (`dcgan-ray submit` records it), and its lease in the bucket: who
+holds it and how long ago it was renewed, or that it expired or was released. Newest update first. A
+caller that can tell orphaned runs (`dcgan_ray.recovery`) passes `orphaned`: their status reads
+`orphaned`, and a line under the table says why.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dcgan_ray.errors import StorageError
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease import ownership
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 
@@ -22,28 +28,36 @@ class RunRow:
     best: str
     updated: str
     submission: str
+    lease: str = ""
+    why: str = ""  # why it is orphaned
 
 
-def list_runs(store: Store, runs_prefix: str) -> list[RunRow]:
+def list_runs(
+    store: Store, runs_prefix: str, orphaned: Callable[[Store, str, dict[str, Any]], str | None] | None = None
+) -> list[RunRow]:
     rows = []
     for name in store.list_folders(f"{runs_prefix.strip('/')}/"):
         layout = RunLayout(store.bucket, f"{runs_prefix.strip('/')}/{name}")
         try:
             m = read_run_manifest(store, layout)
-        except StorageError as e:  # a damaged or planted run.json: say so in its row, list the others
+            lease = ownership(store, layout.prefix).describe()
+        except StorageError as e:  # a damaged or planted run.json or lease entry: say so in its row, list the others
             rows.append(RunRow(name, "unreadable", "", str(e).split(" (", 1)[0][:80], "", ""))
             continue
         if m is None:  # a folder without run.json: not a run (or one whose driver never started)
             continue
         best = m.get("checkpoints", {}).get("best")
+        why = (orphaned(store, layout.prefix, m) if orphaned else None) or ""
         rows.append(
             RunRow(
                 name,
-                str(m.get("status", "?")),
+                "orphaned" if why else str(m.get("status", "?")),
                 f"{m.get('epochs_completed', 0)}/{m.get('epochs_total', '?')}",
                 f"{best['metric']} {best['value']:.2f} @{best['epoch']}" if best else "",
                 str(m.get("updated", "")),
                 str(m.get("submission_id") or ""),
+                lease if lease != "none" else "",
+                why,
             )
         )
     return sorted(rows, key=lambda r: r.updated, reverse=True)
@@ -52,8 +66,11 @@ def list_runs(store: Store, runs_prefix: str) -> list[RunRow]:
 def format_runs(rows: list[RunRow], where: str) -> str:
     if not rows:
         return f"no runs under {where}"
-    header = ("NAME", "STATUS", "EPOCHS", "BEST", "UPDATED", "SUBMISSION")
-    table = [header] + [(r.name, r.status, r.epochs, r.best, r.updated, r.submission) for r in rows]
+    header = ("NAME", "STATUS", "EPOCHS", "BEST", "UPDATED", "SUBMISSION", "LEASE")
+    table = [header] + [(r.name, r.status, r.epochs, r.best, r.updated, r.submission, r.lease) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    return "\n".join([f"runs under {where}:", *lines])
+    orphans = [f"  {r.name}: orphaned: {r.why}" for r in rows if r.why]
+    if orphans:
+        orphans.append("  submit them again, each resuming from its last checkpoint: dcgan-ray recover --address URL")
+    return "\n".join([f"runs under {where}:", *lines, *orphans])

@@ -6,6 +6,9 @@
     data/<dataset>/<split>/stats-<extractor>-<weights>-n<count>.npz   reference statistics of the real split
     models/classifier-<dataset>.pt                   the digit classifier behind digit_fd
     runs/<name>/                                     one training run (see RunLayout)
+    studies/<study>/study.json                       the study: status, config, submission
+    studies/<study>/state.json                       which trials ended (committed to its lease/ log first)
+    studies/<study>/lease/                           who runs the study (dcgan_ray.storage.lease)
     studies/<study>/tune/                            Ray Tune's experiment state
     studies/<study>/trials/<trial id>/               each trial's run folder
     studies/<study>/report/                          trials.csv, plots, mosaic, best.yaml, index.html
@@ -40,6 +43,11 @@ def classifier_key(cfg: JobConfig) -> str:
     return _join(cfg.storage.prefix, "models", f"classifier-{cfg.data.dataset}.pt")
 
 
+def scratch_prefix(cfg: JobConfig) -> str:
+    """Where pre-flight probes the endpoint (a key created and deleted at once)."""
+    return _join(cfg.storage.prefix, "probes")
+
+
 def runs_prefix(cfg: JobConfig) -> str:
     return cfg.storage.runs_prefix or _join(cfg.storage.prefix, "runs")
 
@@ -64,6 +72,10 @@ def study_state_key(cfg: JobConfig) -> str:
     return f"{study_prefix(cfg)}/state.json"
 
 
+def study_record_key(cfg: JobConfig) -> str:
+    return f"{study_prefix(cfg)}/study.json"
+
+
 STUDY_EXPERIMENT = "tune"
 """Ray Tune's experiment folder under the study prefix (written by Tune, never read back: a study
 resumes from its own state.json and each trial's run folder)."""
@@ -86,6 +98,8 @@ class RunLayout:
     checkpoint_manager_snapshot.json  Ray Train's record of the registered checkpoints
     events.out.tfevents.* ...         TensorBoard event files, one per epoch (dcgan_ray.train.events)
     report/index.html, report/curves.png   the run page (dcgan_ray.report.run_page)
+    lease/log/00000001.json ...       who writes the run, and its fenced commits (dcgan_ray.storage.lease)
+    lease/renewed/00000001.json ...   each holder's renewals
     """
 
     bucket: str

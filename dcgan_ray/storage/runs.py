@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
-from dcgan_ray.config import JobConfig
-from dcgan_ray.errors import ObjectMissing, StorageError
+from dcgan_ray.config import JobConfig, StorageSection, config_from_dict, load_config, parse_override
+from dcgan_ray.errors import DcganError, ObjectMissing, StorageError
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.s3 import Store
+from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,40 @@ def check_run_manifest(manifest: Any, layout: RunLayout) -> dict[str, Any]:
         ):
             raise checks.NotOurs(f"{what} is not in the run's folder {layout.uri}")
     return m
+
+
+def recorded_config(store: Store, uri: str) -> dict[str, Any]:
+    """The job config recorded in the bucket folder `uri`: a run's (its run.json's `config`) or a study's (its
+    study.json's), to submit it again from the bucket alone. Raises DcganError naming what is missing."""
+    bucket, folder = parse_s3_uri(uri)
+    for name in ("run.json", "study.json"):
+        key = f"{folder}/{name}"
+        try:
+            blob = store.get_bytes(key)
+        except ObjectMissing:
+            continue
+        try:
+            return checks.mapping(checks.mapping(checks.parse_json(blob), name).get("config"), "config")
+        except checks.NotOurs as e:
+            raise RunManifestError(f"{store.uri(key)} records no job config this code can use ({e})") from None
+    raise DcganError(
+        f"{uri} holds neither a run.json nor a study.json on {store.endpoint}: give the s3:// URI of a run folder "
+        "(s3://BUCKET/PREFIX/runs/NAME) or a study folder (s3://BUCKET/PREFIX/studies/NAME), or a job YAML"
+    )
+
+
+def load_job(config: str, overrides: list[str]) -> JobConfig:
+    """A job from its YAML file, or from the bucket: the s3:// URI of a run folder (the config its run.json
+    records) or of a study folder (its study.json's), as `dcgan-ray recover` submits them again; --set
+    applies on top. Such a folder is read through --set storage.endpoint=..., else AWS_ENDPOINT_URL, else
+    the dev stack's endpoint."""
+    if not config.startswith("s3://"):
+        return load_config(config, overrides)
+    storage = StorageSection(bucket=parse_s3_uri(config)[0])
+    endpoint = [parse_override(o)[1] for o in overrides if parse_override(o)[0] == "storage.endpoint"]
+    if endpoint or os.environ.get("AWS_ENDPOINT_URL"):
+        storage.endpoint = endpoint[-1] if endpoint else os.environ["AWS_ENDPOINT_URL"]
+    return config_from_dict(recorded_config(Store(storage), config), f"the config recorded in {config}", overrides)
 
 
 def write_run_manifest(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dcgan_ray.config import JobConfig, config_from_dict
-from dcgan_ray.errors import ConfigError, ObjectMissing
+from dcgan_ray.errors import ConfigError, LeaseLost, ObjectMissing, StorageUnreachable
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.ray_internals import has_launching_autoscaler, stop_tune_copying_env_vars
 from dcgan_ray.storage.layout import (
@@ -45,11 +45,12 @@ from dcgan_ray.storage.layout import (
     study_prefix,
     study_report_prefix,
 )
+from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.runs import epochs_durable, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.study.outcomes import Thresholds, TrialRecord, is_hopeless, summary_text
 from dcgan_ray.study.report import write_report
-from dcgan_ray.study.state import ENDED, read_study_state, write_study_state
+from dcgan_ray.study.state import ENDED, read_study_state, write_study_record, write_study_state
 from dcgan_ray.study.trials import decode_key, expand_trials, trial_job, trial_name
 from dcgan_ray.train.driver import (
     connect_ray,
@@ -59,8 +60,8 @@ from dcgan_ray.train.driver import (
     preflight,
     s3_filesystem,
 )
+from dcgan_ray.train.ownership import own
 from dcgan_ray.train.placement import check_capacity
-from dcgan_ray.train.runlock import DriverLock
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         tune.report(finished["history"][-1])
         return
     try:
-        make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+        # Each trial's run folder is held like a training job's; a trial a lost study left running ends once
+        # that study's driver is gone, and its lease expires: this one waits for it.
+        with own(cfg, "run", layout.prefix, layout.uri, wait=True, stop_main_thread=False) as lease:
+            make_trainer(cfg, lease, callbacks=[TuneReportCallback()]).fit()
     except ray.train.TrainingFailedError as e:
         error = our_error(e)
         if error is None:
@@ -112,8 +116,8 @@ class StudyReport(tune.Callback):
     logged and never fails the study.
     """
 
-    def __init__(self, base: dict[str, Any], earlier: Sequence[_TrialView] = ()):
-        self.base = base
+    def __init__(self, base: dict[str, Any], earlier: Sequence[_TrialView] = (), lease: Lease | None = None):
+        self.base, self.lease = base, lease
         self.earlier = list(earlier)  # trials that ended in an earlier run of the study
         self.trials: list[_TrialView] = list(earlier)
         self.refreshes = 0  # reports written (for the log and the tests)
@@ -179,6 +183,7 @@ class StudyReport(tune.Callback):
                 Store(cfg.storage),
                 cfg,
                 {t.trial_id: {"state": t.status, "error": t.error} for t in list(self.trials) if t.status in ENDED},
+                self.lease,
             )
             records = [r for r in (self.record(t) for t in list(self.trials)) if r is not None]
             if not records:
@@ -189,6 +194,8 @@ class StudyReport(tune.Callback):
                 paths = write_report(records, Path(tmp), cfg.eval.metric, self.base, study_name(cfg))
                 for path in paths:
                     store.put_bytes(f"{prefix}/{path.name}", path.read_bytes(), _content_type(path))
+        except LeaseLost:  # another driver took the study over: this one stops, and its driver says why
+            return None, records
         except Exception as e:  # noqa: BLE001 -- any failure, ours or a plotting bug, is logged, not raised
             log.error("the study report could not be written (the study goes on): %s: %s", type(e).__name__, e)
             return None, records
@@ -269,8 +276,11 @@ def max_concurrent(cfg: JobConfig, trials: int) -> int:
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
-def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
-    """Run (or continue) the study; returns its report's index.html URI and the trial records."""
+def run_study(
+    cfg: JobConfig, address: str | None = None, wait_for_lease: bool = False, submitted: dict | None = None
+) -> dict[str, Any]:
+    """Run (or continue) the study; returns its report's index.html URI and the trial records. The study's
+    lease in the bucket is held throughout (`wait_for_lease`: wait for another driver's to end)."""
     if not cfg.tune.space:
         raise ConfigError("`tune.space` is empty; name at least one setting to vary (see jobs/svhn-tune.yaml)")
     if not cfg.eval.every_epochs:
@@ -282,67 +292,89 @@ def run_study(cfg: JobConfig, address: str | None = None) -> dict[str, Any]:
         )
     if cfg.tune.scheduler == "asha" and cfg.eval.every_epochs != 1:
         raise ConfigError("ASHA compares trials every epoch; set eval.every_epochs: 1")
-    preflight(cfg)
+    store = preflight(cfg)
     connect_ray(address)
     check_capacity(cfg.scaling)
     # Every Ray process has the credentials from its node's environment (see dcgan_ray.storage.s3): Tune
     # must not copy the driver's into the trials' runtime envs, which Ray keeps in plain text.
     stop_tune_copying_env_vars(CREDENTIAL_VARIABLES)
+    # One driver per study: two `tune` runs of one study would train the same trials into the same folders.
+    uri = f"s3://{cfg.storage.bucket}/{study_prefix(cfg)}"
+    with own(cfg, "study", study_prefix(cfg), uri, wait_for_lease) as lease:
+        status: str | None = "failed"
+        write_study_record(store, cfg, status="running", **({"submitted": submitted} if submitted else {}))
+        try:
+            result = _run_holding(cfg, store, lease)
+            status = "finished"
+            return result
+        except KeyboardInterrupt:  # the renewal thread's, when the lease was lost: say so in one line
+            if lease is not None and lease.lost is not None:
+                raise lease.lost from None
+            raise
+        except StorageUnreachable:
+            status = None  # (writing study.json would wait out the outage again)
+            raise
+        finally:
+            if status is not None and (lease is None or lease.lost is None):
+                write_study_record(store, cfg, status=status)
+
+
+def _run_holding(cfg: JobConfig, store: Store, lease: Lease | None) -> dict[str, Any]:
     base = cfg.to_dict()
     path = f"{cfg.storage.bucket}/{study_prefix(cfg)}"
     # The trial function only waits on its TorchTrainer, whose workers reserve their own resources;
     # Ray refuses an empty request, so the trial takes a token share of a CPU.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
-    # One driver per study: two `tune` runs of one study would train the same trials into the same folders.
-    with DriverLock("study", f"s3://{path}"):
-        trials = {trial_name(t): t for t in expand_trials(cfg)}
-        ended = read_study_state(Store(cfg.storage), cfg)
-        terminated = {name for name in trials if ended.get(name, {}).get("state") == "TERMINATED"}
-        earlier = [_TrialView(name, t, "TERMINATED", None) for name, t in trials.items() if name in terminated]
-        pending = [t for name, t in trials.items() if name not in terminated]
-        concurrent = max_concurrent(cfg, len(pending))
-        log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
-        if earlier:
-            log.info(
-                "study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
-                study_name(cfg),
-                len(earlier),
-                len(pending),
+    trials = {trial_name(t): t for t in expand_trials(cfg)}
+    ended = read_study_state(store, cfg, lease)
+    terminated = {name for name in trials if ended.get(name, {}).get("state") == "TERMINATED"}
+    earlier = [_TrialView(name, t, "TERMINATED", None) for name, t in trials.items() if name in terminated]
+    pending = [t for name, t in trials.items() if name not in terminated]
+    concurrent = max_concurrent(cfg, len(pending))
+    log.info("study %s: %d trial(s), %d at a time, under s3://%s", study_name(cfg), len(trials), concurrent, path)
+    if earlier:
+        log.info(
+            "study %s exists: %d trial(s) ended in an earlier run and are not run again; %d to run",
+            study_name(cfg),
+            len(earlier),
+            len(pending),
+        )
+    report = StudyReport(base, earlier, lease)
+    results: list[Any] | tune.ResultGrid = []
+    if pending:
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="epoch",
+                max_t=cfg.train.epochs,
+                grace_period=cfg.tune.grace_period,
+                reduction_factor=cfg.tune.reduction_factor,
             )
-        report = StudyReport(base, earlier)
-        results: list[Any] | tune.ResultGrid = []
-        if pending:
-            scheduler = None
-            if cfg.tune.scheduler == "asha":
-                scheduler = tune.schedulers.ASHAScheduler(
-                    time_attr="epoch",
-                    max_t=cfg.train.epochs,
-                    grace_period=cfg.tune.grace_period,
-                    reduction_factor=cfg.tune.reduction_factor,
-                )
-            tuner = tune.Tuner(
-                trainable,
-                # Each trial's values are fixed here (expand_trials), so a resubmission finds the same ones.
-                param_space={"trial": tune.grid_search(pending)},
-                tune_config=tune.TuneConfig(
-                    metric=cfg.eval.metric, mode="min", max_concurrent_trials=concurrent, scheduler=scheduler
-                ),
-                run_config=tune.RunConfig(
-                    name=STUDY_EXPERIMENT,
-                    storage_path=path,
-                    storage_filesystem=s3_filesystem(cfg),
-                    stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
-                    callbacks=[report],
-                    verbose=1,
-                ),
-            )
-            try:
-                results = tuner.fit()
-            finally:
-                report.close()
-        # ResultGrid iterates through __getitem__ (the old sequence protocol), which mypy does not count.
-        report.trials = earlier + [_TrialView.of(result) for result in results]  # type: ignore[union-attr]
-        uri, records = report.publish()
+        tuner = tune.Tuner(
+            trainable,
+            # Each trial's values are fixed here (expand_trials), so a resubmission finds the same ones.
+            param_space={"trial": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(
+                metric=cfg.eval.metric, mode="min", max_concurrent_trials=concurrent, scheduler=scheduler
+            ),
+            run_config=tune.RunConfig(
+                name=STUDY_EXPERIMENT,
+                storage_path=path,
+                storage_filesystem=s3_filesystem(cfg),
+                stop=HopelessStopper(Thresholds()) if cfg.tune.stop_hopeless else None,
+                callbacks=[report],
+                verbose=1,
+            ),
+        )
+        try:
+            results = tuner.fit()
+        finally:
+            report.close()
+    if lease is not None:
+        lease.check()  # (Tune stops gracefully when the renewal thread interrupts it: a lost study ends here)
+    # ResultGrid iterates through __getitem__ (the old sequence protocol), which mypy does not count.
+    report.trials = earlier + [_TrialView.of(result) for result in results]  # type: ignore[union-attr]
+    uri, records = report.publish()
     print(summary_text(records, cfg.eval.metric))
     return {"report": uri, "records": records}
 

@@ -18,23 +18,25 @@ from ray.train.torch import TorchTrainer
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
-from dcgan_ray.errors import ConfigError, DcganError, StorageError, StorageUnreachable
+from dcgan_ray.errors import ConfigError, DcganError, LeaseLost, StorageError, StorageUnreachable
 from dcgan_ray.gan.scaling import describe_job
 from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.arrowfs import ArrowS3FileSystem
-from dcgan_ray.storage.layout import RunLayout, runs_prefix
+from dcgan_ray.storage.layout import RunLayout, runs_prefix, scratch_prefix
+from dcgan_ray.storage.lease import Lease, check_conditional_writes
 from dcgan_ray.storage.runs import (
     epochs_durable,
     merge_results,
+    new_run_manifest,
     read_run_manifest,
     set_run_status,
     unscored_epochs,
     write_run_manifest,
 )
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.ownership import lost_lease, own
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
-from dcgan_ray.train.runlock import DriverLock
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
 from dcgan_ray.train.worker import train_worker
@@ -62,6 +64,8 @@ def preflight(cfg: JobConfig) -> Store:
     """Storage, dataset and batch checks that need no cluster."""
     store = Store(cfg.storage)
     store.check()
+    if cfg.storage.conditional_writes:
+        check_conditional_writes(store, scratch_prefix(cfg))
     manifest = read_split_manifest(store, cfg, cfg.data.split)
     count = manifest["count"] if cfg.data.max_images is None else min(cfg.data.max_images, manifest["count"])
     check_classifier(store, cfg)
@@ -119,14 +123,17 @@ def restart_cannot_fix(error: BaseException) -> str | None:
     return ours.for_job(None) if ours is not None else None
 
 
-def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) -> TorchTrainer:
+def make_trainer(cfg: JobConfig, lease: Lease | None = None, **run_kwargs) -> TorchTrainer:
+    """The run's TorchTrainer. `lease`: the driver's hold on the run folder, whose generation the workers
+    write as."""
+    generation = lease.generation if lease is not None else None
     return TorchTrainerStoppingOn(
         stop_reason=restart_cannot_fix,
         # eval.in_task: Ray runs dcgan_ray.train.validation.score_checkpoint on the checkpoints reported
         # with validation=True, in a task of its own, and waits for the last one before fit() returns.
-        validation_config=validation_config(cfg) if cfg.eval.in_task else None,
+        validation_config=validation_config(cfg, generation) if cfg.eval.in_task else None,
         train_loop_per_worker=train_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "lease": generation},
         # mypy sees Train v1's ScalingSection; ray.train picks v2's (elastic num_workers, the monitor interval).
         scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
@@ -144,7 +151,7 @@ def make_trainer(cfg: JobConfig, store_path: str | None = None, **run_kwargs) ->
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=store_path or f"{cfg.storage.bucket}/{runs_prefix(cfg)}",
+            storage_path=f"{cfg.storage.bucket}/{runs_prefix(cfg)}",
             storage_filesystem=s3_filesystem(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
@@ -162,14 +169,32 @@ def log_predicted_scaling(cfg: JobConfig) -> None:
         log.warning("%s", warning)
 
 
-def train(cfg: JobConfig, address: str | None = None) -> dict:
-    """Run (or resume) the job; returns the final run manifest."""
+def train(
+    cfg: JobConfig, address: str | None = None, wait_for_lease: bool = False, submitted: dict | None = None
+) -> dict:
+    """Run (or resume) the job; returns the final run manifest. The run's lease in the bucket is held from
+    before the first write to the last (`wait_for_lease`: wait for another driver's to end instead of
+    being refused); `submitted` (what the user submitted: config file, overrides) goes into run.json."""
     store = preflight(cfg)
     layout = RunLayout.of(cfg)
+    connect_ray(address)
+    with own(cfg, "run", layout.prefix, layout.uri, wait_for_lease) as lease:
+        try:
+            return _train_holding(cfg, store, layout, lease, submitted)
+        except KeyboardInterrupt:  # the renewal thread's, when the lease was lost: say so in one line
+            if lease is not None and lease.lost is not None:
+                raise lease.lost from None
+            raise
+
+
+def _train_holding(
+    cfg: JobConfig, store: Store, layout: RunLayout, lease: Lease | None, submitted: dict | None
+) -> dict:
     previous = read_run_manifest(store, layout)
-    if previous and epochs_durable(previous) >= cfg.train.epochs:
+    durable = lease.state.durable_epoch() if lease is not None else None
+    if previous and max(epochs_durable(previous), durable or 0) >= cfg.train.epochs:
         if previous.get("status") == "scoring":  # a driver that stopped before it merged the last scores
-            previous = finish_scored_run(store, layout, cfg, previous)
+            previous = finish_scored_run(store, layout, cfg, previous, lease)
         elif previous.get("status") != "finished":  # e.g. `queued` by a resubmission of a finished run
             previous["status"] = "finished"
             write_run_manifest(store, layout, previous)
@@ -180,50 +205,55 @@ def train(cfg: JobConfig, address: str | None = None) -> dict:
             cfg.train.epochs,
         )
         return previous
-    connect_ray(address)
-    with DriverLock("run", layout.uri):
-        ensure_placeable(cfg.scaling)
-        log_predicted_scaling(cfg)
-        warn_if_scoring_waits(cfg)
-        if previous:
-            log.info(
-                "run %s exists with %d epochs done: resuming from its latest checkpoint",
-                layout.uri,
-                previous.get("epochs_completed", 0),
-            )
-        s = cfg.scaling
+    ensure_placeable(cfg.scaling)
+    log_predicted_scaling(cfg)
+    warn_if_scoring_waits(cfg)
+    if previous:
         log.info(
-            "training %s on %s %s worker(s); artifacts under %s",
-            cfg.name,
-            s.max_workers if s.min_workers == s.max_workers else f"{s.min_workers}-{s.max_workers}",
-            "GPU" if s.use_gpu else "CPU",
+            "run %s exists with %d epochs done: resuming from its latest checkpoint",
             layout.uri,
+            previous.get("epochs_completed", 0),
         )
-        try:
-            result = make_trainer(cfg).fit()
-        except ray.train.TrainingFailedError as e:
-            error = our_error(e) or _storage_down(store, cfg)
-            if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
-                _mark_failed(store, layout, cfg)
-            if error is not None:
-                raise error from None  # the worker's own error: the CLI prints its one line
-            raise DcganError(
-                f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
-                f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume"
-            ) from None
+    s = cfg.scaling
+    log.info(
+        "training %s on %s %s worker(s); artifacts under %s",
+        cfg.name,
+        s.max_workers if s.min_workers == s.max_workers else f"{s.min_workers}-{s.max_workers}",
+        "GPU" if s.use_gpu else "CPU",
+        layout.uri,
+    )
+    try:
+        if submitted is not None:  # what to submit again from the bucket alone (`dcgan-ray recover`)
+            manifest = previous or new_run_manifest(cfg, layout)
+            write_run_manifest(store, layout, {**manifest, "submitted": submitted})
+        result = make_trainer(cfg, lease).fit()
+    except ray.train.TrainingFailedError as e:
+        error = lost_lease(lease, our_error(e)) or our_error(e) or _storage_down(store, cfg)
+        if isinstance(error, LeaseLost):  # the run goes on under another driver: write nothing, say so
+            raise error from None
+        if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
+            _mark_failed(store, layout, cfg)
+        if error is not None:
+            raise error from None  # the worker's own error: the CLI prints its one line
+        raise DcganError(
+            f"training of {cfg.name} failed after {cfg.scaling.max_failures} restart(s): "
+            f"{first_failure(e)}. Artifacts so far: {layout.uri}; resubmit to resume"
+        ) from None
+    if lease is not None:
+        lease.check()  # the workers are done: a driver that lost the run meanwhile writes nothing more
     manifest = read_run_manifest(store, layout) or {}
     if result.checkpoint is not None:
         manifest.setdefault("checkpoints", {})["latest"] = f"s3://{result.checkpoint.path}"
         manifest["checkpoints"]["kept"] = [f"s3://{c.path}" for c, _ in (result.best_checkpoints or [])]
         write_run_manifest(store, layout, manifest)
     if manifest.get("status") == "scoring":
-        manifest = finish_scored_run(store, layout, cfg, manifest)
+        manifest = finish_scored_run(store, layout, cfg, manifest, lease)
     else:
         publish_after_training(cfg, manifest)
     return manifest
 
 
-def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest: dict) -> dict:
+def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest: dict, lease: Lease | None) -> dict:
     """eval.in_task: fit() has returned, so Ray has waited for every scoring task; merge their last
     results into run.json (the workers, its other writer, are gone) and only then mark it finished."""
     scored_late = merge_results(store, layout, manifest)
@@ -237,6 +267,8 @@ def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest:
             cfg.eval.task_timeout_s,
         )
     manifest["status"] = "finished"
+    if lease is not None:
+        lease.check()
     write_run_manifest(store, layout, manifest)
     publish_after_training(cfg, manifest, scored_late)
     best = manifest.get("checkpoints", {}).get("best")

@@ -26,7 +26,7 @@ from dcgan_ray import faults
 from dcgan_ray.config import JobConfig
 from dcgan_ray.gan.step import to_pixels, unwrap
 from dcgan_ray.quality.metrics import describe_metrics
-from dcgan_ray.storage.checkpoint import Checkpointer
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.images import gif_bytes, grid_image, png_bytes
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import (
@@ -87,7 +87,8 @@ class RunRecorder(Recorder):
         self.store, self.cfg, self.checkpointer, self.fixed_noise = store, cfg, checkpointer, fixed_noise
         self.layout = RunLayout.of(cfg)
         self.manifest: dict[str, Any] = {}
-        self.watch = RunWatch(cfg, start_step)  # TensorBoard events and the run page, published off the path
+        self.lease = checkpointer.lease  # the run's lease in the bucket: checked before every write
+        self.watch = RunWatch(cfg, start_step, self.lease)  # TensorBoard events and the run page, off the path
         self._lock = threading.Lock()
         self._trained = False  # every epoch trained; the run is finished once the last checkpoint is durable
 
@@ -190,6 +191,7 @@ class RunRecorder(Recorder):
         whose path is returned for Ray to upload (Ray gives the other ranks rank 0's folder name). The
         upload removes the folder (`Worker.upload_checkpoint`) and then calls `checkpoint_durable`."""
         completed = metrics["epoch"]
+        self._check_lease()
         sample_uri = self._write_grid(netG, completed)
         log.info(
             "epoch %d/%d done in %.1f s: loss_d %.3f loss_g %.3f D(x) %.3f D(G(z)) %.3f %.0f img/s; samples %s",
@@ -238,6 +240,7 @@ class RunRecorder(Recorder):
             self._save()
 
     def finished(self) -> None:
+        self._check_lease()
         frames = [
             Image.open(io.BytesIO(self.store.get_bytes(self.layout.sample_key(e)))).convert("RGB")
             for e in gif_epochs(self.cfg.train.epochs)
@@ -294,7 +297,13 @@ class RunRecorder(Recorder):
                     describe_metrics(next(h for h in self.manifest["history"] if h["epoch"] == epoch)),
                 )
 
+    def _check_lease(self) -> None:
+        """A driver that lost the run (LeaseLost) stops before it writes: the new holder's files stay its own."""
+        if self.lease is not None:
+            self.lease.check()
+
     def _save(self) -> None:
+        self._check_lease()
         write_run_manifest(self.store, self.layout, self.manifest)
 
 

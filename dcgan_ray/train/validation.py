@@ -38,8 +38,10 @@ from dcgan_ray.data.svhn import load_split
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
 from dcgan_ray.ray_internals import has_launching_autoscaler
-from dcgan_ray.storage.checkpoint import Checkpointer, generator_from_checkpoint, read_checkpoint_dir
+from dcgan_ray.storage.checkpoint import generator_from_checkpoint, read_checkpoint_dir
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.runs import epoch_of_key, read_result, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 
@@ -52,14 +54,17 @@ def task_resources(cfg: JobConfig) -> dict[str, float]:
     return {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
 
 
-def validation_config(cfg: JobConfig) -> ValidationConfig:
+def validation_config(cfg: JobConfig, lease_generation: int | None = None) -> ValidationConfig:
     """The trainer's ValidationConfig: `score_checkpoint` with the job's config (no secrets: credentials
-    come from the nodes' environment), on a CPU or, with scaling.use_gpu, a GPU (eval.task_gpus)."""
+    come from the nodes' environment) and the driver's lease generation, on a CPU or, with
+    scaling.use_gpu, a GPU (eval.task_gpus)."""
     need = task_resources(cfg)
     return ValidationConfig(
-        # Ray's ValidationFn protocol asks for **kwargs; Ray calls it with fn_kwargs, here config= alone.
+        # Ray's ValidationFn protocol asks for **kwargs; Ray calls it with fn_kwargs: config= and lease=.
         score_checkpoint,  # type: ignore[arg-type]
-        task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}, timeout_s=cfg.eval.task_timeout_s),
+        task_config=ValidationTaskConfig(
+            fn_kwargs={"config": cfg.to_dict(), "lease": lease_generation}, timeout_s=cfg.eval.task_timeout_s
+        ),
         ray_remote_kwargs={"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0.0)},
     )
 
@@ -95,12 +100,16 @@ def warn_if_scoring_waits(cfg: JobConfig) -> None:
         )
 
 
-def score_checkpoint(checkpoint: ray.train.Checkpoint, config: dict[str, Any]) -> dict[str, float]:
+def score_checkpoint(
+    checkpoint: ray.train.Checkpoint, config: dict[str, Any], lease: int | None = None
+) -> dict[str, float]:
     """Ray's validation fn, in its own task: load the checkpoint's G (checked against its manifest), score
-    it as the inline evaluation would on one rank, keep best/, and write the result next to run.json."""
+    it as the inline evaluation would on one rank, keep best/, and write the result next to run.json. A
+    task of a driver that lost the run's lease (generation `lease`) writes nothing."""
     setup_logging()
     cfg = config_from_dict(config, "the job's config")
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
+    held = Lease.join(store, layout.prefix, layout.uri, "run", lease) if lease is not None else None
     folder = checkpoint.path.split("/", 1)[1].rstrip("/")  # Ray's path is bucket/key
     epoch = epoch_of_key(folder)
     result: dict[str, Any] = {"epoch": epoch, "checkpoint": store.uri(folder)}
@@ -122,6 +131,8 @@ def score_checkpoint(checkpoint: ray.train.Checkpoint, config: dict[str, Any]) -
         raise
     finally:
         result["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if held is not None:
+            held.check()
         store.put_bytes(layout.validation_key(epoch), json.dumps(result, indent=2).encode(), "application/json")
     return metrics
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from dcgan_ray.config import JobConfig
+from dcgan_ray.errors import LeaseLost
 from dcgan_ray.report.run_page import publish_run_page
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
+from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.events import EventLog, quality_entries
 
@@ -29,8 +31,8 @@ log = logging.getLogger(__name__)
 class RunWatch:
     """Rank 0's event log and publisher. `start_step`: the optimizer steps already done (a resumed run's)."""
 
-    def __init__(self, cfg: JobConfig, start_step: int):
-        self.cfg, self.layout, self.start_step = cfg, RunLayout.of(cfg), start_step
+    def __init__(self, cfg: JobConfig, start_step: int, lease: Lease | None = None):
+        self.cfg, self.layout, self.start_step, self.lease = cfg, RunLayout.of(cfg), start_step, lease
         self.events = EventLog(cfg, start_step)
         self.logdir = f"s3://{cfg.storage.bucket}/{runs_prefix(cfg)}"
         self.epoch = 0  # the epoch whose file is open (being trained, or just ended)
@@ -120,6 +122,8 @@ class RunWatch:
 
     def _publish(self, files: list[Path], page: dict[str, Any] | None) -> None:
         try:
+            if self.lease is not None:
+                self.lease.check()
             for path in files:
                 self._store.put_bytes(self.layout.events_key(path.name), path.read_bytes())
                 with self._wake:
@@ -128,6 +132,8 @@ class RunWatch:
             if page is not None:
                 publish_run_page(self._store, self.layout, page, self.logdir)
                 self.published_pages += 1
+        except LeaseLost:  # the run was taken over: the training thread stops at its next write and says why
+            return
         except Exception as e:  # noqa: BLE001 -- whatever fails here, training goes on
             self.failures += 1
             log.warning(

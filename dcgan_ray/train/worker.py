@@ -43,8 +43,9 @@ from dcgan_ray.gan.sync import average, average_bn_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
 from dcgan_ray.ray_internals import RAY_TRAIN_FUNCTION_ERRORS_LOGGER
-from dcgan_ray.storage.checkpoint import Checkpointer
+from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.runs import epoch_of_key
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.recorder import Recorder, recorder_for
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 def train_worker(loop_config: dict[str, Any]) -> None:
     setup_logging()
     try:
-        w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"))
+        w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"), loop_config.get("lease"))
         if w.start_epoch == 0:
             w.recorder.first_samples(w.netG, w.evaluate())
         for epoch in range(w.start_epoch, w.cfg.train.epochs):
@@ -90,7 +91,9 @@ class Worker:
     checkpointer: Checkpointer
 
     @classmethod
-    def set_up(cls, cfg: JobConfig) -> Worker:
+    def set_up(cls, cfg: JobConfig, lease_generation: int | None = None) -> Worker:
+        """`lease_generation`: the driver's hold on the run folder in the bucket (None without conditional
+        writes); rank 0, the one writer, checks it before its writes and commits each checkpoint to it."""
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
         store = Store(cfg.storage)
@@ -122,7 +125,13 @@ class Worker:
         fixed_noise = torch.randn(
             cfg.sample.grid_size**2, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed)
         )
-        checkpointer = Checkpointer(store, RunLayout.of(cfg), cfg.eval.metric)
+        layout = RunLayout.of(cfg)
+        lease = (
+            Lease.join(store, layout.prefix, layout.uri, "run", lease_generation)
+            if rank == 0 and lease_generation is not None
+            else None
+        )
+        checkpointer = Checkpointer(store, layout, cfg.eval.metric, lease)
         registered = ray.train.get_checkpoint()
         state, resumed_from = checkpointer.restore(registered.path if registered is not None else None, rank)
         start_epoch, step = 0, 0

@@ -1,0 +1,234 @@
+"""A run's checkpoints in the bucket behind one interface, for the training loop.
+
+`Checkpointer` is what the training loop sees: `restore` (Ray's latest registered checkpoint, falling
+back to the previous intact one when it is torn or damaged), `dir_name` (a folder name never used
+twice), `save`, `upload` (rank 0's upload, with the store's outage retries, manifest last) and
+`keep_if_best` (the best checkpoint by the quality metric, kept apart at <run>/best/).
+
+A folder without its manifest is one of two things. Newer than every checkpoint known to have been
+durable (one with a manifest, the one Ray Train registered, the one run.json records as durable), it is
+an upload that was cut: its worker or node was lost at the end of an epoch, which is what an elastic run
+exists to survive. `restore` removes it with one warning and goes on. Anywhere else its manifest went
+missing later, as did the bytes of a checkpoint that fails its manifest's checks: that is damage, and a
+run whose every checkpoint is damaged is refused rather than silently started over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dcgan_ray import faults
+from dcgan_ray.errors import CheckpointError
+from dcgan_ray.gan.sync import broadcast_from_rank_zero
+from dcgan_ray.storage.checkpoint import (
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    checkpoint_bytes,
+    get_or_none,
+    manifest_bytes,
+    manifest_generation,
+    read_checkpoint_dir,
+    save_checkpoint,
+    upload_checkpoint,
+)
+from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease import Lease
+from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
+from dcgan_ray.storage.s3 import Store, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """One run's checkpoints in the bucket: resume with fallback, unique folders, the best copy.
+
+    With the run's `lease` (rank 0's view of its driver's, `dcgan_ray.storage.lease`), each upload ends in a
+    commit to the lease log, and `restore` resumes only from what belongs to the run's history: committed
+    checkpoints (whose manifest must still be the one committed), this generation's own (a worker lost
+    between its upload and its commit), and those of runs from before the lease (their manifests name no
+    generation). A checkpoint another generation wrote and never committed is a stale driver's, or a dead
+    one's last upload: it is removed."""
+
+    def __init__(self, store: Store, layout: RunLayout, metric: str, lease: Lease | None = None):
+        self.store, self.layout, self.metric, self.lease = store, layout, metric, lease
+
+    def folders(self) -> list[str]:
+        """Keys of the run's checkpoint folders (no trailing '/'), newest epoch first (`_rK` after its base)."""
+        keys = self.store.list_keys(f"{self.layout.prefix}/{RunLayout.CHECKPOINT_DIR_PREFIX}")
+        return sorted({k.rsplit("/", 1)[0] for k in keys}, reverse=True)
+
+    def restore(self, registered: str | None, rank: int = 0) -> tuple[dict[str, Any] | None, str | None]:
+        """The newest intact checkpoint and its folder URI, or (None, None) for a fresh run.
+
+        `registered` is Ray's latest registered checkpoint (`Checkpoint.path`: bucket/key, no scheme), or None
+        when Ray has none registered; intact folders of the run are used then too (Ray's record of them
+        may not have been written, e.g. in a storage outage, or the upload ended just before the worker
+        was lost). Rank 0 picks: uploads that were cut are removed with a warning (see the module's
+        docstring); a damaged checkpoint is skipped for the previous intact one with a warning; and if
+        checkpoints exist but every one is damaged it stops (starting from scratch would silently
+        overwrite a run). What it resumed from, the recorder says in one line. The other ranks then load
+        the very checkpoint rank 0 picked (a collective): ranks that resumed from different epochs would
+        deadlock in their first all-reduce.
+        """
+        if rank == 0:
+            first = registered.split("/", 1)[1].rstrip("/") if registered is not None else None
+            state, folder = self._newest_intact(first)
+        folder = broadcast_from_rank_zero(folder if rank == 0 else None)
+        if folder is None:
+            return None, None
+        if rank != 0:
+            state = read_checkpoint_dir(self.store, folder)
+        return state, self.store.uri(folder)
+
+    def _newest_intact(self, first: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        committed = self._committed()
+        folders = self.folders()
+        for folder in self._remove_cut_uploads(folders, first, committed):
+            folders.remove(folder)
+        stale = [f for f in folders if f not in committed and not self._ours_or_older(f)]  # (removed)
+        folders = [f for f in folders if f not in stale]
+        candidates = (
+            [first] + [f for f in folders if f != first] if first is not None and first not in stale else folders
+        )
+        for folder in candidates:
+            try:
+                state = read_checkpoint_dir(self.store, folder, committed.get(folder))
+            except CheckpointError as e:
+                log.warning("%s; trying the run's older checkpoints", e)
+                continue
+            if first is None:
+                log.debug(
+                    "Ray Train has no checkpoint of run %s registered; its newest intact one is %s",
+                    self.layout.uri,
+                    self.store.uri(folder),
+                )
+            return state, folder
+        if candidates:
+            raise CheckpointError(
+                f"run {self.layout.uri} has checkpoints but none is intact; refusing to start over and overwrite "
+                "it. Delete the torn checkpoint folders or choose a new `name`"
+            )
+        return None, None
+
+    def _committed(self) -> dict[str, str]:
+        """The lease log's committed checkpoints: folder key -> its manifest's sha256 ({} without a lease)."""
+        if self.lease is None:
+            return {}
+        return {c["checkpoint"]: c["manifest_sha256"] for c in self.lease.state.checkpoints()}
+
+    def _ours_or_older(self, folder: str) -> bool:
+        """An uncommitted folder may be resumed from when this generation wrote it, or when it predates the
+        lease (its manifest names no generation); another generation's is removed."""
+        if self.lease is None:
+            return True
+        generation = manifest_generation(get_or_none(self.store, f"{folder}/{MANIFEST_FILE}"))
+        if generation is None or generation == self.lease.generation:
+            return True
+        self.store.delete(self.store.list_keys(f"{folder}/"))
+        log.warning(
+            "checkpoint %s was written by lease generation %d and never committed (that driver lost the run's "
+            "lease, or died before its commit): removed it; the run resumes from its committed history",
+            self.store.uri(folder),
+            generation,
+        )
+        return False
+
+    def _remove_cut_uploads(self, folders: list[str], first: str | None, committed: dict[str, str]) -> list[str]:
+        """Remove the manifest-less folders newer than every checkpoint known durable; returns them.
+
+        Known durable: Ray's registered `first`, those committed to the lease log (else the one run.json
+        records as durable), and any folder with a manifest (intact or not). `folders` is newest first; one
+        upload runs at a time, so a cut upload is the newest folder, or a few of them if the run was cut
+        again while redoing an epoch.
+        """
+        recorded = list(committed) if self.lease is not None else [self._recorded_durable()]
+        durable = [k for k in (first, *recorded) if k is not None]
+        cut = []
+        for folder in folders:
+            if any(folder <= known for known in durable) or self.store.exists(f"{folder}/{MANIFEST_FILE}"):
+                break
+            cut.append(folder)
+        for folder in cut:
+            self.store.delete(self.store.list_keys(f"{folder}/"))
+            log.warning(
+                "checkpoint %s has no %s: its upload was cut (its worker or node was lost at the end of "
+                "epoch %d); removed it, and that epoch is trained again",
+                self.store.uri(folder),
+                MANIFEST_FILE,
+                epoch_of_key(folder),
+            )
+        return cut
+
+    def _recorded_durable(self) -> str | None:
+        """The key of the checkpoint run.json records as durable (None for none, or a run.json from before
+        those records, whose `latest` was written before its upload)."""
+        checkpoints = (read_run_manifest(self.store, self.layout) or {}).get("checkpoints") or {}
+        if not checkpoints.get("durable_epoch") or not checkpoints.get("latest"):
+            return None
+        return parse_s3_uri(checkpoints["latest"])[1]
+
+    def dir_name(self, epoch: int) -> str:
+        """checkpoint_epoch_NNNN, or checkpoint_epoch_NNNN_rK when a run resumed from an older checkpoint
+        finds that name taken (by the damaged one it skipped): Ray deletes old checkpoints by folder, so
+        two registered checkpoints must never share one."""
+        base = name = f"{RunLayout.CHECKPOINT_DIR_PREFIX}{epoch:04d}"
+        k = 0
+        while self.store.list_keys(f"{self.layout.checkpoint_dir_key(name)}/"):
+            k += 1
+            name = f"{base}_r{k}"
+        return name
+
+    def save(self, directory: Path, state: dict[str, Any]) -> Path:
+        return save_checkpoint(directory, state, self.lease.generation if self.lease is not None else None)
+
+    def upload(self, local_dir: Path, dir_name: str) -> str:
+        """Upload a folder written by `save` as the run's checkpoint `dir_name` and commit it to the lease log
+        (LeaseLost when the run was taken over: the commit is refused); returns its key."""
+        folder = self.layout.checkpoint_dir_key(dir_name)
+        if self.lease is not None:
+            self.lease.check()  # a stale driver stops here, before it writes anything
+        manifest = upload_checkpoint(self.store, local_dir, folder)
+        if self.lease is not None:
+            faults.reached("before_commit", epoch_of_key(folder))
+            self.lease.commit(
+                {
+                    "epoch": epoch_of_key(folder),
+                    "checkpoint": folder,
+                    "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+                }
+            )
+        return folder
+
+    def keep_if_best(
+        self, best: dict[str, Any] | None, epoch: int, value: float | None, state: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Copy the checkpoint to <run>/best/ when `value` of the metric beats `best` (lower is better).
+
+        Returns the new best record ({uri, epoch, metric, value}) or None when `best` stands.
+        """
+        if value is None or not math.isfinite(value):
+            return None
+        if best is not None and best.get("metric") == self.metric and best["value"] <= value:
+            return None
+        data = checkpoint_bytes(state())
+        # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
+        # so a reader sees a torn checkpoint, never a wrong one.
+        self.store.put_bytes(self.layout.best_key, data)
+        self.store.put_bytes(
+            f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
+            manifest_bytes({CHECKPOINT_FILE: data}, epoch),
+            "application/json",
+        )
+        record = {
+            "uri": self.store.uri(self.layout.best_dir_key),
+            "epoch": epoch,
+            "metric": self.metric,
+            "value": value,
+        }
+        log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])
+        return record

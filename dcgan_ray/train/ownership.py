@@ -1,0 +1,84 @@
+"""Who may write a run or study folder, decided where every cluster can see it: the bucket's lease
+(`dcgan_ray.storage.lease`), taken by the driver before it writes anything and renewed while it lives.
+
+Where the endpoint ignores conditional writes (`storage.conditional_writes: false`), the bucket cannot
+decide, and the per-cluster lock (`dcgan_ray.train.runlock`) keeps drivers of one Ray cluster apart; every
+run says so once.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import ray
+
+from dcgan_ray.config import JobConfig
+from dcgan_ray.errors import LeaseLost, StorageError, StorageUnreachable
+from dcgan_ray.storage.lease import Lease
+from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.runlock import DriverLock, current_submission_id
+
+log = logging.getLogger(__name__)
+
+
+def holder_info() -> dict[str, str | None]:
+    """What a lease says of its driver beyond the process: the Ray cluster and job it runs as."""
+    ctx = ray.get_runtime_context()
+    return {"cluster": ctx.gcs_address, "submission_id": current_submission_id(), "ray_job_id": ctx.get_job_id()}
+
+
+@contextlib.contextmanager
+def own(
+    cfg: JobConfig, what: str, folder: str, uri: str, wait: bool = False, stop_main_thread: bool = True
+) -> Iterator[Lease | None]:
+    """Hold `folder` (a run's or a study's, `uri` for messages) for the block: the lease (None without
+    conditional writes, where the per-cluster lock stands in), renewed from a thread and released at the
+    end. Refused with LeaseHeld while another live driver holds it (with `wait`: waits for it).
+
+    When the lease is lost (another driver took the folder over after this one went unrenewed for its
+    ttl), `stop_main_thread` interrupts the main thread (a driver blocked in `fit()`); the caller turns
+    that into the lease's LeaseLost. (A trial's driver runs in a thread of Tune's: its workers stop at their
+    next write instead.)"""
+    if not cfg.storage.conditional_writes:
+        log.warning(
+            "storage.conditional_writes is false: only drivers on this Ray cluster are kept from writing %s %s at "
+            "once; a driver on another cluster sharing the bucket is not (give their runs other names)",
+            what,
+            uri,
+        )
+        with DriverLock(what, uri):
+            yield None
+        return
+    lease = Lease.acquire(Store(cfg.storage), folder, uri, what, holder_info(), cfg.storage.lease_ttl_s, wait)
+
+    def on_lost(error: LeaseLost) -> None:
+        if stop_main_thread:
+            _thread.interrupt_main()  # the driver then ends with the error's one line
+        else:
+            log.error("%s", error)
+
+    lease.keep_renewed(on_lost)
+    outcome: str | None = "failed"
+    try:
+        yield lease
+        outcome = "done"
+    except StorageUnreachable:
+        outcome = None  # a release would wait through the outage too: the lease expires after its ttl instead
+        raise
+    finally:
+        lease.stop_renewing()
+        if outcome is not None and lease.lost is None:
+            try:
+                lease.release(outcome)
+            except StorageError as e:
+                log.warning("could not release the lease of %s %s (it expires by itself): %s", what, uri, e)
+
+
+def lost_lease(lease: Lease | None, error: BaseException | None = None) -> LeaseLost | None:
+    """The LeaseLost behind `error` (a KeyboardInterrupt from the renewal thread, or the workers' own), if any."""
+    if isinstance(error, LeaseLost):
+        return error
+    return lease.lost if lease is not None else None
