@@ -1,9 +1,11 @@
 """One small interface to S3-compatible object storage (AWS S3, MinIO, SeaweedFS, ...).
 
 This module is the one place that knows endpoints, retries and credentials. Credentials come only
-from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SHARED_CREDENTIALS_FILE, an
-instance role, ...): boto3's default chain resolves them on each process, so no secret is ever in a
-config, a Ray task argument, a log line or an exception message.
+from the environment, in one of three ways (static keys, a session token, a role: IRSA, EKS Pod Identity
+or an instance role; `dcgan_ray.storage.credentials`): boto3's default chain resolves them on each
+process, so no secret is ever in a config, a Ray task argument, a log line or an exception message.
+`Store.check` resolves them before its first request, so a credential failure says in one line which way
+was found and what is missing.
 
 botocore's exceptions are translated into `dcgan_ray.errors.StorageError` subclasses that name the
 endpoint, bucket and key, and say what to do.
@@ -33,12 +35,14 @@ from urllib.parse import urlparse
 import boto3
 import boto3.exceptions
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import pyarrow.fs
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray.config import StorageSection
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
+from dcgan_ray.storage import credentials
 from dcgan_ray.storage.files import Progress
 
 log = logging.getLogger(__name__)
@@ -138,7 +142,15 @@ class Store:
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.endpoint = cfg.endpoint or "AWS S3"
+        self._session: Any = None
         self._client: Any = None
+
+    @property
+    def session(self) -> Any:
+        """This process's boto3 session: it resolves the credentials once and keeps them (and renews a role's)."""
+        if self._session is None:
+            self._session = boto3.session.Session()
+        return self._session
 
     @property
     def client(self) -> Any:
@@ -150,14 +162,46 @@ class Store:
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},
             )
-            self._client = boto3.session.Session().client(
+            self._client = self.session.client(
                 "s3", endpoint_url=self.cfg.endpoint, region_name=self.cfg.region, config=config
             )
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        # A boto3 client does not pickle; each process builds its own from its own environment.
-        return {**self.__dict__, "_client": None}
+        # A boto3 session and client do not pickle; each process builds its own from its own environment.
+        return {**self.__dict__, "_session": None, "_client": None}
+
+    def _way(self) -> credentials.Way:
+        """Which of the three ways this process's credentials came by (no request: the session has them)."""
+        found = self.session.get_credentials()
+        method = getattr(found, "method", None)
+        # Keys read from a file are plain Credentials, whose token is an attribute: reading it fetches nothing.
+        from_file = type(found) is botocore.credentials.Credentials and bool(found.token)
+        return credentials.way_of(method, os.environ, file_has_token=from_file)
+
+    def _check_credentials(self, what: str, target: str) -> None:
+        """Resolve the credentials, and fetch a role's, before the first request: a failure names the way
+        found and what is missing, in one line."""
+        try:
+            found = self.session.get_credentials()
+            if found is not None:
+                found.get_frozen_credentials()  # a role's first fetch (STS, the Pod Identity agent) happens here
+        except botocore.exceptions.ClientError as e:  # STS refused the role
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        except (*credentials.RESOLUTION_ERRORS, botocore.exceptions.BotoCoreError, OSError) as e:
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        if found is None:
+            raise StorageAuthError(self._no_credentials(what, target))
+
+    def _no_credentials(self, what: str, target: str) -> str:
+        return f"no S3 credentials found for {self.endpoint} while trying to {what} {target}: " + (
+            credentials.none_found(os.environ)
+        )
+
+    def _credentials_unusable(self, what: str, target: str, error: Exception) -> str:
+        return f"no usable S3 credentials for {self.endpoint} while trying to {what} {target}: " + (
+            credentials.unusable(error, os.environ)
+        )
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -208,11 +252,13 @@ class Store:
         try:
             yield
         except botocore.exceptions.NoCredentialsError:
-            raise StorageAuthError(
-                f"no S3 credentials found for {self.endpoint} while trying to {what} {target}: "
-                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SHARED_CREDENTIALS_FILE) in the "
-                "environment of this process and of every Ray node"
-            ) from None
+            raise StorageAuthError(self._no_credentials(what, target)) from None
+        except credentials.RESOLUTION_ERRORS as e:
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        except OSError as e:
+            if credentials.token_file_of(e, os.environ) is None:  # a local file of ours: not a credential
+                raise
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
         except botocore.exceptions.SSLError as e:
             raise StorageError(
                 f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
@@ -226,11 +272,14 @@ class Store:
             if not isinstance(client_error, botocore.exceptions.ClientError):
                 raise StorageError(f"S3 upload to {target} on {self.endpoint} failed: {e}") from None
             code = str(client_error.response.get("Error", {}).get("Code", ""))
+            if client_error.operation_name in credentials.STS_OPERATIONS:  # a role refused before any S3 request
+                raise StorageAuthError(self._credentials_unusable(what, target, client_error)) from None
             if code in _AUTH_CODES:
+                way = self._way()
+                resource = f"s3://{self.bucket}/{self.cfg.prefix}/"
                 raise StorageAuthError(
-                    f"S3 endpoint {self.endpoint} rejected the credentials (AWS_ACCESS_KEY_ID="
-                    f"{_key_hint()}) while trying to {what} {target} ({code}): check AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY in the environment, and that this key may access the bucket"
+                    f"S3 endpoint {self.endpoint} rejected the credentials ({way.hint}) while trying to {what} "
+                    f"{target} ({code}): {credentials.rejected(way, code, os.environ, resource)}"
                 ) from None
             if code == "NoSuchBucket":
                 raise BucketMissing(self._bucket_missing_message()) from None
@@ -264,7 +313,8 @@ class Store:
 
         def bucket_exists() -> bool:
             try:
-                listing = self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                # Under the prefix: a policy that lets this project list only its own prefix allows it too.
+                listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.cfg.prefix}/", MaxKeys=1)
             except botocore.exceptions.ClientError as e:
                 code = str(e.response.get("Error", {}).get("Code", ""))
                 if code == "NoSuchBucket":
@@ -277,6 +327,7 @@ class Store:
                 raise StorageError(self._not_s3_message("a reply that is not an S3 listing"))
             return True
 
+        self._check_credentials("open", f"bucket {self.bucket!r}")
         if self._call("open", None, bucket_exists, wait_out_outages=False):
             return
         if not self.cfg.create_bucket:
@@ -407,9 +458,3 @@ def arrow_attempts(budget_s: float) -> int:
         waited += scale / 2 if scale <= 20 else 20 - 200 / scale
         retries += 1
     return retries + 1
-
-
-def _key_hint() -> str:
-    """The access key id, shortened: enough to spot the wrong one, not a secret."""
-    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
-    return f"{key[:4]}..." if key else "<unset>"
