@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
 import os
 import re
 import shlex
@@ -230,6 +232,190 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
     assert 'export PATH="$HOME/venv/bin:$PATH"' in (home / ".bashrc").read_text()
     for start in aws["head_start_ray_commands"]:
         assert (home / "venv/bin/ray").exists() or "~/venv/bin/ray" not in start
+
+
+# ------------------------------------------------------------------------------- AWS from an empty account
+
+IAM = CLUSTER / "iam"
+AMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+# vCPUs of the recipe's instance types (AWS's EC2 instance type pages): EC2's quotas count these.
+VCPUS = {"m5.xlarge": 4, "m5.2xlarge": 8, "g5.xlarge": 4, "g5.12xlarge": 48}
+
+
+def readme() -> str:
+    return (CLUSTER / "README.md").read_text()
+
+
+def iam(name: str, **values: str) -> dict:
+    text = (IAM / name).read_text()
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return json.loads(text)
+
+
+def statements(document: dict) -> list[dict]:
+    assert document["Version"] == "2012-10-17"
+    return document["Statement"]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_iam_documents_are_complete_once_filled_in():
+    files = sorted(p.name for p in IAM.glob("*.json"))
+    assert files == ["ec2-trust.json", "head-policy.json", "s3-policy.json"]
+    text = readme() + (REPO / "docs" / "clusters.md").read_text()
+    for name in files:
+        assert f"cluster/iam/{name}" in text, f"cluster/README.md does not use cluster/iam/{name}"
+        placeholders = set(re.findall(r"YOUR_[A-Z_]+", (IAM / name).read_text()))
+        assert placeholders <= {"YOUR_BUCKET", "YOUR_ACCOUNT_ID", "YOUR_REGION", "YOUR_OIDC_PROVIDER", "YOUR_NAMESPACE"}
+        for placeholder in placeholders:  # the README fills in each one
+            assert re.search(rf"s[/#]{placeholder}[/#]", readme()), f"{name}: nothing fills in {placeholder}"
+        for statement in statements(json.loads((IAM / name).read_text())):
+            assert statement["Effect"] == "Allow" and statement["Action"]
+            assert ("Principal" in statement) == name.endswith("-trust.json")
+            assert ("Resource" in statement) != name.endswith("-trust.json")
+            for action in as_list(statement["Action"]):
+                assert re.fullmatch(r"[a-z0-9]+:[A-Za-z*]+", action), action
+    assert iam("ec2-trust.json")["Statement"] == [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    ]
+
+
+def test_the_s3_policy_is_the_bucket_and_the_default_prefix():
+    (listing, objects) = statements(iam("s3-policy.json", YOUR_BUCKET="b"))
+    assert as_list(listing["Action"]) == ["s3:ListBucket"] and listing["Resource"] == "arn:aws:s3:::b"
+    assert set(as_list(objects["Action"])) == {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    }
+    # the prefix of every job file in this repository and of the Kubernetes ConfigMap
+    assert objects["Resource"] == f"arn:aws:s3:::b/{load_config(REPO / 'jobs' / 'svhn.yaml').storage.prefix}/*"
+    (config_map,) = [d for d in load_docs("k8s-config.yaml") if d["kind"] == "ConfigMap"]
+    assert yaml.safe_load(config_map["data"]["job.yaml"])["storage"]["prefix"] == "dcgan-ray"
+
+
+def test_the_readme_makes_the_instance_profiles_the_recipe_names(aws):
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in aws["available_node_types"].values()}
+    head = aws["available_node_types"][aws["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    (loop,) = re.findall(r"for role in ([\w -]+); do\n((?:  .*\n)+)done", readme())
+    assert set(loop[0].split()) == profiles
+    for command in (
+        "aws iam create-role --role-name $role --assume-role-policy-document file://cluster/iam/ec2-trust.json",
+        "aws iam create-instance-profile --instance-profile-name $role",
+        "aws iam add-role-to-instance-profile --instance-profile-name $role --role-name $role",
+        "aws iam attach-role-policy --role-name $role --policy-arn arn:aws:iam::$ACCOUNT_ID:policy/dcgan-ray-s3",
+    ):
+        assert command in loop[1], command
+    assert (
+        f"aws iam attach-role-policy --role-name {head} --policy-arn arn:aws:iam::$ACCOUNT_ID:policy/{head}" in readme()
+    )
+    # The head hands the workers their profile: PassRole on exactly the workers' role.
+    workers = profiles - {head}
+    policy = statements(iam("head-policy.json", YOUR_ACCOUNT_ID="123456789012", YOUR_REGION="us-east-1"))
+    (pass_role,) = [s for s in policy if s["Action"] == "iam:PassRole"]
+    assert as_list(pass_role["Resource"]) == [f"arn:aws:iam::123456789012:role/{w}" for w in sorted(workers)]
+    (ssm,) = [s for s in policy if s["Action"] == "ssm:GetParameters"]
+    assert fnmatch.fnmatchcase(f"arn:aws:ssm:{aws['provider']['region']}::parameter{AMI_PARAMETER}", ssm["Resource"])
+    launch = {a for s in policy for a in as_list(s["Action"]) if a.startswith("ec2:")}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= launch
+    assert not aws["provider"].get("cache_stopped_nodes"), "ec2:StopInstances/StartInstances would be needed"
+
+
+def test_the_quota_table_is_the_recipes_arithmetic(aws):
+    types = aws["available_node_types"]
+    for name, t in types.items():
+        if name != aws["head_node_type"]:
+            assert t["resources"]["CPU"] == VCPUS[t["node_config"]["InstanceType"]], name
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    standard = [t for n, t in types.items() if not t["resources"].get("GPU") and n != aws["head_node_type"]]
+    head = VCPUS[types[aws["head_node_type"]]["node_config"]["InstanceType"]]
+    job = load_config(REPO / "jobs" / "svhn.yaml")
+    (wide,) = [t for t in gpu if t["resources"]["GPU"] >= job.scaling.num_workers]
+    expected = {
+        "L-DB2E81BA": (
+            VCPUS[wide["node_config"]["InstanceType"]],
+            sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in gpu),
+        ),
+        "L-1216C47A": (head, head + sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in standard)),
+    }
+    for code, (for_the_job, at_most) in expected.items():
+        assert re.search(rf"\(`{code}`\) \| {for_the_job} vCPUs[^|]*\| {at_most} vCPUs \|", readme()), code
+        assert "--quota-code $code" in readme() and code in re.search(r"for code in ([\w -]+); do", readme())[1]
+    assert "aws service-quotas request-service-quota-increase" in readme()
+
+
+def test_the_readme_gives_the_security_group_its_self_rule():
+    assert "IpProtocol=-1,UserIdGroupPairs=[{GroupId=$SG}]" in readme()
+    assert re.search(r"--protocol tcp --port 22 --cidr \"[^\"]+/32\"", readme())
+    assert "must let in all traffic from itself" in (CLUSTER / "aws-cluster.yaml").read_text()
+
+
+def test_the_ami_is_pinned(aws):
+    images = {t["node_config"]["ImageId"] for t in aws["available_node_types"].values()}
+    assert len(images) == 1, "every node type runs one AMI (one Python, one driver)"
+    (image,) = images
+    assert re.fullmatch(rf"resolve:ssm:{re.escape(AMI_PARAMETER)}:(PIN|\d+)", image), image
+    text = readme()
+    assert text.index("bash cluster/pin-ami.sh") < text.index("ray up -y cluster/aws-cluster.yaml")
+
+
+def test_pin_ami_writes_and_moves_the_version(aws, tmp_path):
+    """cluster/pin-ami.sh against a stand-in `aws` CLI that answers as AWS documents: version 42 of the
+    parameter, then an explicit 43; the file stays valid for Ray."""
+    config = tmp_path / "aws-cluster.yaml"
+    shutil.copy(CLUSTER / "aws-cluster.yaml", config)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "aws").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/aws.log\n'
+        'case "$*" in\n'
+        "  *Parameter.Version*) echo 42 ;;\n"
+        "  *Parameter.Value*) echo ami-0123456789abcdef0 ;;\n"
+        '  *describe-images*) printf "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04)\\t2026-11-20\\n" ;;\n'
+        "  *) exit 1 ;;\n"
+        "esac\n"
+    )
+    (stubs / "aws").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CONFIG": str(config)}
+    script = str(CLUSTER / "pin-ami.sh")
+    first = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    pinned = yaml.safe_load(config.read_text())
+    assert {t["node_config"]["ImageId"] for t in pinned["available_node_types"].values()} == {
+        f"resolve:ssm:{AMI_PARAMETER}:42"
+    }
+    assert "version 42" in first and "(was: PIN)" in first and "ami-0123456789abcdef0" in first
+    assert all(
+        f"--region {aws['provider']['region']}" in line for line in (tmp_path / "aws.log").read_text().splitlines()
+    )
+    validate_cluster_launcher_config(copy.deepcopy(pinned))
+    second = subprocess.run(["bash", script, "43"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "version 43" in second and "(was: 42)" in second
+    assert yaml.safe_load(config.read_text())["available_node_types"]["cpu_worker"]["node_config"]["ImageId"].endswith(
+        ":43"
+    )
+    refused = subprocess.run(["bash", script, "latest"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "is not a parameter version" in refused.stderr
+
+
+def test_ray_up_runs_the_autoscaler_v2(aws):
+    """docs/clusters.md: a job no node type can hold is refused at once only by the autoscaler v2. Ray 2.60's
+    `ray up` turns it on for the nodes it starts unless RAY_UP_enable_autoscaler_v2=0 (its head-node set-up
+    exports RAY_enable_autoscaler_v2=1 with the instance id into the start commands)."""
+    import inspect
+
+    from ray.autoscaler._private import commands
+
+    source = inspect.getsource(commands.get_or_create_head_node)
+    assert 'os.getenv("RAY_UP_enable_autoscaler_v2", "1") == "1"' in source
+    assert '"RAY_enable_autoscaler_v2": "1"' in source and '"RAY_CLOUD_INSTANCE_ID": head_node' in source
+    starts = aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]
+    assert not [c for c in starts if "autoscaler_v2" in c], "the start commands leave v2 to `ray up`"
+    assert "RAY_UP_enable_autoscaler_v2=0" in readme()
 
 
 # ------------------------------------------------------------------------------------------ KubeRay / Kueue
