@@ -329,7 +329,8 @@ ROWS = [
         "no-credentials",
         "no credentials at all",
         lambda c: ["train", c.job()],
-        r"no S3 credentials found for .*: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        r"no S3 credentials found for .*: none of the three ways is set up\. Give this process and every Ray node "
+        r"one of them: static keys \(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
         env={
             "AWS_ACCESS_KEY_ID": None,
             "AWS_SECRET_ACCESS_KEY": None,

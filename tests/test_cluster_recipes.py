@@ -3,15 +3,17 @@
 
 - aws-cluster.yaml goes through Ray's own `prepare_config` + `validate_config` (what `ray up` runs before it
   touches AWS; the defaults it merges come from the installed wheel's aws/defaults.yaml).
-- kuberay.yaml / kueue.yaml are validated against a schema derived from the KubeRay and Kueue CRDs
-  (tests/data/crd-schemas.yaml), plus the rules their operators enforce and this project's own rules for
-  S3 credentials.
+- kuberay.yaml / kueue.yaml are validated against schemas derived from the KubeRay and Kueue CRDs of the oldest
+  and the newest release they say they run on (tests/data/crd-schemas.yaml, scripts/derive_crd_schemas.py),
+  plus the rules their operators enforce and this project's own rules for S3 credentials and priorities.
 - Every file in cluster/ is scanned for anything that looks like an AWS key.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
 import os
 import re
 import shlex
@@ -34,6 +36,8 @@ from helpers import REPO, checkout_files
 CLUSTER = REPO / "cluster"
 SECRET_NAME = "dcgan-ray-s3"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)  # only with temporary keys (SSO, an assumed role)
+SERVICE_ACCOUNT = "dcgan-ray"
 CREDENTIAL_NAME = re.compile(r"(?i)aws_?(secret_?access_?key|access_?key_?id|session_?token)")
 # KubeRay's default submitter pod (ray-operator/controllers/ray/common/job.go, v1.7.0): Kueue counts it too.
 SUBMITTER_REQUESTS = {"cpu": "500m", "memory": "200Mi"}
@@ -232,6 +236,188 @@ def test_aws_setup_commands_install_the_package_in_a_fresh_home(aws, tmp_path):
         assert (home / "venv/bin/ray").exists() or "~/venv/bin/ray" not in start
 
 
+# ------------------------------------------------------------------------------- AWS from an empty account
+
+IAM = CLUSTER / "iam"
+AMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+# vCPUs of the recipe's instance types (AWS's EC2 instance type pages): EC2's quotas count these.
+VCPUS = {"m5.xlarge": 4, "m5.2xlarge": 8, "g5.xlarge": 4, "g5.12xlarge": 48}
+
+
+def readme() -> str:
+    return (CLUSTER / "README.md").read_text()
+
+
+def iam(name: str, **values: str) -> dict:
+    text = (IAM / name).read_text()
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return json.loads(text)
+
+
+def statements(document: dict) -> list[dict]:
+    assert document["Version"] == "2012-10-17"
+    return document["Statement"]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_iam_documents_are_complete_once_filled_in():
+    files = sorted(p.name for p in IAM.glob("*.json"))
+    assert files == [
+        "ec2-trust.json",
+        "head-policy.json",
+        "irsa-trust.json",
+        "pod-identity-trust.json",
+        "s3-policy.json",
+    ]
+    text = readme() + (REPO / "docs" / "clusters.md").read_text()
+    for name in files:
+        assert f"cluster/iam/{name}" in text, f"cluster/README.md does not use cluster/iam/{name}"
+        placeholders = set(re.findall(r"YOUR_[A-Z_]+", (IAM / name).read_text()))
+        assert placeholders <= {"YOUR_BUCKET", "YOUR_ACCOUNT_ID", "YOUR_REGION", "YOUR_OIDC_PROVIDER", "YOUR_NAMESPACE"}
+        for placeholder in placeholders:  # the README fills in each one
+            assert re.search(rf"s[/#]{placeholder}[/#]", readme()), f"{name}: nothing fills in {placeholder}"
+        for statement in statements(json.loads((IAM / name).read_text())):
+            assert statement["Effect"] == "Allow" and statement["Action"]
+            assert ("Principal" in statement) == name.endswith("-trust.json")
+            assert ("Resource" in statement) != name.endswith("-trust.json")
+            for action in as_list(statement["Action"]):
+                assert re.fullmatch(r"[a-z0-9]+:[A-Za-z*]+", action), action
+    assert iam("ec2-trust.json")["Statement"] == [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    ]
+
+
+def test_the_s3_policy_is_the_bucket_and_the_default_prefix():
+    (listing, objects) = statements(iam("s3-policy.json", YOUR_BUCKET="b"))
+    assert as_list(listing["Action"]) == ["s3:ListBucket"] and listing["Resource"] == "arn:aws:s3:::b"
+    assert set(as_list(objects["Action"])) == {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    }
+    # the prefix of every job file in this repository and of the Kubernetes ConfigMap
+    assert objects["Resource"] == f"arn:aws:s3:::b/{load_config(REPO / 'jobs' / 'svhn.yaml').storage.prefix}/*"
+    (config_map,) = [d for d in load_docs("k8s-config.yaml") if d["kind"] == "ConfigMap"]
+    assert yaml.safe_load(config_map["data"]["job.yaml"])["storage"]["prefix"] == "dcgan-ray"
+
+
+def test_the_readme_makes_the_instance_profiles_the_recipe_names(aws):
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in aws["available_node_types"].values()}
+    head = aws["available_node_types"][aws["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    (loop,) = re.findall(r"for role in ([\w -]+); do\n((?:  .*\n)+)done", readme())
+    assert set(loop[0].split()) == profiles
+    for command in (
+        "aws iam create-role --role-name $role --assume-role-policy-document file://cluster/iam/ec2-trust.json",
+        "aws iam create-instance-profile --instance-profile-name $role",
+        "aws iam add-role-to-instance-profile --instance-profile-name $role --role-name $role",
+        "aws iam attach-role-policy --role-name $role --policy-arn arn:aws:iam::$ACCOUNT_ID:policy/dcgan-ray-s3",
+    ):
+        assert command in loop[1], command
+    assert (
+        f"aws iam attach-role-policy --role-name {head} --policy-arn arn:aws:iam::$ACCOUNT_ID:policy/{head}" in readme()
+    )
+    # The head hands the workers their profile: PassRole on exactly the workers' role.
+    workers = profiles - {head}
+    policy = statements(iam("head-policy.json", YOUR_ACCOUNT_ID="123456789012", YOUR_REGION="us-east-1"))
+    (pass_role,) = [s for s in policy if s["Action"] == "iam:PassRole"]
+    assert as_list(pass_role["Resource"]) == [f"arn:aws:iam::123456789012:role/{w}" for w in sorted(workers)]
+    (ssm,) = [s for s in policy if s["Action"] == "ssm:GetParameters"]
+    assert fnmatch.fnmatchcase(f"arn:aws:ssm:{aws['provider']['region']}::parameter{AMI_PARAMETER}", ssm["Resource"])
+    launch = {a for s in policy for a in as_list(s["Action"]) if a.startswith("ec2:")}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= launch
+    assert not aws["provider"].get("cache_stopped_nodes"), "ec2:StopInstances/StartInstances would be needed"
+
+
+def test_the_quota_table_is_the_recipes_arithmetic(aws):
+    types = aws["available_node_types"]
+    for name, t in types.items():
+        if name != aws["head_node_type"]:
+            assert t["resources"]["CPU"] == VCPUS[t["node_config"]["InstanceType"]], name
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    standard = [t for n, t in types.items() if not t["resources"].get("GPU") and n != aws["head_node_type"]]
+    head = VCPUS[types[aws["head_node_type"]]["node_config"]["InstanceType"]]
+    job = load_config(REPO / "jobs" / "svhn.yaml")
+    (wide,) = [t for t in gpu if t["resources"]["GPU"] >= job.scaling.num_workers]
+    expected = {
+        "L-DB2E81BA": (
+            VCPUS[wide["node_config"]["InstanceType"]],
+            sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in gpu),
+        ),
+        "L-1216C47A": (head, head + sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in standard)),
+    }
+    for code, (for_the_job, at_most) in expected.items():
+        assert re.search(rf"\(`{code}`\) \| {for_the_job} vCPUs[^|]*\| {at_most} vCPUs \|", readme()), code
+        assert "--quota-code $code" in readme() and code in re.search(r"for code in ([\w -]+); do", readme())[1]
+    assert "aws service-quotas request-service-quota-increase" in readme()
+
+
+def test_the_readme_gives_the_security_group_its_self_rule():
+    assert "IpProtocol=-1,UserIdGroupPairs=[{GroupId=$SG}]" in readme()
+    assert re.search(r"--protocol tcp --port 22 --cidr \"[^\"]+/32\"", readme())
+    assert "must let in all traffic from itself" in (CLUSTER / "aws-cluster.yaml").read_text()
+
+
+def test_the_ami_is_pinned(aws):
+    images = {t["node_config"]["ImageId"] for t in aws["available_node_types"].values()}
+    assert len(images) == 1, "every node type runs one AMI (one Python, one driver)"
+    (image,) = images
+    assert re.fullmatch(rf"resolve:ssm:{re.escape(AMI_PARAMETER)}:(PIN|\d+)", image), image
+    text = readme()
+    assert text.index("bash cluster/pin-ami.sh") < text.index("ray up -y cluster/aws-cluster.yaml")
+
+
+def test_pin_ami_writes_and_moves_the_version(aws, tmp_path):
+    """cluster/pin-ami.sh against a stand-in `aws` CLI that answers as AWS documents: version 42 of the
+    parameter, then an explicit 43; the file stays valid for Ray."""
+    config = tmp_path / "aws-cluster.yaml"
+    shutil.copy(CLUSTER / "aws-cluster.yaml", config)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "aws").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/aws.log\n'
+        'case "$*" in\n'
+        "  *Parameter.Version*) echo 42 ;;\n"
+        "  *Parameter.Value*) echo ami-0123456789abcdef0 ;;\n"
+        '  *describe-images*) printf "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04)\\t2026-11-20\\n" ;;\n'
+        "  *) exit 1 ;;\n"
+        "esac\n"
+    )
+    (stubs / "aws").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CONFIG": str(config)}
+    script = str(CLUSTER / "pin-ami.sh")
+    first = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    pinned = yaml.safe_load(config.read_text())
+    assert {t["node_config"]["ImageId"] for t in pinned["available_node_types"].values()} == {
+        f"resolve:ssm:{AMI_PARAMETER}:42"
+    }
+    assert "version 42" in first and "(was: PIN)" in first and "ami-0123456789abcdef0" in first
+    assert all(
+        f"--region {aws['provider']['region']}" in line for line in (tmp_path / "aws.log").read_text().splitlines()
+    )
+    validate_cluster_launcher_config(copy.deepcopy(pinned))
+    second = subprocess.run(["bash", script, "43"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "version 43" in second and "(was: 42)" in second
+    assert yaml.safe_load(config.read_text())["available_node_types"]["cpu_worker"]["node_config"]["ImageId"].endswith(
+        ":43"
+    )
+    refused = subprocess.run(["bash", script, "latest"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "is not a parameter version" in refused.stderr
+
+
+def test_the_recipe_leaves_the_autoscaler_v2_to_ray_up(aws):
+    """docs/clusters.md: a job no node type can hold is refused at once only by the autoscaler v2, which Ray
+    2.60's `ray up` turns on by itself (tests/test_ray_internals.py watches that); the recipe must not undo it."""
+    starts = aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]
+    assert not [c for c in starts if "autoscaler_v2" in c], "the start commands leave v2 to `ray up`"
+    assert "RAY_UP_enable_autoscaler_v2=0" in readme()
+
+
 # ------------------------------------------------------------------------------------------ KubeRay / Kueue
 
 RAYJOB_FILES = ["kuberay.yaml", "kueue.yaml"]
@@ -247,15 +433,49 @@ def containers(job: dict) -> list[dict]:
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
-@pytest.mark.parametrize("name", RAYJOB_FILES)
-def test_documents_match_the_crd_schemas(name):
-    docs = load_docs(name)
-    assert docs
-    for doc in docs:
-        assert doc["kind"] in CRD_SCHEMAS, f"{name}: unexpected kind {doc['kind']}"
-        group = "ray.io/v1" if doc["kind"] == "RayJob" else "kueue.x-k8s.io/v1beta1"
-        assert doc["apiVersion"] == group, f"{name}: {doc['kind']} must be {group}"
-        jsonschema.Draft202012Validator(CRD_SCHEMAS[doc["kind"]]).validate(doc)
+KUBERAY_SETS = ["kuberay-1.5.1", "kuberay-1.7.0"]  # the oldest KubeRay the recipes name, and the newest release
+KUEUE_SETS = ["kueue-0.15.0", "kueue-0.19.2"]  # the oldest Kueue with v1beta2, and the newest release
+KUEUE_V1BETA1_SET = "kueue-0.10.0-v1beta1"  # the fallback cluster/README.md gives for Kueue 0.10 to 0.14
+
+
+def schema_cases() -> list[tuple[str, str]]:
+    return [(f, k) for f in RAYJOB_FILES for k in KUBERAY_SETS] + [("kueue.yaml", k) for k in KUEUE_SETS]
+
+
+@pytest.mark.parametrize("name, crds", schema_cases())
+def test_documents_match_the_crd_schemas(name, crds):
+    schemas = crd_schemas(crds)
+    docs = [d for d in load_docs(name) if d["apiVersion"].startswith(("ray.io/", "kueue.x-k8s.io/"))]
+    checked = [d for d in docs if d["kind"] in schemas]
+    assert checked, f"{name}: nothing that {crds} describes"
+    for doc in checked:
+        assert doc["apiVersion"] == f"{SOURCES[crds]['group']}/{SOURCES[crds]['version']}", f"{name}: {doc['kind']}"
+        jsonschema.Draft202012Validator(schemas[doc["kind"]]).validate(doc)
+    assert {d["kind"] for d in docs} <= {*crd_schemas(KUBERAY_SETS[-1]), *crd_schemas(KUEUE_SETS[-1])}
+
+
+def test_the_kueue_objects_as_v1beta1_match_kueue_0_10():
+    """cluster/README.md: on Kueue 0.10 to 0.14, the same objects with apiVersion kueue.x-k8s.io/v1beta1."""
+    schemas = crd_schemas(KUEUE_V1BETA1_SET)
+    kueue = [d for d in load_docs("kueue.yaml") if d["apiVersion"].startswith("kueue.x-k8s.io/")]
+    assert {d["kind"] for d in kueue} == set(schemas)
+    for doc in kueue:
+        jsonschema.Draft202012Validator(schemas[doc["kind"]]).validate({**doc, "apiVersion": "kueue.x-k8s.io/v1beta1"})
+
+
+def test_the_stated_versions_are_the_tested_ones():
+    text = readme()
+    for name in ("kuberay.yaml", "kueue.yaml"):
+        assert "KubeRay >= 1.5.1" in (CLUSTER / name).read_text()
+    assert "Kueue >= 0.15" in (CLUSTER / "kueue.yaml").read_text()
+    assert "KubeRay >= 1.5.1" in text and "Kueue >= 0.15" in text and "Kueue 0.10 to 0.14" in text
+    assert [SOURCES[k]["tag"] for k in (*KUBERAY_SETS, *KUEUE_SETS, KUEUE_V1BETA1_SET)] == [
+        "v1.5.1",
+        "v1.7.0",
+        "v0.15.0",
+        "v0.19.2",
+        "v0.10.0",
+    ]
 
 
 @pytest.mark.parametrize("name", RAYJOB_FILES)
@@ -268,12 +488,12 @@ def test_rayjob_lifecycle(name):
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 0
-    # runtimeEnvYAML's working_dir is a path in the image: only the submitter Job (K8sJobMode) uploads it.
     assert spec["submissionMode"] == "K8sJobMode"
-    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
-    assert isinstance(runtime_env, dict)
+    # The code is installed in the image: a working_dir would upload it to the cluster again.
+    assert "working_dir" not in yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
-    assert len({c["image"] for c in containers(job)}) == 1, "head and workers must run one image"
+    images = {c["image"].rsplit("-", 1)[0] for c in containers(job)}
+    assert len(images) == 1, "head and workers run one build (CPU and GPU variants of one tag)"
 
 
 @pytest.mark.parametrize("name", RAYJOB_FILES)
@@ -310,23 +530,30 @@ def test_rayjob_gpu_workers(name):
     assert any(pod_gpus(g) == 1 and g["maxReplicas"] >= 2 for g in gpu_groups), "no 1-GPU group for studies"
 
 
+def pod_specs(job: dict) -> list[dict]:
+    rc = job["spec"]["rayClusterSpec"]
+    return [g["template"]["spec"] for g in [rc["headGroupSpec"], *rc.get("workerGroupSpecs", [])]]
+
+
 @pytest.mark.parametrize("name", RAYJOB_FILES)
-def test_rayjob_s3_credentials_come_from_the_secret(name):
+def test_rayjob_s3_credentials_come_from_the_service_account_or_the_secret(name):
+    """EKS without static keys: every Ray pod runs as the ServiceAccount of k8s-config.yaml (IRSA or Pod
+    Identity). Other clusters: the keys come from the Secret, each optional (no Secret on EKS), the session
+    token too. Never a literal, never the runtime env."""
     job = rayjob(name)
+    (account,) = [d for d in load_docs("k8s-config.yaml") if d["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == SERVICE_ACCOUNT
+    for pod in pod_specs(job):
+        assert pod.get("serviceAccountName") == SERVICE_ACCOUNT
     for c in containers(job):
         env = {e["name"]: e for e in c.get("env", [])}
-        from_secret = {r["secretRef"]["name"] for r in c.get("envFrom", []) if "secretRef" in r}
-        for key in SECRET_KEYS:
-            if key in env:
-                ref = env[key].get("valueFrom", {}).get("secretKeyRef", {})
-                assert ref.get("name") == SECRET_NAME, f"{c['name']}: {key} not from Secret {SECRET_NAME}"
-            else:
-                assert SECRET_NAME in from_secret, f"{c['name']}: {key} missing (env secretKeyRef or envFrom)"
+        assert set(env) >= {*SECRET_KEYS, *OPTIONAL_SECRET_KEYS}, f"{c['name']}: {sorted(env)}"
+        for key in (*SECRET_KEYS, *OPTIONAL_SECRET_KEYS):
+            ref = env[key].get("valueFrom", {}).get("secretKeyRef", {})
+            assert ref == {"name": SECRET_NAME, "key": key, "optional": True}, f"{c['name']}: {key}: {ref}"
         if "AWS_ENDPOINT_URL" in env:  # not needed (the job's storage.endpoint says it), but not a secret either
             endpoint = env["AWS_ENDPOINT_URL"]
-            assert "valueFrom" not in endpoint and str(endpoint.get("value", "")).startswith(("http://", "https://")), (
-                f"{c['name']}: AWS_ENDPOINT_URL must be a plain http(s) value"
-            )
+            assert "valueFrom" not in endpoint and str(endpoint.get("value", "")).startswith(("http://", "https://"))
     # Anywhere in the document (containers added later included): no credential as a literal value.
     for path, key, value in walk(job):
         if key == "env":
@@ -337,6 +564,30 @@ def test_rayjob_s3_credentials_come_from_the_secret(name):
     spec = job["spec"]
     assert "AWS_" not in spec.get("runtimeEnvYAML", ""), "credentials never go into the job's runtime env"
     assert "AWS_" not in spec["entrypoint"]
+
+
+def test_the_service_account_is_annotated_for_irsa_and_the_readme_makes_the_role():
+    (account,) = [d for d in load_docs("k8s-config.yaml") if d["kind"] == "ServiceAccount"]
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::YOUR_ACCOUNT_ID:role/([\w+=,.@-]+)", role)
+    role_name = role.rsplit("/", 1)[1]
+    text = readme()
+    assert f"aws iam create-role --role-name {role_name} --assume-role-policy-document file://" in text
+    assert (
+        f"aws iam attach-role-policy --role-name {role_name} --policy-arn arn:aws:iam::$ACCOUNT_ID:policy/dcgan-ray-s3"
+        in text
+    )
+    assert "s#YOUR_ACCOUNT_ID#$ACCOUNT_ID#" in text and "cluster/k8s-config.yaml" in text
+    (trust,) = statements(iam("irsa-trust.json", YOUR_ACCOUNT_ID="1", YOUR_OIDC_PROVIDER="oidc/x", YOUR_NAMESPACE="ns"))
+    assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert trust["Condition"]["StringEquals"]["oidc/x:sub"] == f"system:serviceaccount:ns:{SERVICE_ACCOUNT}"
+    assert trust["Condition"]["StringEquals"]["oidc/x:aud"] == "sts.amazonaws.com"
+    (pod_identity,) = statements(iam("pod-identity-trust.json"))
+    assert pod_identity["Principal"] == {"Service": "pods.eks.amazonaws.com"}
+    assert set(pod_identity["Action"]) == {"sts:AssumeRole", "sts:TagSession"}
+    assert f"--service-account {SERVICE_ACCOUNT}" in text and "aws eks create-pod-identity-association" in text
+    # Pod Identity users take the IRSA annotation out: the webhook would inject a role that is tried first.
+    assert "sed -i '/eks.amazonaws.com\\/role-arn/d' cluster/k8s-config.yaml" in text
 
 
 @pytest.mark.parametrize("name", RAYJOB_FILES)
@@ -355,9 +606,9 @@ def test_rayjob_trains_the_job_of_the_config_map(name):
         m for c in head["containers"] for m in c.get("volumeMounts", []) if Path(m["mountPath"]) == job_file.parent
     ]
     assert volumes[mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
-    # The image's tag is the package's version (Dockerfile, tests/test_image.py).
+    # The images' tags start with the package's version (the digest after it: tests/test_image.py).
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert {c["image"].rsplit(":", 1)[1] for c in containers(job)} == {f"{version}-gpu"}
+    assert {c["image"].rsplit(":", 1)[1].split("-")[0] for c in containers(job)} == {version}
 
 
 def test_recipes_state_the_models_predictions():
@@ -424,19 +675,33 @@ def test_kueue_quota_admits_the_job():
 
 def test_kueue_rayjob_is_the_kuberay_job():
     plain, queued = rayjob("kuberay.yaml"), rayjob("kueue.yaml")
-    assert {k: v for k, v in queued["spec"].items() if k != "suspend"} == plain["spec"], (
-        "kueue.yaml's RayJob must be kuberay.yaml's plus suspend (same image, entrypoint, Secret)"
-    )
+    differ = {"suspend", "ttlSecondsAfterFinished"}
+    assert {k: v for k, v in queued["spec"].items() if k not in differ} == {
+        k: v for k, v in plain["spec"].items() if k not in differ
+    }, "kueue.yaml's RayJob must be kuberay.yaml's plus suspend (same images, entrypoint, credentials)"
+    # Kueue frees the quota when KubeRay reports the job Complete or Failed (kueue pkg/controller/jobs/rayjob,
+    # Finished()), while KubeRay deletes the cluster only ttlSecondsAfterFinished later: under Kueue, at once.
+    assert queued["spec"]["ttlSecondsAfterFinished"] == 0
+
+
+def test_kueue_priorities_preempt_within_the_queue():
+    docs = load_docs("kueue.yaml")
+    classes = {d["metadata"]["name"]: d["value"] for d in docs if d["kind"] == "WorkloadPriorityClass"}
+    assert classes == {"dcgan-ray-interactive": 1000, "dcgan-ray-study": 100}
+    cq = one(docs, "ClusterQueue")
+    assert cq["spec"]["preemption"] == {"withinClusterQueue": "LowerPriority"}
+    label = one(docs, "RayJob")["metadata"]["labels"]["kueue.x-k8s.io/priority-class"]
+    assert label in classes and classes[label] == min(classes.values()), "the example job is the preemptible kind"
+    assert "kueue.x-k8s.io/priority-class: dcgan-ray-interactive" in readme()
 
 
 def test_readme_creates_the_secret_the_jobs_use():
-    readme = (CLUSTER / "README.md").read_text()
-    command = re.search(rf"kubectl create secret generic {SECRET_NAME}((?:.*\\\n)*.*)", readme)
+    command = re.search(rf"kubectl create secret generic {SECRET_NAME}((?:.*\\\n)*.*)", readme())
     assert command, f"cluster/README.md does not show how to create the Secret {SECRET_NAME}"
     refs = {v["key"] for f in RAYJOB_FILES for _, k, v in walk(rayjob(f)) if k == "secretKeyRef"}
-    refs |= set(SECRET_KEYS)
+    assert refs == {*SECRET_KEYS, *OPTIONAL_SECRET_KEYS}
     for key in refs:
-        assert f"--from-literal={key}=" in command.group(1) or f"--from-literal {key}=" in command.group(1), key
+        assert f"--from-literal={key}=" in command.group(1), key
 
 
 # --------------------------------------------------------------------------------------------- secret scan
@@ -480,10 +745,14 @@ def test_no_credentials_in_cluster_files():
 
 
 # ------------------------------------------------------------------------------------ derived CRD schemas
-# tests/data/crd-schemas.yaml (how they were derived: its head). `other` lists a CRD's fields that the
-# recipes do not set, accepted as anything.
+# tests/data/crd-schemas.yaml (made by scripts/derive_crd_schemas.py): per release, the CRDs' schemas of the
+# fields the recipes set; `other` lists a CRD's fields that the recipes do not set, accepted as anything.
 
 _DERIVED = yaml.safe_load((Path(__file__).parent / "data" / "crd-schemas.yaml").read_text())
+SOURCES = {
+    name: {**source, "group": "ray.io" if source["repository"].endswith("kuberay") else "kueue.x-k8s.io"}
+    for name, source in _DERIVED["sources"].items()
+}
 
 
 def _expand(node):
@@ -497,5 +766,7 @@ def _expand(node):
     return node
 
 
-_DEFS = _expand(_DERIVED.pop("$defs"))
-CRD_SCHEMAS = {kind: {**_expand(schema), "$defs": _DEFS} for kind, schema in _DERIVED.items()}
+def crd_schemas(name: str) -> dict[str, dict]:
+    derived = dict(_DERIVED["schemas"][name])
+    defs = _expand(derived.pop("$defs"))
+    return {kind: {**_expand(schema), "$defs": defs} for kind, schema in derived.items()}

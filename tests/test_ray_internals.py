@@ -166,3 +166,14 @@ def test_the_elastic_policy_sees_nodes_through_the_coordinators_ticks():
     assert "self.TICK_INTERVAL_S" in inspect.getsource(coordinator._AutoscalingCoordinatorActor)
     assert "_AutoscalingCoordinatorActor" in inspect.getsource(autoscaling_coordinator_client)
     assert "get_reserved_resources" in inspect.getsource(elastic.ElasticScalingPolicy)
+
+
+def test_ray_up_runs_the_autoscaler_v2_by_itself():
+    """cluster/aws-cluster.yaml relies on it (docs/clusters.md: only the autoscaler v2 reports a request no node
+    type can hold): Ray 2.60's `ray up` exports RAY_enable_autoscaler_v2=1 with the head's instance id into its
+    start commands unless RAY_UP_enable_autoscaler_v2=0 is set where it runs."""
+    from ray.autoscaler._private import commands
+
+    source = inspect.getsource(commands.get_or_create_head_node)
+    assert 'os.getenv("RAY_UP_enable_autoscaler_v2", "1") == "1"' in source
+    assert '"RAY_enable_autoscaler_v2": "1"' in source and '"RAY_CLOUD_INSTANCE_ID": head_node' in source

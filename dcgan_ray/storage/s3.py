@@ -1,9 +1,11 @@
 """One small interface to S3-compatible object storage (AWS S3, MinIO, SeaweedFS, ...).
 
 This module is the one place that knows endpoints, retries and credentials. Credentials come only
-from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SHARED_CREDENTIALS_FILE, an
-instance role, ...): boto3's default chain resolves them on each process, so no secret is ever in a
-config, a Ray task argument, a log line or an exception message.
+from the environment, in one of three ways (static keys, a session token, a role: IRSA, EKS Pod Identity
+or an instance role; `dcgan_ray.storage.credentials`): boto3's default chain resolves them on each
+process, so no secret is ever in a config, a Ray task argument, a log line or an exception message.
+`Store.check` resolves them before its first request, so a credential failure says in one line which way
+was found and what is missing.
 
 botocore's exceptions are translated into `dcgan_ray.errors.StorageError` subclasses that name the
 endpoint, bucket and key, and say what to do.
@@ -11,7 +13,8 @@ endpoint, bucket and key, and say what to do.
 Outages: a failure that retrying can fix (no connection, a timeout, a cut transfer, a 5xx answer) is
 retried with capped exponential backoff for up to `storage.retry_budget_s`, counted from the first
 failure of the outage, not per call. An outage is logged once per process and endpoint: one line when
-it starts, one when the endpoint answers again (with its length and the retries it took). Failures
+it starts, one when the endpoint answers again (with its length and the retries it took; kept in
+`dcgan_ray.storage.outages`). Failures
 retrying cannot fix (a missing key or bucket, refused credentials) raise at once. `Store.check`, the
 first contact of every command, does not wait: a wrong endpoint fails in seconds.
 """
@@ -22,8 +25,6 @@ import contextlib
 import email.utils
 import logging
 import os
-import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -33,20 +34,20 @@ from typing import Any
 import boto3
 import boto3.exceptions
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray.config import StorageSection
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
+from dcgan_ray.storage import credentials
 from dcgan_ray.storage.files import Progress
+from dcgan_ray.storage.outages import outage_failed, outage_over, outage_seconds
 
 log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3
 """botocore's attempts per request; `Store.check` gives up after these, so a wrong endpoint fails in seconds."""
-
-MAX_BACKOFF_S = 5.0
-"""Longest wait between two tries during an outage: a server that is back is noticed within seconds."""
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -62,61 +63,6 @@ _TRANSIENT = (
     botocore.exceptions.IncompleteReadError,
     boto3.exceptions.RetriesExceededError,
 )
-
-
-class _Outage:
-    """The current outage of one endpoint, shared by every Store in this process."""
-
-    def __init__(self, first_failure: str):
-        self.started = time.monotonic()
-        self.first_failure = first_failure
-        self.retries = 0
-
-
-_outages: dict[str, _Outage] = {}
-_outages_lock = threading.Lock()
-
-
-def _outage_failed(endpoint: str, budget_s: float, attempt: int, failure: str, doing: str) -> float | None:
-    """Record a failed try; the seconds to wait before the next one, or None when the budget is spent."""
-    with _outages_lock:
-        outage = _outages.get(endpoint)
-        if outage is None:
-            outage = _outages[endpoint] = _Outage(failure)
-            log.warning(
-                "S3 endpoint %s is not answering (%s while trying to %s); retrying for up to %.0f s "
-                "(storage.retry_budget_s)",
-                endpoint,
-                failure,
-                doing,
-                budget_s,
-            )
-        left = outage.started + budget_s - time.monotonic()
-        if left <= 0:
-            return None
-        outage.retries += 1
-    return min(left, MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
-
-
-def _outage_over(endpoint: str) -> None:
-    """A request to the endpoint succeeded: end its outage, if there was one, with one line."""
-    if endpoint not in _outages:  # the common case, without the lock
-        return
-    with _outages_lock:
-        outage = _outages.pop(endpoint, None)
-    if outage is not None:
-        log.warning(
-            "S3 endpoint %s answers again after %.1f s (%d retries); carrying on, nothing lost",
-            endpoint,
-            time.monotonic() - outage.started,
-            outage.retries,
-        )
-
-
-def outage_seconds(endpoint: str) -> float | None:
-    """How long the endpoint's current outage has lasted in this process (None: no outage)."""
-    outage = _outages.get(endpoint)
-    return None if outage is None else time.monotonic() - outage.started
 
 
 # Multipart above 64 MiB with 8 threads: full speed on loopback and on real S3 alike.
@@ -140,7 +86,15 @@ class Store:
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.endpoint = cfg.endpoint or "AWS S3"
+        self._session: Any = None
         self._client: Any = None
+
+    @property
+    def session(self) -> Any:
+        """This process's boto3 session: it resolves the credentials once and keeps them (and renews a role's)."""
+        if self._session is None:
+            self._session = boto3.session.Session()
+        return self._session
 
     @property
     def client(self) -> Any:
@@ -152,14 +106,46 @@ class Store:
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},
             )
-            self._client = boto3.session.Session().client(
+            self._client = self.session.client(
                 "s3", endpoint_url=self.cfg.endpoint, region_name=self.cfg.region, config=config
             )
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        # A boto3 client does not pickle; each process builds its own from its own environment.
-        return {**self.__dict__, "_client": None}
+        # A boto3 session and client do not pickle; each process builds its own from its own environment.
+        return {**self.__dict__, "_session": None, "_client": None}
+
+    def _way(self) -> credentials.Way:
+        """Which of the three ways this process's credentials came by (no request: the session has them)."""
+        found = self.session.get_credentials()
+        method = getattr(found, "method", None)
+        # Keys read from a file are plain Credentials, whose token is an attribute: reading it fetches nothing.
+        from_file = type(found) is botocore.credentials.Credentials and bool(found.token)
+        return credentials.way_of(method, os.environ, file_has_token=from_file)
+
+    def _check_credentials(self, what: str, target: str) -> None:
+        """Resolve the credentials, and fetch a role's, before the first request: a failure names the way
+        found and what is missing, in one line."""
+        try:
+            found = self.session.get_credentials()
+            if found is not None:
+                found.get_frozen_credentials()  # a role's first fetch (STS, the Pod Identity agent) happens here
+        except botocore.exceptions.ClientError as e:  # STS refused the role
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        except (*credentials.RESOLUTION_ERRORS, botocore.exceptions.BotoCoreError, OSError) as e:
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        if found is None:
+            raise StorageAuthError(self._no_credentials(what, target))
+
+    def _no_credentials(self, what: str, target: str) -> str:
+        return f"no S3 credentials found for {self.endpoint} while trying to {what} {target}: " + (
+            credentials.none_found(os.environ)
+        )
+
+    def _credentials_unusable(self, what: str, target: str, error: Exception) -> str:
+        return f"no usable S3 credentials for {self.endpoint} while trying to {what} {target}: " + (
+            credentials.unusable(error, os.environ)
+        )
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -175,7 +161,7 @@ class Store:
             except _Unreachable as e:
                 target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
                 wait = (
-                    _outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
+                    outage_failed(self.endpoint, self.cfg.retry_budget_s, attempt, e.failure, f"{what} {target}")
                     if wait_out_outages
                     else None
                 )
@@ -185,7 +171,7 @@ class Store:
                 time.sleep(wait)
                 attempt += 1
                 continue
-            _outage_over(self.endpoint)
+            outage_over(self.endpoint)
             return result
 
     def _unreachable_message(self, what: str, key: str | None, failure: str, wait_out_outages: bool) -> str:
@@ -210,11 +196,13 @@ class Store:
         try:
             yield
         except botocore.exceptions.NoCredentialsError:
-            raise StorageAuthError(
-                f"no S3 credentials found for {self.endpoint} while trying to {what} {target}: "
-                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SHARED_CREDENTIALS_FILE) in the "
-                "environment of this process and of every Ray node"
-            ) from None
+            raise StorageAuthError(self._no_credentials(what, target)) from None
+        except credentials.RESOLUTION_ERRORS as e:
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+        except OSError as e:
+            if credentials.token_file_of(e, os.environ) is None:  # a local file of ours: not a credential
+                raise
+            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
         except botocore.exceptions.SSLError as e:
             raise StorageError(
                 f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
@@ -228,11 +216,14 @@ class Store:
             if not isinstance(client_error, botocore.exceptions.ClientError):
                 raise StorageError(f"S3 upload to {target} on {self.endpoint} failed: {e}") from None
             code = str(client_error.response.get("Error", {}).get("Code", ""))
+            if client_error.operation_name in credentials.STS_OPERATIONS:  # a role refused before any S3 request
+                raise StorageAuthError(self._credentials_unusable(what, target, client_error)) from None
             if code in _AUTH_CODES:
+                way = self._way()
+                resource = f"s3://{self.bucket}/{self.cfg.prefix}/"
                 raise StorageAuthError(
-                    f"S3 endpoint {self.endpoint} rejected the credentials (AWS_ACCESS_KEY_ID="
-                    f"{_key_hint()}) while trying to {what} {target} ({code}): check AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY in the environment, and that this key may access the bucket"
+                    f"S3 endpoint {self.endpoint} rejected the credentials ({way.hint}) while trying to {what} "
+                    f"{target} ({code}): {credentials.rejected(way, code, os.environ, resource)}"
                 ) from None
             if code == "NoSuchBucket":
                 raise BucketMissing(self._bucket_missing_message()) from None
@@ -266,7 +257,8 @@ class Store:
 
         def bucket_exists() -> bool:
             try:
-                listing = self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                # Under the prefix: a policy that lets this project list only its own prefix allows it too.
+                listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.cfg.prefix}/", MaxKeys=1)
             except botocore.exceptions.ClientError as e:
                 code = str(e.response.get("Error", {}).get("Code", ""))
                 if code == "NoSuchBucket":
@@ -279,6 +271,7 @@ class Store:
                 raise StorageError(self._not_s3_message("a reply that is not an S3 listing"))
             return True
 
+        self._check_credentials("open", f"bucket {self.bucket!r}")
         if self._call("open", None, bucket_exists, wait_out_outages=False):
             return
         if not self.cfg.create_bucket:
@@ -401,9 +394,3 @@ class _Unreachable(Exception):
     def __init__(self, failure: str):
         super().__init__(failure)
         self.failure = failure
-
-
-def _key_hint() -> str:
-    """The access key id, shortened: enough to spot the wrong one, not a secret."""
-    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
-    return f"{key[:4]}..." if key else "<unset>"

@@ -178,6 +178,9 @@ def train(
     store = preflight(cfg)
     layout = RunLayout.of(cfg)
     connect_ray(address)
+    previous = read_run_manifest(store, layout)
+    if not (previous and epochs_durable(previous) >= cfg.train.epochs):
+        ensure_placeable(cfg.scaling)  # before anything is written: a job this cluster cannot hold changes nothing
     with own(cfg, "run", layout.prefix, layout.uri, wait_for_lease) as lease:
         try:
             return _train_holding(cfg, store, layout, lease, submitted)
@@ -205,7 +208,6 @@ def _train_holding(
             cfg.train.epochs,
         )
         return previous
-    ensure_placeable(cfg.scaling)
     log_predicted_scaling(cfg)
     warn_if_scoring_waits(cfg)
     if previous:
