@@ -489,6 +489,9 @@ def test_rayjob_lifecycle(name):
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 0
     assert spec["submissionMode"] == "K8sJobMode"
+    # Retried on a new cluster (a lost head or node, a Kueue readmission): the retry waits out the old driver's
+    # lease in the bucket instead of being refused by it, and resumes (tests/test_ownership.py).
+    assert spec["backoffLimit"] >= 2 and "--wait-for-lease" in shlex.split(spec["entrypoint"])
     # The code is installed in the image: a working_dir would upload it to the cluster again.
     assert "working_dir" not in yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
@@ -598,6 +601,7 @@ def test_rayjob_trains_the_job_of_the_config_map(name):
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:4] == ["python", "-m", "dcgan_ray", "train"] and "--set" not in argv
     job_file = Path(argv[4])
+    assert argv[5:] == ["--wait-for-lease"]
     (config_map,) = [d for d in load_docs("k8s-config.yaml") if d["kind"] == "ConfigMap"]
     assert job_file.name in config_map["data"]
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -13,7 +13,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from dcgan_ray.cli import main as cli_main
 from dcgan_ray.config import load_config
 from dcgan_ray.dev.ray_nodes import RayHead
 from dcgan_ray.jobs import JOB_SLOT, submit
-from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.layout import RunLayout, study_prefix
 from dcgan_ray.storage.lease import ownership
 from dcgan_ray.storage.lease_log import LeaseLog
 from dcgan_ray.storage.runs import read_run_manifest
@@ -120,35 +119,62 @@ def row(table: str, name: str) -> str:
     return next(line for line in table.splitlines() if line.startswith(f"{name} "))
 
 
+def race(addresses: tuple[str, str], cfg, overrides: list[str], kind: str = "train") -> tuple[str, str, str]:
+    """Submit one run (or study) to both clusters at the same moment; once one of the two jobs ended, check it
+    was refused in one line naming the other, which holds the lease. Returns the winner's address and
+    submission id, and the refusal."""
+    ids = {x: submit(cfg, "jobs/smoke.yaml", overrides, kind, x, queue=False) for x in addresses}
+    ended = wait_until(
+        lambda: {x: s for x, i in ids.items() if (s := job_status(x, i)).is_terminal()}, 300, "one of the two ending"
+    )
+    ((loser, status),) = ended.items()
+    winner = next(x for x in ids if x != loser)
+    assert status == JobStatus.FAILED, job_log(loser, ids[loser])[-3000:]
+    (refusal,) = [line for line in job_log(loser, ids[loser]).splitlines() if line.startswith("error: ")]
+    folder = RunLayout.of(cfg).prefix if kind == "train" else study_prefix(cfg)
+    (acquire,) = [e for e in LeaseLog(Store(cfg.storage), folder).entries() if e["kind"] == "acquire"]
+    assert acquire["holder"]["submission_id"] == ids[winner]
+    assert f"is held by submission {ids[winner]} on cluster {acquire['holder']['cluster']}" in refusal, refusal
+    assert "--wait-for-lease" in refusal
+    return winner, ids[winner], refusal
+
+
 def test_the_same_run_on_two_clusters_at_once_is_trained_by_one(ray_head, cluster_b, s3_server, data_prefix):
     """Ten rounds: the same run submitted to both clusters at the same moment. The bucket lets exactly one
     driver take it; the other stops in one line naming the holder. The winner is stopped once it holds the
     run (the next round is a new run), except in the last round, where it trains the run to its end."""
-    a, b = ray_head.dashboard_url, cluster_b[0].dashboard_url
+    clusters = (ray_head.dashboard_url, cluster_b[0].dashboard_url)
+    stopped = []
     for round_ in range(10):
         cfg, overrides = smoke_job(s3_server.endpoint, data_prefix, f"race-{round_}")
-        ids = {address: submit(cfg, "jobs/smoke.yaml", overrides, address=address, queue=False) for address in (a, b)}
-        ended = {}
-        deadline = time.monotonic() + 300
-        while len(ended) < 1 and time.monotonic() < deadline:
-            ended = {x: s for x, i in ids.items() if (s := job_status(x, i)).is_terminal()}
-            time.sleep(0.5)
-        ((loser, status),) = ended.items()
-        winner = next(x for x in ids if x != loser)
-        assert status == JobStatus.FAILED, job_log(loser, ids[loser])[-3000:]
-        (refusal,) = [line for line in job_log(loser, ids[loser]).splitlines() if line.startswith("error: ")]
-        (acquire,) = [e for e in lease_entries(cfg) if e["kind"] == "acquire"]
-        assert acquire["holder"]["submission_id"] == ids[winner]
-        assert f"is held by submission {ids[winner]} on cluster {acquire['holder']['cluster']}" in refusal, refusal
-        assert "--wait-for-lease" in refusal
+        winner, submission_id, _ = race(clusters, cfg, overrides)
         if round_ < 9:
-            JobSubmissionClient(winner).stop_job(ids[winner])
-            wait_for_end(winner, ids[winner])
-        else:
-            assert wait_for_end(winner, ids[winner], 600) == JobStatus.SUCCEEDED, job_log(winner, ids[winner])[-3000:]
-            manifest = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))
-            assert manifest["status"] == "finished" and [h["epoch"] for h in manifest["history"]] == [1]
-            assert [e["kind"] for e in lease_entries(cfg)] == ["acquire", "commit", "release"]
+            JobSubmissionClient(winner).stop_job(submission_id)
+            stopped.append((winner, submission_id))
+            continue
+        assert wait_for_end(winner, submission_id, 600) == JobStatus.SUCCEEDED, job_log(winner, submission_id)[-3000:]
+        manifest = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))
+        assert manifest["status"] == "finished" and [h["epoch"] for h in manifest["history"]] == [1]
+        assert [e["kind"] for e in lease_entries(cfg)] == ["acquire", "commit", "release"]
+    for address, submission_id in stopped:
+        wait_for_end(address, submission_id)
+
+
+def test_the_same_study_on_two_clusters_at_once_is_run_by_one(ray_head, cluster_b, s3_server, data_prefix):
+    clusters = (ray_head.dashboard_url, cluster_b[0].dashboard_url)
+    space = '{"model.alpha": {"grid": [0.2]}}'  # one trial
+    sets = [
+        "eval.every_epochs=1",
+        "eval.num_samples=64",
+        "eval.batch_size=64",
+        "tune.study=race",
+        f"tune.space={space}",
+    ]
+    cfg, overrides = smoke_job(s3_server.endpoint, data_prefix, "race-study", *sets)
+    winner, submission_id, refusal = race(clusters, cfg, overrides, kind="tune")
+    assert f"study s3://dcgan-test/{data_prefix}/studies/race is held by" in refusal
+    JobSubmissionClient(winner).stop_job(submission_id)
+    wait_for_end(winner, submission_id)
 
 
 def test_a_paused_driver_is_taken_over_and_cannot_change_what_its_successor_wrote(
