@@ -3,7 +3,7 @@ of an epoch's end, where timing a kill from outside could not hit the moment.
 
 The Ray nodes' environment names a file in DCGAN_RAY_FAULT_FILE (users never set it; then every call here
 costs one environment lookup). A test writes `{"step": STEP, "action": ACTION}` into that file (and
-`"epoch": N` for a step that says its epoch, to fire at that epoch's only). The first
+`"at": N` for a step that says where it is, an epoch or a step, to fire there only). The first
 process to reach STEP claims the fault by renaming the file to `<file>.fired`, so it fires once and the
 restarted workers pass the step unharmed. Then, by ACTION:
 
@@ -11,7 +11,9 @@ restarted workers pass the step unharmed. Then, by ACTION:
   hold   its Ray node id into `<file>.held`, then wait forever, so the test can take that node down
          while the process stands at exactly this step;
   pause  its pid into `<file>.paused`, then SIGSTOP to itself: the whole process stands still (a long GC,
-         a partition) until the test sends SIGCONT, and then goes on from exactly this step.
+         a partition) until the test sends SIGCONT, and then goes on from exactly this step;
+  mark   its Ray node id into `<file>.marked`, and go on: the test acts on that node (a preemption) while
+         the run is at exactly this step.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ STEPS = {
 }
 """The steps of an epoch's end that the fault tests lose rank 0 at, each with its expected outcome."""
 LEASE_STEPS = {"before_commit": "the checkpoint is uploaded and checked; its commit to the lease log is next"}
+INTERRUPTION_STEPS = {
+    "mid_epoch": "a rank finished step `at` of an epoch (any epoch: the first to get there)",
+    "preemption_before_manifest": "a preemption's checkpoint.pt is in the bucket, its manifest.json not yet",
+}
 
 
-def reached(step: str, epoch: int | None = None) -> None:
-    """Fire the fault set for `step` (at `epoch`, if the fault names one), if one is set and no process
+def reached(step: str, at: int | None = None) -> None:
+    """Fire the fault set for `step` (at `at`, if the fault names where), if one is set and no process
     claimed it yet."""
     path = os.environ.get(FAULT_FILE_ENV)
     if not path:
@@ -45,7 +51,7 @@ def reached(step: str, epoch: int | None = None) -> None:
         fault = json.loads(Path(path).read_text())
     except (FileNotFoundError, ValueError):  # none set, or the test is still writing it
         return
-    if fault.get("step") != step or fault.get("epoch", epoch) != epoch:
+    if fault.get("step") != step or fault.get("at", at) != at:
         return
     try:
         os.rename(path, f"{path}.fired")
@@ -59,6 +65,9 @@ def reached(step: str, epoch: int | None = None) -> None:
         return
     import ray  # only here: the storage modules that call this work without Ray
 
+    if fault["action"] == "mark":
+        _write_into_place(Path(f"{path}.marked"), ray.get_runtime_context().get_node_id())
+        return
     _write_into_place(Path(f"{path}.held"), ray.get_runtime_context().get_node_id())
     while True:
         time.sleep(60)

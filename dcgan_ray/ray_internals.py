@@ -21,7 +21,9 @@ import inspect
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, cast
 
 import ray
@@ -161,6 +163,23 @@ def stop_tune_copying_env_vars(names: Iterable[str]) -> None:
     from ray.tune.execution import class_cache
 
     class_cache.ENV_VARS_TO_PROPAGATE.difference_update(names)
+
+
+def drain_node_command(gcs_address: str, node_id: str, deadline_s: int, message: str) -> list[str]:
+    """`ray drain-node`: tell the GCS that a node will go (reason PREEMPTION) in `deadline_s` seconds, so Ray
+    Train's preemption watcher passes the notice to the training loop. Ray 2.60 hides the command from `ray
+    --help` and keeps it out of its public API (`ray/scripts/scripts.py`); tests/test_ray_internals.py checks
+    its options. It does not stop the node: the cloud does that at the deadline."""
+    beside = Path(sys.executable).parent / "ray"
+    return [
+        str(beside) if beside.exists() else "ray",
+        "drain-node",
+        f"--address={gcs_address}",
+        f"--node-id={node_id}",
+        "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        f"--reason-message={message}",
+        f"--deadline-remaining-seconds={deadline_s}",
+    ]
 
 
 # --- The session, the fake autoscaler and the launcher's validation (tests and the dev stack) -------------

@@ -4,6 +4,7 @@ checks of a run that lost rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -154,9 +155,9 @@ class Fault:
     def __init__(self, path: Path):
         self.path = path
 
-    def set(self, step: str, action: str, epoch: int | None = None) -> None:
+    def set(self, step: str, action: str, at: int | None = None) -> None:
         part = self.path.with_suffix(".part")
-        part.write_text(json.dumps({"step": step, "action": action, **({"epoch": epoch} if epoch else {})}))
+        part.write_text(json.dumps({"step": step, "action": action, **({"at": at} if at else {})}))
         part.rename(self.path)
 
     @property
@@ -172,6 +173,12 @@ class Fault:
             time.sleep(0.05)
         return held.read_text()
 
+    def marked(self, timeout_s: float = 300) -> str:
+        """The Ray node id of the process that passed the step (action `mark`), once one has."""
+        marked = Path(f"{self.path}.marked")
+        wait_until(marked.exists, timeout_s, "a process passing the fault's step", every_s=0.05)
+        return marked.read_text()
+
     def paused(self, timeout_s: float = 300) -> int:
         """The pid of the process that paused itself at the step (action `pause`), once one has."""
         paused = Path(f"{self.path}.paused")
@@ -179,7 +186,7 @@ class Fault:
         return int(paused.read_text())
 
     def clear(self) -> None:
-        for suffix in ("", ".fired", ".held", ".paused"):
+        for suffix in ("", ".fired", ".held", ".paused", ".marked"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
@@ -242,3 +249,19 @@ def assert_recovered(cfg: JobConfig, manifest: dict, log: str, step: str, world_
     # Nothing torn is left behind for a later restore to trip on.
     for folder in store.list_keys(f"{layout.prefix}/checkpoint_epoch_"):
         assert store.exists(f"{folder.rsplit('/', 1)[0]}/manifest.json"), folder
+
+
+@contextlib.contextmanager
+def driver_on(address: str):
+    """This test process as the driver of another cluster, and back to the session's afterwards."""
+    import ray
+
+    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    ray.shutdown()
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous:
+            ray.init(address=previous, logging_level="WARNING")

@@ -7,7 +7,7 @@ from pathlib import Path
 from helpers import REPO
 
 LAYERS = [
-    {"errors", "logs", "faults"},
+    {"errors", "logs", "faults", "progress"},
     {"ray_internals"},
     {"config"},
     {"gan"},
@@ -17,7 +17,7 @@ LAYERS = [
     {"report"},
     {"train"},
     {"study"},
-    {"jobs", "recovery"},
+    {"jobs", "recovery", "spot"},
     {"dev"},
     {"cli", "__main__"},
 ]

@@ -29,25 +29,11 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.driver import train
-from helpers import EPOCH_RESUMED_AFTER, TrainInThread, assert_recovered, fault_cfg, run_cfg
+from helpers import EPOCH_RESUMED_AFTER, TrainInThread, assert_recovered, driver_on, fault_cfg, run_cfg
 
 pytestmark = pytest.mark.ray
 
 FAKE_HEAD_ID = "f" * 51 + "00000"  # Ray's fake provider names its head node so (autoscaler v2)
-
-
-@contextlib.contextmanager
-def driver_on(address: str):
-    """This test process as the driver of another cluster, and back to the session's afterwards."""
-    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    ray.shutdown()
-    ray.init(address=address, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous:
-            ray.init(address=previous, logging_level="WARNING")
 
 
 class ConnectionWatch:

@@ -338,20 +338,20 @@ def test_the_quota_table_is_the_recipes_arithmetic(aws):
     for name, t in types.items():
         if name != aws["head_node_type"]:
             assert t["resources"]["CPU"] == VCPUS[t["node_config"]["InstanceType"]], name
-    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    spot = [t for t in types.values() if t["node_config"].get("InstanceMarketOptions")]
+    gpu = [t for t in types.values() if t["resources"].get("GPU") and t not in spot]
     standard = [t for n, t in types.items() if not t["resources"].get("GPU") and n != aws["head_node_type"]]
     head = VCPUS[types[aws["head_node_type"]]["node_config"]["InstanceType"]]
     job = load_config(REPO / "jobs" / "svhn.yaml")
     (wide,) = [t for t in gpu if t["resources"]["GPU"] >= job.scaling.num_workers]
+    vcpus = lambda node_types: sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in node_types)  # noqa: E731
     expected = {
-        "L-DB2E81BA": (
-            VCPUS[wide["node_config"]["InstanceType"]],
-            sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in gpu),
-        ),
-        "L-1216C47A": (head, head + sum(VCPUS[t["node_config"]["InstanceType"]] * t["max_workers"] for t in standard)),
+        "L-DB2E81BA": (f"{VCPUS[wide['node_config']['InstanceType']]} vCPUs", vcpus(gpu)),
+        "L-1216C47A": (f"{head} vCPUs", head + vcpus(standard)),
+        "L-3819A6DF": ("none", vcpus(spot)),  # spot instances count against a quota of their own
     }
     for code, (for_the_job, at_most) in expected.items():
-        assert re.search(rf"\(`{code}`\) \| {for_the_job} vCPUs[^|]*\| {at_most} vCPUs \|", readme()), code
+        assert re.search(rf"\(`{code}`\) \| {for_the_job}[^|]*\| {at_most} vCPUs \|", readme()), code
         assert "--quota-code $code" in readme() and code in re.search(r"for code in ([\w -]+); do", readme())[1]
     assert "aws service-quotas request-service-quota-increase" in readme()
 
@@ -774,3 +774,28 @@ def crd_schemas(name: str) -> dict[str, dict]:
     derived = dict(_DERIVED["schemas"][name])
     defs = _expand(derived.pop("$defs"))
     return {kind: {**_expand(schema), "$defs": defs} for kind, schema in derived.items()}
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_worker_pods_outlast_the_drain_deadline(name):
+    """SIGTERM to a worker pod's `ray start --block` drains its Ray node with RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    (30 s) to go: the run checkpoints in that time only if the kubelet's SIGKILL comes later."""
+    for group in rayjob(name)["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
+        drain_s = float(env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S") or 30)
+        assert pod["terminationGracePeriodSeconds"] >= drain_s + 30, group["groupName"]
+
+
+def test_aws_spot_workers_pass_the_notice_on(aws):
+    """A spot GPU type beside the on-demand one, and every worker starts the spot watcher (which exits at once
+    on an on-demand instance: tests/test_spot.py)."""
+    spot = [t for t in aws["available_node_types"].values() if t["node_config"].get("InstanceMarketOptions")]
+    assert spot and all(t["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"} for t in spot)
+    assert all(t["resources"].get("GPU", 0) >= 1 for t in spot)
+    on_demand = [t for t in aws["available_node_types"].values() if not t["node_config"].get("InstanceMarketOptions")]
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in on_demand)
+    (watch,) = [c for c in aws["worker_start_ray_commands"] if "spot-watch" in c]
+    argv = shlex.split(watch.split(";")[-1].split(">")[0])
+    assert argv[-3:] == ["~/venv/bin/dcgan-ray", "spot-watch", "--address=$RAY_HEAD_IP:6379"], argv
+    assert argv[:2] == ["RAY_AUTH_MODE=token", "nohup"] and watch.rstrip().endswith("&")

@@ -156,8 +156,12 @@ def test_the_same_run_on_two_clusters_at_once_is_trained_by_one(ray_head, cluste
         manifest = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))
         assert manifest["status"] == "finished" and [h["epoch"] for h in manifest["history"]] == [1]
         assert [e["kind"] for e in lease_entries(cfg)] == ["acquire", "commit", "release"]
-    for address, submission_id in stopped:
+    for (address, submission_id), round_ in zip(stopped, range(9), strict=True):
         wait_for_end(address, submission_id)
+        # `ray job stop` sends SIGTERM: the driver ends through its lease, which it releases on the way out.
+        cfg, _ = smoke_job(s3_server.endpoint, data_prefix, f"race-{round_}")
+        last = lease_entries(cfg)[-1]
+        assert (last["kind"], last.get("reason")) == ("release", "terminated (SIGTERM)"), last
 
 
 def test_the_same_study_on_two_clusters_at_once_is_run_by_one(ray_head, cluster_b, s3_server, data_prefix):
@@ -188,7 +192,7 @@ def test_a_paused_driver_is_taken_over_and_cannot_change_what_its_successor_wrot
     a, b = ray_head.dashboard_url, cluster_b[0].dashboard_url
     cfg, overrides = smoke_job(s3_server.endpoint, data_prefix, "zombie", "train.epochs=3")
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
-    fault.set("before_commit", "pause", epoch=2)
+    fault.set("before_commit", "pause", at=2)
     zombie = submit(cfg, "jobs/smoke.yaml", overrides, address=b)
     rank0 = fault.paused()
     (acquire,) = [e for e in lease_entries(cfg) if e["kind"] == "acquire"]
@@ -254,7 +258,7 @@ def test_a_lost_head_with_one_run_training_and_two_queued_is_recovered(
     names = ["lost-a", "lost-b", "lost-c"]
     jobs = [smoke_job(s3_server.endpoint, data_prefix, name, "train.epochs=3") for name in names]
     first, _ = jobs[0]
-    fault.set("before_commit", "pause", epoch=2)  # the first run stands still mid-run when its cluster is lost
+    fault.set("before_commit", "pause", at=2)  # the first run stands still mid-run when its cluster is lost
     submit(first, "jobs/smoke.yaml", jobs[0][1], address=lost.dashboard_url)
     fault.paused()
     for cfg, overrides in jobs[1:]:  # (they wait behind the first, which holds the one job slot)
@@ -264,9 +268,16 @@ def test_a_lost_head_with_one_run_training_and_two_queued_is_recovered(
     kill_cluster(lost, acquire["holder"]["pid"])
     cluster_b[0] = start_head(tmp_path_factory.mktemp("cluster-b2"), lost.dashboard_port, lost.port)
     new = cluster_b[0]
-    table = wait_until(
-        lambda: all("orphaned" in row(t := runs_table(first, capsys), n) for n in names) and t, 60, "three orphans"
-    )
+    tables = [""]
+
+    def three_orphans() -> str | None:
+        tables.append(runs_table(first, capsys))
+        return tables[-1] if all("orphaned" in row(tables[-1], n) for n in names) else None
+
+    try:
+        table = wait_until(three_orphans, 60, "three orphans")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; `dcgan-ray runs` said last:\n{tables[-1]}") from None
     assert f"lost-b: orphaned: the cluster it was queued on ({new.dashboard_url}) no longer has submission" in table
     capsys.readouterr()
     recover = ["recover", *names, "--runs", RunLayout.of(first).runs_uri, "--endpoint", s3_server.endpoint]

@@ -177,3 +177,16 @@ def test_ray_up_runs_the_autoscaler_v2_by_itself():
     source = inspect.getsource(commands.get_or_create_head_node)
     assert 'os.getenv("RAY_UP_enable_autoscaler_v2", "1") == "1"' in source
     assert '"RAY_enable_autoscaler_v2": "1"' in source and '"RAY_CLOUD_INSTANCE_ID": head_node' in source
+
+
+def test_drain_node_takes_the_options_the_spot_watcher_gives_it():
+    """`ray drain-node` is hidden from `ray --help` and not public API: its options, as this Ray has them."""
+    from ray.scripts import scripts
+
+    command = ray_internals.drain_node_command("127.0.0.2:6379", "ab" * 28, 90, "spot instance-action terminate")
+    assert command[1] == "drain-node"
+    options = {o for p in scripts.drain_node.params for o in p.opts}
+    given = {a.split("=", 1)[0] for a in command[2:]}
+    assert given <= options, given - options
+    reason = next(p for p in scripts.drain_node.params if "--reason" in p.opts)
+    assert "DRAIN_NODE_REASON_PREEMPTION" in reason.type.choices

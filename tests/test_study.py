@@ -27,13 +27,14 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def study_job(s3_server, data_prefix, tmp_path_factory):
     """A 4-trial study (2 configurations x 2 seeds, 1 worker each, tiny data) on the session's data and
-    digit classifier. lr 10 is the deliberately bad configuration. 4 epochs, so that a stop decided on
-    epoch 1's report lands well before the trial could finish on its own."""
+    digit classifier. lr 10 is the deliberately bad configuration. 6 epochs, so that a stop decided on
+    epoch 1's report lands well before the trial could finish on its own (with 4, a loaded machine once let a
+    hopeless trial finish before Tune's stop reached it)."""
     cfg = make_config(
         s3_server.endpoint,
         data_prefix,
         name="tiny",
-        train={"epochs": 4, "batch_size": 16, "log_every_steps": 100},
+        train={"epochs": 6, "batch_size": 16, "log_every_steps": 100},
         data={"max_images": 128},
         eval={"every_epochs": 1, "num_samples": 128},
         tune={"study": "lr", "seeds": 2, "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [0.0002, 10.0]}}},
@@ -104,7 +105,7 @@ def test_interrupted_study_resumes_and_reports(ray_head, study_job, tmp_path):
     assert len(records) == 4 and len(after) == 4
     # The hopeless configuration is stopped early by the study, counted and reported, not hidden.
     assert sorted(r.stopped_early for r in records) == [False, False, True, True]
-    assert all(max(h["epoch"] for h in r.history) < 4 for r in records if r.stopped_early)
+    assert all(max(h["epoch"] for h in r.history) < 6 for r in records if r.stopped_early)
     report = study_report_prefix(cfg)
     rows = list(csv.DictReader(io.StringIO(store.get_bytes(f"{report}/trials.csv").decode())))
     assert len(rows) == 4 and all(r["final_digit_fd"] for r in rows)

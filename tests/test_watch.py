@@ -327,10 +327,12 @@ def test_dcgan_ray_runs_lists_each_run_from_its_run_json(watched, s3_server, tmp
         "BEST",
         "UPDATED",
         "SUBMISSION",
+        "LEASE",
     ]
     best = resumed["checkpoints"]["best"]
     row = next(line for line in lines if line.startswith("watched "))
     assert row.split()[:4] == ["watched", "finished", "3/3", "digit_fd"]
+    assert row.endswith(" released")  # its last driver let the run's lease go when it finished
     assert f"{best['value']:.2f} @{best['epoch']}" in row and resumed["updated"] in row
     # A damaged run.json is one row that says so; the others are still listed.
     store = Store(cfg.storage)

@@ -228,6 +228,13 @@ def cmd_submit(args: argparse.Namespace) -> None:
     print(f"submitted {submission_id}\n  follow: ray job logs -f {submission_id}\n  list:   dcgan-ray jobs")
 
 
+def cmd_spot_watch(args: argparse.Namespace) -> None:
+    from dcgan_ray.spot import Metadata, watch
+
+    notice = watch(args.address, Metadata(args.metadata_url), poll_s=args.poll_s)
+    print(f"drained this node for its spot notice: {notice}")
+
+
 def cmd_jobs(args: argparse.Namespace) -> None:
     from dcgan_ray.jobs import format_jobs, list_jobs
 
@@ -334,6 +341,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-queue", action="store_true", help="start at once even where the cluster offers job slots")
     add_wait_for_lease(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "spot-watch", help="on a spot node: drain it for Ray when AWS gives notice, so runs checkpoint in time"
+    )
+    p.add_argument("--address", required=True, help="the Ray head's GCS address, HEAD_IP:6379")
+    p.add_argument("--metadata-url", default="http://169.254.169.254", help="the instance metadata service")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between looks for a notice (default 5)")
+    p.set_defaults(func=cmd_spot_watch)
 
     p = sub.add_parser("jobs", help="list this project's jobs and studies on the cluster")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)

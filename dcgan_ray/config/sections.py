@@ -126,6 +126,11 @@ class CheckpointSection:
     """Upload each checkpoint in the background (Ray's CheckpointUploadMode.ASYNC, alpha) while the next
     epoch trains; Ray keeps checkpoints in order, waits for the last one before the run ends, and fails
     the run if an upload fails after the store's outage retries. false: the epoch waits for its upload."""
+    preemption_check_s: float = field(default=5.0, metadata=rule(lambda v: v >= 0, "seconds >= 0"))
+    """Seconds of training between two asks whether a node of the run is being preempted (a collective,
+    timed into steps from each attempt's first steps: benchmarks/preemption_check.py); on a notice the
+    run saves a checkpoint at the next ask and loses no step. Notices give 30 s (Kubernetes) to 120 s
+    (AWS spot): 5 s leaves the upload most of it. 0: never ask (Ray still restarts from the last one)."""
 
 
 @dataclass
@@ -293,6 +298,13 @@ class ScalingSection:
     """Logical CPUs Ray reserves per worker."""
     max_failures: int = field(default=2, metadata=rule(lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"))
     """Restarts from the last checkpoint after a worker or node dies (Ray's FailureConfig)."""
+    max_preemptions: int = field(default=-1, metadata=rule(lambda v: v >= -1, "an integer >= 0, or -1 for unlimited"))
+    """Restarts after a preemption with notice, counted apart from max_failures (Ray's
+    max_preemption_failures): such a restart loses no step, so there is no reason to cap it by default."""
+    stall_timeout_s: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
+    """A rank that makes no progress this long (no step, no evaluation batch, no storage request: a hung
+    collective, a wedged read, a stopped process) ends the attempt, and Ray restarts it from the newest
+    checkpoint (dcgan_ray.train.stall). null: 100 times the measured step time, at least 3 minutes."""
     placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
     """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
     included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""

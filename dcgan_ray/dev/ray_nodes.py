@@ -84,6 +84,12 @@ class _RayProcess:
             stop_process_group(self.proc.pid)
             self.proc.wait()
 
+    def terminate(self) -> None:
+        """SIGTERM to the node's `ray start --block`, as Kubernetes deletes a pod: Ray drains the node (reason
+        PREEMPTION, deadline RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) and stops it; `wait` for that."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         """The node dies at once (SIGKILL to its raylet, workers and agents), as a lost machine would."""
         if self.proc is not None:
@@ -215,10 +221,16 @@ class RayNode(_RayProcess):
     """A worker node joining `head` on its own loopback address (127.0.0.3, .4, ...)."""
 
     def __init__(
-        self, head: RayHead, ip: str, log_path: Path, num_cpus: int = 1, resources: dict[str, float] | None = None
+        self,
+        head: RayHead,
+        ip: str,
+        log_path: Path,
+        num_cpus: int = 1,
+        resources: dict[str, float] | None = None,
+        env: dict[str, str] | None = None,
     ):
         super().__init__(log_path)
-        self.head, self.ip, self.num_cpus, self.resources = head, ip, num_cpus, resources or {}
+        self.head, self.ip, self.num_cpus, self.resources, self.env = head, ip, num_cpus, resources or {}, env or {}
 
     def start(self, timeout_s: float = 60.0) -> None:
         import ray
@@ -239,7 +251,7 @@ class RayNode(_RayProcess):
         ]
         if self.resources:
             args.append(f"--resources={json.dumps(self.resources)}")
-        self._launch(args)
+        self._launch(args, self.env)
 
         def joined() -> bool:
             return any(n["Alive"] and n["NodeManagerAddress"] == self.ip for n in ray.nodes())

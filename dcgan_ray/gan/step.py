@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan_ray import progress
 from dcgan_ray.config import SpeedSection
 
 
@@ -154,15 +155,19 @@ def epoch_permutation(num_images: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_images, generator=gen)
 
 
-def rank_batches(num_images: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+def rank_batches(
+    num_images: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, start: int = 0
+) -> torch.Tensor:
     """Index batches of this rank for one epoch: a disjoint slice of the epoch's permutation.
 
     Every rank gets the same number of full batches (DDP needs equal step counts); the
-    remainder, fewer than world_size * batch_size images, is left out of this epoch.
+    remainder, fewer than world_size * batch_size images, is left out of this epoch. After k steps of
+    every rank, the first k * world_size * batch_size images of the permutation have been trained on;
+    `start` leaves out that many (a run resumed mid-epoch on another world size goes on from there).
     """
-    perm = epoch_permutation(num_images, seed, epoch)
-    steps = num_images // (world_size * batch_size)
-    if steps == 0:
+    perm = epoch_permutation(num_images, seed, epoch)[start:]
+    steps = len(perm) // (world_size * batch_size)
+    if steps == 0 and start == 0:
         raise ValueError(
             f"{num_images} images cannot fill one batch of {batch_size} on each of {world_size} workers; "
             "lower train.batch_size or scaling.num_workers, or use more data"
@@ -177,14 +182,24 @@ def noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> t
 
 
 @dataclass
+class EpochPosition:
+    """How far one rank is into an epoch: the steps it took and the sums of their statistics (loss_d, loss_g,
+    D(x), D(G(z))). A mid-epoch checkpoint holds every rank's; resumed on the same world size, each rank
+    goes on from its own, so the epoch ends exactly as an uninterrupted one would."""
+
+    steps: int = 0
+    totals: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
 class EpochStats:
     loss_d: float
     loss_g: float
     d_real: float
     d_fake: float
-    images: int  # images this rank trained on
+    images: int  # images this rank trained on in this call
     seconds: float
-    steps: int
+    steps: int  # optimizer steps this call took (an epoch resumed mid-way took only the rest)
 
 
 def run_epoch(
@@ -200,12 +215,19 @@ def run_epoch(
     log_every: int = 0,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     speed: SpeedSection | None = None,
+    position: EpochPosition | None = None,
+    after_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """Train over `batches` (index rows into the device-resident uint8 `images`).
 
     Losses stay on the device and are read back only every `log_every` steps and at the end, so the
     loop never blocks on the GPU between those points. `speed` must be the one G and D were
     prepared with (`prepare_models`, `make_optimizers`); None means all options off.
+
+    `position`: resume the epoch after the steps it counts. Their batches are skipped and `noise` is
+    advanced past their draws (the same calls, so its state is exactly what it was), and the epoch's
+    averages include their sums. `after_step(steps, sums)` is called after every step with the steps taken
+    and the (4,) sums on the device (reading them waits for the device: the caller decides when to).
     """
     speed = speed or SpeedSection()
     device = images.device
@@ -214,11 +236,14 @@ def run_epoch(
     batches = batches.to(device)
     netG.train()
     netD.train()
-    totals = torch.zeros(4, device=device)
+    done = position.steps if position is not None else 0
+    for _ in range(done):  # the noise of the steps already taken
+        torch.randn(batches.shape[1], z_dim, device=device, generator=noise)
+    totals = torch.tensor(position.totals if position is not None else (0.0,) * 4, device=device)
     window = torch.zeros(4, device=device)
     window_start, window_steps = time.perf_counter(), 0
     start = window_start
-    for i, idx in enumerate(batches):
+    for i, idx in enumerate(batches[done:], start=done):
         if cuda_graphs:
             # A new step: outputs of the previous step's graph replays may now be overwritten.
             # Every batch has the same shape (full batches only), so one recording serves all steps.
@@ -245,6 +270,9 @@ def run_epoch(
             )
             window.zero_()
             window_start, window_steps = now, 0
+        progress.beat()
+        if after_step is not None:
+            after_step(i + 1, totals)
     steps = batches.shape[0]
     vals = (totals / max(steps, 1)).tolist()
     return EpochStats(
@@ -252,7 +280,7 @@ def run_epoch(
         loss_g=vals[1],
         d_real=vals[2],
         d_fake=vals[3],
-        images=steps * batches.shape[1],
+        images=(steps - done) * batches.shape[1],
         seconds=time.perf_counter() - start,
-        steps=steps,
+        steps=steps - done,
     )

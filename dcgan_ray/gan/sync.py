@@ -58,3 +58,24 @@ def broadcast_from_rank_zero(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (small picklable values: sums, BatchNorm buffers)."""
+    if not distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def buffers(*nets: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Each net's BatchNorm buffers (running statistics, batch counts), on the CPU: what differs between ranks."""
+    return [{name: b.detach().cpu().clone() for name, b in getattr(n, "module", n).named_buffers()} for n in nets]
+
+
+def load_buffers(saved: list[dict[str, torch.Tensor]], *nets: nn.Module) -> None:
+    for net, named in zip(nets, saved, strict=True):
+        own = dict(getattr(net, "module", net).named_buffers())
+        for name, value in named.items():
+            own[name].copy_(value)

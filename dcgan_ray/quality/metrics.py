@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dcgan_ray import progress
 from dcgan_ray.config import METRICS, JobConfig
 from dcgan_ray.errors import CheckpointError, DcganError, ObjectMissing
 from dcgan_ray.gan.step import to_model_input, unwrap
@@ -225,6 +226,7 @@ def image_stats(extractors: list[Extractor], batches) -> dict[str, SampleStats]:
     for images in batches:
         for e in extractors:
             stats[e.name].update(*e(images))
+        progress.beat()
     return stats
 
 

@@ -203,8 +203,9 @@ def _verified(files: dict[str, bytes | None]) -> bytes:
     return data
 
 
-def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> bytes:
-    """Upload a folder written by `save_checkpoint`: every file first, its manifest (returned) last."""
+def upload_checkpoint(store: Store, local_dir: Path, folder: str, fault_prefix: str = "") -> bytes:
+    """Upload a folder written by `save_checkpoint`: every file first, its manifest (returned) last.
+    (`fault_prefix`: the fault tests tell a preemption's uploads apart: dcgan_ray.faults.)"""
     listed = json.loads((local_dir / MANIFEST_FILE).read_bytes())["files"]
     for name, entry in listed.items():
         store.upload_file(
@@ -213,7 +214,7 @@ def upload_checkpoint(store: Store, local_dir: Path, folder: str) -> bytes:
             label=f"upload {folder.rsplit('/', 1)[-1]}/{name}",
             on_bytes=faults.halfway("upload_checkpoint_file", entry["bytes"]),
         )
-    faults.reached("before_manifest")
+    faults.reached(f"{fault_prefix}before_manifest")
     manifest = (local_dir / MANIFEST_FILE).read_bytes()
     store.put_bytes(f"{folder}/{MANIFEST_FILE}", manifest, "application/json")
     faults.reached("after_manifest")

@@ -38,7 +38,7 @@ from dcgan_ray.storage.checkpoint import (
 )
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.lease import Lease
-from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest
+from dcgan_ray.storage.runs import epoch_of_key, read_run_manifest, steps_of_key
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,12 @@ class Checkpointer:
             return None
         return parse_s3_uri(checkpoints["latest"])[1]
 
-    def dir_name(self, epoch: int) -> str:
-        """checkpoint_epoch_NNNN, or checkpoint_epoch_NNNN_rK when a run resumed from an older checkpoint
-        finds that name taken (by the damaged one it skipped): Ray deletes old checkpoints by folder, so
-        two registered checkpoints must never share one."""
-        base = name = f"{RunLayout.CHECKPOINT_DIR_PREFIX}{epoch:04d}"
+    def dir_name(self, epoch: int, steps: int | None = None) -> str:
+        """checkpoint_epoch_NNNN (a mid-epoch one: checkpoint_epoch_NNNN_sKKKKK, KKKKK steps into the next
+        epoch: sorted after its epoch's and before the next), or ..._rK when a run resumed from an older
+        checkpoint finds that name taken (by the damaged one it skipped): Ray deletes old checkpoints by
+        folder, so two registered checkpoints must never share one."""
+        base = name = f"{RunLayout.CHECKPOINT_DIR_PREFIX}{epoch:04d}" + (f"_s{steps:05d}" if steps is not None else "")
         k = 0
         while self.store.list_keys(f"{self.layout.checkpoint_dir_key(name)}/"):
             k += 1
@@ -192,7 +193,9 @@ class Checkpointer:
         folder = self.layout.checkpoint_dir_key(dir_name)
         if self.lease is not None:
             self.lease.check()  # a stale driver stops here, before it writes anything
-        manifest = upload_checkpoint(self.store, local_dir, folder)
+        manifest = upload_checkpoint(
+            self.store, local_dir, folder, "preemption_" if steps_of_key(folder) is not None else ""
+        )
         if self.lease is not None:
             faults.reached("before_commit", epoch_of_key(folder))
             self.lease.commit(

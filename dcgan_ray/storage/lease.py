@@ -68,11 +68,18 @@ def _machine() -> str:
         return ""
 
 
-def _process_gone(holder: dict[str, Any]) -> bool:
-    """The holder ran on this machine and its process no longer exists."""
+_held: set[tuple[str, int]] = set()
+"""(folder, generation) of the leases this process holds now: a lease that names this very process but is
+not here was left by a driver of this process that ended without releasing it (in a storage outage)."""
+
+
+def _process_gone(holder: dict[str, Any], folder: str, generation: int) -> bool:
+    """The holder ran on this machine and its process no longer exists (or is this one, done with it)."""
     pid, machine = holder.get("pid"), holder.get("machine")
     if not machine or machine != _machine() or not isinstance(pid, int) or pid <= 0:
         return False
+    if pid == os.getpid():
+        return (folder.rstrip("/"), generation) not in _held
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,7 +129,8 @@ class Lease:
             current = state.holder
             if current is not None:
                 age = log_.age_s(current)
-                if age <= current["holder"]["ttl_s"] and not _process_gone(current["holder"]):
+                gone = _process_gone(current["holder"], folder, current["generation"])
+                if age <= current["holder"]["ttl_s"] and not gone:
                     if not wait:
                         raise LeaseHeld(
                             f"{what} {uri} is held by {describe_holder(current, age)}: two drivers must not write "
@@ -143,6 +151,7 @@ class Lease:
             if not log_.append(entry):
                 continue  # another driver took that number first: look again
             LeaseState.of([entry], state)
+            _held.add((log_.folder, seq))
             if current is not None:
                 log.warning("%s %s: took over from %s", what, uri, describe_holder(current, log_.age_s(current)))
             return lease
@@ -239,6 +248,8 @@ class Lease:
         self._renewer.start()
 
     def stop_renewing(self) -> None:
+        """Renew no more (the driver is done with the folder, released or not)."""
+        _held.discard((self.log.folder, self.generation))
         self._stop_renewing.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join()
@@ -300,7 +311,9 @@ def ownership(store: Store, folder: str) -> Ownership:
     if state.holder is None:
         return Ownership("released")
     age = log_.age_s(state.holder)
-    expired = age > state.holder["holder"]["ttl_s"] or _process_gone(state.holder["holder"])
+    expired = age > state.holder["holder"]["ttl_s"] or _process_gone(
+        state.holder["holder"], folder, state.holder["generation"]
+    )
     return Ownership("expired" if expired else "held", state.holder, age)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -147,9 +148,16 @@ def set_run_status(store: Store, layout: RunLayout, status: str) -> None:
 
 
 def epoch_of_key(folder_or_key: str) -> int:
-    """The epoch in `.../checkpoint_epoch_NNNN[_rK]` or `.../validations/epoch_NNNN.json`."""
+    """The epoch in `.../checkpoint_epoch_NNNN[_sKKKKK][_rK]` or `.../validations/epoch_NNNN.json`."""
     name = folder_or_key.rstrip("/").rsplit("/", 1)[-1]
     return int(name.removesuffix(".json").rsplit("epoch_", 1)[1][:4])
+
+
+def steps_of_key(folder: str) -> int | None:
+    """The steps into its epoch of a mid-epoch checkpoint, `.../checkpoint_epoch_NNNN_sKKKKK[_rK]` (a
+    preemption's: NNNN epochs done, KKKKK steps of the next); None for an epoch's own checkpoint."""
+    found = re.search(r"_s(\d+)", folder.rstrip("/").rsplit("/", 1)[-1])
+    return int(found.group(1)) if found else None
 
 
 def merge_results(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> list[int]:

@@ -38,6 +38,7 @@ import botocore.credentials
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from dcgan_ray import progress
 from dcgan_ray.config import StorageSection
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
 from dcgan_ray.storage import credentials
@@ -168,10 +169,12 @@ class Store:
                 if wait is None:
                     message = self._unreachable_message(what, key, e.failure, wait_out_outages)
                     raise StorageUnreachable(message) from None
+                progress.beat()  # waiting out an outage is not being stuck
                 time.sleep(wait)
                 attempt += 1
                 continue
             outage_over(self.endpoint)
+            progress.beat()
             return result
 
     def _unreachable_message(self, what: str, key: str | None, failure: str, wait_out_outages: bool) -> str:

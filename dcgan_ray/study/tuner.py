@@ -55,7 +55,7 @@ from dcgan_ray.study.trials import decode_key, expand_trials, trial_job, trial_n
 from dcgan_ray.train.driver import (
     connect_ray,
     first_failure,
-    make_trainer,
+    fit,
     our_error,
     preflight,
     s3_filesystem,
@@ -80,7 +80,7 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         # Each trial's run folder is held like a training job's; a trial a lost study left running ends once
         # that study's driver is gone, and its lease expires: this one waits for it.
         with own(cfg, "run", layout.prefix, layout.uri, wait=True, stop_main_thread=False) as lease:
-            make_trainer(cfg, lease, callbacks=[TuneReportCallback()]).fit()
+            fit(cfg, lease, callbacks=[TuneReportCallback()])
     except ray.train.TrainingFailedError as e:
         error = our_error(e)
         if error is None:
@@ -96,6 +96,8 @@ class HopelessStopper(tune.Stopper):
         self.histories: dict[str, list[dict[str, Any]]] = {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("preempted"):  # a preemption's mid-epoch report: no epoch's numbers to judge
+            return False
         history = self.histories.setdefault(trial_id, [])
         history.append(result)
         if is_hopeless(history, self.thresholds):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import pyarrow.fs
 import ray
 import ray.exceptions
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dcgan_ray.config import JobConfig
 from dcgan_ray.data.svhn import read_split_manifest
@@ -35,8 +37,10 @@ from dcgan_ray.storage.runs import (
     write_run_manifest,
 )
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.interruptions import PREEMPTED
 from dcgan_ray.train.ownership import lost_lease, own
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
+from dcgan_ray.train.stall import ProgressBoard, StallWatch
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
 from dcgan_ray.train.worker import train_worker
@@ -123,9 +127,56 @@ def restart_cannot_fix(error: BaseException) -> str | None:
     return ours.for_job(None) if ours is not None else None
 
 
-def make_trainer(cfg: JobConfig, lease: Lease | None = None, **run_kwargs) -> TorchTrainer:
+def fit(cfg: JobConfig, lease: Lease | None = None, **run_kwargs) -> ray.train.Result:
+    """The run's TorchTrainer, fitted, attempt after attempt while its attempts end for preemptions
+    (dcgan_ray.train.interruptions), at most scaling.max_preemptions of them; a stall watch looks over the
+    workers of each (dcgan_ray.train.stall)."""
+    layout, preemptions = RunLayout.of(cfg), 0
+    while True:
+        try:
+            result = _fit_once(cfg, lease, **run_kwargs)
+            if result.return_value != PREEMPTED:  # type: ignore[attr-defined]  # (mypy sees Train v1's Result)
+                return result
+            why = "it saved a checkpoint for a preemption notice"
+        except ray.train.TrainingFailedError as e:
+            # A worker lost while the preemption's checkpoint uploaded (its node went first): Ray 2.60 may
+            # count that death as a failure, but it is the preemption's.
+            if our_error(e) is not None or not _preemption_pending(Store(cfg.storage), layout):
+                raise
+            why = "a worker was lost before the preemption's checkpoint was durable"
+        preemptions += 1
+        if 0 <= cfg.scaling.max_preemptions < preemptions:
+            raise DcganError(
+                f"run {layout.uri} was preempted {preemptions} times, more than scaling.max_preemptions = "
+                f"{cfg.scaling.max_preemptions}; its checkpoints are kept: resubmit to resume"
+            )
+        log.warning("run %s: the attempt ended because %s; starting the next on the nodes that stay", layout.uri, why)
+
+
+def _fit_once(cfg: JobConfig, lease: Lease | None, **run_kwargs) -> ray.train.Result:
+    # On the driver's own node: a node that is preempted or lost must not take the board with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ProgressBoard.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
+    watch = StallWatch(cfg, board)
+    try:
+        return make_trainer(cfg, lease, board, **run_kwargs).fit()
+    finally:
+        watch.stop()
+        ray.kill(board)
+
+
+def _preemption_pending(store: Store, layout: RunLayout) -> bool:
+    """run.json's last preemption has not been resumed from (this attempt's, whose checkpoint may be torn)."""
+    try:
+        notices = (read_run_manifest(store, layout) or {}).get("preemptions") or []
+    except StorageError:
+        return False
+    return bool(notices) and "resumed_from" not in notices[-1]
+
+
+def make_trainer(cfg: JobConfig, lease: Lease | None = None, board: Any = None, **run_kwargs) -> TorchTrainer:
     """The run's TorchTrainer. `lease`: the driver's hold on the run folder, whose generation the workers
-    write as."""
+    write as; `board`: where they say how they are doing (a ProgressBoard)."""
     generation = lease.generation if lease is not None else None
     return TorchTrainerStoppingOn(
         stop_reason=restart_cannot_fix,
@@ -133,7 +184,7 @@ def make_trainer(cfg: JobConfig, lease: Lease | None = None, **run_kwargs) -> To
         # with validation=True, in a task of its own, and waits for the last one before fit() returns.
         validation_config=validation_config(cfg, generation) if cfg.eval.in_task else None,
         train_loop_per_worker=train_worker,
-        train_loop_config={"config": cfg.to_dict(), "lease": generation},
+        train_loop_config={"config": cfg.to_dict(), "lease": generation, "board": board},
         # mypy sees Train v1's ScalingSection; ray.train picks v2's (elastic num_workers, the monitor interval).
         scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # An int, or (min, max): Ray Train V2's elastic form, which restarts with the workers it can
@@ -153,7 +204,10 @@ def make_trainer(cfg: JobConfig, lease: Lease | None = None, **run_kwargs) -> To
             name=cfg.name,
             storage_path=f"{cfg.storage.bucket}/{runs_prefix(cfg)}",
             storage_filesystem=s3_filesystem(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            # mypy sees Train v1's FailureConfig; ray.train picks v2's (preemptions counted apart).
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
+                max_failures=cfg.scaling.max_failures, max_preemption_failures=cfg.scaling.max_preemptions
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             **run_kwargs,
         ),
@@ -228,7 +282,7 @@ def _train_holding(
         if submitted is not None:  # what to submit again from the bucket alone (`dcgan-ray recover`)
             manifest = previous or new_run_manifest(cfg, layout)
             write_run_manifest(store, layout, {**manifest, "submitted": submitted})
-        result = make_trainer(cfg, lease).fit()
+        result = fit(cfg, lease)
     except ray.train.TrainingFailedError as e:
         error = lost_lease(lease, our_error(e)) or our_error(e) or _storage_down(store, cfg)
         if isinstance(error, LeaseLost):  # the run goes on under another driver: write nothing, say so

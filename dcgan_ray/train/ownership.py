@@ -11,7 +11,10 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import ray
 
@@ -41,7 +44,9 @@ def own(
     When the lease is lost (another driver took the folder over after this one went unrenewed for its
     ttl), `stop_main_thread` interrupts the main thread (a driver blocked in `fit()`); the caller turns
     that into the lease's LeaseLost. (A trial's driver runs in a thread of Tune's: its workers stop at their
-    next write instead.)"""
+    next write instead.) In the main thread, SIGTERM (`ray job stop`, a deleted pod: a Kueue preemption)
+    ends the driver through the block, which releases the lease: the next driver need not wait out its ttl,
+    and the workers still writing for a moment are fenced by the release like any stale writer."""
     if not cfg.storage.conditional_writes:
         log.warning(
             "storage.conditional_writes is false: only drivers on this Ray cluster are kept from writing %s %s at "
@@ -62,19 +67,37 @@ def own(
 
     lease.keep_renewed(on_lost)
     outcome: str | None = "failed"
+    terminated = _exit_on_sigterm()
     try:
         yield lease
         outcome = "done"
+    except SystemExit:
+        outcome = "terminated (SIGTERM)"
+        raise
     except StorageUnreachable:
         outcome = None  # a release would wait through the outage too: the lease expires after its ttl instead
         raise
     finally:
+        if terminated is not None:
+            signal.signal(signal.SIGTERM, terminated)
         lease.stop_renewing()
         if outcome is not None and lease.lost is None:
             try:
                 lease.release(outcome)
             except StorageError as e:
                 log.warning("could not release the lease of %s %s (it expires by itself): %s", what, uri, e)
+
+
+def _exit_on_sigterm() -> Any:
+    """In the main thread: SIGTERM raises SystemExit (Python's default ends the process at once, skipping every
+    `finally`). Returns the handler to put back, or None elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def exit_(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, exit_)
 
 
 def lost_lease(lease: Lease | None, error: BaseException | None = None) -> LeaseLost | None:

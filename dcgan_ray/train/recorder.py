@@ -34,9 +34,11 @@ from dcgan_ray.storage.runs import (
     merge_results,
     new_run_manifest,
     read_run_manifest,
+    steps_of_key,
     write_run_manifest,
 )
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.interruptions import MidEpoch
 from dcgan_ray.train.watch import RunWatch
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,14 @@ State = Callable[[], dict[str, Any]]
 class Recorder:
     """The recorder of ranks other than 0: every method is a no-op."""
 
-    def started(self, start_epoch: int, world: int, resumed_from: str | None, steps_per_epoch: int) -> None:
+    def started(
+        self,
+        start_epoch: int,
+        world: int,
+        resumed_from: str | None,
+        steps_per_epoch: int,
+        mid_epoch: MidEpoch | None = None,
+    ) -> None:
         pass
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -62,6 +71,9 @@ class Recorder:
 
     def checkpoint_durable(self, epoch: int, uri: str) -> None:
         pass
+
+    def preempted(self, info: Any, epoch: int, steps: int, step: int, state: State) -> Path | None:
+        return None
 
     def finished(self) -> None:
         pass
@@ -88,15 +100,23 @@ class RunRecorder(Recorder):
         self.layout = RunLayout.of(cfg)
         self.manifest: dict[str, Any] = {}
         self.lease = checkpointer.lease  # the run's lease in the bucket: checked before every write
+        self.start_step = start_step  # optimizer steps of the checkpoint this attempt resumed from
         self.watch = RunWatch(cfg, start_step, self.lease)  # TensorBoard events and the run page, off the path
         self._lock = threading.Lock()
         self._trained = False  # every epoch trained; the run is finished once the last checkpoint is durable
 
-    def started(self, start_epoch: int, world: int, resumed_from: str | None, steps_per_epoch: int) -> None:
+    def started(
+        self,
+        start_epoch: int,
+        world: int,
+        resumed_from: str | None,
+        steps_per_epoch: int,
+        mid_epoch: MidEpoch | None = None,
+    ) -> None:
         cfg, layout = self.cfg, self.layout
         m = read_run_manifest(self.store, layout) or new_run_manifest(cfg, layout)
         if m.get("world_size") is not None or resumed_from is not None:  # workers of this run have started before
-            self._record_restart(m, start_epoch, world, resumed_from)
+            self._record_restart(m, start_epoch, world, resumed_from, mid_epoch)
         m.update(
             status="running",
             epochs_total=cfg.train.epochs,
@@ -121,7 +141,9 @@ class RunRecorder(Recorder):
             steps_per_epoch,
         )
 
-    def _record_restart(self, m: dict[str, Any], start_epoch: int, world: int, resumed_from: str | None) -> None:
+    def _record_restart(
+        self, m: dict[str, Any], start_epoch: int, world: int, resumed_from: str | None, mid_epoch: MidEpoch | None
+    ) -> None:
         """A restart (Ray restarting the workers, or a resubmission): a record in `restarts` instead of
         overwritten history, a resize if the world size changed, and one line saying what it resumed from."""
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -142,22 +164,31 @@ class RunRecorder(Recorder):
                 None: f"epoch {epoch} had no checkpoint (checkpoint.every_epochs)",
                 "unrecorded": f"the checkpoint of epoch {epoch} was not durable",
             }[durable]
-        m.setdefault("restarts", []).append(
-            {
-                "at": at,
-                "from_epoch": recorded,
-                "to_epoch": start_epoch,
-                "checkpoint": resumed_from,
-                "reason": reason,
-                "world_size_before": before,
-                "world_size_after": world,
-                "redone": redone,
-            }
-        )
         resized = before not in (None, world)
+        saved_world = mid_epoch.world_size if mid_epoch is not None else before
+        restart = {
+            "at": at,
+            "from_epoch": recorded,
+            "to_epoch": start_epoch,
+            "checkpoint": resumed_from,
+            "reason": reason,
+            "world_size_before": before,
+            "world_size_after": world,
+            "redone": redone,
+            # Resumed on the world size it was saved with, a run ends bit-identical to an uninterrupted one.
+            "exact": saved_world in (None, world),
+        }
+        if mid_epoch is not None:
+            restart["step_in_epoch"] = mid_epoch.steps
+        m.setdefault("restarts", []).append(restart)
+        self._record_resumption(m, resumed_from)
         if resized:  # an elastic run going on after a node was lost or came back
             m.setdefault("resizes", []).append({"epoch": start_epoch, "from": before, "to": world, "at": at})
         source = f"resumes from {resumed_from} (epoch {start_epoch})" if resumed_from else "starts over from epoch 0"
+        if mid_epoch is not None:
+            source += f" at step {mid_epoch.steps + 1} of epoch {start_epoch + 1}"
+        if not restart["exact"]:
+            source += " (on another world size: not bit-identical to an uninterrupted run)"
         workers = f"{world} worker(s)" + (f" instead of {before}" if resized else "")
         lost = (
             f"epoch(s) {', '.join(str(h['epoch']) for h in redone)} recorded before are trained again: {reason}"
@@ -174,6 +205,46 @@ class RunRecorder(Recorder):
             self.cfg.train.epochs,
             lost,
         )
+
+    def _record_resumption(self, m: dict[str, Any], resumed_from: str | None) -> None:
+        """The preemption this restart follows, if any: what it resumed from, and the steps it lost (those
+        since the checkpoint it resumed from; none when that is the preemption's own)."""
+        waiting = [p for p in m.get("preemptions", []) if "resumed_from" not in p]
+        if waiting:
+            waiting[-1].update(resumed_from=resumed_from, steps_lost=max(0, waiting[-1]["step"] - self.start_step))
+
+    def preempted(self, info: Any, epoch: int, steps: int, step: int, state: State) -> Path | None:
+        """A preemption notice at step `steps` of epoch `epoch` + 1: run.json records it, and the checkpoint
+        of this step goes into a fresh local folder, whose path is returned for Ray to upload at once."""
+        self._check_lease()
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix="dcgan-ckpt-")) / self.checkpointer.dir_name(epoch, steps)
+        self.checkpointer.save(checkpoint_dir, state())
+        deadline = (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.deadline_ms / 1000)) if info.deadline_ms else None
+        )
+        record = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nodes": info.preempted_node_ids,
+            "ranks": info.preempted_ranks,
+            "deadline": deadline,
+            "epoch": epoch + 1,
+            "step_in_epoch": steps,
+            "step": step,
+            "checkpoint": None,  # its URI once it is durable
+        }
+        with self._lock:
+            self.manifest.setdefault("preemptions", []).append(record)
+            self._save()
+        log.warning(
+            "preemption notice: node(s) %s, holding rank(s) %s, go %s; saving a checkpoint at step %d of epoch %d "
+            "and training no further step until the run restarts",
+            ", ".join(n[:12] for n in info.preempted_node_ids),
+            ", ".join(map(str, info.preempted_ranks)),
+            f"at {deadline}" if deadline else "without a deadline",
+            steps,
+            epoch + 1,
+        )
+        return checkpoint_dir
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         """A logged step's numbers (the progress line's), for TensorBoard."""
@@ -228,12 +299,18 @@ class RunRecorder(Recorder):
 
     def checkpoint_durable(self, epoch: int, uri: str) -> None:
         """The checkpoint of `epoch` is in the bucket with its manifest (called by the upload, in Ray's
-        background thread by default): mark it so in run.json, and finish the run if it was the last."""
+        background thread by default): mark it so in run.json, and finish the run if it was the last. A
+        mid-epoch checkpoint (a preemption's) marks its preemption instead of the epoch."""
         with self._lock:
             m = self.manifest
-            for h in m["history"]:
-                if h["epoch"] == epoch:
-                    h["checkpoint_durable"] = True
+            if steps_of_key(uri) is not None:
+                for p in m.get("preemptions", []):
+                    if p["checkpoint"] is None:
+                        p["checkpoint"] = uri
+            else:
+                for h in m["history"]:
+                    if h["epoch"] == epoch:
+                        h["checkpoint_durable"] = True
             if epoch >= m["checkpoints"].get("durable_epoch", 0):
                 m["checkpoints"].update(latest=uri, durable_epoch=epoch)
             self._finish_if_durable()

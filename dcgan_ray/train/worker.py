@@ -12,8 +12,10 @@ through `dcgan_ray.train.recorder`; the other ranks' recorder does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointUploadMode
 
+from dcgan_ray import faults
 from dcgan_ray.config import JobConfig, config_from_dict
 from dcgan_ray.data.svhn import load_split
 from dcgan_ray.errors import DcganError
@@ -39,7 +42,7 @@ from dcgan_ray.gan.step import (
     run_epoch,
     unwrap,
 )
-from dcgan_ray.gan.sync import average, average_bn_buffers
+from dcgan_ray.gan.sync import average, average_bn_buffers, buffers, gather, load_buffers
 from dcgan_ray.logs import setup_logging
 from dcgan_ray.quality.metrics import Evaluator
 from dcgan_ray.ray_internals import RAY_TRAIN_FUNCTION_ERRORS_LOGGER
@@ -48,20 +51,28 @@ from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.runs import epoch_of_key
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.interruptions import PREEMPTED, MidEpoch, Preempted, PreemptionCheck
 from dcgan_ray.train.recorder import Recorder, recorder_for
+from dcgan_ray.train.stall import RankBeat
 
 log = logging.getLogger(__name__)
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
+def train_worker(loop_config: dict[str, Any]) -> str | None:
+    """Every rank's training; returns PREEMPTED when it ended the attempt for a preemption, after its
+    checkpoint (the driver then starts the next attempt), None when the run is trained."""
     setup_logging()
     try:
-        w = Worker.set_up(config_from_dict(loop_config["config"], "the job's config"), loop_config.get("lease"))
-        if w.start_epoch == 0:
+        cfg = config_from_dict(loop_config["config"], "the job's config")
+        w = Worker.set_up(cfg, loop_config.get("lease"), loop_config.get("board"))
+        if w.start_epoch == 0 and w.mid_epoch is None:  # (not a run resumed in its first epoch)
             w.recorder.first_samples(w.netG, w.evaluate())
         for epoch in range(w.start_epoch, w.cfg.train.epochs):
             w.end_epoch(epoch, w.train_epoch(epoch))
         w.recorder.finished()
+        return None
+    except Preempted:
+        return PREEMPTED
     except DcganError as e:
         # An expected failure whose message says what to do; the driver prints it as `error: ...`.
         # Ray Train would log it here once more with a traceback: one line is enough.
@@ -89,11 +100,15 @@ class Worker:
     evaluator: Evaluator | None
     recorder: Recorder
     checkpointer: Checkpointer
+    mid_epoch: MidEpoch | None  # where a mid-epoch checkpoint stopped, until this attempt's first epoch resumes
+    beat: RankBeat | None  # tells the driver's stall watch where this rank is
+    preemptions: PreemptionCheck | None = None
 
     @classmethod
-    def set_up(cls, cfg: JobConfig, lease_generation: int | None = None) -> Worker:
+    def set_up(cls, cfg: JobConfig, lease_generation: int | None = None, board: Any = None) -> Worker:
         """`lease_generation`: the driver's hold on the run folder in the bucket (None without conditional
-        writes); rank 0, the one writer, checks it before its writes and commits each checkpoint to it."""
+        writes); rank 0, the one writer, checks it before its writes and commits each checkpoint to it.
+        `board`: where every rank says how it is doing, for the driver's stall watch."""
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
         store = Store(cfg.storage)
@@ -134,7 +149,7 @@ class Worker:
         checkpointer = Checkpointer(store, layout, cfg.eval.metric, lease)
         registered = ray.train.get_checkpoint()
         state, resumed_from = checkpointer.restore(registered.path if registered is not None else None, rank)
-        start_epoch, step = 0, 0
+        start_epoch, step, mid_epoch = 0, 0, MidEpoch.of(state)
         if state is not None:
             netG.load_state_dict(state["netG"])
             netD.load_state_dict(state["netD"])
@@ -149,12 +164,14 @@ class Worker:
         netD = ray.train.torch.prepare_model(netD, parallel_strategy_kwargs=ddp_kwargs(cfg.speed))
         compress_gradients(netG, cfg.speed)
         compress_gradients(netD, cfg.speed)
+        if mid_epoch is not None and mid_epoch.world_size == world:
+            load_buffers(mid_epoch.buffers[rank], netG, netD)  # this rank's own, as they were (after DDP's sync)
 
         # With eval.in_task a Ray task scores the checkpoints (dcgan_ray.train.validation): no evaluator here.
         inline = cfg.eval.every_epochs and not cfg.eval.in_task
         evaluator = Evaluator(store, cfg, images, device, rank, world) if inline else None
         recorder = recorder_for(rank, store, cfg, checkpointer, fixed_noise.to(device), start_step=step)
-        recorder.started(start_epoch, world, resumed_from, len(images) // (world * cfg.train.batch_size))
+        recorder.started(start_epoch, world, resumed_from, len(images) // (world * cfg.train.batch_size), mid_epoch)
         return cls(
             cfg,
             rank,
@@ -171,11 +188,23 @@ class Worker:
             evaluator,
             recorder,
             checkpointer,
+            mid_epoch,
+            RankBeat(board, rank, store, step) if board is not None else None,
         )
 
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg = self.cfg
-        batches = rank_batches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed, epoch)
+        start, position = 0, None
+        if self.mid_epoch is not None:  # the first epoch of an attempt resumed mid-way
+            start, position, _ = self.mid_epoch.resume(self.rank, self.world, cfg.train.batch_size)
+            self.mid_epoch = None
+        batches = rank_batches(
+            len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed, epoch, start
+        )
+        first = position.steps if position is not None else 0
+
+        def save(steps: int, sums: torch.Tensor, info: Any) -> None:
+            self.save_for_preemption(epoch, MidEpoch(start, steps, self.world, [], []), sums, steps - first, info)
 
         def on_log(i: int, m: dict[str, float]) -> None:
             log.info(
@@ -205,6 +234,45 @@ class Worker:
             log_every=cfg.train.log_every_steps if self.rank == 0 else 0,
             on_log=on_log,
             speed=cfg.speed,
+            position=position,
+            after_step=self.after_step(save, first),
+        )
+
+    def after_step(
+        self, save: Callable[[int, torch.Tensor, Any], None], first: int
+    ) -> Callable[[int, torch.Tensor], None]:
+        """What happens between two steps: the stall watch hears where this rank is, and every so often all ranks
+        ask Ray for a preemption notice."""
+        check = self.preemption_check(save).after_step
+
+        def between(steps: int, sums: torch.Tensor) -> None:
+            if self.beat is not None:
+                self.beat.at(self.step + steps - first)
+            faults.reached("mid_epoch", steps)
+            check(steps, sums)
+
+        return between
+
+    def preemption_check(self, save: Callable[[int, torch.Tensor, Any], None]) -> PreemptionCheck:
+        if self.preemptions is None:  # one per attempt: its cadence is timed once
+            self.preemptions = PreemptionCheck(self.cfg.checkpoint.preemption_check_s, self.device, save, self.rank)
+        self.preemptions.save = save
+        return self.preemptions
+
+    def save_for_preemption(self, epoch: int, where: MidEpoch, sums: torch.Tensor, taken: int, info: Any) -> None:
+        """A preemption notice: a checkpoint at this step, uploaded before anything else (a collective).
+        `taken`: steps of this epoch that this attempt took (the rest were resumed)."""
+        mine = gather({"totals": sums.tolist(), "buffers": buffers(self.netG, self.netD)})
+        where.totals, where.buffers = [r["totals"] for r in mine], [r["buffers"] for r in mine]
+        step = self.step + taken
+        saved = self.recorder.preempted(info, epoch, where.steps, step, lambda: self.state(epoch, where, step))
+        ray.train.report(
+            {"epoch": epoch, "step": step, "preempted": 1.0},
+            checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None,
+            checkpoint_dir_name=saved.name if saved else None,
+            checkpoint_upload_mode=CheckpointUploadMode.SYNC,  # durable before the deadline, or not at all
+            checkpoint_upload_fn=self.upload_checkpoint if saved else None,
+            delete_local_checkpoint_after_upload=False,
         )
 
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
@@ -264,15 +332,19 @@ class Worker:
         """Quality metrics of G (rank 0; {} elsewhere, and without evaluation). A collective."""
         return self.evaluator(self.netG, seed=self.cfg.train.seed) if self.evaluator is not None else {}
 
-    def state(self, epoch: int) -> dict[str, Any]:
-        """What a checkpoint holds (see dcgan_ray.storage.checkpoint)."""
-        return {
+    def state(self, epoch: int, mid_epoch: MidEpoch | None = None, step: int | None = None) -> dict[str, Any]:
+        """What a checkpoint holds (see dcgan_ray.storage.checkpoint); a mid-epoch one also where in its
+        epoch it stopped (see dcgan_ray.train.interruptions)."""
+        state = {
             "netG": unwrap(self.netG).state_dict(),
             "netD": unwrap(self.netD).state_dict(),
             "optG": self.optG.state_dict(),
             "optD": self.optD.state_dict(),
             "epoch": epoch,
-            "step": self.step,
+            "step": self.step if step is None else step,
             "fixed_noise": self.fixed_noise.cpu(),
             "config": self.cfg.to_dict(),
         }
+        if mid_epoch is not None:
+            state["within_epoch"] = dataclasses.asdict(mid_epoch)
+        return state
