@@ -37,10 +37,11 @@ from dcgan_ray.storage.runs import (
     write_run_manifest,
 )
 from dcgan_ray.storage.s3 import Store
+from dcgan_ray.train.board import ProgressBoard
 from dcgan_ray.train.interruptions import PREEMPTED
 from dcgan_ray.train.ownership import lost_lease, own
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
-from dcgan_ray.train.stall import ProgressBoard, StallWatch
+from dcgan_ray.train.stall import StallWatch
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
 from dcgan_ray.train.worker import train_worker

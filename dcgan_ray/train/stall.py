@@ -45,28 +45,6 @@ DUMP_WAIT_S = 5.0
 """How long the driver waits for the ranks' stacks before it kills the attempt."""
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class ProgressBoard:
-    """Where the ranks of a run's attempts say how they are doing, and the driver asks them for their stacks."""
-
-    def __init__(self) -> None:
-        self.ranks: dict[int, dict[str, Any]] = {}
-        self.dump_into: str | None = None  # a stall's stacks folder (a key prefix), while one is asked for
-
-    def beat(self, rank: int, beat: dict[str, Any]) -> str | None:
-        self.ranks[rank] = {**beat, "received": time.time()}
-        return self.dump_into
-
-    def read(self) -> dict[int, dict[str, Any]]:
-        return self.ranks
-
-    def ask_for_stacks(self, prefix: str | None) -> None:
-        self.dump_into = prefix
-
-    def forget(self, rank: int) -> None:
-        self.ranks.pop(rank, None)
-
-
 class RankBeat:
     """A rank's thread that tells the board how idle it is and at which step (`at`, which the training loop
     calls after each step), and writes its stacks when asked."""
