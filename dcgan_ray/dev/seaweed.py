@@ -149,6 +149,9 @@ class SeaweedServer:
         )
 
     def _buckets_ready(self) -> bool:
+        """Every bucket answers, and so does its first object where it has one: after a restart the filer
+        lists objects before the volume server has told the master where their data is (a read then answers
+        InternalError for a moment, longer on a loaded machine)."""
         if not self.buckets:
             return True
         import boto3
@@ -158,6 +161,11 @@ class SeaweedServer:
         try:
             for bucket in self.buckets:
                 client.head_bucket(Bucket=bucket)
+                first = client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+                if first:
+                    body = client.get_object(Bucket=bucket, Key=first[0]["Key"])["Body"]
+                    body.read(1)  # an object may be empty (a Range would then be refused) or large
+                    body.close()
             return True
         except (botocore.exceptions.ClientError, botocore.exceptions.EndpointConnectionError):
             return False
