@@ -14,6 +14,7 @@ credentials reach the workers from their node, never through a job's runtime env
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from dcgan_ray.dev.processes import free_port, http_answers, port_free, stop_pro
 from dcgan_ray.errors import ClusterError
 
 HEAD_IP = "127.0.0.2"
+
+log = logging.getLogger(__name__)
 
 
 def ray_binary() -> str:
@@ -58,6 +61,28 @@ class _RayProcess:
                 start_new_session=True,
                 env={**os.environ, "PATH": path, **(env or {})},
             )
+
+    def _start(self, launch, ready, timeout_s: float, what: str, attempts: int = 3) -> None:
+        """`launch()` and wait until `ready()`. The ports a node is given are picked free just before `ray
+        start` binds them; on a busy machine another process can take one in between, and the raylet or
+        head then dies at start-up (`ray start` exits 1: "The current node timed out during startup"). A
+        start that exits is launched again, on new ports, up to `attempts` times."""
+        for attempt in range(1, attempts + 1):
+            launch()
+            try:
+                self._wait(ready, timeout_s, what)
+                return
+            except ClusterError as e:
+                if attempt == attempts or self._launched.poll() is None:
+                    raise
+                log.warning(
+                    "%s failed to start (attempt %d of %d); starting it again on new ports: %s",
+                    what,
+                    attempt,
+                    attempts,
+                    str(e).splitlines()[-1],
+                )
+                self.stop()  # what the failed start left of its group (a dashboard agent, a log monitor)
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -152,8 +177,6 @@ class RayHead(_RayProcess):
             f"--temp-dir={self.temp_dir}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
         ]
         if self.num_cpus is not None:
             args.append(f"--num-cpus={self.num_cpus}")
@@ -166,19 +189,13 @@ class RayHead(_RayProcess):
             config.write_text(json.dumps(self._autoscaling_config(self.autoscaling)))
             args.append(f"--autoscaling-config={config}")
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-        # The helper ports are picked free just before `ray start` binds them; on a busy machine another
-        # process can take one in between and the head exits at start-up. Then start again on new ones.
-        for attempt in range(3):
-            self._launch(args, env)
-            try:
-                # Any HTTP answer (401 under token auth) means the dashboard, the last part to start, is up.
-                self._wait(lambda: http_answers(self.dashboard_url), timeout_s, "the Ray head")
-                return
-            except ClusterError:
-                if attempt == 2 or self._launched.poll() is None:
-                    raise
-                args = [a for a in args if not a.startswith(("--ray-client-server-port", "--dashboard-agent-listen"))]
-                args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+        helper_ports = ("ray-client-server-port", "dashboard-agent-listen-port")
+
+        def launch() -> None:
+            self._launch([*args, *(f"--{p}={free_port()}" for p in helper_ports)], env)
+
+        # Any HTTP answer (401 under token auth) means the dashboard, the last part to start, is up.
+        self._start(launch, lambda: http_answers(self.dashboard_url), timeout_s, "the Ray head")
 
     def _autoscaling_config(self, autoscaling: dict[str, Any]) -> dict[str, Any]:
         """A whole cluster config for the fake multi-node provider (its example.yaml is not in the wheel)."""
@@ -243,17 +260,14 @@ class RayNode(_RayProcess):
             "metrics-export-port",
             "runtime-env-agent-port",
         )
-        args = [
-            f"--address={self.head.address}",
-            f"--node-ip-address={self.ip}",
-            f"--num-cpus={self.num_cpus}",
-            *(f"--{p}={free_port()}" for p in ports),
-        ]
+        args = [f"--address={self.head.address}", f"--node-ip-address={self.ip}", f"--num-cpus={self.num_cpus}"]
         if self.resources:
             args.append(f"--resources={json.dumps(self.resources)}")
-        self._launch(args, self.env)
+
+        def launch() -> None:
+            self._launch([*args, *(f"--{p}={free_port()}" for p in ports)], self.env)
 
         def joined() -> bool:
             return any(n["Alive"] and n["NodeManagerAddress"] == self.ip for n in ray.nodes())
 
-        self._wait(joined, timeout_s, f"the Ray node at {self.ip}")
+        self._start(launch, joined, timeout_s, f"the Ray node at {self.ip}")
