@@ -5,6 +5,10 @@ file or URI it concerns, and what to do. The CLI prints these without a tracebac
 bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from typing import ClassVar
+
 
 class DcganError(Exception):
     """Base class of the errors the CLI reports as `error: <message>`.
@@ -67,3 +71,8 @@ class LeaseHeld(DcganError):
 
 class LeaseLost(DcganError):
     """This driver (or its workers) no longer holds the lease: another one took the run over, or it was released."""
+
+    interrupting: ClassVar[LeaseLost | None] = None
+    """The loss this process's main thread was interrupted for (`dcgan_ray.train.ownership`): the interrupt
+    (a KeyboardInterrupt) can land anywhere, even in the cleanup past the code that turns it into this error,
+    and the CLI still ends with this error's one line."""

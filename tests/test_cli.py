@@ -1,13 +1,18 @@
 """The user's entry points: clear errors without tracebacks, and the dev stack's failure messages."""
 
+import _thread
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from dcgan_ray.cli import commands
+from dcgan_ray.cli import main as cli_main
 from dcgan_ray.dev.seaweed import SeaweedPorts, SeaweedServer
-from dcgan_ray.errors import ClusterError
+from dcgan_ray.errors import ClusterError, DcganError, LeaseLost
 
 
 def run_cli(*args, env=None):
@@ -81,3 +86,36 @@ def test_the_clis_log_handler_outlives_the_stream_it_started_with(tmp_path, capf
     logging.getLogger("dcgan_ray.test").warning("a line after the first stream closed")
     err = capfd.readouterr().err
     assert "a line after the first stream closed" in err and "Logging error" not in err
+
+
+def lose_the_lease_during_cleanup(args):
+    """A driver whose workers already failed on the takeover: its main thread is in the cleanup past the code
+    that turns the lease's interrupt into LeaseLost when the renewal thread sees the takeover and interrupts it."""
+    lost = LeaseLost("run s3://b/runs/x: this driver (lease generation 1) no longer holds it: it was taken over")
+
+    def renewal_thread():
+        LeaseLost.interrupting = lost
+        _thread.interrupt_main()
+
+    try:
+        raise DcganError("the workers' own error, on its way out")
+    finally:
+        renewer = threading.Thread(target=renewal_thread)
+        renewer.start()
+        renewer.join()
+        time.sleep(1)  # (the interrupt lands here, in cleanup)
+
+
+def test_a_lost_lease_interrupting_cleanup_still_ends_in_its_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(LeaseLost, "interrupting", None)
+    monkeypatch.setattr(commands, "cmd_sample", lose_the_lease_during_cleanup)
+    assert cli_main(["sample", "any", "--out", "any.png"]) == 2
+    assert capsys.readouterr().err == (
+        "error: run s3://b/runs/x: this driver (lease generation 1) no longer holds it: it was taken over\n"
+    )
+    # A Ctrl-C with no lost lease behind it stays one.
+    monkeypatch.setattr(LeaseLost, "interrupting", None)
+    monkeypatch.setattr(commands, "cmd_sample", lambda args: _thread.interrupt_main())
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["sample", "any", "--out", "any.png"])
+        time.sleep(1)

@@ -28,7 +28,7 @@ import argparse
 import sys
 
 from dcgan_ray.cli import commands, runs
-from dcgan_ray.errors import DcganError
+from dcgan_ray.errors import DcganError, LeaseLost
 from dcgan_ray.logs import setup_logging
 
 
@@ -48,5 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except DcganError as e:
         print(f"error: {e.for_job(getattr(args, 'config', None))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C, or a driver that lost its lease (see LeaseLost.interrupting)
+        if LeaseLost.interrupting is None:
+            raise
+        print(f"error: {LeaseLost.interrupting}", file=sys.stderr)
         return 2
     return 0

@@ -61,7 +61,8 @@ def own(
 
     def on_lost(error: LeaseLost) -> None:
         if stop_main_thread:
-            _thread.interrupt_main()  # the driver then ends with the error's one line
+            LeaseLost.interrupting = error  # the driver then ends with the error's one line, wherever it lands
+            _thread.interrupt_main()
         else:
             log.error("%s", error)
 
