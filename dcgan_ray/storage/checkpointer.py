@@ -129,14 +129,16 @@ class Checkpointer:
         generation = manifest_generation(get_or_none(self.store, f"{folder}/{MANIFEST_FILE}"))
         if generation is None or generation == self.lease.generation:
             return True
-        self.store.delete(self.store.list_keys(f"{folder}/"))
-        log.warning(
-            "checkpoint %s was written by lease generation %d and never committed (that driver lost the run's "
-            "lease, or died before its commit): removed it; the run resumes from its committed history",
-            self.store.uri(folder),
-            generation,
+        self._remove(
+            folder,
+            f"was written by lease generation {generation} and never committed (that driver lost the run's lease, "
+            "or died before its commit): removed it; the run resumes from its committed history",
         )
         return False
+
+    def _remove(self, folder: str, why: str) -> None:
+        self.store.delete(self.store.list_keys(f"{folder}/"))
+        log.warning("checkpoint %s %s", self.store.uri(folder), why)
 
     def _remove_cut_uploads(self, folders: list[str], first: str | None, committed: dict[str, str]) -> list[str]:
         """Remove the manifest-less folders newer than every checkpoint known durable; returns them.
@@ -154,13 +156,10 @@ class Checkpointer:
                 break
             cut.append(folder)
         for folder in cut:
-            self.store.delete(self.store.list_keys(f"{folder}/"))
-            log.warning(
-                "checkpoint %s has no %s: its upload was cut (its worker or node was lost at the end of "
-                "epoch %d); removed it, and that epoch is trained again",
-                self.store.uri(folder),
-                MANIFEST_FILE,
-                epoch_of_key(folder),
+            self._remove(
+                folder,
+                f"has no {MANIFEST_FILE}: its upload was cut (its worker or node was lost at the end of epoch "
+                f"{epoch_of_key(folder)}); removed it, and that epoch is trained again",
             )
         return cut
 

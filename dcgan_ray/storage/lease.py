@@ -80,13 +80,20 @@ def _process_gone(holder: dict[str, Any], folder: str, generation: int) -> bool:
         return False
     if pid == os.getpid():
         return (folder.rstrip("/"), generation) not in _held
+    return not process_alive(pid)
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether a process `pid` exists on this machine."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # someone else's process
         return False
-    return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def describe_holder(acquire: dict[str, Any], age_s: float | None = None) -> str:

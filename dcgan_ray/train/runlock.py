@@ -22,6 +22,7 @@ from typing import Any, cast
 import ray
 
 from dcgan_ray.errors import ClusterError
+from dcgan_ray.storage.lease import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class DriverLock:
             return None
         # A driver on this machine that has died: its lock answers until Ray notices (seconds, more on a
         # busy head), and then goes.
-        return None if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")) else holder
+        return None if holder.get("host") == socket.gethostname() and not process_alive(holder.get("pid")) else holder
 
     def _refusal(self, holder: dict[str, Any]) -> str:
         who = (
@@ -116,16 +117,3 @@ class DriverLock:
         if self.actor is not None:
             ray.kill(self.actor)
             self.actor = None
-
-
-def _alive(pid: Any) -> bool:
-    """Whether a process `pid` exists on this machine."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
