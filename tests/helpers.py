@@ -265,3 +265,44 @@ def driver_on(address: str):
         ray.shutdown()
         if previous:
             ray.init(address=previous, logging_level="WARNING")
+
+
+@contextlib.contextmanager
+def node_cluster(logs: Path, ips: list[str], node_env: dict[str, str] | None = None):
+    """A head that runs no training (0 CPUs) and a 1-CPU worker node at each loopback address of `ips`, with
+    this test process as its driver; yields (head, nodes). Its GCS declares a node dead after 3 missed health
+    checks 1 s apart (Ray's defaults: 5, 3 s apart), so a restart after a lost node sees the cluster as it is
+    sooner."""
+    from dcgan_ray.dev.ray_nodes import RayHead, RayNode
+
+    head = RayHead(
+        logs / "head.log",
+        num_cpus=0,
+        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
+    )
+    head.start()
+    nodes = [RayNode(head, ip, logs / f"node{i}.log", num_cpus=1, env=node_env) for i, ip in enumerate(ips)]
+    try:
+        with driver_on(head.address):
+            for node in nodes:
+                node.start()
+            yield head, nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        head.stop()
+
+
+def process_tree(roots: set[int]) -> set[int]:
+    """`roots` and every process under them (from /proc's parent links)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    pids, grew = set(roots), True
+    while grew:
+        before = len(pids)
+        pids |= {pid for pid, ppid in parent.items() if ppid in pids}
+        grew = len(pids) > before
+    return pids

@@ -9,10 +9,10 @@ order: the last one kills cluster B for good and starts its successor on the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,11 +23,11 @@ from dcgan_ray.config import load_config
 from dcgan_ray.dev.ray_nodes import RayHead
 from dcgan_ray.jobs import JOB_SLOT, submit
 from dcgan_ray.storage.layout import RunLayout, study_prefix
-from dcgan_ray.storage.lease import ownership
+from dcgan_ray.storage.lease import ownership, process_alive
 from dcgan_ray.storage.lease_log import LeaseLog
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
-from helpers import REPO, SMALL_NETWORK_SETS, wait_until
+from helpers import REPO, SMALL_NETWORK_SETS, process_tree, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -223,8 +223,9 @@ def test_a_paused_driver_is_taken_over_and_cannot_change_what_its_successor_wrot
         os.kill(rank0, signal.SIGCONT)
         os.kill(driver, signal.SIGCONT)
     assert wait_for_end(b, zombie) == JobStatus.FAILED
-    errors = [line for line in job_log(b, zombie).splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "no longer holds it: it was taken over by submission" in errors[0], errors
+    log = job_log(b, zombie)
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no longer holds it: it was taken over by submission" in errors[0], log[-4000:]
     # The zombie's commit went to the server and was refused: after the takeover, the log is the successor's.
     entries = lease_entries(cfg)
     takeover = next(e for e in entries if e["kind"] == "acquire" and e["generation"] > 1)
@@ -234,17 +235,14 @@ def test_a_paused_driver_is_taken_over_and_cannot_change_what_its_successor_wrot
 
 
 def kill_cluster(head: RayHead, driver: int) -> None:
-    """Every process of the cluster at once, as a lost machine or a deleted pod would: the head's process group,
-    every process started under its temp dir (workers, job supervisors) and the job's driver (in a session of
-    its own)."""
-    os.kill(driver, signal.SIGKILL)
-    head.kill()
-    out = subprocess.run(["pgrep", "-f", str(head.temp_dir)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, out):
-        try:
+    """Every process of the cluster at once, as a lost machine or a deleted pod would: everything under the head's
+    `ray start` (the GCS, the raylet, its workers, the job supervisors and their drivers) and the job's driver.
+    All of them: a worker left stopped when its parents die would be sent SIGCONT by the kernel (its process
+    group orphaned) and train on."""
+    for pid in process_tree({head.pid, driver}):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    head.kill()
 
 
 def test_a_lost_head_with_one_run_training_and_two_queued_is_recovered(
@@ -260,12 +258,13 @@ def test_a_lost_head_with_one_run_training_and_two_queued_is_recovered(
     first, _ = jobs[0]
     fault.set("before_commit", "pause", at=2)  # the first run stands still mid-run when its cluster is lost
     submit(first, "jobs/smoke.yaml", jobs[0][1], address=lost.dashboard_url)
-    fault.paused()
+    paused = fault.paused()
     for cfg, overrides in jobs[1:]:  # (they wait behind the first, which holds the one job slot)
         submit(cfg, "jobs/smoke.yaml", overrides, address=lost.dashboard_url)
     assert [read_run_manifest(Store(c.storage), RunLayout.of(c))["status"] for c, _ in jobs[1:]] == ["queued"] * 2
     (acquire,) = [e for e in lease_entries(first) if e["kind"] == "acquire"]
     kill_cluster(lost, acquire["holder"]["pid"])
+    wait_until(lambda: not process_alive(paused), 30, "the paused worker gone with its cluster")
     cluster_b[0] = start_head(tmp_path_factory.mktemp("cluster-b2"), lost.dashboard_port, lost.port)
     new = cluster_b[0]
     tables = [""]

@@ -20,14 +20,14 @@ import pytest
 import ray
 import torch
 
-from dcgan_ray.dev.ray_nodes import RayHead, RayNode
+from dcgan_ray.dev.ray_nodes import RayNode
 from dcgan_ray.spot import Metadata, watch
 from dcgan_ray.storage.checkpoint import read_checkpoint_dir
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 from dcgan_ray.train.driver import train
-from helpers import TrainInThread, driver_on, run_cfg, wait_until
+from helpers import TrainInThread, node_cluster, run_cfg, wait_until
 from standin_imds import StandInMetadata
 
 pytestmark = pytest.mark.ray
@@ -38,31 +38,11 @@ DRAIN_S = 10
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, test_env, data_prefix):
-    logs = tmp_path_factory.mktemp("preemption")
-    head = RayHead(
-        logs / "head.log",
-        num_cpus=0,
-        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
-    )
-    head.start()
-    nodes = [
-        RayNode(
-            head,
-            f"127.0.0.{20 + i}",
-            logs / f"node{i}.log",
-            env={"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_S)},
-        )
-        for i in range(3)
-    ]
-    try:
-        with driver_on(head.address):
-            for node in nodes:
-                node.start()
-            yield head, nodes
-    finally:
-        for node in nodes:
-            node.stop()
-        head.stop()
+    """A head that runs no training and three 1-CPU nodes (helpers.node_cluster), each drained for DRAIN_S."""
+    drain = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_S)}
+    ips = [f"127.0.0.{20 + i}" for i in range(3)]
+    with node_cluster(tmp_path_factory.mktemp("preemption"), ips, drain) as cluster:
+        yield cluster
 
 
 @pytest.fixture
