@@ -42,11 +42,12 @@ def own(
     end. Refused with LeaseHeld while another live driver holds it (with `wait`: waits for it).
 
     When the lease is lost (another driver took the folder over after this one went unrenewed for its
-    ttl), `stop_main_thread` interrupts the main thread (a driver blocked in `fit()`); the caller turns
-    that into the lease's LeaseLost. (A trial's driver runs in a thread of Tune's: its workers stop at their
-    next write instead.) In the main thread, SIGTERM (`ray job stop`, a deleted pod: a Kueue preemption)
-    ends the driver through the block, which releases the lease: the next driver need not wait out its ttl,
-    and the workers still writing for a moment are fenced by the release like any stale writer."""
+    ttl), `stop_main_thread` interrupts the main thread (a driver blocked in `fit()`: `interrupt_main_for`),
+    and the driver ends in the lease's LeaseLost. (A trial's driver runs in a thread of Tune's, and a block
+    outside the main thread cannot be interrupted: its workers stop at their next write instead.) In the
+    main thread, SIGTERM (`ray job stop`, a deleted pod: a Kueue preemption) ends the driver through the
+    block, which releases the lease: the next driver need not wait out its ttl, and the workers still
+    writing for a moment are fenced by the release like any stale writer."""
     if not cfg.storage.conditional_writes:
         log.warning(
             "storage.conditional_writes is false: only drivers on this Ray cluster are kept from writing %s %s at "
@@ -59,10 +60,11 @@ def own(
         return
     lease = Lease.acquire(Store(cfg.storage), folder, uri, what, holder_info(), cfg.storage.lease_ttl_s, wait)
 
+    interrupts = stop_main_thread and arm_lost_lease_interrupt()
+
     def on_lost(error: LeaseLost) -> None:
-        if stop_main_thread:
-            LeaseLost.interrupting = error  # the driver then ends with the error's one line, wherever it lands
-            _thread.interrupt_main()
+        if interrupts:
+            interrupt_main_for(error)
         else:
             log.error("%s", error)
 
@@ -87,6 +89,34 @@ def own(
                 lease.release(outcome)
             except StorageError as e:
                 log.warning("could not release the lease of %s %s (it expires by itself): %s", what, uri, e)
+
+
+LOST_LEASE_SIGNAL = signal.SIGUSR2
+"""The signal whose handler the renewal thread calls in the main thread when the lease is lost
+(`_thread.interrupt_main(LOST_LEASE_SIGNAL)` calls it; nothing is sent to the process). Not SIGINT: Ray Train's
+`fit()` leaves a SIGINT handler of its own in place, which aborts the run gracefully, or calls sys.exit(0)
+once its controller is gone, and the driver would end without the lease's error line."""
+
+
+def arm_lost_lease_interrupt() -> bool:
+    """In the main thread: LOST_LEASE_SIGNAL's handler raises KeyboardInterrupt once a lease is lost. It stays
+    in place (a late call finds it and does the same; the CLI turns a KeyboardInterrupt with
+    LeaseLost.interrupting set into the error's one line). False elsewhere: only the main thread has handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(LOST_LEASE_SIGNAL, _interrupt_if_lost)
+    return True
+
+
+def _interrupt_if_lost(signum: int, frame: Any) -> None:
+    if LeaseLost.interrupting is not None:
+        raise KeyboardInterrupt
+
+
+def interrupt_main_for(error: LeaseLost) -> None:
+    """From the renewal thread: end the main thread with `error`, wherever it is."""
+    LeaseLost.interrupting = error
+    _thread.interrupt_main(LOST_LEASE_SIGNAL)
 
 
 def _exit_on_sigterm() -> Any:
