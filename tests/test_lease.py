@@ -63,6 +63,28 @@ def test_twenty_races_for_one_lease_have_one_winner_each(store, prefix):
         assert acquire["holder"]["cluster"] == winner and acquire["generation"] == 1
 
 
+def test_a_lease_just_taken_by_another_thread_of_this_process_is_held(store, prefix, monkeypatch):
+    """Two drivers in one process (the races above are threads): the second reads the first's acquire entry
+    the moment it is written. It must see a live holder, not a leftover of this process to take over (a
+    fresh-clone CI run saw both threads of one round win)."""
+    folder = f"{prefix}/runs/r"
+    append, seen = LeaseLog.append, []
+
+    def append_then_race(log, entry):
+        created = append(log, entry)
+        if created and not seen:  # the first acquire is in the bucket: the other thread looks now
+            seen.append(entry)
+            with pytest.raises(LeaseHeld, match="held by submission dcgan-train-x-A on cluster A"):
+                take(store, folder, "B")
+        return created
+
+    monkeypatch.setattr(LeaseLog, "append", append_then_race)
+    first = take(store, folder, "A")
+    assert seen and ownership(store, folder).state == "held"
+    assert [e["holder"]["cluster"] for e in LeaseLog(store, folder).entries()] == ["A"]
+    first.release()
+
+
 def test_a_released_lease_is_taken_at_once_an_unrenewed_one_after_its_ttl(store, prefix, caplog):
     folder = f"{prefix}/runs/r"
     first = take(store, folder, "A", ttl_s=3)

@@ -68,18 +68,22 @@ def _machine() -> str:
         return ""
 
 
-_held: set[tuple[str, int]] = set()
-"""(folder, generation) of the leases this process holds now: a lease that names this very process but is
-not here was left by a driver of this process that ended without releasing it (in a storage outage)."""
+_held: set[str] = set()
+"""The writers (Lease.writer) of the leases this process holds or is taking now: a lease that names this very
+process but is not here was left by a driver of this process that ended without releasing it (in a storage
+outage). A writer is added before its acquire entry is written, so another thread of this process that reads
+the entry at once does not take it for a leftover."""
 
 
-def _process_gone(holder: dict[str, Any], folder: str, generation: int) -> bool:
-    """The holder ran on this machine and its process no longer exists (or is this one, done with it)."""
+def _process_gone(acquire: dict[str, Any]) -> bool:
+    """The holder of this acquire entry ran on this machine and its process no longer exists (or is this one,
+    done with it)."""
+    holder = acquire["holder"]
     pid, machine = holder.get("pid"), holder.get("machine")
     if not machine or machine != _machine() or not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():
-        return (folder.rstrip("/"), generation) not in _held
+        return acquire.get("writer") not in _held
     return not process_alive(pid)
 
 
@@ -136,7 +140,7 @@ class Lease:
             current = state.holder
             if current is not None:
                 age = log_.age_s(current)
-                gone = _process_gone(current["holder"], folder, current["generation"])
+                gone = _process_gone(current)
                 if age <= current["holder"]["ttl_s"] and not gone:
                     if not wait:
                         raise LeaseHeld(
@@ -155,10 +159,11 @@ class Lease:
             entry["at"] = utc_now()
             if current is not None:
                 entry["took_over_from"] = current["generation"]
+            _held.add(lease.writer)
             if not log_.append(entry):
+                _held.discard(lease.writer)
                 continue  # another driver took that number first: look again
             LeaseState.of([entry], state)
-            _held.add((log_.folder, seq))
             if current is not None:
                 log.warning("%s %s: took over from %s", what, uri, describe_holder(current, log_.age_s(current)))
             return lease
@@ -256,7 +261,7 @@ class Lease:
 
     def stop_renewing(self) -> None:
         """Renew no more (the driver is done with the folder, released or not)."""
-        _held.discard((self.log.folder, self.generation))
+        _held.discard(self.writer)
         self._stop_renewing.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join()
@@ -318,9 +323,7 @@ def ownership(store: Store, folder: str) -> Ownership:
     if state.holder is None:
         return Ownership("released")
     age = log_.age_s(state.holder)
-    expired = age > state.holder["holder"]["ttl_s"] or _process_gone(
-        state.holder["holder"], folder, state.holder["generation"]
-    )
+    expired = age > state.holder["holder"]["ttl_s"] or _process_gone(state.holder)
     return Ownership("expired" if expired else "held", state.holder, age)
 
 
