@@ -73,7 +73,9 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         key = f"{prefix}{unknown[0]}"
         if key in MOVED:
             raise ConfigError(f"{where}: `{key}` is now `{MOVED[key]}`; rename it")
-        raise ConfigError(f"{where}: unknown key `{key}`; allowed here: {', '.join(sorted(known))}")
+        # A key with a line break or other control character is shown escaped: the error stays one line.
+        shown = key if key.isprintable() else ascii(key)
+        raise ConfigError(f"{where}: unknown key `{shown}`; allowed here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
