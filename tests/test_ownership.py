@@ -23,8 +23,9 @@ from dcgan_ray.config import load_config
 from dcgan_ray.dev.ray_nodes import RayHead
 from dcgan_ray.jobs import JOB_SLOT, submit
 from dcgan_ray.storage.layout import RunLayout, study_prefix
-from dcgan_ray.storage.lease import ownership, process_alive
+from dcgan_ray.storage.lease import process_alive
 from dcgan_ray.storage.lease_log import LeaseLog
+from dcgan_ray.storage.lease_status import ownership
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from helpers import REPO, SMALL_NETWORK_SETS, process_tree, wait_until

@@ -15,7 +15,7 @@ from typing import Any
 
 from dcgan_ray.errors import StorageError
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.lease import ownership
+from dcgan_ray.storage.lease_status import ownership
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 

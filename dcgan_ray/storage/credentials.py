@@ -17,10 +17,15 @@ secret key, a session token or a web identity token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import botocore.credentials
 import botocore.exceptions
+
+from dcgan_ray.errors import StorageAuthError
 
 STATIC_KEYS = "static keys"
 SESSION_TOKEN = "a session token"
@@ -242,3 +247,35 @@ def rejected(way: Way, code: str, env: Mapping[str, str], resource: str) -> str:
         f"{way.found()}, which may not do this: it needs s3:ListBucket on the bucket and s3:GetObject, "
         f"s3:PutObject, s3:DeleteObject under {resource} ({POLICY_FILE})"
     )
+
+
+def way_of_session(session: Any) -> Way:
+    """Which of the three ways a boto3 session's credentials came by (no request: the session has them)."""
+    found = session.get_credentials()
+    method = getattr(found, "method", None)
+    # Keys read from a file are plain Credentials, whose token is an attribute: reading it fetches nothing.
+    from_file = type(found) is botocore.credentials.Credentials and bool(found.token)
+    return way_of(method, os.environ, file_has_token=from_file)
+
+
+def check_session(session: Any, endpoint: str, what: str, target: str) -> None:
+    """Resolve a boto3 session's credentials, and fetch a role's, before the first request: a failure names
+    the way found and what is missing, in one line (StorageAuthError)."""
+    try:
+        found = session.get_credentials()
+        if found is not None:
+            found.get_frozen_credentials()  # a role's first fetch (STS, the Pod Identity agent) happens here
+    except botocore.exceptions.ClientError as e:  # STS refused the role
+        raise StorageAuthError(unusable_message(endpoint, what, target, e)) from None
+    except (*RESOLUTION_ERRORS, botocore.exceptions.BotoCoreError, OSError) as e:
+        raise StorageAuthError(unusable_message(endpoint, what, target, e)) from None
+    if found is None:
+        raise StorageAuthError(none_found_message(endpoint, what, target))
+
+
+def none_found_message(endpoint: str, what: str, target: str) -> str:
+    return f"no S3 credentials found for {endpoint} while trying to {what} {target}: " + none_found(os.environ)
+
+
+def unusable_message(endpoint: str, what: str, target: str, error: Exception) -> str:
+    return f"no usable S3 credentials for {endpoint} while trying to {what} {target}: " + unusable(error, os.environ)

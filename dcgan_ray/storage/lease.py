@@ -31,19 +31,23 @@ it writes, except in the moment between its check and its write.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcgan_ray import progress
 from dcgan_ray.errors import LeaseHeld, LeaseLost, StorageError
+from dcgan_ray.storage import fence
 from dcgan_ray.storage.lease_log import LeaseLog, LeaseState, utc_now
 from dcgan_ray.storage.s3 import Store
 
@@ -75,7 +79,7 @@ outage). A writer is added before its acquire entry is written, so another threa
 the entry at once does not take it for a leftover."""
 
 
-def _process_gone(acquire: dict[str, Any]) -> bool:
+def process_gone(acquire: dict[str, Any]) -> bool:
     """The holder of this acquire entry ran on this machine and its process no longer exists (or is this one,
     done with it)."""
     holder = acquire["holder"]
@@ -113,16 +117,39 @@ def describe_holder(acquire: dict[str, Any], age_s: float | None = None) -> str:
 
 class Lease:
     """A driver's hold on a folder (`acquire`), or a worker's view of its driver's (`join`): `check` before
-    writes, `commit` for what must be fenced; the driver also renews and releases it."""
+    writes, `commit` for what must be fenced, `admit` (the folder's gate, `dcgan_ray.storage.fence`) before
+    every write; the driver also renews and releases it.
 
-    def __init__(self, log: LeaseLog, uri: str, what: str, generation: int, state: LeaseState):
+    Its clock: the lease is valid, for this process, until `_until` (monotonic). The holder sets it from each
+    renewal that landed (sent + ttl - margin); a worker's view from the age of the holder's newest renewal,
+    read from the server (`refresh`). Past it the lease is in jeopardy: writes wait (`admit`) until the
+    holder renews again, now through a log entry the server fences (`renew`), or the log shows a successor
+    (LeaseLost), or the storage outage that stopped the renewals outlasts its budget (StorageUnreachable).
+    """
+
+    def __init__(self, log: LeaseLog, uri: str, what: str, generation: int, state: LeaseState, holding: bool):
         self.log, self.uri, self.what = log, uri, what
-        self.generation, self.state = generation, state
+        self.generation, self.state, self.holding = generation, state, holding
         self.writer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost: LeaseLost | None = None
+        self.ttl_s = float(state.holder["holder"]["ttl_s"]) if state.holder else 60.0
+        self._until = -math.inf
+        self._renewing = threading.Lock()
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
         self._renewals = 0
+
+    @property
+    def attempt_s(self) -> float:
+        return fence.attempt_s(self.ttl_s)
+
+    def fencing(self) -> contextlib.AbstractContextManager[None]:
+        """For the block, every write of this process into the folder goes through this lease's gate."""
+        return fence.fenced(self.log.store.bucket, self.log.folder, self)
+
+    def left_s(self) -> float:
+        """Seconds until this lease's deadline, for this process (negative: in jeopardy)."""
+        return self._until - time.monotonic()
 
     # --- taking it --------------------------------------------------------------------------------------
 
@@ -132,15 +159,15 @@ class Lease:
     ) -> Lease:
         """Take the folder's lease, or raise LeaseHeld naming the live holder (with `wait`: wait for it to be
         released or to expire, then take it)."""
-        log_ = LeaseLog(store, folder)
+        log_ = LeaseLog(store.for_lease(fence.attempt_s(ttl_s)), folder)
         me = {**this_process(), **holder, "since": utc_now(), "ttl_s": float(ttl_s)}
         announced = False
         while True:
             state = LeaseState.of(log_.entries())
             current = state.holder
             if current is not None:
-                age = log_.age_s(current)
-                gone = _process_gone(current)
+                age = log_.age_s(state)
+                gone = process_gone(current)
                 if age <= current["holder"]["ttl_s"] and not gone:
                     if not wait:
                         raise LeaseHeld(
@@ -154,36 +181,36 @@ class Lease:
                     time.sleep(min(WAIT_POLL_S, current["holder"]["ttl_s"] / 4))
                     continue
             seq = state.last_seq + 1
-            lease = cls(log_, uri, what, seq, state)
-            entry = {"seq": seq, "kind": "acquire", "generation": seq, "writer": lease.writer, "holder": me}
-            entry["at"] = utc_now()
+            entry = {"seq": seq, "kind": "acquire", "generation": seq, "holder": me, "at": utc_now()}
             if current is not None:
                 entry["took_over_from"] = current["generation"]
+            lease = cls(log_, uri, what, seq, LeaseState.of([entry], copy.deepcopy(state)), holding=True)
+            entry["writer"] = lease.writer
             _held.add(lease.writer)
-            if not log_.append(entry):
+            sent = time.monotonic()
+            if not log_.append(entry) and not log_.is_own(seq, lease.writer):  # (own: a lost answer, retried)
                 _held.discard(lease.writer)
                 continue  # another driver took that number first: look again
-            LeaseState.of([entry], state)
+            lease._until = sent + ttl_s - fence.margin_s(ttl_s)
             if current is not None:
-                log.warning("%s %s: took over from %s", what, uri, describe_holder(current, log_.age_s(current)))
+                log.warning("%s %s: took over from %s", what, uri, describe_holder(current, log_.age_s(state)))
             return lease
 
     @classmethod
     def join(cls, store: Store, folder: str, uri: str, what: str, generation: int) -> Lease:
         """A worker's view of its driver's lease `generation`; LeaseLost if that is no longer the holder."""
-        log_ = LeaseLog(store, folder)
-        lease = cls(log_, uri, what, generation, LeaseState.of(log_.entries()))
+        state = LeaseState.of(LeaseLog(store, folder).entries())
+        ttl_s = float(state.holder["holder"]["ttl_s"]) if state.holder else 60.0
+        lease = cls(LeaseLog(store.for_lease(fence.attempt_s(ttl_s)), folder), uri, what, generation, state, False)
         if lease.state.holder is None or lease.state.holder["generation"] != generation:
             lease._lose(lease.state.released or lease.state.holder)
+        lease.refresh()
         return lease
 
     # --- using it ---------------------------------------------------------------------------------------
 
     def check(self) -> None:
         """Raise LeaseLost if the log holds an entry since the last look that ends this generation's hold."""
-        self._read_new()
-
-    def _read_new(self) -> None:
         if self.lost is not None:
             raise self.lost
         for entry in self.log.entries(self.state.last_seq):
@@ -191,8 +218,8 @@ class Lease:
             self._stop_if_not_ours(entry)
 
     def _stop_if_not_ours(self, entry: dict[str, Any]) -> None:
-        """After this generation's acquire, only its own commits may follow."""
-        if entry["kind"] != "commit" or entry["generation"] != self.generation:
+        """After this generation's acquire, only its own commits and renewals may follow."""
+        if entry["kind"] not in ("commit", "renew") or entry["generation"] != self.generation:
             self._lose(entry)
 
     def _lose(self, entry: dict[str, Any] | None) -> None:
@@ -207,6 +234,38 @@ class Lease:
             "It stops without writing anything more; what the holder commits stays as it is"
         )
         raise self.lost
+
+    def admit(self) -> None:
+        """The folder's gate (`dcgan_ray.storage.fence`): return once a write of `attempt_s` ends before the
+        deadline. Short of that, the holder renews now and a worker's view looks again; in jeopardy this waits,
+        beating (an outage is not a stall), until the lease is renewed, lost (LeaseLost), or the outage that
+        keeps it from renewing outlasts storage.retry_budget_s (StorageUnreachable)."""
+        jeopardy = False
+        while self.left_s() < self.attempt_s:
+            if self.lost is not None:
+                raise self.lost
+            if self.left_s() < 0 and not jeopardy:
+                jeopardy = True
+                log.warning(
+                    "%s %s: lease generation %d is past its deadline (not renewed for its ttl of %g s, by this "
+                    "process's clock): its writes wait until it is renewed or taken over",
+                    self.what,
+                    self.uri,
+                    self.generation,
+                    self.ttl_s,
+                )
+            with self._renewing:
+                if self.left_s() >= self.attempt_s:
+                    pass  # renewed by another thread meanwhile
+                elif self.holding:
+                    self.renew()
+                else:
+                    self.refresh()
+            if self.left_s() < self.attempt_s:
+                progress.beat()
+                time.sleep(min(1.0, self.ttl_s / 8))
+        if self.lost is not None:
+            raise self.lost
 
     def commit(self, body: dict[str, Any]) -> int:
         """Append a commit: its number, or LeaseLost when the log moved past this generation (the server
@@ -232,24 +291,48 @@ class Lease:
 
     # --- keeping it -------------------------------------------------------------------------------------
 
+    def refresh(self) -> None:
+        """A worker's view: read the log (LeaseLost on a successor) and the age of the holder's newest renewal;
+        the deadline is then no later than a successor could take over, by the server's clock."""
+        looked = time.monotonic()
+        self.check()
+        age = self.log.age_s(self.state)
+        self._until = max(self._until, looked + self.ttl_s - age - fence.ROUNDING_S - fence.margin_s(self.ttl_s))
+
     def renew(self) -> None:
-        """Look for a takeover first (LeaseLost), then rewrite this generation's renewal object."""
+        """The holder: look for a takeover first (LeaseLost), then renew. While a renewal can still land before
+        the deadline it rewrites this generation's renewal object; past that (a renewal written then could
+        land after a successor took over) it appends a `renew` entry to the log, which the server refuses
+        if a successor took the number first."""
         self.check()
         self._renewals += 1
-        self.log.store.put_bytes(
-            self.log.renewal_key(self.generation),
-            json.dumps({"generation": self.generation, "renewals": self._renewals, "at": utc_now()}).encode(),
-            "application/json",
-        )
+        sent = time.monotonic()
+        if self.left_s() >= self.attempt_s:
+            # One bounded attempt, no retry past it: this object must never land after the deadline.
+            self.log.store.put_bytes(
+                self.log.renewal_key(self.generation),
+                json.dumps({"generation": self.generation, "renewals": self._renewals, "at": utc_now()}).encode(),
+                "application/json",
+                once=True,
+            )
+        else:
+            past = self.left_s() < 0
+            self._append({"kind": "renew"})
+            if past:
+                log.warning(
+                    "%s %s: lease generation %d renewed again, in the log", self.what, self.uri, self.generation
+                )
+        self._until = sent + self.ttl_s - fence.margin_s(self.ttl_s)
 
     def keep_renewed(self, on_lost: Callable[[LeaseLost], None]) -> None:
         """Renew every ttl/4 from a thread of its own until `release`; `on_lost` once if it is lost."""
-        every = max(0.5, self.state.holder["holder"]["ttl_s"] / 4 if self.state.holder else 15.0)
+        every = max(0.5, self.ttl_s / 4)
 
         def run() -> None:
             while not self._stop_renewing.wait(every):
                 try:
-                    self.renew()
+                    with self._renewing:
+                        self.renew()
                 except LeaseLost as e:
                     on_lost(e)
                     return
@@ -274,73 +357,3 @@ class Lease:
                 self._append({"kind": "release", "reason": reason})
             except LeaseLost:
                 pass
-
-
-def release_folder(store: Store, folder: str, reason: str) -> bool:
-    """`dcgan-ray stop`: append a release for whoever holds the folder (its job is already gone), so a
-    resubmission takes it at once instead of waiting out the ttl. False when nobody held it."""
-    log_ = LeaseLog(store, folder)
-    while True:
-        state = LeaseState.of(log_.entries())
-        if state.holder is None:
-            return False
-        seq = state.last_seq + 1
-        entry = {
-            "seq": seq,
-            "kind": "release",
-            "generation": state.holder["generation"],
-            "writer": f"{socket.gethostname()}:{os.getpid()}:stop",
-            "at": utc_now(),
-            "reason": reason,
-        }
-        if log_.append(entry):
-            return True
-
-
-@dataclass
-class Ownership:
-    """What `dcgan-ray runs` and `recover` need to know of a folder's lease."""
-
-    state: str  # "none" (no log), "held", "released", "expired"
-    holder: dict[str, Any] | None = None
-    age_s: float | None = None
-
-    def describe(self) -> str:
-        if self.state == "held" and self.holder is not None:
-            h = self.holder["holder"]
-            return f"held by {h.get('submission_id') or 'pid ' + str(h.get('pid'))} ({self.age_s:.0f}s ago)"
-        if self.state == "expired" and self.holder is not None:
-            return f"expired {self.age_s:.0f}s ago"
-        return self.state
-
-
-def ownership(store: Store, folder: str) -> Ownership:
-    log_ = LeaseLog(store, folder)
-    entries = log_.entries()
-    if not entries:
-        return Ownership("none")
-    state = LeaseState.of(entries)
-    if state.holder is None:
-        return Ownership("released")
-    age = log_.age_s(state.holder)
-    expired = age > state.holder["holder"]["ttl_s"] or _process_gone(state.holder)
-    return Ownership("expired" if expired else "held", state.holder, age)
-
-
-def check_conditional_writes(store: Store, scratch_prefix: str) -> None:
-    """Pre-flight: an endpoint that ignores If-None-Match would let two drivers both take one lease. Create a
-    scratch key twice; the second must be refused. Raises StorageError naming the endpoint and the setting."""
-    key = f"{scratch_prefix}/conditional-write-probe-{uuid.uuid4().hex}"
-    try:
-        first = store.create_bytes(key, b"1")
-        second = store.create_bytes(key, b"2")
-    finally:
-        store.delete([key])
-    if first and not second:
-        return
-    raise StorageError(
-        f"the S3 endpoint {store.endpoint} ignores conditional writes (If-None-Match: a second create of one key "
-        "was accepted), so the bucket cannot decide which driver writes a run: use a server that supports them "
-        "(AWS S3, MinIO, SeaweedFS, GCS, R2 do), or set storage.conditional_writes: false to accept protection "
-        "within one Ray cluster only"
-    )

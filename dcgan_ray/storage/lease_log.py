@@ -4,6 +4,7 @@ and what they say replayed (`LeaseState`). How a driver holds a folder with it: 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from dcgan_ray.errors import ObjectMissing, StorageError
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.s3 import Store
 
-KINDS = ("acquire", "commit", "release")
+KINDS = ("acquire", "commit", "renew", "release")
 
 
 class LeaseLogError(StorageError):
@@ -75,12 +76,25 @@ class LeaseLog:
         """Create entry number entry["seq"]; False when that number is taken."""
         return self.store.create_bytes(self.key(entry["seq"]), json.dumps(entry, indent=1).encode(), "application/json")
 
-    def age_s(self, acquire: dict[str, Any]) -> float:
-        """Seconds since the holder of `acquire` last renewed (or acquired), by the server's clock."""
+    def is_own(self, seq: int, writer: str) -> bool:
+        """Entry `seq` is `writer`'s (a create whose answer was lost, and whose retry found it there)."""
+        found = self.read(self.key(seq))
+        return found is not None and found.get("writer") == writer
+
+    def age_s(self, state: LeaseState) -> float:
+        """Seconds since the holder last showed it was alive, by the server's clock: its renewal object or its
+        newest entry in the log (its acquire, a commit, a `renew`), whichever is younger."""
+        assert state.holder is not None
         try:
-            return self.store.age_s(self.renewal_key(acquire["generation"]))
+            renewed = self.store.age_s(self.renewal_key(state.holder["generation"]))
         except ObjectMissing:
-            return self.store.age_s(self.key(acquire["seq"]))
+            renewed = math.inf
+        if renewed <= state.holder["holder"]["ttl_s"]:  # (alive by the renewal alone: no second request)
+            return renewed
+        try:
+            return min(renewed, self.store.age_s(self.key(state.holder_newest)))
+        except ObjectMissing:  # (removed since it was read)
+            return renewed
 
 
 @dataclass
@@ -91,6 +105,7 @@ class LeaseState:
     holder: dict[str, Any] | None = None  # the acquire entry of the current holder; None when free
     released: dict[str, Any] | None = None  # the release that freed it, if the last holder released
     commits: list[dict[str, Any]] = field(default_factory=list)  # every commit entry, in order
+    holder_newest: int = 0  # the number of the holder's newest entry (its acquire, a commit, a renew)
 
     @classmethod
     def of(cls, entries: list[dict[str, Any]], state: LeaseState | None = None) -> LeaseState:
@@ -101,8 +116,10 @@ class LeaseState:
                 state.holder, state.released = e, None
             elif e["kind"] == "release":
                 state.holder, state.released = None, e
-            else:
+            elif e["kind"] == "commit":
                 state.commits.append(e)
+            if state.holder is not None and e["generation"] == state.holder["generation"]:
+                state.holder_newest = e["seq"]
         return state
 
     def checkpoints(self) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ first contact of every command, does not wait: a wrong endpoint fails in seconds
 from __future__ import annotations
 
 import contextlib
+import copy
 import email.utils
 import logging
 import os
@@ -34,14 +35,13 @@ from typing import Any
 import boto3
 import boto3.exceptions
 import botocore.config
-import botocore.credentials
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from dcgan_ray import progress
 from dcgan_ray.config import StorageSection
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageError, StorageUnreachable
-from dcgan_ray.storage import credentials
+from dcgan_ray.storage import credentials, fence
 from dcgan_ray.storage.files import Progress
 from dcgan_ray.storage.outages import outage_failed, outage_over, outage_seconds
 
@@ -66,6 +66,9 @@ _TRANSIENT = (
 )
 
 
+WRITES = ("write", "create", "delete")
+"""The requests (`Store._call`'s `what`) that change what is in the bucket: the ones a lease's gate admits."""
+
 # Multipart above 64 MiB with 8 threads: full speed on loopback and on real S3 alike.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=8)
 
@@ -89,6 +92,9 @@ class Store:
         self.endpoint = cfg.endpoint or "AWS S3"
         self._session: Any = None
         self._client: Any = None
+        self._bounded: dict[float, Any] = {}
+        self.gated = True
+        self.write_bound_s: float | None = None
 
     @property
     def session(self) -> Any:
@@ -100,65 +106,55 @@ class Store:
     @property
     def client(self) -> Any:
         if self._client is None:
-            config = botocore.config.Config(
-                connect_timeout=5,
-                read_timeout=120,
-                retries={"max_attempts": CONNECT_ATTEMPTS, "mode": "standard"},
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-            )
-            self._client = self.session.client(
-                "s3", endpoint_url=self.cfg.endpoint, region_name=self.cfg.region, config=config
-            )
+            self._client = self._new_client(5, 120, {"max_attempts": CONNECT_ATTEMPTS, "mode": "standard"})
         return self._client
+
+    def _bounded_client(self, attempt_s: float) -> Any:
+        """A client whose one attempt ends within `attempt_s` (a third to connect, a third for each socket read
+        and write: a request that fits the socket's buffers) and that does not retry by itself: `_call`
+        retries, asking the gate each time."""
+        if attempt_s not in self._bounded:
+            self._bounded[attempt_s] = self._new_client(attempt_s / 3, attempt_s / 3, {"total_max_attempts": 1})
+        return self._bounded[attempt_s]
+
+    def _new_client(self, connect_s: float, read_s: float, retries: dict[str, Any]) -> Any:
+        config = botocore.config.Config(
+            connect_timeout=connect_s,
+            read_timeout=read_s,
+            retries=retries,
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        )
+        return self.session.client("s3", endpoint_url=self.cfg.endpoint, region_name=self.cfg.region, config=config)
+
+    def for_lease(self, attempt_s: float) -> Store:
+        """This store as a lease's own: not gated (the lease is the gate), each write bounded to `attempt_s`."""
+        store = copy.copy(self)
+        store.gated, store.write_bound_s = False, attempt_s
+        return store
 
     def __getstate__(self) -> dict[str, Any]:
         # A boto3 session and client do not pickle; each process builds its own from its own environment.
-        return {**self.__dict__, "_session": None, "_client": None}
-
-    def _way(self) -> credentials.Way:
-        """Which of the three ways this process's credentials came by (no request: the session has them)."""
-        found = self.session.get_credentials()
-        method = getattr(found, "method", None)
-        # Keys read from a file are plain Credentials, whose token is an attribute: reading it fetches nothing.
-        from_file = type(found) is botocore.credentials.Credentials and bool(found.token)
-        return credentials.way_of(method, os.environ, file_has_token=from_file)
-
-    def _check_credentials(self, what: str, target: str) -> None:
-        """Resolve the credentials, and fetch a role's, before the first request: a failure names the way
-        found and what is missing, in one line."""
-        try:
-            found = self.session.get_credentials()
-            if found is not None:
-                found.get_frozen_credentials()  # a role's first fetch (STS, the Pod Identity agent) happens here
-        except botocore.exceptions.ClientError as e:  # STS refused the role
-            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
-        except (*credentials.RESOLUTION_ERRORS, botocore.exceptions.BotoCoreError, OSError) as e:
-            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
-        if found is None:
-            raise StorageAuthError(self._no_credentials(what, target))
-
-    def _no_credentials(self, what: str, target: str) -> str:
-        return f"no S3 credentials found for {self.endpoint} while trying to {what} {target}: " + (
-            credentials.none_found(os.environ)
-        )
-
-    def _credentials_unusable(self, what: str, target: str, error: Exception) -> str:
-        return f"no usable S3 credentials for {self.endpoint} while trying to {what} {target}: " + (
-            credentials.unusable(error, os.environ)
-        )
+        return {**self.__dict__, "_session": None, "_client": None, "_bounded": {}}
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _call(self, what: str, key: str | None, request: Callable[[], Any], wait_out_outages: bool = True) -> Any:
-        """`request()`, with botocore's failures translated and, when `wait_out_outages`, outages waited out
-        (see the module's docstring)."""
+    def _call(self, what: str, key: str | None, request: Callable[[Any], Any], wait_out_outages: bool = True) -> Any:
+        """`request(client)`, with botocore's failures translated and, when `wait_out_outages`, outages waited
+        out (see the module's docstring). A write into a leased folder asks the folder's gate before every
+        attempt and is bounded to end before the lease's deadline (`dcgan_ray.storage.fence`)."""
+        writes = what in WRITES
+        gate = fence.gate_for(self.bucket, key) if writes and self.gated and key is not None else None
+        bound = gate.attempt_s if gate is not None else self.write_bound_s if writes else None
+        client = self._bounded_client(bound) if bound is not None else self.client
         attempt = 0
         while True:
+            if gate is not None:
+                gate.admit()
             try:
                 with self._errors(what, key):
-                    result = request()
+                    result = request(client)
             except _Unreachable as e:
                 target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
                 wait = (
@@ -199,13 +195,9 @@ class Store:
         try:
             yield
         except botocore.exceptions.NoCredentialsError:
-            raise StorageAuthError(self._no_credentials(what, target)) from None
+            raise StorageAuthError(credentials.none_found_message(self.endpoint, what, target)) from None
         except credentials.RESOLUTION_ERRORS as e:
-            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
-        except OSError as e:
-            if credentials.token_file_of(e, os.environ) is None:  # a local file of ours: not a credential
-                raise
-            raise StorageAuthError(self._credentials_unusable(what, target, e)) from None
+            raise StorageAuthError(credentials.unusable_message(self.endpoint, what, target, e)) from None
         except botocore.exceptions.SSLError as e:
             raise StorageError(
                 f"TLS with the S3 endpoint {self.endpoint} failed while trying to {what} {target}: "
@@ -220,9 +212,10 @@ class Store:
                 raise StorageError(f"S3 upload to {target} on {self.endpoint} failed: {e}") from None
             code = str(client_error.response.get("Error", {}).get("Code", ""))
             if client_error.operation_name in credentials.STS_OPERATIONS:  # a role refused before any S3 request
-                raise StorageAuthError(self._credentials_unusable(what, target, client_error)) from None
+                unusable = credentials.unusable_message(self.endpoint, what, target, client_error)
+                raise StorageAuthError(unusable) from None
             if code in _AUTH_CODES:
-                way = self._way()
+                way = credentials.way_of_session(self.session)
                 resource = f"s3://{self.bucket}/{self.cfg.prefix}/"
                 raise StorageAuthError(
                     f"S3 endpoint {self.endpoint} rejected the credentials ({way.hint}) while trying to {what} "
@@ -238,6 +231,10 @@ class Store:
                 f"S3 error {code or '?'} on {self.endpoint} while trying to {what} {target}: "
                 f"{client_error.response.get('Error', {}).get('Message', client_error)}"
             ) from None
+        except OSError as e:  # (last: botocore's timeouts and TLS errors are OSErrors too)
+            if credentials.token_file_of(e, os.environ) is None:  # a local file of ours: not a credential
+                raise
+            raise StorageAuthError(credentials.unusable_message(self.endpoint, what, target, e)) from None
 
     def _not_s3_message(self, answer: str) -> str:
         return (
@@ -258,10 +255,10 @@ class Store:
         Creates the bucket when `storage.create_bucket` is set (the dev stack's configs do).
         """
 
-        def bucket_exists() -> bool:
+        def bucket_exists(client: Any) -> bool:
             try:
                 # Under the prefix: a policy that lets this project list only its own prefix allows it too.
-                listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.cfg.prefix}/", MaxKeys=1)
+                listing = client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.cfg.prefix}/", MaxKeys=1)
             except botocore.exceptions.ClientError as e:
                 code = str(e.response.get("Error", {}).get("Code", ""))
                 if code == "NoSuchBucket":
@@ -274,12 +271,12 @@ class Store:
                 raise StorageError(self._not_s3_message("a reply that is not an S3 listing"))
             return True
 
-        self._check_credentials("open", f"bucket {self.bucket!r}")
+        credentials.check_session(self.session, self.endpoint, "open", f"bucket {self.bucket!r}")
         if self._call("open", None, bucket_exists, wait_out_outages=False):
             return
         if not self.cfg.create_bucket:
             raise BucketMissing(self._bucket_missing_message())
-        self._call("create", None, lambda: self.client.create_bucket(Bucket=self.bucket))
+        self._call("create", None, lambda client: client.create_bucket(Bucket=self.bucket))
         log.info("created bucket %s on %s", self.bucket, self.endpoint)
 
     def exists(self, key: str) -> bool:
@@ -290,11 +287,11 @@ class Store:
             return False
 
     def head(self, key: str) -> dict[str, Any]:
-        return self._call("read", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+        return self._call("read", key, lambda client: client.head_object(Bucket=self.bucket, Key=key))
 
     def get_bytes(self, key: str) -> bytes:
         # The body is read inside the retried call: a connection cut mid-read is retried as a whole.
-        return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        return self._call("read", key, lambda client: client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         """Write `key` only if no object has that name (PutObject with If-None-Match: *): True when this call
@@ -302,11 +299,9 @@ class Store:
         exactly one creates it. (A create whose answer was lost and was retried answers False: a caller that
         must know whether it was its own reads the object back.)"""
 
-        def create() -> bool:
+        def create(client: Any) -> bool:
             try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*"
-                )
+                client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
             except botocore.exceptions.ClientError as e:
                 if str(e.response.get("Error", {}).get("Code", "")) in _PRECONDITION_CODES:
                     return False
@@ -322,11 +317,15 @@ class Store:
         now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
         return (now - head["LastModified"]).total_seconds()
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream", once: bool = False
+    ) -> None:
+        """Write `key`; `once`: one try, no waiting out an outage (a lease's renewal, which must not land late)."""
         self._call(
             "write",
             key,
-            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
+            lambda client: client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
+            wait_out_outages=not once,
         )
 
     def upload_file(
@@ -335,7 +334,7 @@ class Store:
         """Upload with multipart for big files and a progress line; `on_bytes` also sees each count of bytes sent."""
         size = os.path.getsize(path)
 
-        def upload() -> None:
+        def upload(client: Any) -> None:
             progress = Progress(label or f"upload {Path(path).name}", size)
             callback: Callable[[int], None] = progress
             if on_bytes is not None:
@@ -345,25 +344,25 @@ class Store:
                     progress(count)
                     also(count)
 
-            self.client.upload_file(str(path), self.bucket, key, Config=TRANSFER, Callback=callback)
+            client.upload_file(str(path), self.bucket, key, Config=TRANSFER, Callback=callback)
 
         self._call("write", key, upload)
 
     def download_file(self, key: str, path: str | Path, label: str | None = None) -> None:
         """Download with parallel ranged GETs to `path` (the caller makes it atomic)."""
 
-        def download() -> None:
-            size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        def download(client: Any) -> None:
+            size = client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
             progress = Progress(label or f"download {key.rsplit('/', 1)[-1]}", size)
-            self.client.download_file(self.bucket, key, str(path), Config=TRANSFER, Callback=progress)
+            client.download_file(self.bucket, key, str(path), Config=TRANSFER, Callback=progress)
 
         self._call("read", key, download)
 
     def list_keys(self, prefix: str, start_after: str = "") -> list[str]:
         """Every key under `prefix` (in S3's order: by UTF-8 bytes), or only those after `start_after`."""
 
-        def list_all() -> list[str]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
+        def list_all(client: Any) -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix, StartAfter=start_after
             )
             return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
@@ -373,10 +372,8 @@ class Store:
     def list_folders(self, prefix: str) -> list[str]:
         """The names of the 'folders' right under `prefix` (which ends with '/'), without listing their contents."""
 
-        def list_all() -> list[str]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
-            )
+        def list_all(client: Any) -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
             return [p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
 
         return self._call("list", prefix, list_all)
@@ -384,11 +381,11 @@ class Store:
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start : start + 1000]]
-            self._call(
-                "delete",
-                chunk[0]["Key"],
-                partial(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}),
-            )
+            self._call("delete", chunk[0]["Key"], partial(_delete_objects, bucket=self.bucket, chunk=chunk))
+
+
+def _delete_objects(client: Any, bucket: str, chunk: list[dict[str, str]]) -> Any:
+    return client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
 
 
 class _Unreachable(Exception):

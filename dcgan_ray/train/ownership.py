@@ -72,7 +72,8 @@ def own(
     outcome: str | None = "failed"
     terminated = _exit_on_sigterm()
     try:
-        yield lease
+        with lease.fencing():
+            yield lease
         outcome = "done"
     except SystemExit:
         outcome = "terminated (SIGTERM)"

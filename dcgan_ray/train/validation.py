@@ -23,6 +23,7 @@ recorder folds the results into run.json at each of its writes; the driver folds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -110,6 +111,13 @@ def score_checkpoint(
     cfg = config_from_dict(config, "the job's config")
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     held = Lease.join(store, layout.prefix, layout.uri, "run", lease) if lease is not None else None
+    with held.fencing() if held is not None else contextlib.nullcontext():
+        return _score(checkpoint, cfg, store, layout, held)
+
+
+def _score(
+    checkpoint: ray.train.Checkpoint, cfg: JobConfig, store: Store, layout: RunLayout, held: Lease | None
+) -> dict[str, float]:
     folder = checkpoint.path.split("/", 1)[1].rstrip("/")  # Ray's path is bucket/key
     epoch = epoch_of_key(folder)
     result: dict[str, Any] = {"epoch": epoch, "checkpoint": store.uri(folder)}

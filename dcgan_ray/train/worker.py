@@ -12,6 +12,7 @@ through `dcgan_ray.train.recorder`; the other ranks' recorder does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -64,12 +65,14 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
     setup_logging()
     try:
         cfg = config_from_dict(loop_config["config"], "the job's config")
-        w = Worker.set_up(cfg, loop_config.get("lease"), loop_config.get("board"))
-        if w.start_epoch == 0 and w.mid_epoch is None:  # (not a run resumed in its first epoch)
-            w.recorder.first_samples(w.netG, w.evaluate())
-        for epoch in range(w.start_epoch, w.cfg.train.epochs):
-            w.end_epoch(epoch, w.train_epoch(epoch))
-        w.recorder.finished()
+        lease = join_lease(cfg, loop_config.get("lease"))
+        with lease.fencing() if lease is not None else contextlib.nullcontext():
+            w = Worker.set_up(cfg, lease, loop_config.get("board"))
+            if w.start_epoch == 0 and w.mid_epoch is None:  # (not a run resumed in its first epoch)
+                w.recorder.first_samples(w.netG, w.evaluate())
+            for epoch in range(w.start_epoch, w.cfg.train.epochs):
+                w.end_epoch(epoch, w.train_epoch(epoch))
+            w.recorder.finished()
         return None
     except Preempted:
         return PREEMPTED
@@ -79,6 +82,16 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
         log.error("rank %d stopped: %s", ray.train.get_context().get_world_rank(), e.for_job(None))
         logging.getLogger(RAY_TRAIN_FUNCTION_ERRORS_LOGGER).addFilter(lambda record: record.levelno < logging.ERROR)
         raise
+
+
+def join_lease(cfg: JobConfig, generation: int | None) -> Lease | None:
+    """Rank 0's view of its driver's lease `generation` on the run folder (None elsewhere, and without
+    conditional writes): rank 0, the one writer, checks it before its writes, commits each checkpoint to it,
+    and every write of its process into the run folder goes through its gate."""
+    if generation is None or ray.train.get_context().get_world_rank() != 0:
+        return None
+    layout = RunLayout.of(cfg)
+    return Lease.join(Store(cfg.storage), layout.prefix, layout.uri, "run", generation)
 
 
 @dataclass
@@ -105,10 +118,9 @@ class Worker:
     preemptions: PreemptionCheck | None = None
 
     @classmethod
-    def set_up(cls, cfg: JobConfig, lease_generation: int | None = None, board: Any = None) -> Worker:
-        """`lease_generation`: the driver's hold on the run folder in the bucket (None without conditional
-        writes); rank 0, the one writer, checks it before its writes and commits each checkpoint to it.
-        `board`: where every rank says how it is doing, for the driver's stall watch."""
+    def set_up(cls, cfg: JobConfig, lease: Lease | None = None, board: Any = None) -> Worker:
+        """`lease`: rank 0's view of the driver's hold on the run folder (`join_lease`); `board`: where every
+        rank says how it is doing, for the driver's stall watch."""
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
         store = Store(cfg.storage)
@@ -141,11 +153,6 @@ class Worker:
             cfg.sample.grid_size**2, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed)
         )
         layout = RunLayout.of(cfg)
-        lease = (
-            Lease.join(store, layout.prefix, layout.uri, "run", lease_generation)
-            if rank == 0 and lease_generation is not None
-            else None
-        )
         checkpointer = Checkpointer(store, layout, cfg.eval.metric, lease)
         registered = ray.train.get_checkpoint()
         state, resumed_from = checkpointer.restore(registered.path if registered is not None else None, rank)

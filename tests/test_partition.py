@@ -1,0 +1,117 @@
+"""A driver cut off from the bucket by a partition (tests/cut_proxy.py), with writes in flight: the lease's gate
+(dcgan_ray.storage.fence) keeps each of them from landing after a successor could have taken over, and lets
+them land once the cut heals when nobody did. The driver is a process of its own (tests/lease_writer.py),
+reaching the test's SeaweedFS through the proxy; the successor is this test, reaching it directly. No Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from cut_proxy import CutProxy
+from dcgan_ray.storage.lease import Lease
+from dcgan_ray.storage.lease_log import LeaseLog
+from helpers import wait_until
+
+TTL_S = 10
+
+
+class Writer:
+    """tests/lease_writer.py in a process of its own; its lines as they come."""
+
+    def __init__(self, endpoint: str, bucket: str, folder: str, writes: int):
+        script = Path(__file__).with_name("lease_writer.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), endpoint, bucket, folder, str(TTL_S), str(writes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def end(self, timeout_s: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture
+def proxy(s3_server):
+    proxy = CutProxy(urlsplit(s3_server.endpoint).port)
+    yield proxy
+    proxy.close()
+
+
+def objects(store, folder: str) -> dict[str, str]:
+    """What readers see of the folder, outside the lease's own objects: key -> ETag."""
+    keys = [k for k in store.list_keys(f"{folder}/") if "/lease/" not in k]
+    return {k: store.head(k)["ETag"] for k in keys}
+
+
+def test_a_write_in_flight_when_the_driver_is_cut_off_never_lands_after_its_successor(proxy, store, prefix):
+    """A is cut off while its run.json write is in flight. B takes the run over once A's lease expires and
+    finishes it while A is still cut off. After the heal, nothing of A's lands: run.json stays B's, A's log
+    ends in the lease's one line, and A wrote nothing after its deadline."""
+    folder = f"{prefix}/runs/r"
+    a = Writer(proxy.endpoint, store.bucket, folder, writes=10_000)
+    try:
+        wait_until(lambda: a.said("wrote 2"), 60, "A's first writes")
+        proxy.cut()
+        wait_until(lambda: a.lines[-1].startswith("writing"), 30, "A's next write, in flight through the cut")
+        b = Lease.acquire(store, folder, store.uri(folder), "run", {"cluster": "B"}, 60, wait=True)
+        store.put_bytes(f"{folder}/run.json", json.dumps({"status": "finished", "generation": b.generation}).encode())
+        b.release("done")
+        finished = objects(store, folder)
+        proxy.heal()
+        assert a.end() == 3, a.lines
+    finally:
+        proxy.heal()
+        a.end(5)
+    assert a.lines[-1].startswith("error: run s3://") and "no longer holds it: it was taken over by" in a.lines[-1]
+    assert "\n" not in a.lines[-1]
+    writes_done = [line for line in a.lines if line.startswith("wrote")]
+    assert json.loads(store.get_bytes(f"{folder}/run.json")) == {"status": "finished", "generation": b.generation}
+    assert objects(store, folder) == finished  # nothing of A's landed after B finished
+    assert len(writes_done) == sum(1 for line in a.lines if line.startswith("writing")) - 1  # the held one never did
+    kinds = [(e["kind"], e["generation"]) for e in LeaseLog(store, folder).entries()]
+    assert kinds[-2:] == [("acquire", b.generation), ("release", b.generation)], kinds
+
+
+def test_a_cut_shorter_than_the_retry_budget_is_ridden_out_when_nobody_took_over(proxy, store, prefix):
+    """The same cut, past A's deadline, with no successor: A's held write waits (its deadline passed, so it may
+    not land on its own), A renews through the log when the cut heals, and the write lands; nothing is lost."""
+    folder = f"{prefix}/runs/r"
+    a = Writer(proxy.endpoint, store.bucket, folder, writes=6)
+    try:
+        wait_until(lambda: a.said("wrote 2"), 60, "A's first writes")
+        proxy.cut()
+        wait_until(lambda: a.lines[-1].startswith("writing"), 30, "A's next write, in flight through the cut")
+        held = a.lines[-1]
+        wait_until(lambda: a.said("is past its deadline"), 60, "A's deadline to pass")
+        assert a.lines.count(held.replace("writing", "wrote")) == 0
+        proxy.heal()
+        assert a.end() == 0, a.lines
+    finally:
+        proxy.heal()
+        a.end(5)
+    assert a.said("renewed again, in the log") and a.lines[-1] == "released"
+    assert json.loads(store.get_bytes(f"{folder}/run.json"))["writes"] == 6
+    entries = LeaseLog(store, folder).entries()
+    assert [e["kind"] for e in entries][0] == "acquire" and "renew" in [e["kind"] for e in entries]
+    assert {e["generation"] for e in entries} == {1}
