@@ -76,3 +76,8 @@ class LeaseLost(DcganError):
     """The loss this process's main thread was interrupted for (`dcgan_ray.train.ownership`): the interrupt
     (a KeyboardInterrupt) can land anywhere, even in the cleanup past the code that turns it into this error,
     and the CLI still ends with this error's one line."""
+
+
+class Stalled(DcganError):
+    """A rank made no progress for the stall window, and the attempt the driver's stall watch ended for it
+    was the run's last (dcgan_ray.train.stall)."""

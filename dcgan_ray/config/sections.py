@@ -304,7 +304,10 @@ class ScalingSection:
     stall_timeout_s: float | None = field(default=None, metadata=NULL_OR_POSITIVE)
     """A rank that makes no progress this long (no step, no evaluation batch, no storage request: a hung
     collective, a wedged read, a stopped process) ends the attempt, and Ray restarts it from the newest
-    checkpoint (dcgan_ray.train.stall). null: 100 times the measured step time, at least 3 minutes."""
+    checkpoint (dcgan_ray.train.stall) up to max_failures times. An outage is not a stall: while any rank
+    waits one out within storage.retry_budget_s, no rank is stalled, whatever this is. null: 100 times the
+    measured step time, at least 3 minutes and at least storage.retry_budget_s + 1 minute (6 minutes at the
+    defaults), so a rank that waits for another retrying storage is not taken for stuck."""
     placement_timeout_s: float = field(default=900.0, metadata=POSITIVE)
     """How long a job waits for the cluster to place its (minimum number of) workers, autoscaler
     included, before it fails with what it waited for. 15 min: cloud GPU nodes take minutes to boot."""
@@ -374,10 +377,12 @@ class StorageSection:
     dcgan_ray.storage.lease): drivers on any cluster are kept apart. false for an endpoint that ignores
     conditional writes (pre-flight refuses such an endpoint otherwise): then only drivers on one Ray
     cluster are kept apart, and every run says so once."""
-    lease_ttl_s: float = field(default=60.0, metadata=rule(lambda v: 2 <= v <= 3600, "seconds in [2, 3600]"))
+    lease_ttl_s: float = field(default=60.0, metadata=rule(lambda v: 10 <= v <= 3600, "seconds in [10, 3600]"))
     """A lease not renewed for this long (seconds) may be taken over; the holder renews every quarter of
-    it. A lost driver's run waits this long for its next driver: short enough for a retry, long enough
-    that a busy driver's pause does not pass for its death."""
+    it, and writes only while a write ends before its own deadline (the last renewal, plus this, less a
+    margin: dcgan_ray.storage.fence). A lost driver's run waits this long for its next driver: short enough
+    for a retry, long enough that a busy driver's pause does not pass for its death. At least 10 s: the
+    server's timestamps are whole seconds, and a write needs room before the deadline."""
 
 
 @dataclass

@@ -26,7 +26,8 @@ from dcgan_ray.quality.metrics import check_classifier
 from dcgan_ray.ray_internals import TorchTrainerStoppingOn, train_function_exception
 from dcgan_ray.storage.arrowfs import ArrowS3FileSystem
 from dcgan_ray.storage.layout import RunLayout, runs_prefix, scratch_prefix
-from dcgan_ray.storage.lease import Lease, check_conditional_writes
+from dcgan_ray.storage.lease import Lease
+from dcgan_ray.storage.lease_status import check_conditional_writes
 from dcgan_ray.storage.runs import (
     epochs_durable,
     merge_results,
@@ -41,7 +42,7 @@ from dcgan_ray.train.board import ProgressBoard
 from dcgan_ray.train.interruptions import PREEMPTED
 from dcgan_ray.train.ownership import lost_lease, own
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
-from dcgan_ray.train.stall import StallWatch
+from dcgan_ray.train.stall import StallWatch, stall_error
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
 from dcgan_ray.train.worker import train_worker
@@ -161,6 +162,13 @@ def _fit_once(cfg: JobConfig, lease: Lease | None, **run_kwargs) -> ray.train.Re
     watch = StallWatch(cfg, board)
     try:
         return make_trainer(cfg, lease, board, **run_kwargs).fit()
+    except ray.train.TrainingFailedError as e:
+        watch.stop()
+        if watch.ended is not None and our_error(e) is None:
+            # The watch killed the last attempt's workers, which Ray reports as "actor killed": the stall is
+            # the cause, and our_error finds it there (after a worker's own error and a lost lease).
+            raise e from stall_error(watch.ended, cfg)
+        raise
     finally:
         watch.stop()
         ray.kill(board)

@@ -2,14 +2,18 @@
 
 Every rank beats (`dcgan_ray.progress`) at each step, evaluation batch and storage request (a storage
 outage's retries beat too: waiting one out is not being stuck), and a thread of its own tells the run's
-`ProgressBoard`, a Ray actor of the driver's, every `BEAT_S` how long it has been idle and at which step it
-is. The driver's `StallWatch` thread reads the board. A rank is stalled when its idleness passes the window
-(`scaling.stall_timeout_s`; by default 100 times the measured step time, at least 3 minutes): a hung
-collective or a wedged read (its beats go on, idle), or a stopped process (its beats stop, and its actor
-does not answer). Then the driver logs one line naming the rank, its node and pid and its last step, asks
-every rank to write its threads' Python stacks (`faulthandler`) to the run folder (`stalls/<when>/`; a
-stopped process cannot), and kills the attempt's workers: Ray Train restarts the attempt from the newest
-checkpoint (a restart counted against scaling.max_failures).
+`ProgressBoard`, a Ray actor of the driver's, every `BEAT_S` how long it has been idle, at which step it
+is, and how long its process has been waiting out a storage outage (`dcgan_ray.storage.outages`). The
+driver's `StallWatch` thread reads the board. A rank is stalled when its idleness passes the window
+(`window_s`): a hung collective or a wedged read (its beats go on, idle), or a stopped process (its beats
+stop, and its actor does not answer). An outage is not a stall: while any rank waits one out within
+storage.retry_budget_s, the ranks waiting for it in a collective are idle but not stalled
+(`stalled_ranks`); past the budget, the retrying rank's own error ends the attempt. When a rank is stalled
+the driver logs one line naming the rank, its node and pid and its last step, asks every rank to write its
+threads' Python stacks (`faulthandler`) to the run folder (`stalls/<when>/`; a stopped process cannot),
+and kills the attempt's workers: Ray Train restarts the attempt from the newest checkpoint (a restart
+counted against scaling.max_failures), and when it does not, the run fails with the stall's own line
+(`stall_error`), not with Ray's "actor killed".
 
 Ray Train's own check marks a worker that stopped answering dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
 (10 minutes), without stacks; a worker hung in a collective answers it and is never caught.
@@ -30,7 +34,9 @@ import ray
 
 from dcgan_ray import progress
 from dcgan_ray.config import JobConfig
+from dcgan_ray.errors import Stalled
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.outages import outage_seconds
 from dcgan_ray.storage.s3 import Store
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ BEAT_S = 2.0
 """How often each rank tells the board where it is, and the driver reads it."""
 MIN_WINDOW_S = 180.0
 STEPS_IN_WINDOW = 100
+OUTAGE_SLACK_S = 60.0
+"""How much longer than storage.retry_budget_s a storage outage can keep ranks idle (see `window_s`)."""
 ANSWER_S = 5.0
 """How long a worker's actor has to answer before it counts as stopped."""
 DUMP_WAIT_S = 5.0
@@ -68,7 +76,13 @@ class RankBeat:
 
     def _run(self) -> None:
         while True:
-            beat = {**self.me, "step": self.step, "idle_s": progress.idle_s(), "step_s": self.step_s()}
+            beat = {
+                **self.me,
+                "step": self.step,
+                "idle_s": progress.idle_s(),
+                "step_s": self.step_s(),
+                "outage_s": outage_seconds(self.store.endpoint),
+            }
             try:
                 ask = ray.get(self.board.beat.remote(self.rank, beat), timeout=30)
             except Exception:  # noqa: BLE001 -- the board is the driver's: gone with it, or busy; beat again
@@ -94,6 +108,9 @@ class StallWatch:
         self.cfg, self.board = cfg, board
         self.store, self.layout = Store(cfg.storage), RunLayout.of(cfg)
         self.stalls: list[dict[str, Any]] = []
+        self.ended: dict[str, Any] | None = None
+        """The last stall, while no later attempt has beaten: the one that ended the run if fit() fails."""
+        self._killed: set[tuple[str, int]] = set()  # (node, pid) of every worker the watch killed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
         self._thread.start()
@@ -101,12 +118,6 @@ class StallWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-    def window_s(self, ranks: dict[int, dict[str, Any]]) -> float:
-        if self.cfg.scaling.stall_timeout_s is not None:
-            return self.cfg.scaling.stall_timeout_s
-        steps = [r["step_s"] for r in ranks.values() if r.get("step_s")]
-        return max(MIN_WINDOW_S, STEPS_IN_WINDOW * statistics.median(steps)) if steps else MIN_WINDOW_S
 
     def _run(self) -> None:
         failed = False
@@ -121,9 +132,12 @@ class StallWatch:
 
     def _look(self) -> None:
         ranks = ray.get(self.board.read.remote(), timeout=30)
-        window, now = self.window_s(ranks), time.time()
-        idle = {rank: r["idle_s"] + (now - r["received"]) for rank, r in ranks.items()}
-        over = {rank: _answers(ranks[rank]["actor"]) for rank in sorted(ranks) if idle[rank] > window}
+        if any((r["node"], r["pid"]) not in self._killed for r in ranks.values()):
+            self.ended = None  # a later attempt runs: the last stall did not end the run
+        budget = self.cfg.storage.retry_budget_s
+        window = window_s(ranks, self.cfg.scaling.stall_timeout_s, budget)
+        idle = stalled_ranks(ranks, window, time.time(), budget)
+        over = {rank: _answers(ranks[rank]["actor"]) for rank in sorted(idle)}
         for rank in [rank for rank, answer in over.items() if answer is None]:  # an attempt that ended: no stall
             self.board.forget.remote(rank)
         stuck = {rank: answer for rank, answer in over.items() if answer is not None}
@@ -136,20 +150,26 @@ class StallWatch:
         self, rank: int, r: dict[str, Any], idle: float, window: float, ranks: dict, stopped: bool
     ) -> None:
         prefix = f"{self.layout.prefix}/stalls/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        stall = {
+            "rank": rank,
+            "node": r["node"],
+            "pid": r["pid"],
+            "step": r["step"],
+            "idle_s": idle,
+            "window_s": window,
+            "stopped": stopped,
+            "stacks": f"{self.store.uri(prefix)}/",
+        }
         log.error(
-            "rank %d on node %s (pid %d) made no progress for %.0f s, at step %d (%s; the window: %.0f s, "
-            "scaling.stall_timeout_s): ending this attempt, which Ray Train restarts from the newest "
-            "checkpoint; the ranks' Python stacks go to %s/",
-            rank,
-            r["node"][:12],
-            r["pid"],
-            idle,
-            r["step"],
-            "its process does not answer" if stopped else "its process answers, its training does not move",
-            window,
-            self.store.uri(prefix),
+            "%s: ending this attempt, which Ray Train restarts from the newest checkpoint while "
+            "scaling.max_failures (%d) allows; the ranks' Python stacks go to %s",
+            describe_stall(stall),
+            self.cfg.scaling.max_failures,
+            stall["stacks"],
         )
-        self.stalls.append({"rank": rank, "pid": r["pid"], "step": r["step"], "stacks": prefix, "stopped": stopped})
+        self.stalls.append(stall)
+        self.ended = stall
+        self._killed.update((other["node"], other["pid"]) for other in ranks.values())
         ray.get(self.board.ask_for_stacks.remote(prefix))
         time.sleep(DUMP_WAIT_S)
         ray.get(self.board.ask_for_stacks.remote(None))
@@ -157,6 +177,60 @@ class StallWatch:
             ray.kill(other["actor"], no_restart=True)
         for other in ranks:
             self.board.forget.remote(other)
+
+
+def window_s(ranks: dict[int, dict[str, Any]], stall_timeout_s: float | None, retry_budget_s: float) -> float:
+    """How long a rank may make no progress before it is stalled: scaling.stall_timeout_s, the user's choice,
+    or by default STEPS_IN_WINDOW times the ranks' median step time (a slow step is not a stall), at least
+    MIN_WINDOW_S, and at least storage.retry_budget_s + OUTAGE_SLACK_S. That last floor is for outages that
+    `stalled_ranks` cannot see yet or at all: a rank waits in a collective for one that retries storage
+    before the retrying rank's next beat reports its outage, and Ray Train's own checkpoint uploads retry
+    in pyarrow (`dcgan_ray.storage.arrowfs`), which neither beats nor reports an outage, for about the
+    budget (the waits are random: the slack covers their spread, a beat's delay and the last backoff)."""
+    if stall_timeout_s is not None:
+        return stall_timeout_s
+    steps = [r["step_s"] for r in ranks.values() if r.get("step_s")]
+    measured = STEPS_IN_WINDOW * statistics.median(steps) if steps else 0.0
+    return max(MIN_WINDOW_S, retry_budget_s + OUTAGE_SLACK_S, measured)
+
+
+def stalled_ranks(
+    ranks: dict[int, dict[str, Any]], window: float, now: float, retry_budget_s: float
+) -> dict[int, float]:
+    """The ranks idle longer than `window` at `now` (the board's clock), with how long each has been idle.
+
+    `ranks` are the board's last beats (`idle_s`, `outage_s`, and `received`, when the board got them). None
+    is stalled while any rank waits out a storage outage younger than storage.retry_budget_s +
+    OUTAGE_SLACK_S: the others wait for it in a collective, and it beats. Past the budget the retrying rank
+    raises the outage's own error, which ends the attempt in its own line (the slack gives that error time to
+    arrive first); an outage that lasts longer anyway (a rank stopped while it retried) excuses no more.
+    """
+    outages = [r["outage_s"] + (now - r["received"]) for r in ranks.values() if r.get("outage_s") is not None]
+    if any(outage <= retry_budget_s + OUTAGE_SLACK_S for outage in outages):
+        return {}
+    idle = {rank: r["idle_s"] + (now - r["received"]) for rank, r in ranks.items()}
+    return {rank: seconds for rank, seconds in idle.items() if seconds > window}
+
+
+def describe_stall(stall: dict[str, Any]) -> str:
+    """What the watch saw of a stalled rank, for its log line and the run's error."""
+    return (
+        f"rank {stall['rank']} on node {stall['node'][:12]} (pid {stall['pid']}) made no progress for "
+        f"{stall['idle_s']:.0f} s, at step {stall['step']} ("
+        + ("its process does not answer" if stall["stopped"] else "its process answers, its training does not move")
+        + f"; the window: {stall['window_s']:.0f} s, scaling.stall_timeout_s)"
+    )
+
+
+def stall_error(stall: dict[str, Any], cfg: JobConfig) -> Stalled:
+    """The run's error when the attempt a stall ended was its last (scaling.max_failures spent)."""
+    return Stalled(
+        f"training of {cfg.name} stopped: {describe_stall(stall)}, so the stall watch ended the attempt and "
+        f"scaling.max_failures = {cfg.scaling.max_failures} allowed no further restart; the ranks' Python stacks "
+        f"are in {stall['stacks']}. If the work is legitimately this slow, raise scaling.stall_timeout_s; to "
+        "restart a stalled attempt from the newest checkpoint, raise scaling.max_failures. Artifacts so far: "
+        f"{RunLayout.of(cfg).uri}; resubmit to resume"
+    )
 
 
 def _answers(actor: Any) -> bool | None:
