@@ -19,8 +19,11 @@ import asyncio
 import logging
 import os
 import shlex
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from typing import Any
 from dcgan_ray.config import JobConfig, StorageSection
 from dcgan_ray.errors import ClusterError, DcganError, LeaseHeld
 from dcgan_ray.storage.layout import RunLayout, study_name, study_prefix, study_report_prefix
-from dcgan_ray.storage.lease import ownership, release_folder
+from dcgan_ray.storage.lease_status import ownership, release_folder
 from dcgan_ray.storage.runs import new_run_manifest, read_run_manifest, write_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
@@ -43,23 +46,66 @@ WORKING_DIR_EXCLUDES = [".venv", ".git", "demo-output", "run-pages", "**/__pycac
 STATES = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "finished", "FAILED": "failed", "STOPPED": "stopped"}
 
 
-def _client(address: str | None):
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+"""The variables Ray's job and state clients use in place of the address they are given (the first one set)."""
+_address_variables_lock = threading.Lock()
+
+
+class ClusterUnreachable(ClusterError):
+    """Ray's job API at `address` does not answer, or is not Ray's; `reason` is the first line of Ray's error."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach Ray's job API at {address} ({reason}): is the cluster up "
+            "(`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
+        )
+        self.address, self.reason = address, reason
+
+
+def default_address() -> str:
+    """The cluster a command without --address talks to, in Ray's own order: RAY_API_SERVER_ADDRESS, then
+    RAY_ADDRESS (both as `ray job` reads them), then the local head's job API."""
+    return next((os.environ[v] for v in ADDRESS_VARIABLES if os.environ.get(v)), DEFAULT_ADDRESS)
+
+
+@contextmanager
+def _address_wins(address: str) -> Iterator[None]:
+    """Around building a Ray job or state client for `address`: the address it is given is the one it uses.
+
+    Ray's `get_address_for_submission_client`, which the constructors of JobSubmissionClient and
+    StateApiClient (so also `list_nodes(address=...)`) call, replaces the address by RAY_API_SERVER_ADDRESS,
+    else RAY_ADDRESS, so a --address would lose to a variable left over from another cluster. Ray has no
+    argument to turn that off; the variables are process-wide, so they are hidden under a lock and put
+    back at once."""
+    with _address_variables_lock:
+        hidden = {v: os.environ.pop(v) for v in ADDRESS_VARIABLES if v in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(hidden)
+
+
+def job_client(address: str | None) -> tuple[Any, str]:
+    """Ray's JobSubmissionClient for the cluster at `address` (None: `default_address()`), and the job API URL
+    it talks to. A given address wins over RAY_API_SERVER_ADDRESS and RAY_ADDRESS. Every command that talks
+    to a cluster's job API builds its client here."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    address = address or default_address()
     try:
-        return JobSubmissionClient(address), address
+        with _address_wins(address):
+            client = JobSubmissionClient(address)  # asks the job API for its version: raises if none answers
     except (ConnectionError, RuntimeError) as e:
-        raise ClusterError(
-            f"cannot reach Ray's job API at {address} ({str(e).splitlines()[0][:200]}): is the "
-            "cluster up (`cluster/local.sh status`)? Pass --address or set RAY_API_SERVER_ADDRESS"
-        ) from None
+        raise ClusterUnreachable(address, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+    return client, client.get_address()
 
 
 def _offers_job_slot(address: str) -> bool:
     from ray.util.state import list_nodes
 
-    return any(JOB_SLOT in (n.resources_total or {}) for n in list_nodes(address=address, detail=True))
+    with _address_wins(address):
+        nodes = list_nodes(address=address, detail=True)
+    return any(JOB_SLOT in (n.resources_total or {}) for n in nodes)
 
 
 def _tracked_name(cfg: JobConfig, kind: str) -> tuple[str, str]:
@@ -82,7 +128,7 @@ def submit(
     YAML in the checkout, or the s3:// URI of a run or study folder (its recorded config). A run or study
     whose lease another live driver holds, on any cluster, is refused unless `wait_for_lease`, which its
     driver then does."""
-    client, address = _client(address)
+    client, address = job_client(address)
     if config_path.startswith("s3://"):
         config_arg = config_path
     else:
@@ -174,7 +220,7 @@ class JobRow:
 
 def list_jobs(address: str | None = None) -> list[JobRow]:
     """This project's submissions, newest first, with their run's epoch and best metric from run.json."""
-    client, _ = _client(address)
+    client, _ = job_client(address)
     rows = []
     for j in sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True):
         meta = j.metadata or {}
@@ -280,7 +326,7 @@ def stop_run(
     Ray 2.60 cannot end a job that still waits for its job slot: it delivers the stop when the job would
     start, and the job then ends at once, STOPPED, before its entrypoint does anything. Until then Ray
     lists it as PENDING; run.json already says `stopped`, and `submit` lets the run be submitted again."""
-    client, address = _client(address)
+    client, address = job_client(address)
     manifest = read_run_manifest(store, layout)
     active = [j for j in run_submissions(client, layout, manifest) if j.status.value in ACTIVE]
     if not active:
@@ -319,17 +365,13 @@ def _wait_until_gone(client: Any, address: str, job: Any, wait_s: float) -> None
         ended = info.status.value not in ACTIVE
         # Detached actors outlive the job that created them by design (Ray Train's elastic policy creates
         # Ray Data's cluster-wide AutoscalingCoordinator in the first job that asks for it).
-        alive = (
-            [
-                a
-                for a in list_actors(
+        alive: list[Any] = []
+        if ended and info.job_id:
+            with _address_wins(address):
+                listed = list_actors(
                     address=address, filters=[("job_id", "=", info.job_id), ("state", "=", "ALIVE")], detail=True
                 )
-                if not a.is_detached
-            ]
-            if ended and info.job_id
-            else []
-        )
+            alive = [a for a in listed if not a.is_detached]
         if ended and not alive:
             return
         if time.monotonic() > deadline:
@@ -354,7 +396,7 @@ def _refresh_page(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> 
 def job_logs(store: Store, layout: RunLayout, follow: bool, out: Any, address: str | None = None) -> str:
     """Write the log of the run's newest job to `out` (with `follow`, as it grows, until the job ends);
     returns its submission id."""
-    client, address = _client(address)
+    client, address = job_client(address)
     jobs = run_submissions(client, layout, read_run_manifest(store, layout))
     if not jobs:
         raise DcganError(_no_job_message(layout, address))

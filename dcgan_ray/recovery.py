@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcgan_ray.errors import DcganError, StorageError
-from dcgan_ray.jobs import STATES, submit
+from dcgan_ray.jobs import STATES, ClusterUnreachable, job_client, submit
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
-from dcgan_ray.storage.lease import ownership
+from dcgan_ray.storage.lease_status import ownership
 from dcgan_ray.storage.runs import load_job, read_run_manifest
 from dcgan_ray.storage.s3 import Store
 
@@ -55,10 +55,11 @@ def orphaned(store: Store, folder: str, record: dict[str, Any]) -> str | None:
 
 def queued_job_gone(address: str, submission_id: str) -> str | None:
     """Why a submission queued on the cluster at `address` will never start; None while it may."""
-    from ray.job_submission import JobSubmissionClient
-
     try:
-        status = JobSubmissionClient(address).get_job_status(submission_id).value
+        client, _ = job_client(address)
+        status = client.get_job_status(submission_id).value
+    except ClusterUnreachable as e:
+        return f"the cluster it was queued on ({address}) does not answer ({e.reason[:120]})"
     except (ConnectionError, RuntimeError, ValueError) as e:
         text = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         if "does not exist" in text or "not found" in text.lower():

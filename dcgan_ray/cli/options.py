@@ -14,7 +14,10 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `dcgan-ra
     from dcgan_ray.storage.layout import RunLayout
     from dcgan_ray.storage.s3 import Store
 
-ADDRESS_HELP = "Ray job API URL (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)"
+ADDRESS_HELP = (
+    "Ray job API URL; it wins over the environment (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, "
+    "else http://127.0.0.1:8265)"
+)
 
 
 def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
