@@ -344,8 +344,14 @@ def stop_run(
         if client.get_job_status(job.submission_id).value != "PENDING":
             _wait_until_gone(client, address, job, wait_s)
     # Only now: until its workers were gone, rank 0 could still write run.json. The lease goes too, so a
-    # resubmission takes the run at once instead of waiting out its ttl.
-    release_folder(store, layout.prefix, "stopped by dcgan-ray stop")
+    # resubmission takes the run at once instead of waiting out its ttl; but only the lease of a job this
+    # stopped: a driver that took the run over since keeps it, and its run.json.
+    ours = {job.submission_id for job in active}
+    release_folder(store, layout.prefix, "stopped by dcgan-ray stop", ours)
+    holder = ownership(store, layout.prefix).holder
+    if holder is not None and holder["holder"].get("submission_id") not in ours:
+        log.info("run %s is held by another driver now; its run.json is left to it", layout.uri)
+        return stopped
     manifest = read_run_manifest(store, layout)
     if manifest is not None:
         manifest["status"] = "stopped"

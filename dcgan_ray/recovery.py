@@ -44,6 +44,8 @@ def orphaned(store: Store, folder: str, record: dict[str, Any]) -> str | None:
     status = record.get("status")
     if status in UNFINISHED:
         held = ownership(store, folder)
+        if held.status_of(record) not in UNFINISHED:  # the log says it ended; run.json is a stale driver's
+            return None
         if held.state == "expired":
             return f"its driver has not renewed its lease for {held.age_s:.0f} s (its cluster is gone)"
         if held.state == "released":

@@ -40,7 +40,7 @@ def list_runs(
         layout = RunLayout(store.bucket, f"{runs_prefix.strip('/')}/{name}")
         try:
             m = read_run_manifest(store, layout)
-            lease = ownership(store, layout.prefix).describe()
+            held = ownership(store, layout.prefix)
         except StorageError as e:  # a damaged or planted run.json or lease entry: say so in its row, list the others
             rows.append(RunRow(name, "unreadable", "", str(e).split(" (", 1)[0][:80], "", ""))
             continue
@@ -51,12 +51,12 @@ def list_runs(
         rows.append(
             RunRow(
                 name,
-                "orphaned" if why else str(m.get("status", "?")),
+                "orphaned" if why else held.status_of(m),
                 f"{m.get('epochs_completed', 0)}/{m.get('epochs_total', '?')}",
                 f"{best['metric']} {best['value']:.2f} @{best['epoch']}" if best else "",
                 str(m.get("updated", "")),
                 str(m.get("submission_id") or ""),
-                lease if lease != "none" else "",
+                held.describe() if held.state != "none" else "",
                 why,
             )
         )

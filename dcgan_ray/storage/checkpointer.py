@@ -56,6 +56,7 @@ class Checkpointer:
 
     def __init__(self, store: Store, layout: RunLayout, metric: str, lease: Lease | None = None):
         self.store, self.layout, self.metric, self.lease = store, layout, metric, lease
+        self._own: list[str] = []  # this generation's uncommitted folders, as `_newest_first` found them
 
     def folders(self) -> list[str]:
         """Keys of the run's checkpoint folders (no trailing '/'), newest epoch first (`_rK` after its base)."""
@@ -90,17 +91,17 @@ class Checkpointer:
         folders = self.folders()
         for folder in self._remove_cut_uploads(folders, first, committed):
             folders.remove(folder)
-        stale = [f for f in folders if f not in committed and not self._ours_or_older(f)]  # (removed)
-        folders = [f for f in folders if f not in stale]
-        candidates = (
-            [first] + [f for f in folders if f != first] if first is not None and first not in stale else folders
-        )
+        candidates = self._newest_first(folders, committed)
+        if first is not None and first in candidates:
+            candidates = [first] + [f for f in candidates if f != first]
         for folder in candidates:
             try:
                 state = read_checkpoint_dir(self.store, folder, committed.get(folder))
             except CheckpointError as e:
                 log.warning("%s; trying the run's older checkpoints", e)
                 continue
+            if self.lease is not None and folder not in committed and folder in self._own:
+                self._commit(folder, epoch_of_key(folder))  # resumed from: part of the run's history now
             if first is None:
                 log.debug(
                     "Ray Train has no checkpoint of run %s registered; its newest intact one is %s",
@@ -121,20 +122,29 @@ class Checkpointer:
             return {}
         return {c["checkpoint"]: c["manifest_sha256"] for c in self.lease.state.checkpoints()}
 
-    def _ours_or_older(self, folder: str) -> bool:
-        """An uncommitted folder may be resumed from when this generation wrote it, or when it predates the
-        lease (its manifest names no generation); another generation's is removed."""
+    def _newest_first(self, folders: list[str], committed: dict[str, str]) -> list[str]:
+        """The folders to resume from, newest first by the run's history, not by name (after an elastic resize
+        a mid-epoch folder's step count restarts): this generation's uncommitted uploads (a worker lost between
+        its upload and its commit), then the commits in the log's order, then folders from before the lease
+        (their manifests name no generation). Another generation's uncommitted folder is a stale driver's, or
+        a dead one's last upload: it is removed. Without a lease, by name."""
         if self.lease is None:
-            return True
-        generation = manifest_generation(get_or_none(self.store, f"{folder}/{MANIFEST_FILE}"))
-        if generation is None or generation == self.lease.generation:
-            return True
-        self._remove(
-            folder,
-            f"was written by lease generation {generation} and never committed (that driver lost the run's lease, "
-            "or died before its commit): removed it; the run resumes from its committed history",
-        )
-        return False
+            return folders
+        self._own, older = [], []
+        for folder in [f for f in folders if f not in committed]:
+            generation = manifest_generation(get_or_none(self.store, f"{folder}/{MANIFEST_FILE}"))
+            if generation is None:
+                older.append(folder)
+            elif generation == self.lease.generation:
+                self._own.append(folder)
+            else:
+                self._remove(
+                    folder,
+                    f"was written by lease generation {generation} and never committed (that driver lost the run's "
+                    "lease, or died before its commit): removed it; the run resumes from its committed history",
+                )
+        in_log = [c["checkpoint"] for c in self.lease.state.checkpoints() if c["checkpoint"] in folders]
+        return self._own + list(dict.fromkeys(in_log)) + older
 
     def _remove(self, folder: str, why: str) -> None:
         self.store.delete(self.store.list_keys(f"{folder}/"))
@@ -197,14 +207,17 @@ class Checkpointer:
         )
         if self.lease is not None:
             faults.reached("before_commit", epoch_of_key(folder))
-            self.lease.commit(
-                {
-                    "epoch": epoch_of_key(folder),
-                    "checkpoint": folder,
-                    "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-                }
-            )
+            self._commit(folder, epoch_of_key(folder), manifest)
         return folder
+
+    def _commit(self, folder: str, epoch: int, manifest: bytes | None = None) -> None:
+        """Commit the checkpoint in `folder` to the lease log: its manifest's sha256 (read back when not given)."""
+        assert self.lease is not None
+        if manifest is None:
+            manifest = self.store.get_bytes(f"{folder}/{MANIFEST_FILE}")
+        self.lease.commit(
+            {"epoch": epoch, "checkpoint": folder, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+        )
 
     def keep_if_best(
         self, best: dict[str, Any] | None, epoch: int, value: float | None, state: Callable[[], dict[str, Any]]

@@ -83,3 +83,9 @@ def gate_for(bucket: str, key: str) -> Gate | None:
     with _lock:
         found = [(len(f), g) for (b, f), g in _gates.items() if b == bucket and (key == f or key.startswith(f + "/"))]
     return max(found, key=lambda x: x[0])[1] if found else None
+
+
+def generation_for(bucket: str, key: str) -> int | None:
+    """The lease generation this process writes `key` as (None: not under a lease of this process)."""
+    gate = gate_for(bucket, key)
+    return gate.generation if gate is not None else None

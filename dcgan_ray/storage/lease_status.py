@@ -43,11 +43,13 @@ def release_folder(store: Store, folder: str, reason: str, submissions: set[str]
 
 @dataclass
 class Ownership:
-    """What `dcgan-ray runs` and `recover` need to know of a folder's lease."""
+    """What `dcgan-ray runs` and `recover` need to know of a folder's lease: who holds it, and the end state
+    its log records last (a `commit` with `state`: finished or failed)."""
 
     state: str  # "none" (no log), "held", "released", "expired"
     holder: dict[str, Any] | None = None
     age_s: float | None = None
+    ended: dict[str, Any] | None = None
 
     def describe(self) -> str:
         if self.state == "held" and self.holder is not None:
@@ -57,6 +59,16 @@ class Ownership:
             return f"expired {self.age_s:.0f}s ago"
         return self.state
 
+    def status_of(self, record: dict[str, Any]) -> str:
+        """The status of the run (or study) whose run.json (study.json) is `record`: the record's, unless an
+        older generation wrote it than the one whose end state the log records last (a stale driver's write
+        that landed late): then the log's, which the server fenced."""
+        status = str(record.get("status", "?"))
+        written_by = record.get("generation")
+        if self.ended is not None and isinstance(written_by, int) and written_by < self.ended["generation"]:
+            return str(self.ended["state"])
+        return status
+
 
 def ownership(store: Store, folder: str) -> Ownership:
     log_ = LeaseLog(store, folder)
@@ -64,11 +76,16 @@ def ownership(store: Store, folder: str) -> Ownership:
     if not entries:
         return Ownership("none")
     state = LeaseState.of(entries)
+    ended = next((c for c in reversed(state.commits) if c.get("state") in END_STATES), None)
     if state.holder is None:
-        return Ownership("released")
+        return Ownership("released", ended=ended)
     age = log_.age_s(state)
     expired = age > state.holder["holder"]["ttl_s"] or process_gone(state.holder)
-    return Ownership("expired" if expired else "held", state.holder, age)
+    return Ownership("expired" if expired else "held", state.holder, age, ended)
+
+
+END_STATES = ("finished", "failed")
+"""The end states a driver commits to the lease log before it writes them into run.json."""
 
 
 def check_conditional_writes(store: Store, scratch_prefix: str) -> None:

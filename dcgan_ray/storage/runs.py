@@ -22,7 +22,7 @@ from typing import Any
 
 from dcgan_ray.config import JobConfig, StorageSection, config_from_dict, load_config, parse_override
 from dcgan_ray.errors import DcganError, ObjectMissing, StorageError
-from dcgan_ray.storage import checks
+from dcgan_ray.storage import checks, fence
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
@@ -110,8 +110,20 @@ def load_job(config: str, overrides: list[str]) -> JobConfig:
 
 
 def write_run_manifest(store: Store, layout: RunLayout, manifest: dict[str, Any]) -> None:
+    """Write run.json, stamped with the lease generation that writes it (under a lease): readers take the lease
+    log's end state over a run.json an older generation wrote (`Ownership.status_of`)."""
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    generation = fence.generation_for(store.bucket, layout.manifest_key)
+    if generation is not None:
+        manifest["generation"] = generation
+        manifest["authority"] = AUTHORITY
     store.put_bytes(layout.manifest_key, json.dumps(manifest, indent=2).encode(), "application/json")
+
+
+AUTHORITY = (
+    "the run's lease log (lease/log/ in this folder) decides its state: a commit there of a later generation than "
+    "this file's outranks this file (dcgan-ray runs shows the log's word)"
+)
 
 
 def new_run_manifest(cfg: JobConfig, layout: RunLayout) -> dict[str, Any]:
@@ -133,14 +145,6 @@ def epochs_durable(manifest: dict[str, Any]) -> int:
     for a run.json written before durability was recorded)."""
     checkpoints = manifest.get("checkpoints") or {}
     return checkpoints.get("durable_epoch", manifest.get("epochs_completed", 0))
-
-
-def set_run_status(store: Store, layout: RunLayout, status: str) -> None:
-    """Mark an existing run (e.g. `failed` when the driver sees the fit fail); a missing run stays missing."""
-    manifest = read_run_manifest(store, layout)
-    if manifest:
-        manifest["status"] = status
-        write_run_manifest(store, layout, manifest)
 
 
 # With eval.in_task each scoring task writes its result to `validations/epoch_NNNN.json` (see

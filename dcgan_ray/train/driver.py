@@ -33,7 +33,6 @@ from dcgan_ray.storage.runs import (
     merge_results,
     new_run_manifest,
     read_run_manifest,
-    set_run_status,
     unscored_epochs,
     write_run_manifest,
 )
@@ -42,6 +41,7 @@ from dcgan_ray.train.board import ProgressBoard
 from dcgan_ray.train.interruptions import PREEMPTED
 from dcgan_ray.train.ownership import lost_lease, own
 from dcgan_ray.train.placement import ensure_placeable, placement_strategy
+from dcgan_ray.train.recorder import commit_end
 from dcgan_ray.train.stall import StallWatch, stall_error
 from dcgan_ray.train.validation import validation_config, warn_if_scoring_waits
 from dcgan_ray.train.watch import publish_after_training
@@ -263,6 +263,7 @@ def _train_holding(
             previous = finish_scored_run(store, layout, cfg, previous, lease)
         elif previous.get("status") != "finished":  # e.g. `queued` by a resubmission of a finished run
             previous["status"] = "finished"
+            commit_end(lease, "finished", previous)
             write_run_manifest(store, layout, previous)
         log.info(
             "run %s already completed %d of %d epochs: nothing to train (raise train.epochs to go on)",
@@ -297,7 +298,7 @@ def _train_holding(
         if isinstance(error, LeaseLost):  # the run goes on under another driver: write nothing, say so
             raise error from None
         if not isinstance(error, StorageUnreachable):  # (writing run.json would wait out the outage again)
-            _mark_failed(store, layout, cfg)
+            _mark_failed(store, layout, cfg, lease)
         if error is not None:
             raise error from None  # the worker's own error: the CLI prints its one line
         raise DcganError(
@@ -332,8 +333,7 @@ def finish_scored_run(store: Store, layout: RunLayout, cfg: JobConfig, manifest:
             cfg.eval.task_timeout_s,
         )
     manifest["status"] = "finished"
-    if lease is not None:
-        lease.check()
+    commit_end(lease, "finished", manifest)
     write_run_manifest(store, layout, manifest)
     publish_after_training(cfg, manifest, scored_late)
     best = manifest.get("checkpoints", {}).get("best")
@@ -357,10 +357,13 @@ def _storage_down(store: Store, cfg: JobConfig) -> StorageUnreachable | None:
     return None
 
 
-def _mark_failed(store: Store, layout: RunLayout, cfg: JobConfig) -> None:
+def _mark_failed(store: Store, layout: RunLayout, cfg: JobConfig, lease: Lease | None) -> None:
     try:
-        set_run_status(store, layout, "failed")
         manifest = read_run_manifest(store, layout)
+        if manifest:
+            manifest["status"] = "failed"
+            commit_end(lease, "failed", manifest)
+            write_run_manifest(store, layout, manifest)
     except StorageError as e:
         log.warning("could not mark %s as failed: %s", layout.uri, e)
         return

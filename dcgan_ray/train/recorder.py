@@ -29,6 +29,7 @@ from dcgan_ray.quality.metrics import describe_metrics
 from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.images import gif_bytes, grid_image, png_bytes
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.runs import (
     discard_results_after,
     merge_results,
@@ -342,6 +343,8 @@ class RunRecorder(Recorder):
         ):  # (already finished by the other caller)
             return
         m["status"] = "scoring" if self.cfg.eval.in_task else "finished"
+        if m["status"] == "finished":
+            commit_end(self.lease, "finished", m)
         self.watch.finished(m)
         log.info(
             "training finished: %d epochs; samples %s, animation %s, latest checkpoint %s",
@@ -382,6 +385,13 @@ class RunRecorder(Recorder):
     def _save(self) -> None:
         self._check_lease()
         write_run_manifest(self.store, self.layout, self.manifest)
+
+
+def commit_end(lease: Lease | None, state: str, manifest: dict[str, Any]) -> None:
+    """Commit the run's end state to its lease log, before run.json says it: the log is what readers believe
+    when a run.json an older generation wrote landed late (`Ownership.status_of`)."""
+    if lease is not None:
+        lease.commit({"state": state, "epochs_completed": manifest.get("epochs_completed", 0)})
 
 
 def recorder_for(
