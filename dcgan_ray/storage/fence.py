@@ -54,6 +54,9 @@ class Gate(Protocol):
     @property
     def attempt_s(self) -> float: ...
 
+    def left_s(self) -> float:
+        """Seconds until the deadline, by this process's clock."""
+
     def admit(self) -> None:
         """Return once an attempt of `attempt_s` ends before the deadline; LeaseLost when the lease is lost."""
 
@@ -89,3 +92,31 @@ def generation_for(bucket: str, key: str) -> int | None:
     """The lease generation this process writes `key` as (None: not under a lease of this process)."""
     gate = gate_for(bucket, key)
     return gate.generation if gate is not None else None
+
+
+class PastDeadline(Exception):
+    """Internal: the deadline came closer than an attempt while the request was on its way out (the process
+    was paused between the gate and the send); the store asks the gate again."""
+
+
+_sending = threading.local()
+
+
+@contextlib.contextmanager
+def sending(gate: Gate | None) -> Iterator[None]:
+    """The gate of the request this thread is about to send, for `check_before_send`."""
+    _sending.gate = gate
+    try:
+        yield
+    finally:
+        _sending.gate = None
+
+
+def check_before_send(**_: object) -> None:
+    """botocore's `before-send` hook on the bounded clients: the gate's last look, after the request is signed
+    and just before it connects and sends, so a pause between `admit` and the send cannot start an attempt
+    that ends after the deadline. (s3transfer's threads send without a gate here: an upload is only believed
+    once committed.)"""
+    gate = getattr(_sending, "gate", None)
+    if gate is not None and gate.left_s() < gate.attempt_s:
+        raise PastDeadline

@@ -114,7 +114,9 @@ class Store:
         and write: a request that fits the socket's buffers) and that does not retry by itself: `_call`
         retries, asking the gate each time."""
         if attempt_s not in self._bounded:
-            self._bounded[attempt_s] = self._new_client(attempt_s / 3, attempt_s / 3, {"total_max_attempts": 1})
+            client = self._new_client(attempt_s / 3, attempt_s / 3, {"total_max_attempts": 1})
+            client.meta.events.register("before-send.s3", fence.check_before_send)
+            self._bounded[attempt_s] = client
         return self._bounded[attempt_s]
 
     def _new_client(self, connect_s: float, read_s: float, retries: dict[str, Any]) -> Any:
@@ -153,8 +155,10 @@ class Store:
             if gate is not None:
                 gate.admit()
             try:
-                with self._errors(what, key):
+                with self._errors(what, key), fence.sending(gate):
                     result = request(client)
+            except fence.PastDeadline:
+                continue  # (paused on its way out: the gate decides again)
             except _Unreachable as e:
                 target = self.uri(key) if key is not None else f"bucket {self.bucket!r}"
                 wait = (
