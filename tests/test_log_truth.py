@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from dcgan_ray.errors import CheckpointError
 from dcgan_ray.recovery import orphaned
 from dcgan_ray.report.runs_table import list_runs
-from dcgan_ray.storage.checkpoint import save_checkpoint
+from dcgan_ray.storage.checkpoint import read_checkpoint_uri, save_checkpoint
 from dcgan_ray.storage.checkpointer import Checkpointer
 from dcgan_ray.storage.layout import RunLayout, runs_prefix
 from dcgan_ray.storage.lease import Lease
@@ -100,3 +103,26 @@ def test_stop_releases_only_the_holder_whose_job_it_stopped(cfg, store):
     successor.check()  # still the holder
     assert ownership(store, layout.prefix).holder["generation"] == successor.generation
     assert release_folder(store, layout.prefix, "stopped by dcgan-ray stop", {"Y"})
+
+
+def test_sample_and_eval_read_only_the_committed_history(cfg, store, tmp_path, monkeypatch):
+    """`read_checkpoint_uri` (behind `sample` and `eval`): a run folder means its newest committed checkpoint,
+    an uncommitted folder is refused, and best/ is believed only as its newest commit recorded it."""
+    store.check()
+    layout = RunLayout.of(cfg)
+    lease = take(store, layout, "A")
+    checkpointer = Checkpointer(store, layout, cfg.eval.metric, lease)
+    committed = upload(checkpointer, tmp_path, 1, None)
+    monkeypatch.setattr(lease, "commit", lambda body: None)
+    uncommitted = upload(checkpointer, tmp_path, 2, None)  # a stale driver's upload, say
+    monkeypatch.undo()
+    assert read_checkpoint_uri(layout.uri, cfg.storage)["epoch"] == 1
+    assert read_checkpoint_uri(store.uri(committed), cfg.storage)["epoch"] == 1
+    with pytest.raises(CheckpointError, match=r"is not in its run's committed history \(the lease log has no commit"):
+        read_checkpoint_uri(store.uri(uncommitted), cfg.storage)
+    best = checkpointer.keep_if_best(None, 1, 10.0, lambda: tiny_state(1))
+    assert read_checkpoint_uri(best["uri"], cfg.storage)["epoch"] == 1
+    # A stale driver's best copy lands over it: the manifest no longer matches its commit.
+    Checkpointer(store, layout, cfg.eval.metric).keep_if_best(None, 2, 5.0, lambda: tiny_state(2))
+    with pytest.raises(CheckpointError, match=r"was replaced after its commit"):
+        read_checkpoint_uri(best["uri"], cfg.storage)

@@ -131,7 +131,10 @@ def race(addresses: tuple[str, str], cfg, overrides: list[str], kind: str = "tra
     ((loser, status),) = ended.items()
     winner = next(x for x in ids if x != loser)
     assert status == JobStatus.FAILED, job_log(loser, ids[loser])[-3000:]
-    (refusal,) = [line for line in job_log(loser, ids[loser]).splitlines() if line.startswith("error: ")]
+    log = job_log(loser, ids[loser])
+    refusals = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(refusals) == 1, log[-3000:]
+    (refusal,) = refusals
     folder = RunLayout.of(cfg).prefix if kind == "train" else study_prefix(cfg)
     (acquire,) = [e for e in LeaseLog(Store(cfg.storage), folder).entries() if e["kind"] == "acquire"]
     assert acquire["holder"]["submission_id"] == ids[winner]
@@ -156,7 +159,10 @@ def test_the_same_run_on_two_clusters_at_once_is_trained_by_one(ray_head, cluste
         assert wait_for_end(winner, submission_id, 600) == JobStatus.SUCCEEDED, job_log(winner, submission_id)[-3000:]
         manifest = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))
         assert manifest["status"] == "finished" and [h["epoch"] for h in manifest["history"]] == [1]
-        assert [e["kind"] for e in lease_entries(cfg)] == ["acquire", "commit", "release"]
+        entries = lease_entries(cfg)
+        assert [e["kind"] for e in entries] == ["acquire", "commit", "commit", "release"]
+        assert "checkpoint" in entries[1] and (entries[2]["state"], entries[2]["epochs_completed"]) == ("finished", 1)
+        assert manifest["generation"] == entries[0]["generation"]  # run.json names the generation that wrote it
     for (address, submission_id), round_ in zip(stopped, range(9), strict=True):
         wait_for_end(address, submission_id)
         # `ray job stop` sends SIGTERM: the driver ends through its lease, which it releases on the way out.

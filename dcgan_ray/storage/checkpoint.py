@@ -32,6 +32,7 @@ from dcgan_ray.errors import CheckpointError, ObjectMissing
 from dcgan_ray.gan.models import Generator, build_models
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease_log import LeaseLog, LeaseState
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store, parse_s3_uri
 
@@ -169,17 +170,39 @@ def read_checkpoint_uri(uri: str, storage: StorageSection) -> dict[str, Any]:
             return load_checkpoint(store.get_bytes(key), store.uri(key))
         except ObjectMissing:
             raise CheckpointError(f"no checkpoint at {uri} on {store.endpoint}") from None
-    folders = [key]
+    history = LeaseState.of(LeaseLog(store, key).entries())
+    if history.last_seq:  # a run folder with a lease log: its newest committed checkpoint
+        folders = [c["checkpoint"] for c in history.checkpoints()[:1]]
+    else:
+        history = LeaseState.of(LeaseLog(store, key.rsplit("/", 1)[0]).entries())  # a folder in such a run
+        folders = []
     latest = ((read_run_manifest(store, RunLayout(bucket, key)) or {}).get("checkpoints") or {}).get("latest")
-    if latest:
-        folders.insert(0, parse_s3_uri(latest)[1])
+    folders += [parse_s3_uri(latest)[1]] if latest and not folders else []
+    folders.append(key)
     for folder in folders:
         if store.exists(f"{folder}/{CHECKPOINT_FILE}") or store.exists(f"{folder}/{MANIFEST_FILE}"):
-            return read_checkpoint_dir(store, folder)
+            return read_checkpoint_dir(store, folder, _committed_sha(store, folder, history))
     raise CheckpointError(
         f"no checkpoint at {uri} on {store.endpoint}: give the URI of a checkpoint.pt, its "
         "checkpoint_epoch_NNNN folder, or a run folder with a run.json"
     )
+
+
+def _committed_sha(store: Store, folder: str, history: LeaseState) -> str | None:
+    """The sha256 the run's lease log committed for `folder` (the best copy's: its newest best commit); None
+    for a run without commits. A checkpoint folder the log never committed is refused: a stale driver's
+    upload, or one whose driver died before its commit, is not the run's."""
+    if folder.endswith(f"/{RunLayout.BEST_DIR}"):
+        best = history.best()
+        return best["manifest_sha256"] if best is not None else None
+    sha = history.committed_sha(folder)
+    if sha is None and history.checkpoints():
+        raise CheckpointError(
+            f"{store.uri(folder)} is not in its run's committed history (the lease log has no commit of it): an "
+            "upload whose driver lost the run or died before committing it. Give the run folder (its newest "
+            "committed checkpoint) or a committed checkpoint_epoch_NNNN folder"
+        )
+    return sha
 
 
 def read_checkpoint_dir(store: Store, folder: str, manifest_sha256: str | None = None) -> dict[str, Any]:

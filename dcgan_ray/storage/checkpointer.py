@@ -233,17 +233,16 @@ class Checkpointer:
         data = checkpoint_bytes(state())
         # Overwritten in place, manifest last: in between, the old manifest does not match the new file,
         # so a reader sees a torn checkpoint, never a wrong one.
+        manifest = manifest_bytes({CHECKPOINT_FILE: data}, epoch)
         self.store.put_bytes(self.layout.best_key, data)
-        self.store.put_bytes(
-            f"{self.layout.best_dir_key}/{MANIFEST_FILE}",
-            manifest_bytes({CHECKPOINT_FILE: data}, epoch),
-            "application/json",
-        )
+        self.store.put_bytes(f"{self.layout.best_dir_key}/{MANIFEST_FILE}", manifest, "application/json")
         record = {
             "uri": self.store.uri(self.layout.best_dir_key),
             "epoch": epoch,
             "metric": self.metric,
             "value": value,
         }
+        if self.lease is not None:  # readers (`sample`, `eval`) believe best/ only as committed
+            self.lease.commit({"best": record, "manifest_sha256": hashlib.sha256(manifest).hexdigest()})
         log.info("new best %s %.3f at epoch %d: %s", self.metric, value, epoch, record["uri"])
         return record

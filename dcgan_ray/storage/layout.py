@@ -137,9 +137,11 @@ class RunLayout:
     def gif_key(self) -> str:
         return f"{self.prefix}/samples/progress.gif"
 
+    BEST_DIR = "best"
+
     @property
     def best_dir_key(self) -> str:
-        return f"{self.prefix}/best"
+        return f"{self.prefix}/{self.BEST_DIR}"
 
     @property
     def best_key(self) -> str:

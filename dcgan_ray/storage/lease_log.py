@@ -126,6 +126,14 @@ class LeaseState:
         """The committed checkpoints, newest first."""
         return [c for c in reversed(self.commits) if "checkpoint" in c]
 
+    def committed_sha(self, folder: str) -> str | None:
+        """The manifest sha256 the newest commit of checkpoint `folder` recorded (None: never committed)."""
+        return next((c["manifest_sha256"] for c in self.checkpoints() if c["checkpoint"] == folder), None)
+
+    def best(self) -> dict[str, Any] | None:
+        """The newest commit of the run's best copy (`best/`), if any."""
+        return next((c for c in reversed(self.commits) if "best" in c), None)
+
     def durable_epoch(self) -> int | None:
         """The newest committed checkpoint's epoch (None: nothing committed, e.g. a run from before the lease)."""
         return max((c["epoch"] for c in self.checkpoints()), default=None)

@@ -22,7 +22,6 @@ first contact of every command, does not wait: a wrong endpoint fails in seconds
 from __future__ import annotations
 
 import contextlib
-import copy
 import email.utils
 import logging
 import os
@@ -131,7 +130,8 @@ class Store:
 
     def for_lease(self, attempt_s: float) -> Store:
         """This store as a lease's own: not gated (the lease is the gate), each write bounded to `attempt_s`."""
-        store = copy.copy(self)
+        store = Store.__new__(Store)
+        store.__dict__.update(self.__dict__)  # (its session and clients too: copy.copy would drop them)
         store.gated, store.write_bound_s = False, attempt_s
         return store
 

@@ -122,14 +122,15 @@ def _score(
     epoch = epoch_of_key(folder)
     result: dict[str, Any] = {"epoch": epoch, "checkpoint": store.uri(folder)}
     try:
-        state = read_checkpoint_dir(store, folder)
+        # Checked against its commit too: rank 0 committed it before Ray handed it over.
+        state = read_checkpoint_dir(store, folder, held.state.committed_sha(folder) if held is not None else None)
         device = torch.device("cuda") if torch.cuda.is_available() and ray.get_gpu_ids() else torch.device("cpu")
         netG, _ = generator_from_checkpoint(state)
         node = ray.get_runtime_context().get_node_id()
         images = torch.from_numpy(load_split(store, cfg, max_images=cfg.data.max_images, node=node).images)
         # Rank 0 of world 1: all eval.num_samples here; the reference statistics come from the bucket.
         metrics = Evaluator(store, cfg, images, device)(netG.to(device), seed=cfg.train.seed)
-        result["best"] = Checkpointer(store, layout, cfg.eval.metric).keep_if_best(
+        result["best"] = Checkpointer(store, layout, cfg.eval.metric, held).keep_if_best(
             _best_before(store, layout, cfg.eval.metric, epoch), epoch, metrics.get(cfg.eval.metric), lambda: state
         )
         result["metrics"] = metrics
