@@ -165,3 +165,14 @@ def test_a_request_is_looked_at_once_more_just_before_it_leaves():
     finally:
         server.close()
     assert gate.admitted >= 2 and len(accepted) == gate.admitted - 1
+
+
+def test_a_workers_view_whose_driver_never_renews_again_gives_up_after_the_retry_budget(clock, monkeypatch):
+    """The bucket answers rank 0, but its driver is cut off for good and nobody takes over: rank 0's writes
+    wait out the retry budget, then end in one line; they never land."""
+    lease = a_lease(holding=False)
+    monkeypatch.setattr(lease, "check", lambda: None)
+    monkeypatch.setattr(lease.log, "age_s", lambda state: 61.0 + (clock.now - 1000.0))  # older every second
+    with pytest.raises(StorageUnreachable, match=r"went unrenewed past its deadline for storage.retry_budget_s = 300"):
+        lease.admit()
+    assert clock.now - 1000.0 > 300.0

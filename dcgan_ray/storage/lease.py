@@ -11,11 +11,13 @@ Compare-and-swap (If-Match) is not enough: on SeaweedFS 4.48, 20 concurrent swap
 Entries (`kind`):
   acquire   a driver takes the folder; the entry's number is the *generation* it writes as, `holder` says
             who it is (cluster, submission, host, pid) and `ttl_s` how long it may go without renewing
-  commit    what a holder made durable: a checkpoint (epoch, folder, its manifest's sha256) or a study's state
+  commit    what a holder made durable: a checkpoint (epoch, folder, its manifest's sha256), the best copy,
+            the run's end state (finished, failed) or a study's state
+  renew     the holder renewed past its deadline (after an outage), where only the server can fence it
   release   the holder is done (or `dcgan-ray stop` ended it): the next driver takes over at once
 
 The holder is the author of the last `acquire` that no `release` follows. It is alive while its renewal
-object (or, before the first renewal, its acquire entry) is younger than its `ttl_s` by the server's
+object or its newest entry (its acquire, a commit, a renew) is younger than its `ttl_s` by the server's
 clock; past that, any driver may take over by appending an `acquire`.
 
 Fencing. Every append creates the next number with If-None-Match, so two appends never share a number. A
@@ -25,8 +27,9 @@ over or released, and it stops with `LeaseLost`. So a driver paused past its ttl
 partition, SIGSTOP) whose successor appended an `acquire` has its next commit refused by the server, not
 by a check that could race; and the successor, which reads the log after its own `acquire` is in place,
 sees every commit the old holder made before that fence. Writes that are not commits (grids, run.json,
-the run page) are preceded by `check`, which reads the log's new entries: it stops a stale writer before
-it writes, except in the moment between its check and its write.
+the run page) pass the lease's gate (`admit`, `dcgan_ray.storage.fence`): each must end before the holder's
+own deadline, by which no successor can have taken over; `check`, which reads the log's new entries, stops
+a stale writer earlier still.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan_ray import progress
-from dcgan_ray.errors import LeaseHeld, LeaseLost, StorageError
+from dcgan_ray.errors import LeaseHeld, LeaseLost, StorageError, StorageUnreachable
 from dcgan_ray.storage import fence
 from dcgan_ray.storage.lease_log import LeaseLog, LeaseState, utc_now
 from dcgan_ray.storage.s3 import Store
@@ -239,13 +242,21 @@ class Lease:
         """The folder's gate (`dcgan_ray.storage.fence`): return once a write of `attempt_s` ends before the
         deadline. Short of that, the holder renews now and a worker's view looks again; in jeopardy this waits,
         beating (an outage is not a stall), until the lease is renewed, lost (LeaseLost), or the outage that
-        keeps it from renewing outlasts storage.retry_budget_s (StorageUnreachable)."""
-        jeopardy = False
+        keeps it from renewing outlasts storage.retry_budget_s (StorageUnreachable; a worker's view gives up
+        after that long too, when the bucket answers it but its driver does not renew)."""
+        jeopardy: float | None = None
         while self.left_s() < self.attempt_s:
             if self.lost is not None:
                 raise self.lost
-            if self.left_s() < 0 and not jeopardy:
-                jeopardy = True
+            budget = self.log.store.cfg.retry_budget_s
+            if jeopardy is not None and time.monotonic() - jeopardy > budget:
+                raise StorageUnreachable(
+                    f"{self.what} {self.uri}: lease generation {self.generation} went unrenewed past its deadline "
+                    f"for storage.retry_budget_s = {budget:g} s (its driver cannot reach the bucket, or is gone): "
+                    "this process writes nothing more. Everything committed is kept: resubmit to resume"
+                )
+            if self.left_s() < 0 and jeopardy is None:
+                jeopardy = time.monotonic()
                 log.warning(
                     "%s %s: lease generation %d is past its deadline (not renewed for its ttl of %g s, by this "
                     "process's clock): its writes wait until it is renewed or taken over",
