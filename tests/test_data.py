@@ -1,5 +1,6 @@
 import http.server
 import threading
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -47,11 +48,19 @@ def test_shards_and_partial_read(store, cfg, svhn_dir, node_cache):
 
 
 def test_prepare_is_idempotent(store, cfg, svhn_dir):
+    sent = []  # every request the store sends (each client it makes copies the handlers of its session)
+    store.session.events.register(
+        "before-send.s3", lambda request, **_: sent.append((request.method, urlsplit(request.url).path))
+    )
     prepare_split(store, cfg, "train", from_=str(svhn_dir))
-    before = {k: store.head(k)["LastModified"] for k in store.list_keys(split_prefix(cfg, "train"))}
+    keys = store.list_keys(split_prefix(cfg, "train"))
+    assert {path for method, path in sent if method == "PUT"} == {f"/{store.bucket}/{k}" for k in keys}  # all seen
+    before = {k: store.head(k)["ETag"] for k in keys}
+    sent.clear()
     prepare_split(store, cfg, "train", from_=str(svhn_dir))
-    after = {k: store.head(k)["LastModified"] for k in store.list_keys(split_prefix(cfg, "train"))}
-    assert before == after
+    # Not one write, not even of the same bytes (which would leave the ETags, and within a second the times, alone).
+    assert [(method, path) for method, path in sent if method not in ("GET", "HEAD")] == []
+    assert {k: store.head(k)["ETag"] for k in store.list_keys(split_prefix(cfg, "train"))} == before
 
 
 def test_other_data_needs_force_and_force_replaces(store, cfg, svhn_dir, tmp_path):

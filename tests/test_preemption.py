@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import ray
@@ -101,6 +102,21 @@ def node_of(nodes, node_id: str) -> RayNode:
     return next(node for node in nodes if node.ip == ip)
 
 
+def utc(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def assert_notice_names(notice: dict, node_id: str, cfg) -> None:
+    """run.json's record of Ray's PreemptionInfo names the drained node, the one rank on it (a 1-CPU node holds one
+    worker) and a deadline no earlier than when the loop saw the notice (`at`) and at most DRAIN_S after it: the drain, which set
+    the deadline DRAIN_S ahead or less, began before. (Both times are to the second, rounded down.)"""
+    assert notice["nodes"] == [node_id], notice
+    (rank,) = notice["ranks"]
+    assert rank in range(cfg.scaling.num_workers), notice
+    at, deadline = utc(notice["at"]), utc(notice["deadline"])
+    assert at <= deadline <= at + timedelta(seconds=DRAIN_S), notice
+
+
 def test_a_preempted_node_costs_no_step(cluster, straight, s3_server, data_prefix, fault, preemption_watcher):
     head, nodes = cluster
     cfg = job(s3_server.endpoint, data_prefix, "sigterm", max_failures=1)
@@ -117,8 +133,8 @@ def test_a_preempted_node_costs_no_step(cluster, straight, s3_server, data_prefi
     preempted.start()  # (the spare for the next test)
     assert manifest["status"] == "finished" and [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
     (notice,) = manifest["preemptions"]
-    assert notice["nodes"] == [node_id]
-    assert notice["epoch"] >= 2 and notice["deadline"]  # (given at epoch 2's step 3, seen within a second)
+    assert_notice_names(notice, node_id, cfg)
+    assert notice["epoch"] >= 2  # (given at epoch 2's step 3, seen within a second)
     assert notice["checkpoint"] and notice["resumed_from"] == notice["checkpoint"] and notice["steps_lost"] == 0
     failure, preemption = manifest["restarts"]
     assert failure["to_epoch"] == 1 and failure["exact"]
@@ -142,13 +158,16 @@ def test_a_spot_notice_drains_the_node_and_costs_no_step(
         notice = watch(head.address, Metadata(imds.url), poll_s=0.2, find_node=lambda gcs, ip: node_id, max_polls=5)
     finally:
         imds.close()
-    assert notice is not None
+    assert notice is not None and notice["action"] == "terminate", notice
     time.sleep(DRAIN_S)
     spot.kill()  # the cloud takes the instance at the notice's time
     manifest = run.finished()
     spot.start()
     (preemption,) = manifest["preemptions"]
-    assert preemption["nodes"] == [node_id] and preemption["steps_lost"] == 0
+    assert_notice_names(preemption, node_id, cfg)
+    # The spot notice's time, passed on: `ray drain-node` counts the whole seconds until it from its own start.
+    assert utc(preemption["deadline"]) >= utc(notice["time"]) - timedelta(seconds=1), (notice, preemption)
+    assert preemption["steps_lost"] == 0
     assert manifest["restarts"][-1]["checkpoint"] == preemption["checkpoint"]
     assert_bit_identical(cfg, straight)
 
@@ -163,7 +182,8 @@ def test_a_deadline_too_short_for_the_upload_falls_back_to_the_last_durable_chec
     run = TrainInThread(cfg)
     wait_until(lambda: run.epochs_recorded() >= 1, 300, "epoch 1")
     fault.set("mid_epoch", "mark", at=3)  # epoch 2
-    preempted = node_of(nodes, fault.marked())
+    node_id = fault.marked()
+    preempted = node_of(nodes, node_id)
     fault.clear()
     fault.set("preemption_before_manifest", "hold")
     preempted.terminate()
@@ -171,6 +191,7 @@ def test_a_deadline_too_short_for_the_upload_falls_back_to_the_last_durable_chec
     preempted.proc.wait(timeout=120)
     preempted.start()
     (notice,) = manifest["preemptions"]
+    assert_notice_names(notice, node_id, cfg)
     durable = f"checkpoint_epoch_{notice['epoch'] - 1:04d}"  # the epoch's before the one it was given in
     assert notice["checkpoint"] is None and notice["resumed_from"].endswith(durable), notice
     assert notice["steps_lost"] == notice["step_in_epoch"]

@@ -3,6 +3,7 @@ one), `dcgan-ray jobs` shows them, and a run name is never trained by two driver
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,6 +19,7 @@ from dcgan_ray.cli import main as cli_main
 from dcgan_ray.errors import ClusterError
 from dcgan_ray.jobs import list_jobs, submit
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease_log import LeaseLog
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 from dcgan_ray.train.runlock import GONE_HOLDER_WAIT_S, DriverLock
@@ -42,6 +45,20 @@ def tiny_job(endpoint, prefix, name):
     return cfg, overrides
 
 
+def held_span(client, cfg, submission_id: str) -> tuple[int, int, str]:
+    """When the job's driver held its run, in ms since the epoch: from when its driver set out to take the run's
+    lease (the acquire entry's `since`, to the second, rounded down: never after that moment) to when Ray ended
+    the job (JobDetails.end_time, set once the entrypoint has exited; Ray's start_time is the submission's, not
+    the start of its run). One clock: Ray's head and the drivers run on this machine."""
+    (acquire,) = [
+        e
+        for e in LeaseLog(Store(cfg.storage), RunLayout.of(cfg).prefix).entries()
+        if e["kind"] == "acquire" and e["holder"]["submission_id"] == submission_id
+    ]
+    since = datetime.strptime(acquire["holder"]["since"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return int(since.timestamp() * 1000), client.get_job_info(submission_id).end_time, submission_id
+
+
 def test_three_jobs_queue_one_at_a_time(ray_head, s3_server, data_prefix, capsys):
     names = ["queue-a", "queue-b", "queue-c"]
     jobs = [tiny_job(s3_server.endpoint, data_prefix, n) for n in names]
@@ -59,7 +76,17 @@ def test_three_jobs_queue_one_at_a_time(ray_head, s3_server, data_prefix, capsys
             break
         time.sleep(1)
     assert list(states.values()) == ["finished"] * 3, states
-    assert max_running == 1  # one job slot: never two at once
+    assert max_running == 1  # one job slot: never two at once (as sampled, once a second)
+    # And between the samples: each driver took its run only after Ray had ended the job before it. (The next
+    # job's driver starts Python, connects to Ray and checks the bucket before it asks: seconds, not the one
+    # second that `since` may be rounded down by.)
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    spans = sorted(held_span(client, cfg, i) for (cfg, _), i in zip(jobs, ids, strict=True))
+    assert all(start <= end for start, end, _ in spans), spans
+    for (_, ended, first), (started, _, then) in itertools.pairwise(spans):
+        assert started >= ended, f"{then}'s driver took its run {ended - started} ms before Ray ended {first}"
     assert len(seen_queued) >= 2  # the ones waiting said so in run.json
     for cfg, _ in jobs:
         run = read_run_manifest(Store(cfg.storage), RunLayout.of(cfg))

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import re
 import time
@@ -7,7 +8,7 @@ import pytest
 from dcgan_ray.dev.seaweed import SeaweedPorts, ephemeral_ports
 from dcgan_ray.errors import BucketMissing, ObjectMissing, StorageAuthError, StorageUnreachable
 from dcgan_ray.storage.layout import RunLayout, classifier_key, split_manifest_key, study_state_key
-from dcgan_ray.storage.s3 import Store, parse_s3_uri
+from dcgan_ray.storage.s3 import TRANSFER, Store, parse_s3_uri
 from helpers import BUCKET, TEST_SECRET, make_config
 
 
@@ -69,6 +70,12 @@ def test_multipart_upload_and_download(store, tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(70 * 2**20))  # above the 64 MiB multipart threshold
     store.upload_file(big, "big/obj")
+    # A multipart object's ETag is the md5 of its parts' md5s, a dash and their count (parts of TRANSFER's size).
+    chunk = TRANSFER.multipart_chunksize
+    data = big.read_bytes()
+    parts = [hashlib.md5(data[i : i + chunk]).digest() for i in range(0, len(data), chunk)]
+    assert len(parts) >= 2
+    assert store.head("big/obj")["ETag"] == f'"{hashlib.md5(b"".join(parts)).hexdigest()}-{len(parts)}"'
     out = tmp_path / "back.bin"
     store.download_file("big/obj", out)
     assert out.read_bytes() == big.read_bytes()
