@@ -108,8 +108,9 @@ def utc(stamp: str) -> datetime:
 
 def assert_notice_names(notice: dict, node_id: str, cfg) -> None:
     """run.json's record of Ray's PreemptionInfo names the drained node, the one rank on it (a 1-CPU node holds one
-    worker) and a deadline no earlier than when the loop saw the notice (`at`) and at most DRAIN_S after it: the drain, which set
-    the deadline DRAIN_S ahead or less, began before. (Both times are to the second, rounded down.)"""
+    worker) and a deadline no earlier than when the loop saw the notice (`at`) and at most DRAIN_S after it: the
+    drain, which set the deadline DRAIN_S ahead or less, began before. (Both times are to the second, rounded
+    down.)"""
     assert notice["nodes"] == [node_id], notice
     (rank,) = notice["ranks"]
     assert rank in range(cfg.scaling.num_workers), notice
