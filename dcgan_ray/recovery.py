@@ -20,6 +20,7 @@ from typing import Any
 
 from dcgan_ray.errors import DcganError, StorageError
 from dcgan_ray.jobs import STATES, ClusterUnreachable, job_client, submit
+from dcgan_ray.report.runs_table import SCAN_THREADS, folders, scan
 from dcgan_ray.storage import checks
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.lease_status import ownership
@@ -72,26 +73,38 @@ def queued_job_gone(address: str, submission_id: str) -> str | None:
     return None
 
 
-def find_orphans(store: Store, runs_prefix: str, studies_prefix: str | None) -> list[Orphan]:
-    """Every orphaned run under `runs_prefix` and study under `studies_prefix`, by name."""
-    orphans = []
-    for name in store.list_folders(f"{runs_prefix}/"):
-        layout = RunLayout(store.bucket, f"{runs_prefix}/{name}")
-        try:
-            manifest = read_run_manifest(store, layout)
-        except StorageError as e:  # a damaged or planted run.json: `dcgan-ray runs` names it
-            log.warning("%s", e)
-            continue
-        why = orphaned(store, layout.prefix, manifest) if manifest else None
-        if why:
-            orphans.append(Orphan("train", name, layout.uri, why))
-    for name in store.list_folders(f"{studies_prefix}/") if studies_prefix else []:
-        folder = f"{studies_prefix}/{name}"
-        record = _study_record(store, folder)
-        why = orphaned(store, folder, record) if record else None
-        if why:
-            orphans.append(Orphan("tune", name, store.uri(folder), why))
-    return orphans
+def find_orphans(
+    store: Store,
+    runs_prefix: str,
+    studies_prefix: str | None,
+    name_glob: str | None = None,
+    threads: int = SCAN_THREADS,
+) -> list[Orphan]:
+    """Every orphaned run under `runs_prefix` and study under `studies_prefix` (only those named like
+    `name_glob`, told from the folder names), by name; `threads` folders read at once (`runs_table.scan`)."""
+    runs = folders(store, runs_prefix, name_glob)
+    orphans = scan(lambda name: _orphaned_run(store, f"{runs_prefix.strip('/')}/{name}", name), runs, threads)
+    if studies_prefix:
+        studies = folders(store, studies_prefix, name_glob)
+        orphans += scan(lambda name: _orphaned_study(store, f"{studies_prefix}/{name}", name), studies, threads)
+    return [o for o in orphans if o is not None]
+
+
+def _orphaned_run(store: Store, folder: str, name: str) -> Orphan | None:
+    layout = RunLayout(store.bucket, folder)
+    try:
+        manifest = read_run_manifest(store, layout)
+    except StorageError as e:  # a damaged or planted run.json: `dcgan-ray runs` names it
+        log.warning("%s", e)
+        return None
+    why = orphaned(store, layout.prefix, manifest) if manifest else None
+    return Orphan("train", name, layout.uri, why) if why else None
+
+
+def _orphaned_study(store: Store, folder: str, name: str) -> Orphan | None:
+    record = _study_record(store, folder)
+    why = orphaned(store, folder, record) if record else None
+    return Orphan("tune", name, store.uri(folder), why) if why else None
 
 
 def _study_record(store: Store, folder: str) -> dict[str, Any] | None:
