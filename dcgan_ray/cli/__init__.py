@@ -10,7 +10,8 @@
   dcgan-ray paths CONFIG [NAME]               where the job's data, run and study live in the bucket
   dcgan-ray submit CONFIG [--study]           queue a training job (or study) on a cluster's job API
   dcgan-ray jobs                              this project's jobs on the cluster: state, epoch, best, URI
-  dcgan-ray runs                              every run in the bucket: status, epochs, best, update, submission
+  dcgan-ray runs [--status S] [--name GLOB]   every run in the bucket: status, epochs, best, update, submission
+  dcgan-ray recover --address URL [NAME ...]  submit every orphaned run and study again (--name GLOB narrows)
   dcgan-ray report NAME [--out DIR]           a run's page (curves, grids, config, timings), written locally
   dcgan-ray stop NAME                         stop a run's queued or running job; resubmitting resumes it
   dcgan-ray logs NAME [-f]                    a run's job log (followed with -f)
