@@ -3,7 +3,11 @@ folder's lease through the given endpoint (the test's cuttable proxy), renews it
 run.json every half second, under the lease's gate, until it has written `writes` times (then it releases
 the lease) or the lease is lost. Each line it prints says what happened.
 
-    python tests/lease_writer.py ENDPOINT BUCKET FOLDER TTL_S WRITES
+    python tests/lease_writer.py ENDPOINT BUCKET FOLDER TTL_S WRITES [norenew]
+
+`norenew` cuts its renewals alone (a fault: every renewal fails as in an outage), not its other writes.
+Each `wrote` line ends with the moment the write returned, on the machine's monotonic clock, which every
+process of one machine shares.
 """
 
 from __future__ import annotations
@@ -14,16 +18,23 @@ import sys
 import time
 
 from dcgan_ray.config import StorageSection
-from dcgan_ray.errors import LeaseLost
+from dcgan_ray.errors import LeaseLost, StorageUnreachable
 from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.s3 import Store
 
 
-def main(endpoint: str, bucket: str, folder: str, ttl_s: str, writes: str) -> int:
+def main(endpoint: str, bucket: str, folder: str, ttl_s: str, writes: str, fault: str = "") -> int:
     logging.basicConfig(level=logging.WARNING, format="log: %(message)s", stream=sys.stdout)
     store = Store(StorageSection(endpoint=endpoint, bucket=bucket))
     lease = Lease.acquire(store, folder, store.uri(folder), "run", {"cluster": "A"}, float(ttl_s))
-    lease.keep_renewed(lambda e: print(f"lost: {e}", flush=True))
+    if fault == "norenew":
+
+        def renew() -> None:
+            raise StorageUnreachable("renewals are cut (the test's fault)")
+
+        lease.renew = renew  # type: ignore[method-assign]
+    else:
+        lease.keep_renewed(lambda e: print(f"lost: {e}", flush=True))
     print(f"held generation {lease.generation}", flush=True)
     try:
         with lease.fencing():
@@ -31,11 +42,14 @@ def main(endpoint: str, bucket: str, folder: str, ttl_s: str, writes: str) -> in
                 print(f"writing {n}", flush=True)
                 body = {"status": "running", "writes": n, "generation": lease.generation}
                 store.put_bytes(f"{folder}/run.json", json.dumps(body).encode(), "application/json")
-                print(f"wrote {n}", flush=True)
+                print(f"wrote {n} at {time.monotonic():.3f}", flush=True)
                 time.sleep(0.5)
     except LeaseLost as e:
         print(f"error: {e}", flush=True)
         return 3
+    except StorageUnreachable as e:
+        print(f"error: {e}", flush=True)
+        return 4
     lease.release()
     print("released", flush=True)
     return 0

@@ -9,12 +9,14 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from cut_proxy import CutProxy
+from dcgan_ray.storage import fence
 from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.lease_log import LeaseLog
 from helpers import wait_until
@@ -25,10 +27,10 @@ TTL_S = 10
 class Writer:
     """tests/lease_writer.py in a process of its own; its lines as they come."""
 
-    def __init__(self, endpoint: str, bucket: str, folder: str, writes: int):
+    def __init__(self, endpoint: str, bucket: str, folder: str, writes: int, fault: str = ""):
         script = Path(__file__).with_name("lease_writer.py")
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), endpoint, bucket, folder, str(TTL_S), str(writes)],
+            [sys.executable, str(script), endpoint, bucket, folder, str(TTL_S), str(writes), fault],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -85,7 +87,7 @@ def test_a_write_in_flight_when_the_driver_is_cut_off_never_lands_after_its_succ
         a.end(5)
     assert a.lines[-1].startswith("error: run s3://") and "no longer holds it: it was taken over by" in a.lines[-1]
     assert "\n" not in a.lines[-1]
-    writes_done = [line for line in a.lines if line.startswith("wrote")]
+    writes_done = [line for line in a.lines if line.startswith("wrote ")]
     assert json.loads(store.get_bytes(f"{folder}/run.json")) == {"status": "finished", "generation": b.generation}
     assert objects(store, folder) == finished  # nothing of A's landed after B finished
     assert len(writes_done) == sum(1 for line in a.lines if line.startswith("writing")) - 1  # the held one never did
@@ -104,7 +106,7 @@ def test_a_cut_shorter_than_the_retry_budget_is_ridden_out_when_nobody_took_over
         wait_until(lambda: a.lines[-1].startswith("writing"), 30, "A's next write, in flight through the cut")
         held = a.lines[-1]
         wait_until(lambda: a.said("is past its deadline"), 60, "A's deadline to pass")
-        assert a.lines.count(held.replace("writing", "wrote")) == 0
+        assert not a.said(held.replace("writing", "wrote") + " ")
         proxy.heal()
         assert a.end() == 0, a.lines
     finally:
@@ -115,3 +117,26 @@ def test_a_cut_shorter_than_the_retry_budget_is_ridden_out_when_nobody_took_over
     entries = LeaseLog(store, folder).entries()
     assert [e["kind"] for e in entries][0] == "acquire" and "renew" in [e["kind"] for e in entries]
     assert {e["generation"] for e in entries} == {1}
+
+
+def test_a_driver_whose_renewals_are_cut_stops_writing_at_its_deadline_before_a_successor_could_take_over(
+    store, prefix
+):
+    """A's renewals alone fail (its other writes reach the bucket): A writes until its own deadline and not after,
+    and B, which takes the run over once A's lease expires by the server's clock, comes after A's last write.
+    A's writes and B's takeover are timed on the machine's monotonic clock, which both processes share."""
+    folder = f"{prefix}/runs/r"
+    a = Writer(store.cfg.endpoint, store.bucket, folder, writes=10_000, fault="norenew")
+    try:
+        wait_until(lambda: a.said("held generation"), 60, "A's lease")
+        Lease.acquire(store, folder, store.uri(folder), "run", {"cluster": "B"}, 60, wait=True)
+        taken_at = time.monotonic()
+        assert a.end() == 4, a.lines
+    finally:
+        a.end(5)
+    assert a.lines[-1].startswith("error: renewals are cut"), a.lines[-3:]
+    landed = [float(line.rsplit(" at ", 1)[1]) for line in a.lines if line.startswith("wrote ")]
+    # A's last write ended before its deadline, which is the margin before B could take over.
+    assert len(landed) >= 5 and taken_at - max(landed) > fence.margin_s(TTL_S), (landed[-3:], taken_at)
+    written = json.loads(store.get_bytes(f"{folder}/run.json"))
+    assert written["writes"] == len(landed)  # the last write that landed is the last one A saw land

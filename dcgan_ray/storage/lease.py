@@ -265,13 +265,17 @@ class Lease:
                     self.generation,
                     self.ttl_s,
                 )
-            with self._renewing:
-                if self.left_s() >= self.attempt_s:
-                    pass  # renewed by another thread meanwhile
-                elif self.holding:
-                    self.renew()
-                else:
-                    self.refresh()
+            # (The renewal thread may hold the lock through an outage: look again each second meanwhile.)
+            if self._renewing.acquire(timeout=1.0):
+                try:
+                    if self.left_s() >= self.attempt_s:
+                        pass  # renewed by another thread meanwhile
+                    elif self.holding:
+                        self.renew()
+                    else:
+                        self.refresh()
+                finally:
+                    self._renewing.release()
             if self.left_s() < self.attempt_s:
                 progress.beat()
                 time.sleep(min(1.0, self.ttl_s / 8))

@@ -93,7 +93,7 @@ class Store:
         self._client: Any = None
         self._bounded: dict[float, Any] = {}
         self.gated = True
-        self.write_bound_s: float | None = None
+        self.bound_s: float | None = None  # every request's attempt bounded to this (a lease's own store)
 
     @property
     def session(self) -> Any:
@@ -129,10 +129,11 @@ class Store:
         return self.session.client("s3", endpoint_url=self.cfg.endpoint, region_name=self.cfg.region, config=config)
 
     def for_lease(self, attempt_s: float) -> Store:
-        """This store as a lease's own: not gated (the lease is the gate), each write bounded to `attempt_s`."""
+        """This store as a lease's own: not gated (the lease is the gate), each attempt of every request bounded
+        to `attempt_s` (a renewal that cannot be had in time counts as missed; a look at the log never hangs)."""
         store = Store.__new__(Store)
         store.__dict__.update(self.__dict__)  # (its session and clients too: copy.copy would drop them)
-        store.gated, store.write_bound_s = False, attempt_s
+        store.gated, store.bound_s = False, attempt_s
         return store
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,7 +149,7 @@ class Store:
         attempt and is bounded to end before the lease's deadline (`dcgan_ray.storage.fence`)."""
         writes = what in WRITES
         gate = fence.gate_for(self.bucket, key) if writes and self.gated and key is not None else None
-        bound = gate.attempt_s if gate is not None else self.write_bound_s if writes else None
+        bound = gate.attempt_s if gate is not None else self.bound_s
         client = self._bounded_client(bound) if bound is not None else self.client
         attempt = 0
         while True:
