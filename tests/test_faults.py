@@ -38,8 +38,12 @@ own storage writes) to fail, well inside storage.retry_budget_s (300 s)."""
 
 def test_an_outage_twice_is_waited_out_without_a_restart(ray_head, private_s3, outage_data, capfd):
     """Stopped as epoch 1's checkpoint goes up, and again while epoch 3 trains: the run finishes with
-    every epoch's artifacts, no worker restarted, and each outage is two lines in the job's log."""
+    every epoch's artifacts, no worker restarted, and each outage is two lines in the job's log. Each outage
+    outlasts the stall window (8 s here) with scaling.max_failures 0: rank 1, waiting for rank 0 while it
+    retries, is not taken for stalled (an outage is not a stall), or the run would fail."""
     cfg = run_cfg(private_s3.endpoint, outage_data, "survives", epochs=3)
+    cfg.scaling.stall_timeout_s = 8.0
+    assert OUTAGE_S > cfg.scaling.stall_timeout_s and cfg.scaling.max_failures == 0
     store, layout = Store(cfg.storage), RunLayout.of(cfg)
     run = TrainInThread(cfg)
     outages = []
