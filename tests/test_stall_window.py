@@ -11,7 +11,15 @@ import ray.train
 from dcgan_ray.config import JobConfig
 from dcgan_ray.errors import DcganError, Stalled, StorageUnreachable
 from dcgan_ray.train import driver
-from dcgan_ray.train.stall import MIN_WINDOW_S, OUTAGE_SLACK_S, stall_error, stalled_ranks, window_s
+from dcgan_ray.train.stall import (
+    AFTER_OUTAGE_S,
+    MIN_WINDOW_S,
+    OUTAGE_SLACK_S,
+    StallWatch,
+    stall_error,
+    stalled_ranks,
+    window_s,
+)
 
 BUDGET = JobConfig().storage.retry_budget_s  # 300 s
 NOW = 1_000_000.0  # the board's clock (time.time()), faked
@@ -151,3 +159,38 @@ def test_the_driver_names_the_stall_behind_killed_workers(monkeypatch):
     own = ray.train.WorkerGroupError("outage", {0: StorageUnreachable("the S3 endpoint did not answer")})
     assert isinstance(driver.our_error(fit_once_failing_with(monkeypatch, own, STALL)), StorageUnreachable)
     assert driver.our_error(fit_once_failing_with(monkeypatch, killed_by_the_watch(), None)) is None
+
+
+class Probe:
+    """The driver's look at the bucket: down or answering, as the test says."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def check(self) -> None:
+        if self.down:
+            raise StorageUnreachable("the S3 endpoint does not answer")
+
+
+def a_watch(probe: Probe) -> StallWatch:
+    watch = StallWatch.__new__(StallWatch)  # (its thread and Ray's board are not what is tested here)
+    watch._outage, watch._probe = None, probe
+    return watch
+
+
+def test_an_outage_only_ray_trains_own_writes_wait_on_excuses_idle_ranks_until_their_retries_can_come():
+    """Ray Train's controller writes its run state through pyarrow at each report, and every rank waits for it:
+    no rank's beat sees that outage. The driver's own look does, and the excuse lasts past the outage's end
+    for pyarrow's longest wait between tries; past the budget it excuses nothing."""
+    probe = Probe()
+    watch = a_watch(probe)
+    assert not watch._outage_excuses(NOW, BUDGET)  # idle ranks, the bucket answers: a stall
+    probe.down = True
+    assert watch._outage_excuses(NOW, BUDGET) and watch._outage_excuses(NOW + 10, BUDGET)  # (it looks every 2 s)
+    probe.down = False  # back after NOW + 10; pyarrow's next try may be 20 s away
+    assert watch._outage_excuses(NOW + 10 + AFTER_OUTAGE_S - 1, BUDGET)
+    assert not watch._outage_excuses(NOW + 10 + AFTER_OUTAGE_S + 1, BUDGET)
+    probe.down = True  # down for good: excused for the budget and its slack, then not
+    assert watch._outage_excuses(NOW + 100, BUDGET)
+    assert watch._outage_excuses(NOW + 100 + BUDGET + OUTAGE_SLACK_S - 1, BUDGET)
+    assert not watch._outage_excuses(NOW + 100 + BUDGET + OUTAGE_SLACK_S + 1, BUDGET)

@@ -34,7 +34,7 @@ import ray
 
 from dcgan_ray import progress
 from dcgan_ray.config import JobConfig
-from dcgan_ray.errors import Stalled
+from dcgan_ray.errors import Stalled, StorageError
 from dcgan_ray.storage.layout import RunLayout
 from dcgan_ray.storage.outages import outage_seconds
 from dcgan_ray.storage.s3 import Store
@@ -47,6 +47,11 @@ MIN_WINDOW_S = 180.0
 STEPS_IN_WINDOW = 100
 OUTAGE_SLACK_S = 60.0
 """How much longer than storage.retry_budget_s a storage outage can keep ranks idle (see `window_s`)."""
+AFTER_OUTAGE_S = 24.0
+"""How long after an outage was last seen idle ranks are still excused: pyarrow's longest wait between two
+tries (20 s, the AWS SDK's standard strategy, which Ray Train's own writes use) and two beats."""
+PROBE_S = 5.0
+"""The driver's one look at the bucket before it calls ranks stalled: one try of at most this long."""
 ANSWER_S = 5.0
 """How long a worker's actor has to answer before it counts as stopped."""
 DUMP_WAIT_S = 5.0
@@ -111,6 +116,8 @@ class StallWatch:
         self.ended: dict[str, Any] | None = None
         """The last stall, while no later attempt has beaten: the one that ended the run if fit() fails."""
         self._killed: set[tuple[str, int]] = set()  # (node, pid) of every worker the watch killed
+        self._outage: tuple[float, float] | None = None  # (first, last) time an outage was seen, by anyone
+        self._probe = self.store.for_lease(PROBE_S)  # one short try a look, never an outage's wait
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
         self._thread.start()
@@ -134,9 +141,13 @@ class StallWatch:
         ranks = ray.get(self.board.read.remote(), timeout=30)
         if any((r["node"], r["pid"]) not in self._killed for r in ranks.values()):
             self.ended = None  # a later attempt runs: the last stall did not end the run
-        budget = self.cfg.storage.retry_budget_s
+        budget, now = self.cfg.storage.retry_budget_s, time.time()
         window = window_s(ranks, self.cfg.scaling.stall_timeout_s, budget)
-        idle = stalled_ranks(ranks, window, time.time(), budget)
+        if any(r.get("outage_s") is not None for r in ranks.values()):
+            self._saw_outage(now)
+        idle = stalled_ranks(ranks, window, now, budget)
+        if idle and self._outage_excuses(now, budget):
+            return
         over = {rank: _answers(ranks[rank]["actor"]) for rank in sorted(idle)}
         for rank in [rank for rank, answer in over.items() if answer is None]:  # an attempt that ended: no stall
             self.board.forget.remote(rank)
@@ -145,6 +156,26 @@ class StallWatch:
             # One that does not answer is stopped, and the others wait for it in a collective: name it.
             rank = min(stuck, key=lambda r: (stuck[r], -idle[r]))
             self._end_attempt(rank, ranks[rank], idle[rank], window, ranks, stopped=not stuck[rank])
+
+    def _saw_outage(self, now: float) -> None:
+        self._outage = (self._outage[0] if self._outage else now, now)
+
+    def _outage_excuses(self, now: float, budget: float) -> bool:
+        """Ranks idle past the window are not stalled while the bucket does not answer the driver either, nor
+        for AFTER_OUTAGE_S after anyone last saw it down, within the retry budget (+ OUTAGE_SLACK_S) of the
+        outage's start. What the ranks' beats cannot report: Ray Train's own writes (its controller's run
+        state, at each report, through pyarrow) retry with waits of up to 20 s and make every rank wait."""
+        try:
+            self._probe.check()
+        except StorageError:
+            self._saw_outage(now)
+        if self._outage is None:
+            return False
+        first, last = self._outage
+        if now - last > AFTER_OUTAGE_S:
+            self._outage = None
+            return False
+        return now - first <= budget + OUTAGE_SLACK_S
 
     def _end_attempt(
         self, rank: int, r: dict[str, Any], idle: float, window: float, ranks: dict, stopped: bool
