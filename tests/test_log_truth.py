@@ -126,3 +126,22 @@ def test_sample_and_eval_read_only_the_committed_history(cfg, store, tmp_path, m
     Checkpointer(store, layout, cfg.eval.metric).keep_if_best(None, 2, 5.0, lambda: tiny_state(2))
     with pytest.raises(CheckpointError, match=r"was replaced after its commit"):
         read_checkpoint_uri(best["uri"], cfg.storage)
+
+
+def test_a_cut_upload_after_a_resize_is_removed_though_its_name_sorts_below_a_committed_one(
+    cfg, store, tmp_path, caplog
+):
+    """After an elastic resize the newer attempt's mid-epoch upload `_s00030` was cut (no manifest); the older,
+    committed `_s00050` sorts above it. It is still a cut upload (its epoch is the newest committed one's):
+    removed with one warning, and restore takes the committed checkpoint."""
+    store.check()
+    layout = RunLayout.of(cfg)
+    lease = take(store, layout, "A")
+    checkpointer = Checkpointer(store, layout, cfg.eval.metric, lease)
+    committed = upload(checkpointer, tmp_path, 3, 50)
+    cut = layout.checkpoint_dir_key(checkpointer.dir_name(3, 30))
+    store.put_bytes(f"{cut}/checkpoint.pt", b"half of it")  # the upload was cut before its manifest
+    with caplog.at_level("WARNING", "dcgan_ray"):
+        _, uri = Checkpointer(store, layout, cfg.eval.metric, lease).restore(None)
+    assert uri == store.uri(committed) and store.list_keys(f"{cut}/") == []
+    assert [r.getMessage() for r in caplog.records if "its upload was cut" in r.getMessage()], caplog.text

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from dcgan_ray.errors import DcganError, ObjectMissing
 from dcgan_ray.report.style import PAGE_CSS, new_figure
 from dcgan_ray.storage.layout import RunLayout
+from dcgan_ray.storage.lease_status import ownership
 from dcgan_ray.storage.runs import read_run_manifest
 from dcgan_ray.storage.s3 import Store
 
@@ -253,6 +254,7 @@ def download_run_page(store: Store, layout: RunLayout, out_dir: Path, tensorboar
             f"no run at {layout.uri} (no run.json): check the name, and the bucket and prefix "
             "(--config, or --runs s3://BUCKET/PREFIX/runs); `dcgan-ray runs` lists the runs there"
         )
+    manifest["status"] = ownership(store, layout.prefix).status_of(manifest)  # (the lease log's word wins)
     wanted = list(sample_paths(manifest, layout.uri).values())
     if (gif := animation_path(manifest, layout.uri)) is not None:
         wanted.append(gif)

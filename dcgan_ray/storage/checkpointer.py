@@ -158,13 +158,22 @@ class Checkpointer:
         upload runs at a time, so a cut upload is the newest folder, or a few of them if the run was cut
         again while redoing an epoch.
         """
-        recorded = list(committed) if self.lease is not None else [self._recorded_durable()]
-        durable = [k for k in (first, *recorded) if k is not None]
         cut = []
-        for folder in folders:
-            if any(folder <= known for known in durable) or self.store.exists(f"{folder}/{MANIFEST_FILE}"):
-                break
-            cut.append(folder)
+        if self.lease is not None:
+            # By epoch, not by name: after an elastic resize a newer mid-epoch folder's name can sort below an
+            # older one's. An upload is cut at or after the newest committed epoch; a folder of an older epoch
+            # that lost its manifest is damage (a run from before the lease, say), which restore refuses.
+            newest = max([epoch_of_key(f) for f in (first, *committed) if f is not None], default=0)
+            for folder in folders:
+                if folder != first and folder not in committed and epoch_of_key(folder) >= newest:
+                    if not self.store.exists(f"{folder}/{MANIFEST_FILE}"):
+                        cut.append(folder)
+        else:
+            durable = [k for k in (first, self._recorded_durable()) if k is not None]
+            for folder in folders:
+                if any(folder <= known for known in durable) or self.store.exists(f"{folder}/{MANIFEST_FILE}"):
+                    break
+                cut.append(folder)
         for folder in cut:
             self._remove(
                 folder,
