@@ -176,3 +176,17 @@ def test_a_workers_view_whose_driver_never_renews_again_gives_up_after_the_retry
     with pytest.raises(StorageUnreachable, match=r"went unrenewed past its deadline for storage.retry_budget_s = 300"):
         lease.admit()
     assert clock.now - 1000.0 > 300.0
+
+
+def test_a_lost_leases_gate_outlasts_its_block():
+    """A thread still writing after the driver's block ended on a lost lease (a publisher, a clean-up) stays
+    refused; a released lease's gate goes with its block."""
+    lost, released = a_lease(holding=True), a_lease(holding=True)
+    with pytest.raises(LeaseLost), fence.fenced("b", "p/runs/lost", lost):
+        lost._lose({"kind": "acquire", "generation": 2, "holder": {"ttl_s": 60, "cluster": "B"}})
+    with fence.fenced("b", "p/runs/done", released):
+        pass
+    assert fence.gate_for("b", "p/runs/lost/report/index.html") is lost
+    assert fence.gate_for("b", "p/runs/done/run.json") is None
+    with pytest.raises(LeaseLost):
+        lost.admit()

@@ -67,7 +67,9 @@ _lock = threading.Lock()
 
 @contextlib.contextmanager
 def fenced(bucket: str, folder: str, gate: Gate) -> Iterator[None]:
-    """Every write of this process under `folder` goes through `gate` for the block."""
+    """Every write of this process under `folder` goes through `gate` for the block, and after it too when
+    the lease was lost (`gate.lost`): a thread still running then (a publisher, a clean-up on the way out)
+    stays refused, until another lease of this process registers for the folder."""
     where = (bucket, folder.rstrip("/"))
     with _lock:
         _gates[where] = gate
@@ -75,7 +77,7 @@ def fenced(bucket: str, folder: str, gate: Gate) -> Iterator[None]:
         yield
     finally:
         with _lock:
-            if _gates.get(where) is gate:
+            if _gates.get(where) is gate and getattr(gate, "lost", None) is None:
                 del _gates[where]
 
 
