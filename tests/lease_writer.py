@@ -23,6 +23,12 @@ from dcgan_ray.storage.lease import Lease
 from dcgan_ray.storage.s3 import Store
 
 
+def say(line: str) -> None:
+    """One line in one write: lines of two threads never run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(endpoint: str, bucket: str, folder: str, ttl_s: str, writes: str, fault: str = "") -> int:
     logging.basicConfig(level=logging.WARNING, format="log: %(message)s", stream=sys.stdout)
     store = Store(StorageSection(endpoint=endpoint, bucket=bucket))
@@ -34,24 +40,24 @@ def main(endpoint: str, bucket: str, folder: str, ttl_s: str, writes: str, fault
 
         lease.renew = renew  # type: ignore[method-assign]
     else:
-        lease.keep_renewed(lambda e: print(f"lost: {e}", flush=True))
-    print(f"held generation {lease.generation}", flush=True)
+        lease.keep_renewed(lambda e: None)  # (the held write says it: one line from one thread)
+    say(f"held generation {lease.generation}")
     try:
         with lease.fencing():
             for n in range(1, int(writes) + 1):
-                print(f"writing {n}", flush=True)
+                say(f"writing {n}")
                 body = {"status": "running", "writes": n, "generation": lease.generation}
                 store.put_bytes(f"{folder}/run.json", json.dumps(body).encode(), "application/json")
-                print(f"wrote {n} at {time.monotonic():.3f}", flush=True)
+                say(f"wrote {n} at {time.monotonic():.3f}")
                 time.sleep(0.5)
     except LeaseLost as e:
-        print(f"error: {e}", flush=True)
+        say(f"error: {e}")
         return 3
     except StorageUnreachable as e:
-        print(f"error: {e}", flush=True)
+        say(f"error: {e}")
         return 4
     lease.release()
-    print("released", flush=True)
+    say("released")
     return 0
 
 
